@@ -1,0 +1,1061 @@
+"""What several DreamBooth scripts share: config parsing, datasets, buckets, model loading, text encoding, caches.
+
+Nothing here runs on its own. The scripts that use it:
+
+    cache_latents.py     VAE latents + text embeddings to disk
+    train_dreambooth.py  the training run (builds missing caches with the same functions)
+
+Sections, in the order a run needs them:
+    1. small helpers (atomic writes, fingerprints)
+    2. command-line flags and --config FILE.json
+    3. the data backend config (one JSON list of datasets)
+    4. images: discovery, decoding, captions
+    5. aspect buckets and crops
+    6. models: loading and family detection
+    7. text encoding and SDXL time ids, exactly as the diffusers pipelines compute them
+    8. caches: VAE latents and text embeddings (safetensors, fingerprinted, written atomically)
+"""
+
+import argparse
+import difflib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# PIL refuses above 2x its MAX_IMAGE_PIXELS (~179 MP). We check the header against the same number *before*
+# decoding, so a decompression bomb costs a few bytes of reading, not gigabytes of memory.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+MIN_IMAGE_EDGE = 16  # below this an image holds no usable detail at any bucket size
+CACHE_FORMAT_VERSION = "1"
+# Bump when encode_prompt changes what it computes, so old text caches are recomputed rather than trusted.
+TEXT_ENCODING_VERSION = "1"
+EXIF_ORIENTATION = 0x0112
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Small helpers
+
+
+def closest(name, choices):
+    """The known name most like `name`, for 'did you mean' messages."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.0)
+    return match[0] if match else None
+
+
+def str2bool(value):
+    """argparse type for booleans written as true/false (also yes/no, 1/0), as config.json writes them."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def fsync_replace(tmp_path, final_path):
+    """Flush a finished temporary file to disk and rename it into place: readers see all of it or nothing."""
+    with open(tmp_path, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp_path, final_path)
+
+
+def tmp_name(path):
+    # A temporary name never ends in .safetensors, so nothing that looks for cache files can pick it up.
+    return f"{path}.tmp{os.getpid()}"
+
+
+def save_safetensors_atomic(tensors, path, metadata=None):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        fsync_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomic(obj, path):
+    tmp = tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True)
+    fsync_replace(tmp, path)
+
+
+def remove_stale_temporaries(folder):
+    """Delete temporary files a killed run left behind (they were never renamed into place, so never trusted)."""
+    if not os.path.isdir(folder):
+        return
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if re.search(r"\.tmp\d+$", name):
+                os.remove(os.path.join(root, name))
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sampled_digest(path, samples=16, block=1 << 16):
+    """A cheap fingerprint of a large weights file: its size plus 16 blocks spread through it.
+
+    A fine-tune changes nearly every byte, so two different checkpoints of one architecture never collide,
+    yet fingerprinting a 5 GB text encoder reads 1 MB instead of 5 GB."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        for i in range(samples):
+            handle.seek(max(0, (size - block) * i // max(1, samples - 1)))
+            digest.update(handle.read(block))
+    return digest.hexdigest()
+
+
+def file_fingerprint(path):
+    """What identifies an image's content for the cache: size, modification time and content hash."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+
+
+def canonical_json(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Command-line flags and --config FILE.json
+
+
+def option_names(parser):
+    """Every long flag name of a parser, without the leading dashes."""
+    return {opt[2:] for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+
+
+def config_value(action, key, value, source):
+    """Convert one config.json value with the flag's own type and choices, so a file and a command line agree."""
+
+    def convert(item):
+        if item is None or action.type is None:
+            return item
+        try:  # JSON numbers arrive as numbers; the flag's type gets the text a command line would give it
+            return str2bool(item) if action.type is str2bool else action.type(str(item))
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise SystemExit(f"{source}: '{key}' has a bad value {item!r}: {err}") from None
+
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        converted = [convert(item) for item in items]
+    elif isinstance(value, list):
+        raise SystemExit(f"{source}: '{key}' takes one value, got a list {value!r}")
+    else:
+        converted = convert(value)
+    allowed = action.choices
+    for item in converted if isinstance(converted, list) else [converted]:
+        if allowed is not None and item is not None and item not in allowed:
+            raise SystemExit(f"{source}: '{key}' must be one of {', '.join(map(str, allowed))}; got {item!r}")
+    return converted
+
+
+def read_config_file(path, parser, also_known=()):
+    """Values from a config.json for this parser: keys are flag names with or without the leading '--'.
+
+    `also_known` names keys that belong to a sibling script (cache_latents.py reads the training config and
+    ignores the training-only keys); anything else unknown is an error that suggests the closest flag."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except FileNotFoundError:
+        raise SystemExit(f"--config {path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(raw, dict):
+        raise SystemExit(f"{path}: a config file holds one JSON object of flag names and values")
+    actions = {opt[2:]: action for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    values = {}
+    for key, value in raw.items():
+        name = key.lstrip("-")
+        if name == "config":
+            continue
+        if name not in actions:
+            if name in also_known:
+                continue
+            hint = closest(name, list(actions) + list(also_known))
+            raise SystemExit(f"{path}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
+        values[actions[name].dest] = config_value(actions[name], key, value, path)
+    return values
+
+
+def parse_args_with_config(parser, argv=None, also_known=()):
+    """parser.parse_args, with --config FILE.json supplying defaults: the command line wins over the file."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_config_file(known.config, parser, also_known))
+    return parser.parse_args(argv)
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_model_name_or_path", help="diffusers folder, hub id, or a single .safetensors file")
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    group.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
+    group.add_argument("--local_files_only", type=str2bool, nargs="?", const=True, default=False,
+                       help="never contact the hub; use the local hub cache only")
+    group.add_argument("--single_file_config", default=None,
+                       help="for a single-file checkpoint: a diffusers folder or hub id holding its component configs")
+
+
+def add_data_args(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--config", default=None, help="JSON file of flag values (keys with or without '--')")
+    group.add_argument("--data_backend_config", "--data_config", default=None,
+                       help="JSON list of datasets (multidatabackend.json)")
+    group.add_argument("--instance_data_dir", default=None, help="simple case: one folder of subject images")
+    group.add_argument("--instance_prompt", default=None, help="simple case: the caption of every subject image")
+    group.add_argument("--resolution", type=float, default=None,
+                       help="default dataset resolution (default: the model's native size)")
+    group.add_argument("--resolution_type", default="pixel_area", choices=["pixel", "area", "pixel_area"])
+    group.add_argument("--output_dir", default="output")
+    group.add_argument("--cache_dir", default=None, help="root of the caches (default: OUTPUT_DIR/cache)")
+    group.add_argument("--seed", type=int, default=None, help="makes a run reproducible (random crops included)")
+    group.add_argument("--vae_batch_size", type=int, default=4, help="images per VAE encode when caching")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. The data backend config
+
+
+# key: (type, allowed values or None). Types: "str", "bool", "int", "number", "str_or_list".
+DATASET_KEYS = {
+    "id": ("str", None),
+    "type": ("str", ("local",)),
+    "dataset_type": ("str", ("image", "conditioning", "text_embeds", "eval")),
+    "instance_data_dir": ("str", None),
+    "caption_strategy": ("str", ("instanceprompt", "textfile", "filename")),
+    "instance_prompt": ("str_or_list", None),
+    "resolution": ("number", None),
+    "resolution_type": ("str", ("pixel", "area", "pixel_area")),
+    "minimum_image_size": ("number", None),
+    "maximum_image_size": ("number", None),
+    "target_downsample_size": ("number", None),
+    "crop": ("bool", None),
+    "crop_style": ("str", ("center", "centre", "corner", "random")),
+    "crop_aspect": ("str", ("square", "preserve")),
+    "repeats": ("int", None),
+    "probability": ("number", None),
+    "is_regularisation_data": ("bool", None),
+    "is_regularization_data": ("bool", None),
+    "conditioning_data": ("str_or_list", None),
+    "conditioning_type": ("str", ("mask",)),
+    "cache_dir_vae": ("str", None),
+    "cache_dir": ("str", None),
+    "default": ("bool", None),
+    "metadata_backend": ("str", ("discovery",)),
+}
+
+
+@dataclass
+class Dataset:
+    """One entry of the data backend config, validated and with its defaults filled in."""
+
+    id: str
+    type: str = "local"
+    dataset_type: str = "image"
+    instance_data_dir: str = None
+    caption_strategy: str = None
+    instance_prompt: object = None  # a string, or a list to pick from at random per sample
+    resolution: float = None
+    resolution_type: str = None
+    minimum_image_size: float = None
+    maximum_image_size: float = None
+    target_downsample_size: float = None
+    crop: bool = False
+    crop_style: str = "center"
+    crop_aspect: str = "square"
+    repeats: int = 0
+    probability: float = 1.0
+    is_regularisation_data: bool = False
+    conditioning_data: object = None
+    conditioning_type: str = None
+    cache_dir_vae: str = None
+    cache_dir: str = None
+    default: bool = False
+    metadata_backend: str = "discovery"
+
+    @property
+    def trains(self):
+        """Images of this dataset are trained on (eval sets are held out; masks and text caches are not images)."""
+        return self.dataset_type == "image"
+
+
+def type_ok(value, kind):
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str_or_list":
+        return isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+    raise AssertionError(kind)
+
+
+TYPE_WORDS = {"str": "a string", "bool": "true or false", "int": "a whole number", "number": "a number",
+              "str_or_list": "a string or a list of strings"}
+
+
+def safe_folder_name(text):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "dataset"
+
+
+def validate_dataset(raw, index, source):
+    where = f"{source}, dataset {raw.get('id', f'#{index + 1}')!r}" if isinstance(raw, dict) else f"{source}, entry #{index + 1}"
+    if not isinstance(raw, dict):
+        raise SystemExit(f"{where}: each dataset is a JSON object, got {type(raw).__name__}")
+    if "id" not in raw:
+        raise SystemExit(f"{where}: every dataset needs an 'id'")
+    for key, value in raw.items():
+        if key not in DATASET_KEYS:
+            raise SystemExit(f"{where}: unknown key '{key}'; did you mean '{closest(key, DATASET_KEYS)}'?")
+        kind, allowed = DATASET_KEYS[key]
+        if value is None and key != "id":
+            continue
+        if not type_ok(value, kind):
+            raise SystemExit(f"{where}: '{key}' must be {TYPE_WORDS[kind]}, got {json.dumps(value)}")
+        if allowed is not None and value not in allowed:
+            raise SystemExit(f"{where}: '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    values = {k: v for k, v in raw.items() if v is not None}
+    if "is_regularization_data" in values:  # the US spelling is the same switch
+        values["is_regularisation_data"] = values.pop("is_regularization_data") or values.get("is_regularisation_data", False)
+    if values.get("crop_style") == "centre":
+        values["crop_style"] = "center"
+    dataset = Dataset(**values)
+    if dataset.repeats < 0:
+        raise SystemExit(f"{where}: 'repeats' must be 0 or more (0 = each image once per epoch)")
+    if dataset.probability <= 0:
+        raise SystemExit(f"{where}: 'probability' must be above 0")
+    if dataset.resolution is not None and dataset.resolution <= 0:
+        raise SystemExit(f"{where}: 'resolution' must be above 0")
+    if dataset.dataset_type != "text_embeds":
+        if not dataset.instance_data_dir:
+            raise SystemExit(f"{where}: needs 'instance_data_dir', the folder of its images")
+        if not os.path.isdir(dataset.instance_data_dir):
+            raise SystemExit(f"{where}: instance_data_dir {dataset.instance_data_dir!r} is not a folder; fix the path")
+    if dataset.dataset_type in ("image", "eval"):
+        if dataset.caption_strategy is None:
+            dataset.caption_strategy = "instanceprompt" if dataset.instance_prompt is not None else "filename"
+        if dataset.caption_strategy == "instanceprompt" and dataset.instance_prompt is None:
+            raise SystemExit(f"{where}: caption_strategy 'instanceprompt' needs 'instance_prompt'")
+    return dataset
+
+
+def load_datasets(args):
+    """The datasets of --data_backend_config, or the one --instance_data_dir describes, with defaults filled.
+
+    Runs before any model work, so a typo in the data config costs a second, not a model load."""
+    if args.data_backend_config:
+        source = args.data_backend_config
+        try:
+            with open(source, encoding="utf-8") as handle:
+                raw = json.load(handle)
+        except FileNotFoundError:
+            raise SystemExit(f"--data_backend_config {source}: no such file") from None
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"{source}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        if not isinstance(raw, list):
+            raise SystemExit(f"{source}: the data backend config is a JSON list of dataset objects")
+    elif args.instance_data_dir:
+        source = "--instance_data_dir"
+        raw = [{"id": "instance", "instance_data_dir": args.instance_data_dir, "instance_prompt": args.instance_prompt}]
+    else:
+        raise SystemExit("no data: give --data_backend_config FILE.json, or --instance_data_dir DIR --instance_prompt TEXT")
+
+    datasets = [validate_dataset(entry, i, source) for i, entry in enumerate(raw)]
+    seen = {}
+    for dataset in datasets:
+        if dataset.id in seen:
+            raise SystemExit(f"{source}: two datasets have the id {dataset.id!r}; every id must be unique")
+        seen[dataset.id] = dataset
+    if not any(d.trains for d in datasets):
+        raise SystemExit(f"{source}: no image dataset to train on (dataset_type 'image', the default)")
+    defaults = [d for d in datasets if d.dataset_type == "text_embeds" and d.default]
+    if len(defaults) > 1:
+        raise SystemExit(f"{source}: more than one text_embeds dataset has \"default\": true")
+    for dataset in datasets:
+        for linked in as_list(dataset.conditioning_data):
+            if linked not in seen or seen[linked].dataset_type != "conditioning":
+                raise SystemExit(f"{source}, dataset {dataset.id!r}: conditioning_data {linked!r} is not the id of a "
+                                 "dataset with \"dataset_type\": \"conditioning\"")
+
+    cache_root = args.cache_dir or os.path.join(args.output_dir, "cache")
+    for dataset in datasets:
+        if dataset.resolution is None:
+            dataset.resolution = args.resolution
+        if dataset.resolution_type is None:
+            dataset.resolution_type = args.resolution_type
+        if dataset.cache_dir_vae is None:
+            dataset.cache_dir_vae = os.path.join(cache_root, "vae", safe_folder_name(dataset.id))
+    return datasets
+
+
+def as_list(value):
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def text_cache_dir(datasets, args):
+    """Where text embeddings go: the default text_embeds dataset's cache_dir, else OUTPUT_DIR/cache/text."""
+    entries = [d for d in datasets if d.dataset_type == "text_embeds"]
+    chosen = next((d for d in entries if d.default), entries[0] if entries else None)
+    if chosen is not None and chosen.cache_dir:
+        return chosen.cache_dir
+    return os.path.join(args.cache_dir or os.path.join(args.output_dir, "cache"), "text")
+
+
+def announce_pending_features(datasets, print_fn=print):
+    """Keys whose feature a later version adds are accepted, never silently: each gets a one-line notice."""
+    for dataset in datasets:
+        if dataset.conditioning_data:
+            print_fn(f"notice: dataset {dataset.id!r} links masks ({dataset.conditioning_data}); masked loss is not "
+                     "available yet, so its masks are not used")
+        if dataset.is_regularisation_data:
+            print_fn(f"notice: dataset {dataset.id!r} is regularisation data; prior-preservation loss is not available "
+                     "yet, so its images are trained on as ordinary class images")
+        if dataset.dataset_type == "eval":
+            print_fn(f"notice: dataset {dataset.id!r} is an eval set; it is held out and not trained on")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Images: discovery, decoding, captions
+
+
+def find_images(folder):
+    """Image files under `folder`, recursively and sorted; hidden files skipped; symlink loops reported, not followed.
+
+    Returns (paths, problems) where problems is a list of (path, reason)."""
+    found, problems, visited = [], [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            problems.append((root, f"symlink loop: {real} was already searched; not followed again"))
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(root, name))
+    return found, problems
+
+
+def image_size(path):
+    """(width, height) as the image will be seen (EXIF rotation applied), read from the header only.
+
+    Raises ValueError with the reason when the file is not a usable image."""
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"refused before decoding: {err}") from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can read (wrong extension, or not an image at all)") from None
+    except OSError as err:
+        raise ValueError(f"cannot read: {err}") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} is {width * height / 1e6:.0f} MP, over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP "
+                         "limit (a decompression bomb or a huge scan); refused before decoding: downscale it")
+    if orientation in (5, 6, 7, 8):  # rotated 90 or 270 degrees
+        width, height = height, width
+    return width, height
+
+
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB: 16-bit scaled (not clipped), transparency composited on white, CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if array.max(initial=0) > 255:  # 16-bit data: 65535 -> 255
+            array = array / 257.0
+        image = Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def load_image(path):
+    """Decode an image fully: upright (EXIF), RGB. Raises ValueError naming the problem (truncated, unreadable...)."""
+    image_size(path)  # the header checks first: empty files and bombs never reach the decoder
+    try:
+        with Image.open(path) as image:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return to_rgb(upright)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot decode ({err}); the file is probably truncated or corrupt: re-export or remove it") from None
+
+
+def caption_from_filename(path):
+    """'ohwx_dog_03.jpg' -> 'ohwx dog'; 'a photo of ohwx (2).png' -> 'a photo of ohwx'."""
+    stem = os.path.splitext(os.path.basename(path))[0].replace("_", " ")
+    stem = re.sub(r"(\s*(\(\d+\)|\d+))+$", "", stem)
+    return " ".join(stem.split())
+
+
+def caption_file(path):
+    return os.path.splitext(path)[0] + ".txt"
+
+
+def captions_for(path, dataset):
+    """The caption of an image as a list of choices (one element unless instance_prompt is a list)."""
+    if dataset.caption_strategy == "instanceprompt":
+        return as_list(dataset.instance_prompt)
+    if dataset.caption_strategy == "textfile":
+        with open(caption_file(path), encoding="utf-8") as handle:
+            return [" ".join(handle.read().split())]
+    return [caption_from_filename(path)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Aspect buckets and crops
+
+
+def round64(x):
+    return max(64, int(round(x / 64.0)) * 64)
+
+
+def size_measure(width, height, resolution_type):
+    """An image's size in the unit of its dataset's resolution_type (used for min/max/target sizes too)."""
+    if resolution_type == "pixel":
+        return min(width, height)  # shorter edge, px
+    if resolution_type == "area":
+        return width * height / 1e6  # megapixels
+    return math.sqrt(width * height)  # pixel_area: the edge of a square of the same area, px
+
+
+def scale_to(width, height, value, resolution_type):
+    """The factor that makes (width, height) measure `value` in the given resolution_type."""
+    if resolution_type == "pixel":
+        return value / min(width, height)
+    target_area = value * 1e6 if resolution_type == "area" else value * value
+    return math.sqrt(target_area / (width * height))
+
+
+def bucket_for(width, height, dataset):
+    """The training size of an image: about the requested edge/area, its aspect (or square), sides multiples of 64.
+
+    pixel: shorter edge = resolution. area: resolution megapixels. pixel_area: resolution px edge, as an area
+    (1024 -> 1.048576 MP). With crop + crop_aspect square the bucket is square."""
+    res, kind = dataset.resolution, dataset.resolution_type
+    if dataset.crop and dataset.crop_aspect == "square":
+        side = res if kind == "pixel" else math.sqrt(res * 1e6 if kind == "area" else res * res)
+        return round64(side), round64(side)
+    scale = scale_to(width, height, res, kind)
+    return round64(width * scale), round64(height * scale)
+
+
+def plan_transform(width, height, dataset, seed, key):
+    """Every geometric step from the original image to the training tensor, decided from the size alone.
+
+    Returns a dict (all sizes are width, height): original_size, downsampled_size (an oversized image is first
+    brought to about target_downsample_size), resized_size (covers the bucket, aspect kept), crop_box
+    (left, top, right, bottom in the resized image) and target_size (the bucket). A random crop is drawn from
+    `seed` and `key`, so re-caching an image gives the same crop."""
+    down_w, down_h = width, height
+    if dataset.maximum_image_size and size_measure(width, height, dataset.resolution_type) > dataset.maximum_image_size:
+        target = dataset.target_downsample_size or dataset.maximum_image_size
+        scale = scale_to(width, height, target, dataset.resolution_type)
+        if scale < 1:
+            down_w, down_h = max(1, round(width * scale)), max(1, round(height * scale))
+    bucket_w, bucket_h = bucket_for(down_w, down_h, dataset)
+    scale = max(bucket_w / down_w, bucket_h / down_h)
+    resized_w, resized_h = max(bucket_w, round(down_w * scale)), max(bucket_h, round(down_h * scale))
+    spare_w, spare_h = resized_w - bucket_w, resized_h - bucket_h
+    style = dataset.crop_style if dataset.crop else "center"  # without crop only the <64 px rounding is trimmed
+    if style == "random":
+        rng = random.Random(f"{seed}/{key}")
+        left, top = rng.randint(0, spare_w), rng.randint(0, spare_h)
+    elif style == "corner":
+        left, top = 0, 0
+    else:
+        left, top = spare_w // 2, spare_h // 2
+    return {
+        "original_size": [width, height],
+        "downsampled_size": [down_w, down_h],
+        "resized_size": [resized_w, resized_h],
+        "crop_box": [left, top, left + bucket_w, top + bucket_h],
+        "target_size": [bucket_w, bucket_h],
+    }
+
+
+def apply_transform(image, transform):
+    """Resize and crop a decoded image exactly as plan_transform decided."""
+    if tuple(transform["downsampled_size"]) != image.size:
+        image = image.resize(tuple(transform["downsampled_size"]), Image.LANCZOS)
+    if tuple(transform["resized_size"]) != image.size:
+        image = image.resize(tuple(transform["resized_size"]), Image.LANCZOS)
+    return image.crop(tuple(transform["crop_box"]))
+
+
+def image_to_tensor(image):
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1], what the VAE expects."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class ImageEntry:
+    """One training image of one dataset at its bucket: where it comes from and where its latent is cached."""
+
+    dataset_id: str
+    path: str
+    relpath: str
+    captions: list
+    transform: dict
+    cache_path: str
+    is_regularisation: bool = False
+    fingerprint: dict = field(default=None, repr=False)
+
+    @property
+    def bucket(self):
+        return tuple(self.transform["target_size"])
+
+
+def vae_cache_path(dataset, relpath, transform):
+    width, height = transform["target_size"]
+    return os.path.join(dataset.cache_dir_vae, f"{relpath}-{width}x{height}.safetensors")
+
+
+def plan_dataset(dataset, seed):
+    """Discover a dataset's images and decide each one's caption, bucket and crop, reading headers only.
+
+    Returns (entries, skipped): skipped is a list of (path, reason). A textfile dataset with missing caption files
+    is an error that lists every missing file."""
+    paths, skipped = find_images(dataset.instance_data_dir)
+    if dataset.caption_strategy == "textfile":
+        missing = [p for p in paths if not os.path.isfile(caption_file(p))]
+        if missing:
+            listing = "\n  ".join(caption_file(p) for p in missing)
+            raise SystemExit(f"dataset {dataset.id!r} uses caption_strategy 'textfile' but {len(missing)} caption "
+                             f"file(s) are missing; write them or change the strategy:\n  {listing}")
+    entries = []
+    for path in paths:
+        try:
+            width, height = image_size(path)
+        except ValueError as err:
+            skipped.append((path, str(err)))
+            continue
+        if min(width, height) < MIN_IMAGE_EDGE:
+            skipped.append((path, f"{width}x{height} is too small to train on (under {MIN_IMAGE_EDGE} px)"))
+            continue
+        measure = size_measure(width, height, dataset.resolution_type)
+        if dataset.minimum_image_size and measure < dataset.minimum_image_size:
+            skipped.append((path, f"{width}x{height} is below minimum_image_size {dataset.minimum_image_size:g} "
+                                  f"({dataset.resolution_type}: {measure:.4g})"))
+            continue
+        relpath = os.path.relpath(path, dataset.instance_data_dir)
+        transform = plan_transform(width, height, dataset, seed, f"{dataset.id}/{relpath}")
+        entries.append(ImageEntry(
+            dataset_id=dataset.id, path=path, relpath=relpath, captions=captions_for(path, dataset),
+            transform=transform, cache_path=vae_cache_path(dataset, relpath, transform),
+            is_regularisation=dataset.is_regularisation_data,
+        ))
+    return entries, skipped
+
+
+def crop_seed(args):
+    """Random crops are part of the cache, so they follow --seed when given and 0 otherwise (never a random draw):
+    cache_latents.py and an unseeded training run then agree on them."""
+    return args.seed if args.seed is not None else 0
+
+
+def plan_datasets(datasets, seed, print_fn=print):
+    """plan_dataset for every image dataset, printing each skipped file with its reason."""
+    plans = {}
+    for dataset in datasets:
+        if dataset.dataset_type not in ("image", "eval"):
+            continue
+        entries, skipped = plan_dataset(dataset, seed)
+        for path, reason in skipped:
+            print_fn(f"skipped {path}: {reason}")
+        if not entries:
+            raise SystemExit(f"dataset {dataset.id!r} ({dataset.instance_data_dir}) has no usable images"
+                             + (f": all {len(skipped)} were skipped (reasons above)" if skipped else ": the folder holds no "
+                                f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files"))
+        plans[dataset.id] = entries
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Models: loading and family detection
+
+
+@dataclass
+class ModelInfo:
+    """What the scripts need to know about a base model, read from its configs (never guessed from its name)."""
+
+    ref: str  # what the user gave: folder, hub id or file
+    folder: str  # a local diffusers folder holding it
+    family: str  # sd1 | sd2 | sdxl | sdxl-refiner
+    prediction_type: str  # epsilon | v_prediction
+    variant: str = None
+    model_index: dict = None
+    unet_config: dict = None
+    vae_config: dict = None
+
+    @property
+    def vae_scale_factor(self):
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def native_resolution(self):
+        return self.unet_config["sample_size"] * self.vae_scale_factor
+
+    @property
+    def text_parts(self):
+        """(tokenizer, text encoder) subfolders this family encodes prompts with, in pipeline order."""
+        if self.family == "sdxl":
+            return [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+        if self.family == "sdxl-refiner":
+            return [("tokenizer_2", "text_encoder_2")]
+        return [("tokenizer", "text_encoder")]
+
+
+def detect_family(model_index, unet_config, where):
+    """The model family from its own configs, so tiny test models are detected like real ones.
+
+    SDXL: the UNet takes 'text_time' added conditioning; the refiner has no first text encoder and scores
+    aesthetics. SD 2.x: 1024-wide cross-attention (OpenCLIP-H) or, for small models, linear attention
+    projections (an SD 2 trait SD 1 UNets lack). Everything else with a CLIP text encoder is SD 1.x."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        has_te1 = (model_index.get("text_encoder") or [None])[0] is not None
+        if model_index.get("requires_aesthetics_score") or not has_te1:
+            return "sdxl-refiner"
+        return "sdxl"
+    if unet_config.get("addition_embed_type") is not None or unet_config.get("in_channels", 4) != 4:
+        raise SystemExit(f"{where}: this UNet (addition_embed_type={unet_config.get('addition_embed_type')}, "
+                         f"in_channels={unet_config.get('in_channels')}) is not an SD 1.x/2.x/SDXL text-to-image model; "
+                         "inpainting and other variants are not supported")
+    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
+        return "sd2"
+    return "sd1"
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def single_file_family(path):
+    """The family of an original-format (LDM / A1111) checkpoint, from its tensor names."""
+    with safe_open(path, framework="pt") as handle:
+        keys = set(handle.keys())
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl-refiner"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise SystemExit(f"{path}: not a Stable Diffusion checkpoint this tool recognises (no text-encoder tensors found)")
+
+
+def convert_single_file(path, args, cache_root):
+    """Load a single-file checkpoint with diffusers' from_single_file once and keep it as a diffusers folder.
+
+    Later runs (and caching) then load the folder directly; the folder name carries the file's fingerprint, so an
+    edited checkpoint is converted again."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    if not path.endswith(".safetensors"):
+        raise SystemExit(f"{path}: only .safetensors single-file checkpoints are loaded (a .ckpt file is a pickle "
+                         "that can run code); convert it to safetensors first")
+    family = single_file_family(path)
+    folder = os.path.join(cache_root, "converted", f"{safe_folder_name(os.path.basename(path))}-{sampled_digest(path)[:12]}")
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    cls = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,
+           "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}[family]
+    extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    print(f"converting single-file checkpoint {path} ({family}) to a diffusers folder in {folder}")
+    try:
+        pipe = cls.from_single_file(path, config=args.single_file_config, local_files_only=args.local_files_only, **extra)
+    except Exception as err:  # diffusers raises many kinds here; all mean the same to the user
+        raise SystemExit(f"{path}: from_single_file failed ({err}). Offline, pass --single_file_config with a diffusers "
+                         "folder (or cached hub id) of the same architecture.") from None
+    tmp = folder + ".tmp"
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def download_model(ref, args):
+    """A hub id -> the local snapshot folder diffusers would load from (only the parts training needs)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.download(
+            ref, revision=args.revision, variant=args.variant, local_files_only=args.local_files_only,
+            use_safetensors=True, safety_checker=None, feature_extractor=None, image_encoder=None,
+        )
+    except Exception as err:
+        offline = " (offline: HF_HUB_OFFLINE or --local_files_only is set)" if args.local_files_only or \
+            os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise SystemExit(f"could not get model {ref!r} from the hub{offline}: {err}. Check the id, or give a local "
+                         "diffusers folder.") from None
+
+
+def resolve_model(args):
+    """Find the model (folder, hub id or single file), read its configs and detect its family. Loads no weights."""
+    ref = args.pretrained_model_name_or_path
+    if not ref:
+        raise SystemExit("--pretrained_model_name_or_path is required: a diffusers folder, a hub id or a .safetensors file")
+    if os.path.isfile(ref):
+        folder = convert_single_file(ref, args, args.cache_dir or os.path.join(args.output_dir, "cache"))
+    elif os.path.isdir(ref):
+        folder = ref
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith("."):  # owner/name: a hub id
+        folder = download_model(ref, args)
+    else:
+        raise SystemExit(f"--pretrained_model_name_or_path {ref}: no such folder or file (nor a hub id owner/name)")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise SystemExit(f"{ref}: not a diffusers model folder (no model_index.json). Point at the folder that holds "
+                         "model_index.json, or at a single .safetensors checkpoint.")
+    model_index = read_json(os.path.join(folder, "model_index.json"))
+    for part in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
+        if not os.path.isfile(os.path.join(folder, part)):
+            raise SystemExit(f"{ref}: the model folder has no {part}; it is incomplete or not a text-to-image model")
+    unet_config = read_json(os.path.join(folder, "unet", "config.json"))
+    family = detect_family(model_index, unet_config, ref)
+    if family == "sdxl-refiner":
+        raise SystemExit(f"{ref} is an SDXL refiner; refiner training is not supported yet. Train the SDXL base model.")
+    scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    return ModelInfo(
+        ref=ref, folder=folder, family=family, variant=args.variant, model_index=model_index, unet_config=unet_config,
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        vae_config=read_json(os.path.join(folder, "vae", "config.json")),
+    )
+
+
+def component_identity(info, subfolder):
+    """A fingerprint of one model component (configs hashed whole, weight files sampled), for cache validity."""
+    digest = hashlib.sha256(f"{subfolder}|{info.variant}".encode())
+    root = os.path.join(info.folder, subfolder)
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith((".json", ".txt")):
+            with open(path, "rb") as handle:
+                digest.update(name.encode() + handle.read())
+        elif name.endswith(".safetensors"):
+            digest.update(name.encode() + sampled_digest(path).encode())
+    return digest.hexdigest()[:24]
+
+
+def load_component(info, subfolder, dtype=torch.float32):
+    """Load one pipeline component by the class its model_index.json names (UNet, VAE, text encoder, tokenizer)."""
+    import diffusers
+    import transformers
+
+    library, class_name = info.model_index[subfolder]
+    module = diffusers if library == "diffusers" else transformers
+    kwargs = {}
+    if not subfolder.startswith(("tokenizer", "scheduler")):  # weights: dtype and variant apply
+        kwargs = {"torch_dtype" if library == "diffusers" else "dtype": dtype, "variant": info.variant}
+    try:
+        return getattr(module, class_name).from_pretrained(info.folder, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{info.ref}: cannot load {subfolder} ({err})") from None
+
+
+def load_text_encoders(info, device="cpu"):
+    tokenizers, encoders = [], []
+    for tokenizer_name, encoder_name in info.text_parts:
+        tokenizers.append(load_component(info, tokenizer_name))
+        encoder = load_component(info, encoder_name).to(device)
+        encoder.requires_grad_(False).eval()
+        encoders.append(encoder)
+    return tokenizers, encoders
+
+
+def build_pipeline(info, unet, vae, tokenizers, text_encoders, scheduler=None):
+    """A diffusers inference pipeline from components already in memory (for validation images)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = scheduler or load_component(info, "scheduler")
+    if info.family == "sdxl":
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                         scheduler=scheduler)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Text encoding and SDXL time ids
+
+
+@torch.no_grad()
+def encode_prompt(info, tokenizers, text_encoders, prompts):
+    """Prompt embeddings exactly as the family's diffusers pipeline computes them in encode_prompt.
+
+    SD 1.x / 2.x: the text encoder's last hidden state (SD 2's shipped encoder is already cut to the penultimate
+    layer). SDXL: penultimate hidden states of both encoders concatenated, pooled output of the second.
+    Returns {"prompt_embeds": (B, 77, D)} plus "pooled_prompt_embeds": (B, D') for SDXL."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        ids = tokens.input_ids.to(encoder.device)
+        if info.family in ("sd1", "sd2"):
+            mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+            hidden.append(encoder(ids, attention_mask=mask)[0])
+        else:
+            output = encoder(ids, output_hidden_states=True)
+            if output[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds, the pooled vector SDXL uses
+                pooled = output[0]
+            hidden.append(output.hidden_states[-2])
+    result = {"prompt_embeds": torch.cat(hidden, dim=-1).float()}
+    if pooled is not None:
+        result["pooled_prompt_embeds"] = pooled.float()
+    return result
+
+
+def sdxl_time_ids(transform):
+    """SDXL's micro-conditioning: original size, crop top-left, target size, each as (height, width)."""
+    width, height = transform["original_size"]
+    left, top = transform["crop_box"][:2]
+    target_w, target_h = transform["target_size"]
+    return torch.tensor([height, width, top, left, target_h, target_w], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. Caches
+
+
+def cache_metadata_matches(path, expected):
+    """True when `path` is a complete cache file whose metadata has every expected value."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # missing, truncated or not safetensors: never trusted
+        return False
+    return all(metadata.get(key) == value for key, value in expected.items())
+
+
+def vae_cache_metadata(entry, vae_identity):
+    return {"format_version": CACHE_FORMAT_VERSION, "source": canonical_json(entry.fingerprint),
+            "transform": canonical_json(entry.transform), "vae": vae_identity}
+
+
+def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
+    """Make sure every entry has an up-to-date latent cache file; encode only the ones that are missing or stale.
+
+    A cache file holds the VAE latent distribution (mean and std, so training can sample) and metadata: the
+    source image's fingerprint, the transform, the VAE's identity and the format version. Images that fail to
+    decode are reported and dropped. Returns (usable entries, number encoded)."""
+    vae_identity = component_identity(info, "vae")
+    for folder in {os.path.dirname(e.cache_path) for e in entries}:
+        remove_stale_temporaries(folder)
+    todo = []
+    for entry in entries:
+        entry.fingerprint = file_fingerprint(entry.path)
+        if not cache_metadata_matches(entry.cache_path, vae_cache_metadata(entry, vae_identity)):
+            todo.append(entry)
+    if not todo:
+        print_fn(f"VAE cache: all {len(entries)} latents are up to date; nothing to encode")
+        return entries, 0
+
+    print_fn(f"VAE cache: encoding {len(todo)} of {len(entries)} images")
+    vae = load_component(info, "vae").to(device).eval()
+    failed = set()
+    by_bucket = {}
+    for entry in todo:
+        by_bucket.setdefault(entry.bucket, []).append(entry)
+    with tqdm(total=len(todo), desc="caching latents", unit="img") as bar:
+        for bucket_entries in by_bucket.values():
+            for start in range(0, len(bucket_entries), batch_size):
+                batch, pixels = [], []
+                for entry in bucket_entries[start:start + batch_size]:
+                    try:
+                        pixels.append(image_to_tensor(apply_transform(load_image(entry.path), entry.transform)))
+                        batch.append(entry)
+                    except ValueError as err:
+                        print_fn(f"skipped {entry.path}: {err}")
+                        failed.add(entry.path)
+                if batch:
+                    with torch.no_grad():
+                        dist = vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist
+                    for i, entry in enumerate(batch):
+                        save_safetensors_atomic({"mean": dist.mean[i].float(), "std": dist.std[i].float()},
+                                                entry.cache_path, vae_cache_metadata(entry, vae_identity))
+                bar.update(len(bucket_entries[start:start + batch_size]))
+    del vae
+    return [e for e in entries if e.path not in failed], len(todo) - len(failed)
+
+
+def text_encoder_identity(info):
+    parts = [f"{info.family}|{TEXT_ENCODING_VERSION}"]
+    for tokenizer_name, encoder_name in info.text_parts:
+        parts += [component_identity(info, tokenizer_name), component_identity(info, encoder_name)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def text_cache_path(cache_dir, caption, identity):
+    # One file per (caption, text-encoder identity): the same folder can serve several models without confusion.
+    return os.path.join(cache_dir, hashlib.sha256(f"{identity}\n{caption}".encode()).hexdigest()[:32] + ".safetensors")
+
+
+def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, print_fn=print):
+    """Encode every caption that has no up-to-date file in cache_dir. Returns {caption: cache path}."""
+    identity = text_encoder_identity(info)
+    remove_stale_temporaries(cache_dir)
+    paths = {caption: text_cache_path(cache_dir, caption, identity) for caption in sorted(set(captions))}
+    expected = {"format_version": CACHE_FORMAT_VERSION, "text_encoder": identity}
+    todo = [c for c, p in paths.items() if not cache_metadata_matches(p, {**expected, "caption": c})]
+    if not todo:
+        print_fn(f"text cache: all {len(paths)} caption embeddings are up to date; nothing to encode")
+        return paths
+    print_fn(f"text cache: encoding {len(todo)} of {len(paths)} captions")
+    tokenizers, encoders = load_text_encoders(info, device)
+    for start in tqdm(range(0, len(todo), batch_size), desc="caching text embeddings", unit="batch"):
+        chunk = todo[start:start + batch_size]
+        embeds = encode_prompt(info, tokenizers, encoders, chunk)
+        for i, caption in enumerate(chunk):
+            save_safetensors_atomic({name: value[i] for name, value in embeds.items()}, paths[caption],
+                                    {**expected, "caption": caption})
+    return paths
+
+
+def load_tensors(path):
+    with safe_open(path, framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}

@@ -1,0 +1,654 @@
+"""DreamBooth training: a LoRA (or a full fine-tune) of an SD 1.x / 2.x / SDXL UNet on one subject.
+
+    python train_dreambooth.py --config config.json
+    accelerate launch train_dreambooth.py --config config.json          # several GPUs (DDP)
+    python train_dreambooth.py --pretrained_model_name_or_path MODEL --instance_data_dir subject/ \\
+        --instance_prompt "a photo of ohwx dog" --output_dir output/ --max_train_steps 800
+
+Reads the base model (diffusers folder, hub id or single file), the data config (SPEC §3) and the caches
+(VAE latents and text embeddings; missing or stale ones are built first, exactly as cache_latents.py does).
+Writes to --output_dir:
+    pytorch_lora_weights.safetensors   the LoRA (diffusers format: pipe.load_lora_weights(output_dir))
+    model_index.json, unet/, ...        instead, with --model_type full: a complete diffusers pipeline
+    checkpoint-STEP/                    resumable state every --checkpointing_steps
+    validation/step-STEP/               validation images (one PNG each, plus grid.png)
+    logs/train_log.jsonl                one JSON line per step (loss, lr, time); TensorBoard too when installed
+
+The training loop is one flat block near the end of main(); each feature (noise offset, min-SNR, clipping,
+checkpoints, validation) is one commented block in it.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import common
+from common import str2bool
+
+LORA_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+            "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+}
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+class BatchSampler:
+    """The stream of training batches: pick a dataset by weight, then the next batch from one of its buckets.
+
+    Every choice comes from one random.Random(seed), so the stream is a function of the seed and the file list
+    alone: resuming replays it up to the checkpoint (cheap, no images are read) instead of storing it."""
+
+    def __init__(self, datasets, plans, batch_size, seed, sampling="auto"):
+        self.datasets = [d for d in datasets if d.trains]
+        self.plans = plans
+        self.batch_size = batch_size
+        self.rng = random.Random(seed)
+        # auto: a dataset is drawn in proportion to the images it shows per epoch; uniform: by probability alone
+        self.weights = [d.probability * (len(plans[d.id]) * (d.repeats + 1) if sampling == "auto" else 1)
+                        for d in self.datasets]
+        self.queues = {d.id: [] for d in self.datasets}
+        self.epochs = {d.id: 0 for d in self.datasets}
+        self.drawn = 0
+
+    def buckets(self, dataset):
+        groups = {}
+        for entry in self.plans[dataset.id]:
+            groups.setdefault(entry.bucket, []).append(entry)
+        return dict(sorted(groups.items()))
+
+    def batches_per_epoch(self):
+        return sum(math.ceil(len(members) * (d.repeats + 1) / self.batch_size)
+                   for d in self.datasets for members in self.buckets(d).values())
+
+    def epoch_batches(self, dataset):
+        batches = []
+        for members in self.buckets(dataset).values():
+            pool = members * (dataset.repeats + 1)  # repeats: each image is seen repeats + 1 times per epoch
+            self.rng.shuffle(pool)
+            for start in range(0, len(pool), self.batch_size):
+                batch = pool[start:start + self.batch_size]
+                while len(batch) < self.batch_size:  # a short batch is filled from its bucket, never dropped
+                    batch.append(self.rng.choice(members))
+                batches.append(batch)
+        self.rng.shuffle(batches)
+        return batches
+
+    def next(self):
+        dataset = self.rng.choices(self.datasets, weights=self.weights)[0]
+        if not self.queues[dataset.id]:
+            self.queues[dataset.id] = self.epoch_batches(dataset)
+            self.epochs[dataset.id] += 1
+        batch = self.queues[dataset.id].pop()
+        self.drawn += 1
+        return [(entry, self.rng.choice(entry.captions)) for entry in batch]
+
+
+def oversubscription_notices(sampler):
+    notes = []
+    for dataset in sampler.datasets:
+        for (width, height), members in sampler.buckets(dataset).items():
+            if len(members) * (dataset.repeats + 1) < sampler.batch_size:
+                notes.append(f"notice: bucket {width}x{height} of dataset {dataset.id!r} holds {len(members)} image(s), "
+                             f"fewer than the batch size {sampler.batch_size}: its batches repeat images "
+                             "(oversubscribed) rather than dropping them")
+    return notes
+
+
+def step_generator(seed, micro_step, rank):
+    """A fresh generator per micro-step: noise and timesteps depend only on (seed, step, rank), so a resumed run
+    draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 101 + rank) % (2 ** 63))
+
+
+def min_snr_weights(noise_scheduler, timesteps, gamma, prediction_type):
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ) / SNR for ε targets, min(SNR, γ) / (SNR + 1) for v."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def add_lora(unet, args):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
+                        init_lora_weights=args.lora_init, target_modules=LORA_TARGETS[args.lora_target])
+    unet.add_adapter(config)
+    return config
+
+
+def trainable_parameters(model):
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def lora_metadata(args, info, datasets, config, step):
+    """safetensors metadata of the saved LoRA: diffusers' adapter config (so alpha survives reloading) plus what
+    a person wants to know about the file later."""
+    adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    prompts = sorted({p for d in datasets if d.trains and d.instance_prompt for p in common.as_list(d.instance_prompt)})
+    return {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str),
+        "base_model": str(info.ref),
+        "family": info.family,
+        "prediction_type": info.prediction_type,
+        "lora_rank": str(args.lora_rank),
+        "lora_alpha": str(args.lora_alpha or args.lora_rank),
+        "lora_target": args.lora_target,
+        "instance_prompts": json.dumps(prompts),
+        "step": str(step),
+    }
+
+
+def save_lora(unet, path, metadata):
+    """The UNet's LoRA in diffusers' format: keys 'unet.<module>.lora_A.weight', loadable by load_lora_weights."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    common.save_safetensors_atomic({f"unet.{k}": v.float() for k, v in state.items()}, path, metadata)
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first. A folder without its state file (a broken copy) is skipped, loudly."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+            path = os.path.join(output_dir, name)
+            if os.path.isfile(os.path.join(path, STATE_FILE)):
+                found.append((int(name[len("checkpoint-"):]), path))
+            else:
+                print(f"warning: {path} is incomplete (no {STATE_FILE}); it is ignored")
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed):
+    """Write checkpoint-STEP atomically: everything goes into a hidden temporary folder, the state file last,
+    then one rename. A run killed at any moment leaves either the whole checkpoint or none."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(args.output_dir, f".checkpoint-{step}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    # Each process keeps its own RNG state (dropout draws differ per rank).
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(tmp, f"rng_{accelerator.process_index}.pt"))
+    if accelerator.is_main_process:
+        weights = trainable_parameters(accelerator.unwrap_model(unet))
+        common.save_safetensors_atomic(weights, os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        common.write_json_atomic({
+            "step": step, "batches_drawn": sampler.drawn, "seed": seed,
+            "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "num_processes": accelerator.num_processes, "model_type": args.model_type,
+        }, os.path.join(tmp, STATE_FILE))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        # Rotation: keep the newest --checkpoints_total_limit checkpoints.
+        if args.checkpoints_total_limit:
+            for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler):
+    """Restore weights, optimizer, lr schedule and RNG; returns the checkpoint's training_state.json."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    model = accelerator.unwrap_model(unet)
+    weights = common.load_tensors(os.path.join(path, "trainable.safetensors"))
+    missing = set(trainable_parameters(model)) - set(weights)
+    if missing:
+        raise SystemExit(f"{path} does not match this run's trainable weights (missing e.g. {sorted(missing)[0]}); "
+                         "was it written with other --model_type / --lora_* settings?")
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    if accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
+        accelerator.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
+    rng_file = os.path.join(path, f"rng_{accelerator.process_index}.pt")
+    if os.path.isfile(rng_file):
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def resume_checkpoint_path(args):
+    """The checkpoint --resume_from_checkpoint names (latest: the newest complete one), or None to start fresh."""
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting fresh")
+            return None
+        return found[-1]
+    path = args.resume_from_checkpoint
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise SystemExit(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def image_grid(images, columns):
+    from PIL import Image
+
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, step):
+    """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable)."""
+    model = accelerator.unwrap_model(unet)
+    pipe = common.build_pipeline(info, model, vae, tokenizers, text_encoders)
+    pipe.set_progress_bar_config(disable=True)
+    folder = os.path.join(args.output_dir, "validation", f"step-{step}")
+    os.makedirs(folder, exist_ok=True)
+    resolution = int(args.validation_resolution or common.round64(info.native_resolution))
+    images = []
+    was_training = model.training
+    model.eval()  # no LoRA dropout while sampling
+    for p, prompt in enumerate(args.validation_prompt):
+        for i in range(args.num_validation_images):
+            seed = args.validation_seed + i
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad(), accelerator.autocast():
+                image = pipe(prompt, negative_prompt=args.validation_negative_prompt, height=resolution, width=resolution,
+                             num_inference_steps=args.validation_num_inference_steps,
+                             guidance_scale=args.validation_guidance_scale, generator=generator).images[0]
+            image.save(os.path.join(folder, f"prompt{p:02d}-seed{seed}.png"))
+            images.append(image)
+    image_grid(images, args.num_validation_images).save(os.path.join(folder, "grid.png"))
+    with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(args.validation_prompt) + "\n")
+    model.train(was_training)
+    return folder
+
+
+def save_full_pipeline(info, unet, vae, tokenizers, text_encoders, output_dir):
+    """A full fine-tune as a complete diffusers pipeline in output_dir, moved into place file by file with
+    model_index.json last, so the folder only looks like a model once it is one."""
+    pipe = common.build_pipeline(info, unet, vae, tokenizers, text_encoders)
+    tmp = os.path.join(output_dir, ".pipeline.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "model_index.json"):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
+
+
+class JsonlLog:
+    """One JSON object per line; TensorBoard scalars too when tensorboard is installed."""
+
+    def __init__(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        self.handle = open(os.path.join(folder, "train_log.jsonl"), "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def log(self, step, values):
+        self.handle.write(json.dumps({"step": step, **values}) + "\n")
+        self.handle.flush()
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self):
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def check_args(args):
+    """Refuse impossible settings before any model work."""
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
+    if args.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise SystemExit("--mixed_precision bf16: this GPU has no bf16 support; use fp16")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        raise SystemExit("--train_batch_size and --gradient_accumulation_steps must be 1 or more")
+    if args.validation_prompt and args.validation_steps < 1:
+        raise SystemExit("--validation_steps must be 1 or more")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_model_args(parser)
+    common.add_data_args(parser)
+    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--data_sampling", default="auto", choices=["auto", "uniform"],
+                        help="auto: datasets drawn by probability x images x (repeats+1); uniform: by probability")
+
+    group = parser.add_argument_group("what to train")
+    group.add_argument("--model_type", default="lora", choices=["lora", "full"])
+    group.add_argument("--lora_type", default="standard", choices=["standard"])
+    group.add_argument("--lora_rank", type=int, default=16)
+    group.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1.0)")
+    group.add_argument("--lora_dropout", type=float, default=0.0)
+    group.add_argument("--lora_target", default="attention", choices=list(LORA_TARGETS))
+    group.add_argument("--lora_init", default="gaussian", choices=["gaussian", "default"],
+                       help="init of the A matrices (B starts at zero either way, so step 0 is the base model)")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument("--lr_scheduler", default="constant",
+                       choices=["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
+                                "polynomial"])
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--lr_num_cycles", type=int, default=1, help="cosine_with_restarts: number of restarts")
+    group.add_argument("--lr_power", type=float, default=1.0, help="polynomial: power")
+    group.add_argument("--max_train_steps", type=int, default=None, help="optimiser steps (wins over epochs)")
+    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
+    group.add_argument("--use_8bit_adam", type=str2bool, nargs="?", const=True, default=False)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
+                       help="compute precision; trainable weights stay fp32")
+    group.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False)
+    group.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's value")
+    group.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.05-0.1: darker darks, brighter lights")
+
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+
+    group = parser.add_argument_group("validation")
+    group.add_argument("--validation_prompt", nargs="+", default=None)
+    group.add_argument("--validation_steps", type=int, default=100)
+    group.add_argument("--num_validation_images", type=int, default=2)
+    group.add_argument("--validation_num_inference_steps", type=int, default=25)
+    group.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    group.add_argument("--validation_negative_prompt", default=None)
+    group.add_argument("--validation_resolution", type=int, default=None, help="default: the model's native size")
+    group.add_argument("--validation_seed", type=int, default=0)
+    return parser
+
+
+def parse_args(argv=None):
+    return common.parse_args_with_config(build_parser(), argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    args = parse_args(argv)
+    check_args(args)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    say = accelerator.print
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+
+    # --- Data config and model configs: every input is checked before any weights are loaded.
+    datasets = common.load_datasets(args)
+    if accelerator.is_main_process:
+        common.announce_pending_features(datasets)
+    info = common.resolve_model(args)
+    for dataset in datasets:
+        dataset.resolution = dataset.resolution or info.native_resolution
+    resume_path = resume_checkpoint_path(args) if args.resume_from_checkpoint else None
+    seed = args.seed
+    if seed is None:  # an unseeded run still resumes exactly: the seed it drew is stored in every checkpoint
+        seed = json.load(open(os.path.join(resume_path, STATE_FILE)))["seed"] if resume_path else random.randrange(2 ** 31)
+        say(f"seed: {seed} (pass --seed to choose it)")
+    set_seed(seed)
+    plans = common.plan_datasets(datasets, common.crop_seed(args), print_fn=say)
+    say(f"model: {info.ref} ({info.family}, {info.prediction_type}); datasets: "
+        + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
+
+    # --- Caches: the main process builds what is missing, the others wait and then read.
+    train_datasets = [d for d in datasets if d.trains]
+    text_dir = common.text_cache_dir(datasets, args)
+    if accelerator.is_main_process:
+        for dataset in train_datasets:
+            plans[dataset.id], _ = common.build_vae_cache(plans[dataset.id], info, device, args.vae_batch_size)
+        captions = [c for d in train_datasets for e in plans[d.id] for c in e.captions]
+        common.build_text_cache(captions, info, text_dir, device)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # images that failed to decode on the main process have no cache: drop them
+        for dataset in train_datasets:
+            plans[dataset.id] = [e for e in plans[dataset.id] if os.path.isfile(e.cache_path)]
+    text_identity = common.text_encoder_identity(info)
+    text_embeds = {}
+    for dataset in train_datasets:
+        for entry in plans[dataset.id]:
+            for caption in entry.captions:
+                if caption not in text_embeds:
+                    text_embeds[caption] = common.load_tensors(common.text_cache_path(text_dir, caption, text_identity))
+    scaling = info.vae_config.get("scaling_factor", 0.18215)
+    shift = info.vae_config.get("shift_factor") or 0.0
+
+    # --- Models. Frozen weights in the compute precision, trainable ones in fp32.
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    unet = common.load_component(info, "unet")
+    unet.requires_grad_(False)
+    if args.model_type == "lora":
+        unet.to(device, dtype=weight_dtype)
+        lora_config = add_lora(unet, args)
+        cast_training_params(unet, torch.float32)
+    else:
+        unet.to(device)
+        unet.requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
+    vae = tokenizers = text_encoders = None
+    if args.validation_prompt or args.model_type == "full":  # validation renders images; a full save needs them all
+        vae = common.load_component(info, "vae").to(device)
+        tokenizers, text_encoders = common.load_text_encoders(info, device)
+        for encoder in text_encoders:
+            encoder.to(dtype=weight_dtype)
+
+    params = list(trainable_parameters(unet).values())
+    say(f"training {sum(p.numel() for p in params):,} parameters ({args.model_type})")
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    # --- Batches and the length of the run.
+    sampler = BatchSampler(datasets, plans, args.train_batch_size, seed, args.data_sampling)
+    for note in oversubscription_notices(sampler):
+        say(note)
+    micro_per_epoch = math.ceil(sampler.batches_per_epoch() / world)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    # The lr schedule is stepped by hand once per optimiser step (not through accelerate, which steps it once
+    # per process), so its length is simply max_train_steps.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    first_step = 0
+    if resume_path:
+        state = load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler)
+        first_step = state["step"]
+        for key in ("train_batch_size", "gradient_accumulation_steps", "num_processes"):
+            current = accelerator.num_processes if key == "num_processes" else getattr(args, key)
+            if state.get(key) != current:
+                say(f"warning: {key} was {state.get(key)} in {resume_path}, now {current}: the data order will differ "
+                    "from an uninterrupted run")
+        for _ in range(state["batches_drawn"]):  # replay the batch stream up to the checkpoint
+            sampler.next()
+        say(f"resumed from {resume_path} at step {first_step}")
+
+    log = JsonlLog(os.path.join(args.output_dir, "logs")) if accelerator.is_main_process else None
+    say(f"{max_train_steps} steps: batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} x "
+        f"{world} process(es); {steps_per_epoch} steps per epoch")
+    bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step",
+               disable=not accelerator.is_main_process)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    unwrapped = accelerator.unwrap_model(unet)
+
+    # --- The training loop: one optimiser step per iteration.
+    for step in range(first_step, max_train_steps):
+        started = time.perf_counter()
+        loss_sum = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            micro_step = step * args.gradient_accumulation_steps + micro
+            batch = [sampler.next() for _ in range(world)][rank]  # every process replays the stream, takes its share
+            generator = step_generator(seed, micro_step, rank)
+
+            # Inputs from the caches: a latent drawn from the cached VAE distribution, the caption's embeddings.
+            latents = []
+            for entry, _ in batch:
+                cached = common.load_tensors(entry.cache_path)
+                latents.append(cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))
+            latents = (torch.stack(latents) - shift) * scaling
+            prompt_embeds = torch.stack([text_embeds[caption]["prompt_embeds"] for _, caption in batch])
+            added_cond = None
+            if info.family == "sdxl":  # SDXL micro-conditioning: pooled text + (original size, crop, target size)
+                added_cond = {
+                    "text_embeds": torch.stack([text_embeds[c]["pooled_prompt_embeds"] for _, c in batch]).to(device),
+                    "time_ids": torch.stack([common.sdxl_time_ids(e.transform) for e, _ in batch]).to(device),
+                }
+
+            # Noise and timesteps (uniform over the schedule).
+            noise = torch.randn(latents.shape, generator=generator)
+            if args.noise_offset:  # a per-channel constant shift teaches the model to move the mean brightness
+                noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+            timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
+            latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            if info.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+
+            # Forward and loss. Gradients are synchronised across processes on the last micro-step only.
+            last_micro = micro == args.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
+                with accelerator.autocast():
+                    pred = unet(noisy_latents.to(weight_dtype), timesteps, prompt_embeds.to(device, weight_dtype),
+                                added_cond_kwargs=added_cond).sample
+                loss_per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+                # Min-SNR weighting: each sample weighted by its own timestep's SNR.
+                if args.snr_gamma:
+                    loss_per_sample = loss_per_sample * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma,
+                                                                        info.prediction_type)
+                loss = loss_per_sample.mean()
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+            loss_sum += loss.detach() / args.gradient_accumulation_steps
+
+        # Clip, step, schedule.
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        # Log; a NaN or infinite loss stops the run (weights are already poisoned; the last checkpoint is not).
+        mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
+        if not math.isfinite(mean_loss):
+            latest = list_checkpoints(args.output_dir)
+            raise SystemExit(f"loss became {mean_loss} at step {done}; stopping. Last good checkpoint: "
+                             f"{latest[-1] if latest else 'none'}. Try a lower --learning_rate or --mixed_precision no.")
+        step_time = time.perf_counter() - started
+        if log is not None:
+            log.log(done, {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
+                           "epoch": min(sampler.epochs.values())})
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        bar.update(1)
+
+        # Checkpoint every --checkpointing_steps (not at the very end: the final save follows).
+        if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < max_train_steps:
+            path = save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed)
+            say(f"\nsaved {path}")
+
+        # Validation images every --validation_steps.
+        if args.validation_prompt and done % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, done)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    # --- Final save.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.model_type == "lora":
+            path = os.path.join(args.output_dir, LORA_WEIGHTS_NAME)
+            save_lora(unwrapped, path, lora_metadata(args, info, datasets, lora_config, max_train_steps))
+        else:
+            path = args.output_dir
+            save_full_pipeline(info, unwrapped.to(torch.float32), vae.to(torch.float32), tokenizers,
+                               [e.to(torch.float32) for e in text_encoders], args.output_dir)
+        if args.validation_prompt and max_train_steps % args.validation_steps != 0:
+            run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, max_train_steps)
+        log.close()
+        say(f"saved {path}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main()
