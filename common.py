@@ -962,65 +962,88 @@ def sdxl_time_ids(transform):
 # 8. Caches
 
 
-def cache_metadata_matches(path, expected):
-    """True when `path` is a complete cache file whose metadata has every expected value."""
+def cache_metadata(path):
+    """The provenance record of a cache file, or None if the file is missing, truncated or not one of ours.
+
+    The record is one canonical JSON string under a single key: safetensors writes metadata keys in a random
+    order, and a single key keeps two identical cache files byte-identical."""
     try:
         with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception:  # missing, truncated or not safetensors: never trusted
-        return False
-    return all(metadata.get(key) == value for key, value in expected.items())
+            return json.loads((handle.metadata() or {})["cache"])
+    except Exception:  # missing, truncated, foreign: never trusted
+        return None
+
+
+def cache_metadata_matches(path, expected):
+    metadata = cache_metadata(path)
+    return metadata is not None and all(metadata.get(key) == value for key, value in expected.items())
+
+
+def save_cache_file(tensors, path, metadata):
+    save_safetensors_atomic(tensors, path, {"cache": canonical_json(metadata)})
 
 
 def vae_cache_metadata(entry, vae_identity):
-    return {"format_version": CACHE_FORMAT_VERSION, "source": canonical_json(entry.fingerprint),
-            "transform": canonical_json(entry.transform), "vae": vae_identity}
+    return {"format_version": CACHE_FORMAT_VERSION, "source": entry.fingerprint, "transform": entry.transform,
+            "vae": vae_identity}
+
+
+def fixed_batches(entries, batch_size):
+    """Encoding batches that depend only on the entry list: each bucket's entries in path order, in chunks.
+
+    A latent depends (in its last bits) on which images share its batch, so a re-run that encodes only what a
+    killed run left over must encode it beside the same companions to write byte-identical files."""
+    by_bucket = {}
+    for entry in sorted(entries, key=lambda e: e.path):
+        by_bucket.setdefault(entry.bucket, []).append(entry)
+    return [members[i:i + batch_size] for _, members in sorted(by_bucket.items())
+            for i in range(0, len(members), batch_size)]
 
 
 def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
-    """Make sure every entry has an up-to-date latent cache file; encode only the ones that are missing or stale.
+    """Make sure every entry has an up-to-date latent cache file; encode only where one is missing or stale.
 
     A cache file holds the VAE latent distribution (mean and std, so training can sample) and metadata: the
     source image's fingerprint, the transform, the VAE's identity and the format version. Images that fail to
-    decode are reported and dropped. Returns (usable entries, number encoded)."""
+    decode are reported and dropped; the VAE is loaded only if something needs encoding.
+    Returns (usable entries, number of latents written)."""
     vae_identity = component_identity(info, "vae")
     for folder in {os.path.dirname(e.cache_path) for e in entries}:
         remove_stale_temporaries(folder)
-    todo = []
+    stale = set()
     for entry in entries:
         entry.fingerprint = file_fingerprint(entry.path)
         if not cache_metadata_matches(entry.cache_path, vae_cache_metadata(entry, vae_identity)):
-            todo.append(entry)
-    if not todo:
+            stale.add(entry.path)
+    if not stale:
         print_fn(f"VAE cache: all {len(entries)} latents are up to date; nothing to encode")
         return entries, 0
 
-    print_fn(f"VAE cache: encoding {len(todo)} of {len(entries)} images")
-    vae = load_component(info, "vae").to(device).eval()
-    failed = set()
-    by_bucket = {}
-    for entry in todo:
-        by_bucket.setdefault(entry.bucket, []).append(entry)
-    with tqdm(total=len(todo), desc="caching latents", unit="img") as bar:
-        for bucket_entries in by_bucket.values():
-            for start in range(0, len(bucket_entries), batch_size):
-                batch, pixels = [], []
-                for entry in bucket_entries[start:start + batch_size]:
-                    try:
-                        pixels.append(image_to_tensor(apply_transform(load_image(entry.path), entry.transform)))
-                        batch.append(entry)
-                    except ValueError as err:
-                        print_fn(f"skipped {entry.path}: {err}")
-                        failed.add(entry.path)
-                if batch:
-                    with torch.no_grad():
-                        dist = vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist
-                    for i, entry in enumerate(batch):
-                        save_safetensors_atomic({"mean": dist.mean[i].float(), "std": dist.std[i].float()},
-                                                entry.cache_path, vae_cache_metadata(entry, vae_identity))
-                bar.update(len(bucket_entries[start:start + batch_size]))
-    del vae
-    return [e for e in entries if e.path not in failed], len(todo) - len(failed)
+    print_fn(f"VAE cache: encoding {len(stale)} of {len(entries)} images")
+    vae, failed, written = None, set(), 0
+    batches = [batch for batch in fixed_batches(entries, batch_size) if any(e.path in stale for e in batch)]
+    with tqdm(total=len(stale), desc="caching latents", unit="img") as bar:
+        for batch in batches:
+            decoded, pixels = [], []
+            for entry in batch:
+                try:
+                    pixels.append(image_to_tensor(apply_transform(load_image(entry.path), entry.transform)))
+                    decoded.append(entry)
+                except ValueError as err:
+                    print_fn(f"skipped {entry.path}: {err}")
+                    failed.add(entry.path)
+            if any(e.path in stale for e in decoded):
+                if vae is None:
+                    vae = load_component(info, "vae").to(device).eval()
+                with torch.no_grad():
+                    dist = vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist
+                for i, entry in enumerate(decoded):
+                    if entry.path in stale:  # up-to-date companions were encoded for their company only
+                        save_cache_file({"mean": dist.mean[i].float(), "std": dist.std[i].float()},
+                                        entry.cache_path, vae_cache_metadata(entry, vae_identity))
+                        written += 1
+            bar.update(sum(e.path in stale for e in batch))
+    return [e for e in entries if e.path not in failed], written
 
 
 def text_encoder_identity(info):
@@ -1051,8 +1074,8 @@ def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, pri
         chunk = todo[start:start + batch_size]
         embeds = encode_prompt(info, tokenizers, encoders, chunk)
         for i, caption in enumerate(chunk):
-            save_safetensors_atomic({name: value[i] for name, value in embeds.items()}, paths[caption],
-                                    {**expected, "caption": caption})
+            save_cache_file({name: value[i] for name, value in embeds.items()}, paths[caption],
+                            {**expected, "caption": caption})
     return paths
 
 

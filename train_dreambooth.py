@@ -109,10 +109,11 @@ def oversubscription_notices(sampler):
     return notes
 
 
-def step_generator(seed, micro_step, rank):
-    """A fresh generator per micro-step: noise and timesteps depend only on (seed, step, rank), so a resumed run
-    draws exactly what the uninterrupted run drew."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 101 + rank) % (2 ** 63))
+def batch_generator(seed, batch_index):
+    """A fresh generator per batch of the stream: noise, timesteps and latent samples depend only on the seed and
+    the batch's place in the stream, so a resumed run draws what the uninterrupted run drew, and N processes with
+    one micro-batch each draw what one process accumulating N micro-batches draws."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) % (2 ** 63))
 
 
 def min_snr_weights(noise_scheduler, timesteps, gamma, prediction_type):
@@ -127,7 +128,8 @@ def add_lora(unet, args):
     from peft import LoraConfig
 
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
-                        init_lora_weights=args.lora_init, target_modules=LORA_TARGETS[args.lora_target])
+                        init_lora_weights=True if args.lora_init == "default" else args.lora_init,
+                        target_modules=LORA_TARGETS[args.lora_target])
     unet.add_adapter(config)
     return config
 
@@ -430,6 +432,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -437,7 +440,9 @@ def main(argv=None):
 
     args = parse_args(argv)
     check_args(args)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # cpu=True where there is no GPU: then `torchrun --nproc_per_node N` starts N CPU processes (gloo DDP).
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu)
     say = accelerator.print
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
@@ -482,15 +487,11 @@ def main(argv=None):
 
     # --- Models. Frozen weights in the compute precision, trainable ones in fp32.
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    unet = common.load_component(info, "unet")
-    unet.requires_grad_(False)
+    unet = common.load_component(info, "unet", weight_dtype if args.model_type == "lora" else torch.float32)
+    unet.to(device).requires_grad_(args.model_type == "full")
     if args.model_type == "lora":
-        unet.to(device, dtype=weight_dtype)
         lora_config = add_lora(unet, args)
         cast_training_params(unet, torch.float32)
-    else:
-        unet.to(device)
-        unet.requires_grad_(True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -552,9 +553,10 @@ def main(argv=None):
         started = time.perf_counter()
         loss_sum = 0.0
         for micro in range(args.gradient_accumulation_steps):
-            micro_step = step * args.gradient_accumulation_steps + micro
-            batch = [sampler.next() for _ in range(world)][rank]  # every process replays the stream, takes its share
-            generator = step_generator(seed, micro_step, rank)
+            # Every process replays the whole batch stream and takes its own share of it.
+            batch_index = (step * args.gradient_accumulation_steps + micro) * world + rank
+            batch = [sampler.next() for _ in range(world)][rank]
+            generator = batch_generator(seed, batch_index)
 
             # Inputs from the caches: a latent drawn from the cached VAE distribution, the caption's embeddings.
             latents = []
@@ -647,7 +649,11 @@ def main(argv=None):
         say(f"saved {path}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return args.output_dir
+    # accelerate keeps its settings in process-wide state; clear them so main() can run again in this process
+    # (notebooks, tests) with another --mixed_precision. The process group, if any, stays.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""Several processes (torchrun, gloo on CPU) train one LoRA, and average gradients as one process accumulating would."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from conftest import ROOT, train_argv
+from safetensors.torch import load_file
+
+import train_dreambooth
+
+
+def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    # Two processes x batch 1 see the same batches, with the same noise, as one process x batch 1 x accumulation 2.
+    common_flags = ["--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "2"]
+    single = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "single", *common_flags,
+                                              "--gradient_accumulation_steps", "2"))
+    argv = train_argv(model, subject_dir, tmp_path / "ddp", *common_flags)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29561", os.path.join(ROOT, "train_dreambooth.py"), *argv],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 process(es)" in result.stdout
+    assert sorted(os.listdir(tmp_path / "ddp" / "checkpoint-2")) == [
+        "optimizer.pt", "rng_0.pt", "rng_1.pt", "scheduler.pt", "trainable.safetensors", "training_state.json"]
+    ddp = load_file(str(tmp_path / "ddp" / train_dreambooth.LORA_WEIGHTS_NAME))
+    ours = load_file(str(tmp_path / "single" / train_dreambooth.LORA_WEIGHTS_NAME))
+    assert ddp.keys() == ours.keys()
+    for key in ours:
+        assert torch.allclose(ddp[key], ours[key], atol=1e-5), key
+    assert single["steps"] == 3

@@ -1,0 +1,131 @@
+"""Model loading and family detection; text encoding and time ids identical to what the diffusers pipelines compute."""
+
+import argparse
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import common
+
+
+def model_args(path, tmp_path, **extra):
+    values = dict(pretrained_model_name_or_path=path, output_dir=str(tmp_path / "out"), cache_dir=None, variant=None,
+                  revision=None, local_files_only=True, single_file_config=None)
+    values.update(extra)
+    return argparse.Namespace(**values)
+
+
+@pytest.mark.parametrize("family,prediction_type", [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction"),
+                                                    ("sdxl", "epsilon")])
+def test_family_and_prediction_type_come_from_the_configs(tiny_model, tmp_path, family, prediction_type):
+    info = common.resolve_model(model_args(tiny_model(family, prediction_type), tmp_path))
+    assert (info.family, info.prediction_type) == (family, prediction_type)
+    assert info.vae_scale_factor == 8 and info.native_resolution == 64
+
+
+def test_real_model_configs_are_detected_by_their_dimensions():
+    # The defining config values of the real models (no weights needed to detect them).
+    sd15 = {"cross_attention_dim": 768, "in_channels": 4}
+    sd21 = {"cross_attention_dim": 1024, "in_channels": 4, "use_linear_projection": True}
+    sdxl = {"cross_attention_dim": 2048, "addition_embed_type": "text_time", "in_channels": 4}
+    index = {"text_encoder": ["transformers", "CLIPTextModel"]}
+    assert common.detect_family(index, sd15, "m") == "sd1"
+    assert common.detect_family(index, sd21, "m") == "sd2"
+    assert common.detect_family(index, sdxl, "m") == "sdxl"
+    assert common.detect_family({"text_encoder": [None, None], "requires_aesthetics_score": True},
+                                {**sdxl, "cross_attention_dim": 1280}, "m") == "sdxl-refiner"
+    with pytest.raises(SystemExit, match="inpainting"):
+        common.detect_family(index, {**sd15, "in_channels": 9}, "m")
+
+
+def test_sdxl_refiner_is_told_apart_and_refused_clearly(tiny_model, tmp_path):
+    with pytest.raises(SystemExit, match="SDXL refiner; refiner training is not supported yet"):
+        common.resolve_model(model_args(tiny_model("sdxl-refiner"), tmp_path))
+
+
+def test_a_folder_that_is_not_a_diffusers_model_is_a_clear_error(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="not a diffusers model folder \\(no model_index.json\\)"):
+        common.resolve_model(model_args(str(tmp_path / "notamodel"), tmp_path))
+    with pytest.raises(SystemExit, match="no such folder or file"):
+        common.resolve_model(model_args(str(tmp_path / "missing"), tmp_path))
+
+
+def test_an_uncached_hub_id_offline_says_what_went_wrong(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="could not get model 'nobody/no-such-model' from the hub \\(offline"):
+        common.resolve_model(model_args("nobody/no-such-model", tmp_path))
+
+
+def test_variant_weights_are_loaded_and_change_the_cache_identity(tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model("sd1"), local_files_only=True)
+    folder = str(tmp_path / "variant")
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    assert os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.fp16.safetensors"))
+    info = common.resolve_model(model_args(folder, tmp_path, variant="fp16"))
+    unet = common.load_component(info, "unet")
+    assert torch.allclose(unet.conv_in.weight, pipe.unet.conv_in.weight.float())
+    plain = common.resolve_model(model_args(tiny_model("sd1"), tmp_path))
+    assert common.component_identity(info, "vae") != common.component_identity(plain, "vae")
+
+
+def test_single_file_family_is_read_from_tensor_names(tmp_path):
+    cases = {
+        "sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "sd2": "cond_stage_model.model.token_embedding.weight",
+        "sdxl": "conditioner.embedders.1.model.token_embedding.weight",
+        "sdxl-refiner": "conditioner.embedders.0.model.token_embedding.weight",
+    }
+    for family, key in cases.items():
+        path = str(tmp_path / f"{family}.safetensors")
+        save_file({key: torch.zeros(1), "model.diffusion_model.out.2.bias": torch.zeros(1)}, path)
+        assert common.single_file_family(path) == family
+    save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SystemExit, match="not a Stable Diffusion checkpoint"):
+        common.single_file_family(str(tmp_path / "other.safetensors"))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"not really a pickle")
+    with pytest.raises(SystemExit, match="pickle that can run code"):
+        common.resolve_model(model_args(str(path), tmp_path))
+
+
+def load_pipeline(family, path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline).from_pretrained(
+        path, local_files_only=True)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family):
+    path = tiny_model(family)
+    info = common.resolve_model(model_args(path, tmp_path))
+    tokenizers, encoders = common.load_text_encoders(info)
+    prompts = ["a photo of ohwx dog", "a very long prompt " * 30]  # the second one is truncated at 77 tokens
+    ours = common.encode_prompt(info, tokenizers, encoders, prompts)
+    pipe = load_pipeline(family, path)
+    if family == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+        assert torch.equal(ours["pooled_prompt_embeds"], pooled)
+        assert ours["prompt_embeds"].shape[-1] == 64  # both encoders' penultimate states, concatenated
+    else:
+        embeds, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        assert "pooled_prompt_embeds" not in ours
+    assert torch.equal(ours["prompt_embeds"], embeds)
+
+
+def test_sdxl_time_ids_equal_the_pipeline(tiny_model, tmp_path):
+    pipe = load_pipeline("sdxl", tiny_model("sdxl"))
+    transform = {"original_size": [640, 480], "crop_box": [32, 16, 544, 528], "target_size": [512, 512],
+                 "resized_size": [683, 512], "downsampled_size": [640, 480]}
+    expected = pipe._get_add_time_ids((480, 640), (16, 32), (512, 512), dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    assert torch.equal(common.sdxl_time_ids(transform)[None], expected)

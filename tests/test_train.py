@@ -1,0 +1,294 @@
+"""train_dreambooth.py end to end on tiny models: the saved LoRA reloads in diffusers and reproduces our prediction,
+a killed-and-resumed run ends where an uninterrupted one does, full fine-tunes save a loadable pipeline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, train_argv, write_json
+from safetensors.torch import load_file
+
+import common
+import train_dreambooth
+
+
+def unet_inputs(unet, family, seed=0, size=8):
+    """A fixed noisy latent, timestep and conditioning for comparing predictions."""
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    inputs = {
+        "sample": torch.randn(1, 4, size, size, generator=generator),
+        "timestep": torch.tensor([321]),
+        "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator),
+    }
+    if family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
+                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    return inputs
+
+
+def predict(unet, inputs):
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def load_pipeline(family, folder):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return cls.from_pretrained(folder, local_files_only=True)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_saved_lora_reloads_in_diffusers_and_reproduces_our_prediction(tiny_model, subject_dir, tmp_path, family):
+    model = tiny_model(family)
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_target", "attention_ff"))
+    ours = result["unet"].eval()
+    inputs = unet_inputs(ours, family)
+
+    pipe = load_pipeline(family, model)
+    base = predict(pipe.unet, inputs)
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    reloaded = predict(pipe.unet, inputs)
+    assert torch.allclose(reloaded, predict(ours, inputs), atol=1e-5)
+    assert (reloaded - base).abs().max() > 1e-4  # the LoRA learned something, so the match above means something
+    pipe.unload_lora_weights()
+    assert torch.allclose(predict(pipe.unet, inputs), base, atol=1e-6)
+
+
+def test_lora_metadata_records_the_run(tiny_model, subject_dir, tmp_path):
+    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--lora_alpha", "2"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["family"] == "sd1" and meta["lora_rank"] == "4" and meta["step"] == "4"
+    assert json.loads(meta["instance_prompts"]) == ["a photo of ohwx toy"]
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 2  # alpha survives reloading
+
+
+def test_lora_alpha_scales_the_adapter_after_reloading(tiny_model, subject_dir, tmp_path):
+    """alpha != rank: diffusers must reload the same scale (alpha / rank) we trained with."""
+    model = tiny_model("sd1")
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_alpha", "1"))
+    inputs = unet_inputs(result["unet"], "sd1")
+    pipe = load_pipeline("sd1", model)
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    assert torch.allclose(predict(pipe.unet, inputs), predict(result["unet"].eval(), inputs), atol=1e-5)
+
+
+def test_full_finetune_writes_a_pipeline_that_reproduces_our_unet(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--model_type", "full",
+                                              "--max_train_steps", "2"))
+    inputs = unet_inputs(result["unet"], "sd1")
+    saved = load_pipeline("sd1", str(tmp_path / "out"))
+    base = load_pipeline("sd1", model)
+    assert torch.allclose(predict(saved.unet, inputs), predict(result["unet"].eval(), inputs), atol=1e-6)
+    assert (predict(saved.unet, inputs) - predict(base.unet, inputs)).abs().max() > 1e-4
+    assert not os.path.exists(tmp_path / "out" / ".pipeline.tmp")
+
+
+def two_dataset_config(tmp_path, subject_dir):
+    """Two datasets (mixed by weight), one with repeats and a list of prompts, plus a text cache entry."""
+    import make_demo
+
+    other = make_demo.make_subject_images(str(tmp_path / "other"), sizes=((192, 192), (256, 128), (128, 256)))
+    return write_json(tmp_path / "data.json", [
+        {"id": "subject", "type": "local", "instance_data_dir": subject_dir, "instance_prompt": "a photo of ohwx toy",
+         "resolution": 64, "repeats": 1},
+        {"id": "other", "type": "local", "instance_data_dir": other, "resolution": 128, "crop": True,
+         "crop_style": "random", "instance_prompt": ["a photo of a toy", "a toy"]},
+        {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": str(tmp_path / "textcache")},
+    ])
+
+
+def resumable_argv(model, data_config, output_dir, steps):
+    return ["--pretrained_model_name_or_path", model, "--data_backend_config", data_config, "--output_dir",
+            str(output_dir), "--seed", "3", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "3", "--learning_rate", "1e-3",
+            "--lora_rank", "4", "--lora_dropout", "0.1", "--snr_gamma", "5", "--noise_offset", "0.05",
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--cache_dir", str(output_dir.parent / "cache")]
+
+
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_does(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    data = two_dataset_config(tmp_path, subject_dir)
+    steps = 12
+    whole = train_dreambooth.main(resumable_argv(model, data, tmp_path / "whole", steps))
+
+    # Kill a second run (SIGKILL, no chance to clean up) as soon as its first checkpoint is complete.
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_dreambooth.py"),
+                                *resumable_argv(model, data, out, steps)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.time() + 120
+    while not os.path.isfile(out / "checkpoint-3" / train_dreambooth.STATE_FILE) and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if os.path.exists(out / train_dreambooth.LORA_WEIGHTS_NAME):  # it outran the kill: keep only what a kill leaves
+        os.remove(out / train_dreambooth.LORA_WEIGHTS_NAME)
+    assert train_dreambooth.list_checkpoints(str(out))
+
+    resumed = train_dreambooth.main(resumable_argv(model, data, out, steps) + ["--resume_from_checkpoint", "latest"])
+    final_whole = load_file(str(tmp_path / "whole" / train_dreambooth.LORA_WEIGHTS_NAME))
+    final_resumed = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    assert final_whole.keys() == final_resumed.keys()
+    for key in final_whole:
+        assert torch.allclose(final_whole[key], final_resumed[key], atol=1e-6, rtol=0), key
+    assert whole["seed"] == resumed["seed"] == 3
+    # The logs agree on every step both runs logged.
+    losses = {}
+    for run in ("whole", "killed"):
+        with open(tmp_path / run / "logs" / "train_log.jsonl") as handle:
+            for line in handle:
+                record = json.loads(line)
+                losses.setdefault(record["step"], set()).add(round(record["loss"], 6))
+    assert all(len(values) == 1 for values in losses.values())
+
+
+def test_resume_latest_skips_an_incomplete_checkpoint(tiny_model, subject_dir, tmp_path, capsys):
+    model = tiny_model("sd1")
+    out = tmp_path / "out"
+    train_dreambooth.main(train_argv(model, subject_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "2"))
+    os.makedirs(out / "checkpoint-99")  # e.g. a half-copied folder: no training_state.json
+    assert train_dreambooth.list_checkpoints(str(out)) == [str(out / "checkpoint-2")]
+    train_dreambooth.main(train_argv(model, subject_dir, out, "--max_train_steps", "3", "--resume_from_checkpoint",
+                                     "latest"))
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    with open(out / "logs" / "train_log.jsonl") as handle:
+        steps = [json.loads(line)["step"] for line in handle]
+    assert steps == [1, 2, 3, 3]  # first run 1..3; the resumed run only redid step 3
+
+
+def test_checkpoints_rotate_to_the_total_limit(tiny_model, subject_dir, tmp_path):
+    out = tmp_path / "out"
+    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "6",
+                                     "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-4", "checkpoint-5"]
+    state = json.load(open(out / "checkpoint-5" / train_dreambooth.STATE_FILE))
+    assert state["step"] == 5 and state["batches_drawn"] == 5
+    # Checkpoint state loads without unpickling arbitrary objects.
+    torch.load(out / "checkpoint-5" / "optimizer.pt", weights_only=True)
+
+
+def test_validation_images_are_written_and_do_not_change_training(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "plain", "--lora_dropout", "0.2"))
+    shown = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "shown", "--lora_dropout", "0.2",
+                                             "--validation_prompt", "a photo of ohwx toy", "a toy on the beach",
+                                             "--validation_steps", "2", "--num_validation_images", "2",
+                                             "--validation_num_inference_steps", "2"))
+    for step in (2, 4):
+        folder = tmp_path / "shown" / "validation" / f"step-{step}"
+        names = sorted(os.listdir(folder))
+        assert names == ["grid.png", "prompt00-seed0.png", "prompt00-seed1.png", "prompt01-seed0.png",
+                         "prompt01-seed1.png", "prompts.txt"]
+        from PIL import Image
+
+        assert Image.open(folder / "grid.png").size == (2 * 64, 2 * 64)
+    for name, param in train_dreambooth.trainable_parameters(plain["unet"]).items():
+        assert torch.equal(param, train_dreambooth.trainable_parameters(shown["unet"])[name]), name
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "a", "--max_train_steps", "2"))
+    checkpointed = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "b", "--max_train_steps", "2",
+                                                    "--gradient_checkpointing"))
+    a = train_dreambooth.trainable_parameters(plain["unet"])
+    b = train_dreambooth.trainable_parameters(checkpointed["unet"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bf16_mixed_precision_keeps_trainable_weights_in_fp32(tiny_model, subject_dir, tmp_path):
+    result = train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--mixed_precision",
+                                              "bf16", "--max_train_steps", "2"))
+    unet = result["unet"]
+    trainable = train_dreambooth.trainable_parameters(unet)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    lines = open(tmp_path / "out" / "logs" / "train_log.jsonl").read().splitlines()
+    assert all(torch.isfinite(torch.tensor(json.loads(line)["loss"])) for line in lines)
+
+
+def test_8bit_adam_trains(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--use_8bit_adam",
+                                              "--max_train_steps", "2", "--lora_init", "default"))
+    lora_b = [p for name, p in result["unet"].named_parameters() if "lora_B" in name]
+    assert lora_b and max(p.abs().max().item() for p in lora_b) > 0  # B starts at zero: it moved
+
+
+def test_fp16_on_cpu_is_refused_before_model_work(tiny_model, subject_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on a GPU")
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA GPU"):
+        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--mixed_precision", "fp16"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_log_has_one_line_per_step_with_the_scheduled_lr(tiny_model, subject_dir, tmp_path):
+    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--lr_scheduler",
+                                     "constant_with_warmup", "--lr_warmup_steps", "2"))
+    records = [json.loads(line) for line in open(tmp_path / "out" / "logs" / "train_log.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # get_last_lr after step k: warm-up reaches the full rate at step 2 and stays there.
+    assert [round(r["lr"], 8) for r in records] == [5e-4, 1e-3, 1e-3, 1e-3]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_the_formula(tiny_model, prediction_type):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_model("sd1"), subfolder="scheduler")
+    timesteps = torch.tensor([0, 100, 500, 999])
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    weights = train_dreambooth.min_snr_weights(scheduler, timesteps, 5.0, prediction_type)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    assert torch.allclose(weights, expected)
+    assert weights[0] < 1 and weights[-1] == pytest.approx(1.0 if prediction_type == "epsilon" else snr[-1] / (snr[-1] + 1))
+
+
+def test_first_step_loss_equals_the_v_prediction_objective_computed_by_hand(tiny_model, subject_dir, tmp_path):
+    """SD 2.x v-prediction: the logged loss of step 1 is MSE(unet(x_t), v) with v from diffusers' get_velocity,
+    on the latent drawn from the cached distribution and scaled by the VAE's scaling factor."""
+    from diffusers import DDPMScheduler
+
+    model = tiny_model("sd2", "v_prediction")
+    out = tmp_path / "out"
+    argv = train_argv(model, subject_dir, out, "--max_train_steps", "1", "--train_batch_size", "1", "--learning_rate", "0")
+    train_dreambooth.main(argv)
+    logged = json.loads(open(out / "logs" / "train_log.jsonl").readline())["loss"]
+
+    args = train_dreambooth.parse_args(argv)
+    info = common.resolve_model(args)
+    datasets = common.load_datasets(args)
+    for dataset in datasets:
+        dataset.resolution = dataset.resolution or info.native_resolution
+    plans = common.plan_datasets(datasets, 7)
+    [(entry, caption)] = train_dreambooth.BatchSampler(datasets, plans, 1, 7).next()
+    generator = train_dreambooth.batch_generator(7, 0)
+    cached = common.load_tensors(entry.cache_path)
+    latents = (cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))[None]
+    latents = latents * info.vae_config["scaling_factor"]
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (1,), generator=generator)
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    tokenizers, encoders = common.load_text_encoders(info)
+    embeds = common.encode_prompt(info, tokenizers, encoders, [caption])["prompt_embeds"]
+    unet = common.load_component(info, "unet")
+    with torch.no_grad():
+        pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds).sample
+    expected = torch.nn.functional.mse_loss(pred, scheduler.get_velocity(latents, noise, timesteps)).item()
+    assert logged == pytest.approx(expected, rel=1e-5)
