@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine (each creates .venv and installs on first use):
+#   make demo   build a tiny random model and a synthetic subject under demo/, cache it and train a LoRA
+#   make test   run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Nothing is downloaded at run time by the demo or the tests.
+export HF_HUB_OFFLINE := 1
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/make_demo.py demo
+	$(PY) cache_latents.py --config demo/config.json
+	$(PY) train_dreambooth.py --config demo/config.json
+	@echo "LoRA: demo/output/pytorch_lora_weights.safetensors   images: demo/output/validation/"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_train.py
+
+.PHONY: demo test bench
