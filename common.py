@@ -549,7 +549,7 @@ def captions_for(path, dataset):
 
 
 def round64(x):
-    return max(64, int(round(x / 64.0)) * 64)
+    return max(64, int(math.floor(x / 64.0 + 0.5)) * 64)  # halves round up (Python's round() goes to even)
 
 
 def size_measure(width, height, resolution_type):
@@ -578,8 +578,21 @@ def bucket_for(width, height, dataset):
     if dataset.crop and dataset.crop_aspect == "square":
         side = res if kind == "pixel" else math.sqrt(res * 1e6 if kind == "area" else res * res)
         return round64(side), round64(side)
-    scale = scale_to(width, height, res, kind)
-    return round64(width * scale), round64(height * scale)
+    # The shorter side is a multiple of 64 near its ideal length; the longer one is the aspect-kept length rounded
+    # *down*, so the bucket is never wider than the image and the cover-resize trims < 64 px, from the long side.
+    short, long = min(width, height), max(width, height)
+    ideal = short * scale_to(width, height, res, kind)
+
+    def with_long_side(short_side):
+        return short_side, max(short_side, int(long * short_side / short) // 64 * 64)
+
+    if kind == "pixel":  # the shorter edge is the resolution
+        short_side, long_side = with_long_side(round64(ideal))
+    else:  # of the two nearest shorter sides, the one giving the area closest to the requested one
+        target_area = (ideal / short) ** 2 * width * height
+        candidates = [with_long_side(max(64, math.floor(ideal / 64) * 64)), with_long_side(math.ceil(ideal / 64) * 64)]
+        short_side, long_side = min(candidates, key=lambda c: abs(c[0] * c[1] - target_area))
+    return (long_side, short_side) if width >= height else (short_side, long_side)
 
 
 def plan_transform(width, height, dataset, seed, key):
