@@ -20,6 +20,7 @@ import argparse
 import difflib
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -43,6 +44,13 @@ CACHE_FORMAT_VERSION = "1"
 # Bump when encode_prompt changes what it computes, so old text caches are recomputed rather than trusted.
 TEXT_ENCODING_VERSION = "1"
 EXIF_ORIENTATION = 0x0112
+
+# bitsandbytes (imported by peft) warns on every CPU start that an optional kernel package is missing; it changes
+# nothing for training, so it is kept out of the way of messages that matter.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# transformers says, once per image-processor class diffusers imports, that torchvision is missing; this project
+# does all image work with PIL and deliberately has no torchvision.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -469,27 +477,43 @@ def find_images(folder):
     return found, problems
 
 
+def header_orientation(image):
+    """The EXIF orientation without decoding pixels. (Pillow's getexif() decodes a whole PNG to find its eXIf
+    chunk, so for PNG only a chunk before the pixel data is read; load_image checks the decoded size anyway.)"""
+    if image.format == "PNG":
+        raw = image.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(EXIF_ORIENTATION, 1)
+    return image.getexif().get(EXIF_ORIENTATION, 1)
+
+
 def image_size(path):
     """(width, height) as the image will be seen (EXIF rotation applied), read from the header only.
 
     Raises ValueError with the reason when the file is not a usable image."""
-    if os.path.getsize(path) == 0:
-        raise ValueError("empty file (0 bytes)")
     try:
+        if os.path.getsize(path) == 0:
+            raise ValueError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
-                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{width}x{height} is {width * height / 1e6:.0f} MP, over the "
+                                     f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP limit (a decompression bomb or a huge scan); "
+                                     "refused before decoding: downscale it")
+                orientation = header_orientation(image)
     except Image.DecompressionBombError as err:
-        raise ValueError(f"refused before decoding: {err}") from None
+        raise ValueError(f"refused before decoding ({err}); a decompression bomb or a huge scan: downscale it") from None
     except UnidentifiedImageError:
         raise ValueError("not an image PIL can read (wrong extension, or not an image at all)") from None
+    except FileNotFoundError:
+        raise ValueError("cannot read: a broken symlink or a file that vanished") from None
     except OSError as err:
-        raise ValueError(f"cannot read: {err}") from None
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{width}x{height} is {width * height / 1e6:.0f} MP, over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP "
-                         "limit (a decompression bomb or a huge scan); refused before decoding: downscale it")
+        raise ValueError(f"cannot read ({err}); re-export or remove it") from None
     if orientation in (5, 6, 7, 8):  # rotated 90 or 270 degrees
         width, height = height, width
     return width, height
@@ -497,13 +521,16 @@ def image_size(path):
 
 def to_rgb(image):
     """Any PIL image as 8-bit RGB: 16-bit scaled (not clipped), transparency composited on white, CMYK converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8))
+    elif image.mode in ("I", "F"):  # 32-bit: 16-bit data if it goes above 255, else already 0..255
         array = np.asarray(image, dtype=np.float64)
-        if array.max(initial=0) > 255:  # 16-bit data: 65535 -> 255
+        if array.max(initial=0) > 255:
             array = array / 257.0
-        image = Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8))
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):  # palette or colour-key transparency
+        image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -513,14 +540,17 @@ def to_rgb(image):
 
 def load_image(path):
     """Decode an image fully: upright (EXIF), RGB. Raises ValueError naming the problem (truncated, unreadable...)."""
-    image_size(path)  # the header checks first: empty files and bombs never reach the decoder
+    expected = image_size(path)  # the header checks first: empty files and bombs never reach the decoder
     try:
         with Image.open(path) as image:
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            return to_rgb(upright)
+            upright = to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot decode ({err}); the file is probably truncated or corrupt: re-export or remove it") from None
+    if upright.size != expected:  # e.g. an EXIF rotation stored after a PNG's pixel data
+        raise ValueError(f"decodes to {upright.size[0]}x{upright.size[1]} but its header says {expected[0]}x{expected[1]}; "
+                         "re-export it without EXIF rotation")
+    return upright
 
 
 def caption_from_filename(path):

@@ -142,7 +142,8 @@ def lora_metadata(args, info, datasets, config, step):
     """safetensors metadata of the saved LoRA: diffusers' adapter config (so alpha survives reloading) plus what
     a person wants to know about the file later."""
     adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
-    prompts = sorted({p for d in datasets if d.trains and d.instance_prompt for p in common.as_list(d.instance_prompt)})
+    prompts = sorted({p for d in datasets if d.trains and not d.is_regularisation_data and d.instance_prompt
+                      for p in common.as_list(d.instance_prompt)})
     return {
         "format": "pt",
         "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str),
@@ -282,16 +283,16 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
     images = []
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
-    for p, prompt in enumerate(args.validation_prompt):
-        for i in range(args.num_validation_images):
-            seed = args.validation_seed + i
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad(), accelerator.autocast():
-                image = pipe(prompt, negative_prompt=args.validation_negative_prompt, height=resolution, width=resolution,
-                             num_inference_steps=args.validation_num_inference_steps,
-                             guidance_scale=args.validation_guidance_scale, generator=generator).images[0]
-            image.save(os.path.join(folder, f"prompt{p:02d}-seed{seed}.png"))
-            images.append(image)
+    jobs = [(p, prompt, i) for p, prompt in enumerate(args.validation_prompt) for i in range(args.num_validation_images)]
+    for p, prompt, i in tqdm(jobs, desc=f"validation images (step {step})", unit="img", leave=False):
+        seed = args.validation_seed + i
+        with torch.no_grad(), accelerator.autocast():
+            image = pipe(prompt, negative_prompt=args.validation_negative_prompt, height=resolution, width=resolution,
+                         num_inference_steps=args.validation_num_inference_steps,
+                         guidance_scale=args.validation_guidance_scale,
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+        image.save(os.path.join(folder, f"prompt{p:02d}-seed{seed}.png"))
+        images.append(image)
     image_grid(images, args.num_validation_images).save(os.path.join(folder, "grid.png"))
     with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(args.validation_prompt) + "\n")
@@ -456,7 +457,7 @@ def main(argv=None):
     resume_path = resume_checkpoint_path(args) if args.resume_from_checkpoint else None
     seed = args.seed
     if seed is None:  # an unseeded run still resumes exactly: the seed it drew is stored in every checkpoint
-        seed = json.load(open(os.path.join(resume_path, STATE_FILE)))["seed"] if resume_path else random.randrange(2 ** 31)
+        seed = common.read_json(os.path.join(resume_path, STATE_FILE))["seed"] if resume_path else random.randrange(2 ** 31)
         say(f"seed: {seed} (pass --seed to choose it)")
     set_seed(seed)
     plans = common.plan_datasets(datasets, common.crop_seed(args), print_fn=say)
@@ -518,7 +519,8 @@ def main(argv=None):
     sampler = BatchSampler(datasets, plans, args.train_batch_size, seed, args.data_sampling)
     for note in oversubscription_notices(sampler):
         say(note)
-    micro_per_epoch = math.ceil(sampler.batches_per_epoch() / world)
+    batches_per_epoch = sampler.batches_per_epoch()
+    micro_per_epoch = math.ceil(batches_per_epoch / world)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     # The lr schedule is stepped by hand once per optimiser step (not through accelerate, which steps it once
@@ -617,7 +619,7 @@ def main(argv=None):
         step_time = time.perf_counter() - started
         if log is not None:
             log.log(done, {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
-                           "epoch": min(sampler.epochs.values())})
+                           "epoch": sampler.drawn / batches_per_epoch})
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         bar.update(1)
 
