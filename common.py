@@ -25,6 +25,7 @@ import math
 import os
 import random
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 
@@ -855,9 +856,18 @@ def convert_single_file(path, args, cache_root):
     except Exception as err:  # diffusers raises many kinds here; all mean the same to the user
         raise SystemExit(f"{path}: from_single_file failed ({err}). Offline, pass --single_file_config with a diffusers "
                          "folder (or cached hub id) of the same architecture.") from None
+    unloaded = [f"{name}.{key}" for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)
+                for key, value in part.state_dict().items() if value.device.type == "meta"]
+    if unloaded:  # diffusers leaves weights it found no tensor for uninitialised instead of failing
+        raise SystemExit(f"{path}: from_single_file left {len(unloaded)} weights unloaded (e.g. {unloaded[0]}); the "
+                         "checkpoint does not match the architecture of --single_file_config")
     tmp = folder + ".tmp"
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+# SDXL's second text encoder is wider than its first, as in the real model (1280 vs 768): single-file loading tells
+# the two apart by width.
+SDXL_TE2_WIDTH = 48
 # Words that get whole tokens in the tiny vocabulary; anything else is spelled out in byte-level characters.
 TINY_WORDS = ("a", "photo", "of", "ohwx", "sks", "dog", "man", "toy", "robot", "on", "the", "beach", "in", "snow",
               "picture", "subjectname", "an", "dreambooth", "red", "blue", "green")
@@ -54,11 +57,11 @@ def tiny_tokenizer(words=TINY_WORDS):
     return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges, model_max_length=77)
 
 
-def tiny_text_encoder(tokenizer, projection=False, hidden_act="quick_gelu", seed=0):
+def tiny_text_encoder(tokenizer, projection=False, hidden_act="quick_gelu", seed=0, hidden_size=32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
                             num_hidden_layers=3, max_position_embeddings=77, projection_dim=32, hidden_act=hidden_act,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
@@ -88,8 +91,9 @@ def tiny_unet(family, sample_size=8, seed=0):
         return UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
                                     **shared)
     # SDXL: text_time added conditioning; the refiner has 5 time ids (aesthetic score) and only encoder 2.
+    # Cross-attention takes both encoders' widths (32 + 48), the refiner's only the second's.
     time_ids = 5 if family == "sdxl-refiner" else 6
-    cross = 32 if family == "sdxl-refiner" else 64
+    cross = SDXL_TE2_WIDTH if family == "sdxl-refiner" else 32 + SDXL_TE2_WIDTH
     return UNet2DConditionModel(cross_attention_dim=cross, attention_head_dim=(2, 4), use_linear_projection=True,
                                 addition_embed_type="text_time", addition_time_embed_dim=8,
                                 projection_class_embeddings_input_dim=time_ids * 8 + 32,
@@ -113,13 +117,15 @@ def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_siz
     elif family == "sdxl":
         pipe = StableDiffusionXLPipeline(
             vae=vae, text_encoder=tiny_text_encoder(tokenizer, hidden_act="gelu", seed=1),
-            text_encoder_2=tiny_text_encoder(tokenizer, projection=True, hidden_act="gelu", seed=2),
+            text_encoder_2=tiny_text_encoder(tokenizer, projection=True, hidden_act="gelu", seed=2,
+                                             hidden_size=SDXL_TE2_WIDTH),
             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**schedule))
     elif family == "sdxl-refiner":
         pipe = StableDiffusionXLImg2ImgPipeline(
             vae=vae, text_encoder=None, tokenizer=None, tokenizer_2=tokenizer,
-            text_encoder_2=tiny_text_encoder(tokenizer, projection=True, hidden_act="gelu", seed=2), unet=unet,
-            scheduler=EulerDiscreteScheduler(**schedule), requires_aesthetics_score=True)
+            text_encoder_2=tiny_text_encoder(tokenizer, projection=True, hidden_act="gelu", seed=2,
+                                             hidden_size=SDXL_TE2_WIDTH),
+            unet=unet, scheduler=EulerDiscreteScheduler(**schedule), requires_aesthetics_score=True)
     else:
         raise ValueError(f"unknown family {family!r}")
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -115,7 +115,7 @@ def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family):
     if family == "sdxl":
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
         assert torch.equal(ours["pooled_prompt_embeds"], pooled)
-        assert ours["prompt_embeds"].shape[-1] == 64  # both encoders' penultimate states, concatenated
+        assert ours["prompt_embeds"].shape[-1] == 32 + 48  # both encoders' penultimate states, concatenated
     else:
         embeds, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
         assert "pooled_prompt_embeds" not in ours

@@ -1,0 +1,154 @@
+"""Single-file checkpoints: an original-format (LDM / A1111) .safetensors loads through common.resolve_model ->
+convert_single_file -> diffusers' from_single_file offline, with --single_file_config naming a diffusers folder of
+the same architecture, and comes out as a diffusers folder whose weights equal the model it was written from.
+
+The checkpoints are written from the tiny random models by tests/ldm_checkpoint.py (the inverse of diffusers'
+converters), so nothing binary is committed and nothing is downloaded."""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from ldm_checkpoint import (SD1_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
+                            load_components, save_ldm_checkpoint)
+from safetensors import safe_open
+
+import common
+
+PROMPTS = ["a photo of ohwx dog", "a red robot on the beach"]
+
+
+def model_args(path, tmp_path, **extra):
+    values = dict(pretrained_model_name_or_path=path, output_dir=str(tmp_path / "out"),
+                  cache_dir=str(tmp_path / "cache"), variant=None, revision=None, local_files_only=True,
+                  single_file_config=None)
+    values.update(extra)
+    return argparse.Namespace(**values)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models are tiny: one CPU thread runs them fastest, and much faster than several on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def public_config(config):
+    return {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "transformers_version"}
+
+
+def assert_same_weights(original_folder, converted_folder, family):
+    """Every weight component: same configs, same tensor names, every tensor bit-identical."""
+    original, converted = load_components(original_folder, family), load_components(converted_folder, family)
+    for name, model in original.items():
+        other = converted[name]
+        a_config = model.config.to_dict() if hasattr(model.config, "to_dict") else model.config
+        b_config = other.config.to_dict() if hasattr(other.config, "to_dict") else other.config
+        assert public_config(a_config) == public_config(b_config), name
+        a, b = model.state_dict(), other.state_dict()
+        assert sorted(a) == sorted(b), name
+        different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def assert_same_outputs(original, converted):
+    """What training computes from the model: prompt embeddings, a UNet prediction and a VAE latent."""
+    ours = [common.encode_prompt(info, *common.load_text_encoders(info), PROMPTS) for info in (original, converted)]
+    assert sorted(ours[0]) == sorted(ours[1])
+    for key in ours[0]:
+        assert torch.equal(ours[0][key], ours[1][key]), key
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    image = torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1
+    kwargs = {}
+    if original.family == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": ours[0]["pooled_prompt_embeds"],
+                                       "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}
+    outputs = []
+    for info in (original, converted):
+        unet, vae = common.load_component(info, "unet").eval(), common.load_component(info, "vae").eval()
+        with torch.no_grad():
+            noise_pred = unet(latents, torch.tensor([10, 500]), ours[0]["prompt_embeds"], **kwargs).sample
+            latent = vae.encode(image).latent_dist.mean
+        outputs.append((noise_pred, latent))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])
+
+
+def check_single_file_round_trip(folder, family, tmp_path, monkeypatch):
+    checkpoint = save_ldm_checkpoint(folder, str(tmp_path / f"tiny-{family}.safetensors"), family)
+    assert common.single_file_family(checkpoint) == family
+    args = model_args(checkpoint, tmp_path, single_file_config=folder)
+
+    info = common.resolve_model(args)
+    assert (info.family, info.prediction_type, info.ref) == (family, "epsilon", checkpoint)
+    cache = os.path.realpath(args.cache_dir)
+    assert os.path.commonpath([os.path.realpath(info.folder), cache]) == cache
+    assert os.path.isfile(os.path.join(info.folder, "model_index.json"))
+    assert not [n for n in os.listdir(os.path.dirname(info.folder)) if ".tmp" in n]  # nothing half-written left
+
+    original = common.resolve_model(model_args(folder, tmp_path))
+    assert (info.unet_config, info.vae_config) == (original.unet_config, original.vae_config)
+    with open(os.path.join(info.folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:
+        scheduler = json.load(handle)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:
+        assert public_config(scheduler) == public_config(json.load(handle))
+    assert_same_weights(folder, info.folder, family)
+    assert_same_outputs(original, info)
+
+    # A second run finds the converted folder and never calls from_single_file again.
+    from diffusers.loaders.single_file import FromSingleFileMixin
+
+    def refuse(*_, **__):
+        raise AssertionError("the checkpoint was converted a second time")
+
+    monkeypatch.setattr(FromSingleFileMixin, "from_single_file", classmethod(refuse))
+    index = os.path.join(info.folder, "model_index.json")
+    written = os.stat(index).st_mtime_ns
+    again = common.resolve_model(args)
+    assert again.folder == info.folder and again.family == family
+    assert os.stat(index).st_mtime_ns == written
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_single_file_checkpoint_converts_offline_to_the_same_model(tiny_model, tmp_path, monkeypatch, family):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    check_single_file_round_trip(tiny_model(family), family, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_ldm_checkpoint_is_the_inverse_of_the_diffusers_converters(tiny_model, tmp_path, family):
+    """The writer alone, against diffusers' converter functions (no pipeline, no common.py)."""
+    from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, convert_ldm_clip_checkpoint,
+                                                     convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     convert_open_clip_checkpoint)
+
+    folder = tiny_model(family)
+    path = save_ldm_checkpoint(folder, str(tmp_path / "tiny.safetensors"), family)
+    with safe_open(path, framework="pt") as handle:
+        checkpoint = {key: handle.get_tensor(key) for key in handle.keys()}
+    models = load_components(folder, family)
+    prefixes = [UNET_PREFIX, VAE_PREFIX] + ([SD1_CLIP_PREFIX] if family == "sd1" else
+                                            [SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX])
+    assert all(key.startswith(tuple(prefixes)) for key in checkpoint)
+    marker = CHECKPOINT_KEY_NAMES["clip" if family == "sd1" else "open_clip_sdxl"]
+    assert marker in checkpoint
+
+    converted = {
+        "unet": convert_ldm_unet_checkpoint(checkpoint, dict(models["unet"].config)),
+        "vae": convert_ldm_vae_checkpoint(checkpoint, dict(models["vae"].config)),
+        # transformers >= 5.6 CLIPTextModel has no text_model. level; the original files (and converter) do
+        "text_encoder": {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(checkpoint).items()},
+    }
+    if family == "sdxl":
+        converted["text_encoder_2"] = convert_open_clip_checkpoint(models["text_encoder_2"], checkpoint,
+                                                                   prefix=SDXL_OPEN_CLIP_PREFIX)
+    for name, model in models.items():
+        expected = model.state_dict()
+        assert sorted(converted[name]) == sorted(expected), name
+        assert all(torch.equal(converted[name][k], expected[k]) for k in expected), name
