@@ -144,6 +144,17 @@ def file_fingerprint(path):
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
 
 
+def read_json(path, flag=None):
+    """A JSON file, or a SystemExit that names the file (and the flag that named it) and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise SystemExit(f"{flag + ' ' if flag else ''}{path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+
+
 def canonical_json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
@@ -187,13 +198,7 @@ def read_config_file(path, parser, also_known=()):
 
     `also_known` names keys that belong to a sibling script (cache_latents.py reads the training config and
     ignores the training-only keys); anything else unknown is an error that suggests the closest flag."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except FileNotFoundError:
-        raise SystemExit(f"--config {path}: no such file") from None
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    raw = read_json(path, "--config")
     if not isinstance(raw, dict):
         raise SystemExit(f"{path}: a config file holds one JSON object of flag names and values")
     actions = {opt[2:]: action for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
@@ -384,13 +389,7 @@ def load_datasets(args):
     Runs before any model work, so a typo in the data config costs a second, not a model load."""
     if args.data_backend_config:
         source = args.data_backend_config
-        try:
-            with open(source, encoding="utf-8") as handle:
-                raw = json.load(handle)
-        except FileNotFoundError:
-            raise SystemExit(f"--data_backend_config {source}: no such file") from None
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"{source}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        raw = read_json(source, "--data_backend_config")
         if not isinstance(raw, list):
             raise SystemExit(f"{source}: the data backend config is a JSON list of dataset objects")
     elif args.instance_data_dir:
@@ -813,11 +812,6 @@ def detect_family(model_index, unet_config, where):
     return "sd1"
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 def single_file_family(path):
     """The family of an original-format (LDM / A1111) checkpoint, from its tensor names."""
     with safe_open(path, framework="pt") as handle:
@@ -1085,6 +1079,8 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
                 except ValueError as err:
                     print_fn(f"skipped {entry.path}: {err}")
                     failed.add(entry.path)
+                    if os.path.exists(entry.cache_path):  # a stale latent of an image that no longer decodes
+                        os.remove(entry.cache_path)
             if any(e.path in stale for e in decoded):
                 if vae is None:
                     vae = load_component(info, "vae").to(device).eval()

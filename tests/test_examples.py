@@ -2,24 +2,17 @@
 
 import json
 import os
-import re
 
-import pytest
 from conftest import ROOT, write_json
 
 import common
+import test_config
 import train_dreambooth
 
-REFERENCE = os.path.join(ROOT, "..", "shared", "reference", "000_64cdcace096bbce0.txt")
 
-
-def reference_data_configs():
-    """The JSON lists in the reference document, in order: the masked-loss example, then the four datasets."""
-    if not os.path.isfile(REFERENCE):
-        pytest.skip("the reference document is not beside this checkout")
-    text = open(REFERENCE, encoding="utf-8").read()
-    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
-    return [b for b in blocks if isinstance(b, list) and len(b) > 1]
+def reference_example(text, root):
+    """A reference data config (verbatim in test_config.py) with its '/training/...' folders moved under `root`."""
+    return json.loads(test_config.relocate(text, root))
 
 
 def relocate(datasets, root):
@@ -44,7 +37,7 @@ def run_tiny_sdxl(tiny_model, data_config, tmp_path):
 
 
 def test_reference_four_dataset_example_runs(tiny_model, tmp_path, capsys):
-    datasets = relocate(reference_data_configs()[1], tmp_path)
+    datasets = reference_example(test_config.REFERENCE_MIXED_RESOLUTION, tmp_path)
     square_images(datasets[0]["instance_data_dir"], 1, 1024)
     square_images(datasets[2]["instance_data_dir"], 1, 896)
     run_tiny_sdxl(tiny_model, write_json(tmp_path / "multidatabackend.json", datasets), tmp_path)
@@ -58,7 +51,7 @@ def test_reference_four_dataset_example_runs(tiny_model, tmp_path, capsys):
 
 
 def test_reference_masked_loss_example_runs(tiny_model, tmp_path, capsys):
-    datasets = relocate(reference_data_configs()[0], tmp_path)
+    datasets = reference_example(test_config.REFERENCE_MASKED_LOSS, tmp_path)
     square_images(datasets[0]["instance_data_dir"], 2, 1024)
     square_images(datasets[1]["instance_data_dir"], 2, 1024)
     run_tiny_sdxl(tiny_model, write_json(tmp_path / "multidatabackend.json", datasets), tmp_path)
