@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1047,6 +1048,29 @@ def fixed_batches(entries, batch_size):
             for i in range(0, len(members), batch_size)]
 
 
+def decode_batch(batch):
+    """Load and transform a batch of images: (entries that decoded, their pixel tensors, [(entry, error)])."""
+    decoded, pixels, errors = [], [], []
+    for entry in batch:
+        try:
+            pixels.append(image_to_tensor(apply_transform(load_image(entry.path), entry.transform)))
+            decoded.append(entry)
+        except ValueError as err:
+            errors.append((entry, err))
+    return decoded, pixels, errors
+
+
+def prefetched(function, items):
+    """function(item) for each item, computing the next one in a worker thread while the caller uses this one
+    (image decoding then overlaps the VAE; at most one result waits, so memory stays bounded)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(function, items[0]) if items else None
+        for i in range(len(items)):
+            result = pending.result()
+            pending = pool.submit(function, items[i + 1]) if i + 1 < len(items) else None
+            yield result
+
+
 def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
     """Make sure every entry has an up-to-date latent cache file; encode only where one is missing or stale.
 
@@ -1070,17 +1094,12 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
     vae, failed, written = None, set(), 0
     batches = [batch for batch in fixed_batches(entries, batch_size) if any(e.path in stale for e in batch)]
     with tqdm(total=len(stale), desc="caching latents", unit="img") as bar:
-        for batch in batches:
-            decoded, pixels = [], []
-            for entry in batch:
-                try:
-                    pixels.append(image_to_tensor(apply_transform(load_image(entry.path), entry.transform)))
-                    decoded.append(entry)
-                except ValueError as err:
-                    print_fn(f"skipped {entry.path}: {err}")
-                    failed.add(entry.path)
-                    if os.path.exists(entry.cache_path):  # a stale latent of an image that no longer decodes
-                        os.remove(entry.cache_path)
+        for batch, (decoded, pixels, errors) in zip(batches, prefetched(decode_batch, batches)):
+            for entry, err in errors:
+                print_fn(f"skipped {entry.path}: {err}")
+                failed.add(entry.path)
+                if os.path.exists(entry.cache_path):  # a stale latent of an image that no longer decodes
+                    os.remove(entry.cache_path)
             if any(e.path in stale for e in decoded):
                 if vae is None:
                     vae = load_component(info, "vae").to(device).eval()
