@@ -1,9 +1,10 @@
-"""Several processes (torchrun, gloo on CPU) train one LoRA, and average gradients as one process accumulating would."""
+"""Several processes (torchrun or accelerate launch; gloo on CPU) train one LoRA, and average gradients as one process accumulating would."""
 
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, train_argv
 from safetensors.torch import load_file
@@ -11,15 +12,24 @@ from safetensors.torch import load_file
 import train_dreambooth
 
 
-def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(tiny_model, subject_dir, tmp_path):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"],
+    "accelerate": [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29562"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(tiny_model, subject_dir, tmp_path,
+                                                                               launcher):
     model = tiny_model("sd1")
     # Two processes x batch 1 see the same batches, with the same noise, as one process x batch 1 x accumulation 2.
     common_flags = ["--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "2"]
     single = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "single", *common_flags,
                                               "--gradient_accumulation_steps", "2"))
     argv = train_argv(model, subject_dir, tmp_path / "ddp", *common_flags)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29561", os.path.join(ROOT, "train_dreambooth.py"), *argv],
+    result = subprocess.run([*LAUNCHERS[launcher], os.path.join(ROOT, "train_dreambooth.py"), *argv],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 process(es)" in result.stdout

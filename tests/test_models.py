@@ -129,3 +129,23 @@ def test_sdxl_time_ids_equal_the_pipeline(tiny_model, tmp_path):
     expected = pipe._get_add_time_ids((480, 640), (16, 32), (512, 512), dtype=torch.float32,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
     assert torch.equal(common.sdxl_time_ids(transform)[None], expected)
+
+
+def test_a_hub_id_loads_from_the_local_hub_cache_offline(tiny_model, tmp_path, monkeypatch):
+    """The real hub path (diffusers' downloader), served from a hub cache laid out as huggingface_hub writes it."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_model("sd1"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = common.resolve_model(model_args("someone/tiny-sd", tmp_path))
+    assert (info.family, info.ref) == ("sd1", "someone/tiny-sd")
+    assert os.path.realpath(info.folder) == os.path.realpath(repo / "snapshots" / commit)
+    unet = common.load_component(info, "unet")
+    assert unet.config.cross_attention_dim == 32
