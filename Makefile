@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (each creates .venv and installs on first use):
-#   make demo   build a tiny random model and a synthetic subject under demo/, cache it and train a LoRA
+#   make demo   build a tiny random model and a synthetic subject under demo/, mask it, cache it, train a LoRA
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -14,9 +14,11 @@ $(VENV)/.installed: requirements.txt
 
 demo: $(VENV)/.installed
 	$(PY) examples/make_demo.py demo
+	$(PY) make_masks.py --input_dir demo/cutouts --output_dir demo/subject_masks --method alpha \
+		--mask_padding 4 --mask_blur 2 --preview demo/masks_preview.png
 	$(PY) cache_latents.py --config demo/config.json
 	$(PY) train_dreambooth.py --config demo/config.json
-	@echo "LoRA: demo/output/pytorch_lora_weights.safetensors   images: demo/output/validation/"
+	@echo "LoRA: demo/output/pytorch_lora_weights.safetensors   images: demo/output/validation/   masks: demo/masks_preview.png"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -18,6 +18,7 @@ Sections, in the order a run needs them:
 
 import argparse
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -94,6 +95,18 @@ def save_safetensors_atomic(tensors, path, metadata=None):
     tmp = tmp_name(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        fsync_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_image_atomic(image, path):
+    """Save a PIL image (format from the extension) so that a killed run never leaves a half-written file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        image.save(tmp, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()])
         fsync_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -411,10 +424,16 @@ def load_datasets(args):
     if len(defaults) > 1:
         raise SystemExit(f"{source}: more than one text_embeds dataset has \"default\": true")
     for dataset in datasets:
+        if dataset.dataset_type == "conditioning" and dataset.conditioning_type != "mask":
+            raise SystemExit(f"{source}, dataset {dataset.id!r}: a conditioning dataset needs "
+                             "\"conditioning_type\": \"mask\" (masks are the only conditioning this trainer uses)")
         for linked in as_list(dataset.conditioning_data):
             if linked not in seen or seen[linked].dataset_type != "conditioning":
                 raise SystemExit(f"{source}, dataset {dataset.id!r}: conditioning_data {linked!r} is not the id of a "
                                  "dataset with \"dataset_type\": \"conditioning\"")
+        if len(as_list(dataset.conditioning_data)) > 1:
+            raise SystemExit(f"{source}, dataset {dataset.id!r}: link one mask dataset in conditioning_data, not "
+                             f"{len(as_list(dataset.conditioning_data))}")
 
     cache_root = args.cache_dir or os.path.join(args.output_dir, "cache")
     for dataset in datasets:
@@ -445,9 +464,6 @@ def text_cache_dir(datasets, args):
 def announce_pending_features(datasets, print_fn=print):
     """Keys whose feature a later version adds are accepted, never silently: each gets a one-line notice."""
     for dataset in datasets:
-        if dataset.conditioning_data:
-            print_fn(f"notice: dataset {dataset.id!r} links masks ({dataset.conditioning_data}); masked loss is not "
-                     "available yet, so its masks are not used")
         if dataset.is_regularisation_data:
             print_fn(f"notice: dataset {dataset.id!r} is regularisation data; prior-preservation loss is not available "
                      "yet, so its images are trained on as ordinary class images")
@@ -660,13 +676,26 @@ def plan_transform(width, height, dataset, seed, key):
     }
 
 
-def apply_transform(image, transform):
-    """Resize and crop a decoded image exactly as plan_transform decided."""
+def apply_transform(image, transform, resample=Image.LANCZOS):
+    """Resize and crop a decoded image (or its mask) exactly as plan_transform decided."""
     if tuple(transform["downsampled_size"]) != image.size:
-        image = image.resize(tuple(transform["downsampled_size"]), Image.LANCZOS)
+        image = image.resize(tuple(transform["downsampled_size"]), resample)
     if tuple(transform["resized_size"]) != image.size:
-        image = image.resize(tuple(transform["resized_size"]), Image.LANCZOS)
+        image = image.resize(tuple(transform["resized_size"]), resample)
     return image.crop(tuple(transform["crop_box"]))
+
+
+def load_mask(path):
+    """A mask as 8-bit grey, upright: white = trained on, black = ignored, grey = partial weight."""
+    return load_image(path).convert("L")
+
+
+def mask_to_latent_grid(mask, transform, factor):
+    """The mask through its image's very own resize and crop (bilinear: no ringing at the edges), then averaged
+    over each latent cell's factor x factor pixels. Returns (1, h, w) in [0, 1]."""
+    pixels = apply_transform(mask, transform, Image.BILINEAR)
+    grid = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0)[None, None]
+    return torch.nn.functional.avg_pool2d(grid, factor)[0]
 
 
 def image_to_tensor(image):
@@ -686,7 +715,9 @@ class ImageEntry:
     transform: dict
     cache_path: str
     is_regularisation: bool = False
+    mask_path: str = None  # the paired mask (masked loss), if the dataset links a mask dataset
     fingerprint: dict = field(default=None, repr=False)
+    mask_fingerprint: dict = field(default=None, repr=False)
 
     @property
     def bucket(self):
@@ -698,11 +729,34 @@ def vae_cache_path(dataset, relpath, transform):
     return os.path.join(dataset.cache_dir_vae, f"{relpath}-{width}x{height}.safetensors")
 
 
-def plan_dataset(dataset, seed):
-    """Discover a dataset's images and decide each one's caption, bucket and crop, reading headers only.
+def pair_masks(paths, dataset, mask_dataset):
+    """{image path: mask path}: the mask at the same relative path in the mask dataset's folder, with any image
+    extension (a.jpg <-> a.png; a PNG wins if there are several). A missing mask is an error listing them all."""
+    masks = {}
+    for mask in find_images(mask_dataset.instance_data_dir)[0]:
+        stem = os.path.splitext(os.path.relpath(mask, mask_dataset.instance_data_dir))[0]
+        if stem not in masks or mask.lower().endswith(".png"):
+            masks[stem] = mask
+    pairs, missing = {}, []
+    for path in paths:
+        stem = os.path.splitext(os.path.relpath(path, dataset.instance_data_dir))[0]
+        if stem in masks:
+            pairs[path] = masks[stem]
+        else:
+            missing.append(os.path.join(mask_dataset.instance_data_dir, stem + ".png"))
+    if missing:
+        listing = "\n  ".join(missing)
+        raise SystemExit(f"dataset {dataset.id!r} uses the masks of {mask_dataset.id!r}, but {len(missing)} image(s) "
+                         f"have no mask; every image needs one (a white mask trains on the whole image; "
+                         f"make_masks.py makes them). Missing (any image extension will do):\n  {listing}")
+    return pairs
 
-    Returns (entries, skipped): skipped is a list of (path, reason). A textfile dataset with missing caption files
-    is an error that lists every missing file."""
+
+def plan_dataset(dataset, seed, mask_dataset=None):
+    """Discover a dataset's images and decide each one's caption, bucket, crop and mask, reading headers only.
+
+    Returns (entries, skipped): skipped is a list of (path, reason). Missing caption files or masks are an error
+    that lists every missing file."""
     paths, skipped = find_images(dataset.instance_data_dir)
     if dataset.caption_strategy == "textfile":
         missing = [p for p in paths if not os.path.isfile(caption_file(p))]
@@ -710,6 +764,7 @@ def plan_dataset(dataset, seed):
             listing = "\n  ".join(caption_file(p) for p in missing)
             raise SystemExit(f"dataset {dataset.id!r} uses caption_strategy 'textfile' but {len(missing)} caption "
                              f"file(s) are missing; write them or change the strategy:\n  {listing}")
+    masks = pair_masks(paths, dataset, mask_dataset) if mask_dataset else {}
     entries = []
     for path in paths:
         try:
@@ -725,14 +780,31 @@ def plan_dataset(dataset, seed):
             skipped.append((path, f"{width}x{height} is below minimum_image_size {dataset.minimum_image_size:g} "
                                   f"({dataset.resolution_type}: {measure:.4g})"))
             continue
+        mask = masks.get(path)
+        if mask:
+            try:
+                mask_size = image_size(mask)
+            except ValueError as err:
+                skipped.append((path, f"its mask {mask}: {err}"))
+                continue
+            if mask_size != (width, height):
+                skipped.append((path, f"its mask {mask} is {mask_size[0]}x{mask_size[1]}, the image {width}x{height}; "
+                                      "a mask must have its image's size (remake it)"))
+                continue
         relpath = os.path.relpath(path, dataset.instance_data_dir)
         transform = plan_transform(width, height, dataset, seed, f"{dataset.id}/{relpath}")
         entries.append(ImageEntry(
             dataset_id=dataset.id, path=path, relpath=relpath, captions=captions_for(path, dataset),
             transform=transform, cache_path=vae_cache_path(dataset, relpath, transform),
-            is_regularisation=dataset.is_regularisation_data,
+            is_regularisation=dataset.is_regularisation_data, mask_path=mask,
         ))
     return entries, skipped
+
+
+def mask_dataset_of(dataset, datasets):
+    """The mask dataset an image dataset links with conditioning_data, or None."""
+    linked = [d for d in datasets if d.id in as_list(dataset.conditioning_data) and d.conditioning_type == "mask"]
+    return linked[0] if linked else None
 
 
 def crop_seed(args):
@@ -747,7 +819,7 @@ def plan_datasets(datasets, seed, print_fn=print):
     for dataset in datasets:
         if dataset.dataset_type not in ("image", "eval"):
             continue
-        entries, skipped = plan_dataset(dataset, seed)
+        entries, skipped = plan_dataset(dataset, seed, mask_dataset_of(dataset, datasets))
         for path, reason in skipped:
             print_fn(f"skipped {path}: {reason}")
         if not entries:
@@ -1033,7 +1105,7 @@ def save_cache_file(tensors, path, metadata):
 
 def vae_cache_metadata(entry, vae_identity):
     return {"format_version": CACHE_FORMAT_VERSION, "source": entry.fingerprint, "transform": entry.transform,
-            "vae": vae_identity}
+            "vae": vae_identity, "mask": entry.mask_fingerprint}
 
 
 def fixed_batches(entries, batch_size):
@@ -1048,16 +1120,27 @@ def fixed_batches(entries, batch_size):
             for i in range(0, len(members), batch_size)]
 
 
-def decode_batch(batch):
-    """Load and transform a batch of images: (entries that decoded, their pixel tensors, [(entry, error)])."""
-    decoded, pixels, errors = [], [], []
+def decode_batch(batch, latent_factor):
+    """Load and transform a batch of images and their masks.
+
+    Returns (entries that decoded, their pixel tensors, their latent-grid masks or None, [(entry, error)])."""
+    decoded, pixels, masks, errors = [], [], [], []
     for entry in batch:
         try:
-            pixels.append(image_to_tensor(apply_transform(load_image(entry.path), entry.transform)))
-            decoded.append(entry)
+            image = image_to_tensor(apply_transform(load_image(entry.path), entry.transform))
         except ValueError as err:
             errors.append((entry, err))
-    return decoded, pixels, errors
+            continue
+        try:
+            mask = mask_to_latent_grid(load_mask(entry.mask_path), entry.transform, latent_factor) \
+                if entry.mask_path else None
+        except ValueError as err:
+            errors.append((entry, f"its mask {entry.mask_path}: {err}"))
+            continue
+        decoded.append(entry)
+        pixels.append(image)
+        masks.append(mask)
+    return decoded, pixels, masks, errors
 
 
 def prefetched(function, items):
@@ -1084,6 +1167,7 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
     stale = set()
     for entry in entries:
         entry.fingerprint = file_fingerprint(entry.path)
+        entry.mask_fingerprint = file_fingerprint(entry.mask_path) if entry.mask_path else None
         if not cache_metadata_matches(entry.cache_path, vae_cache_metadata(entry, vae_identity)):
             stale.add(entry.path)
     if not stale:
@@ -1094,7 +1178,8 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
     vae, failed, written = None, set(), 0
     batches = [batch for batch in fixed_batches(entries, batch_size) if any(e.path in stale for e in batch)]
     with tqdm(total=len(stale), desc="caching latents", unit="img") as bar:
-        for batch, (decoded, pixels, errors) in zip(batches, prefetched(decode_batch, batches)):
+        decode = functools.partial(decode_batch, latent_factor=info.vae_scale_factor)
+        for batch, (decoded, pixels, masks, errors) in zip(batches, prefetched(decode, batches)):
             for entry, err in errors:
                 print_fn(f"skipped {entry.path}: {err}")
                 failed.add(entry.path)
@@ -1106,10 +1191,16 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
                 with torch.no_grad():
                     dist = vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist
                 for i, entry in enumerate(decoded):
-                    if entry.path in stale:  # up-to-date companions were encoded for their company only
-                        save_cache_file({"mean": dist.mean[i].float(), "std": dist.std[i].float()},
-                                        entry.cache_path, vae_cache_metadata(entry, vae_identity))
-                        written += 1
+                    if entry.path not in stale:  # up-to-date companions were encoded for their company only
+                        continue
+                    tensors = {"mean": dist.mean[i].float(), "std": dist.std[i].float()}
+                    if masks[i] is not None:  # the mask travels with its latent: one file, one fingerprint
+                        tensors["mask"] = masks[i]
+                        if masks[i].max() == 0:
+                            print_fn(f"warning: the mask {entry.mask_path} of {entry.path} is all black: this image "
+                                     "adds nothing to the loss")
+                    save_cache_file(tensors, entry.cache_path, vae_cache_metadata(entry, vae_identity))
+                    written += 1
             bar.update(sum(e.path in stale for e in batch))
     return [e for e in entries if e.path not in failed], written
 

@@ -27,7 +27,6 @@ import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common
@@ -114,6 +113,19 @@ def batch_generator(seed, batch_index):
     the batch's place in the stream, so a resumed run draws what the uninterrupted run drew, and N processes with
     one micro-batch each draw what one process accumulating N micro-batches draws."""
     return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) % (2 ** 63))
+
+
+def masked_mse(pred, target, mask=None, normalize=True):
+    """Per-sample mean squared error. With a mask (B, 1, h, w; 1 = train, 0 = ignore, between = partial weight)
+    each element's error is weighted by the mask; `normalize` divides by the mask's mean, so the loss is the mean
+    error over the masked area and a small subject does not shrink the learning rate."""
+    error = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return error.mean(dim=(1, 2, 3))
+    loss = (error * mask).mean(dim=(1, 2, 3))
+    if normalize:
+        loss = loss / mask.mean(dim=(1, 2, 3)).clamp(min=1e-8)  # an all-black mask stays 0, not 0/0
+    return loss
 
 
 def min_snr_weights(noise_scheduler, timesteps, gamma, prediction_type):
@@ -405,6 +417,8 @@ def build_parser():
     group.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False)
     group.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's value")
     group.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.05-0.1: darker darks, brighter lights")
+    group.add_argument("--masked_loss_normalize", type=str2bool, nargs="?", const=True, default=True,
+                       help="divide the masked loss by the mask's mean (false: the plain product)")
 
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--checkpointing_steps", type=int, default=500)
@@ -561,11 +575,14 @@ def main(argv=None):
             generator = batch_generator(seed, batch_index)
 
             # Inputs from the caches: a latent drawn from the cached VAE distribution, the caption's embeddings.
-            latents = []
+            latents, masks = [], []
             for entry, _ in batch:
                 cached = common.load_tensors(entry.cache_path)
                 latents.append(cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))
+                masks.append(cached.get("mask"))
             latents = (torch.stack(latents) - shift) * scaling
+            # Masked loss: the mask was cropped with its image and averaged onto the latent grid when cached.
+            masks = torch.stack(masks).to(device) if masks[0] is not None else None
             prompt_embeds = torch.stack([text_embeds[caption]["prompt_embeds"] for _, caption in batch])
             added_cond = None
             if info.family == "sdxl":  # SDXL micro-conditioning: pooled text + (original size, crop, target size)
@@ -592,7 +609,7 @@ def main(argv=None):
                 with accelerator.autocast():
                     pred = unet(noisy_latents.to(weight_dtype), timesteps, prompt_embeds.to(device, weight_dtype),
                                 added_cond_kwargs=added_cond).sample
-                loss_per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                loss_per_sample = masked_mse(pred, target, masks, args.masked_loss_normalize)
 
                 # Min-SNR weighting: each sample weighted by its own timestep's SNR.
                 if args.snr_gamma:

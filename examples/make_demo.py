@@ -132,13 +132,15 @@ def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_siz
     return folder
 
 
-def draw_subject(width, height, seed):
+def draw_subject(width, height, seed, cutout=False):
     """A made-up subject: a yellow-and-purple checked disc with a red stripe, on a varying background,
-    at a varying place and size. Deterministic from the seed."""
+    at a varying place and size. Deterministic from the seed. With cutout=True the background is transparent
+    (RGBA), as a person would cut out a photo for make_masks.py --method alpha."""
     rng = np.random.default_rng(seed)
     background = tuple(int(v) for v in rng.integers(40, 220, 3))
     image = Image.new("RGB", (width, height), background)
-    draw = ImageDraw.Draw(image)
+    alpha = Image.new("L", (width, height), 0)
+    draw, draw_alpha = ImageDraw.Draw(image), ImageDraw.Draw(alpha)
     radius = int(min(width, height) * rng.uniform(0.22, 0.38))
     cx = int(rng.uniform(radius, width - radius))
     cy = int(rng.uniform(radius, height - radius))
@@ -149,14 +151,22 @@ def draw_subject(width, height, seed):
             if inside:
                 colour = (240, 210, 40) if ((x - cx) // cell + (y - cy) // cell) % 2 else (120, 40, 160)
                 draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
+                draw_alpha.rectangle([x, y, x + cell - 1, y + cell - 1], fill=255)
     draw.rectangle([cx - radius, cy - 3, cx + radius, cy + 3], fill=(220, 30, 30))
+    draw_alpha.rectangle([cx - radius, cy - 3, cx + radius, cy + 3], fill=255)
+    if cutout:
+        image.putalpha(alpha)
     return image
 
 
-def make_subject_images(folder, sizes=((192, 192),) * 4 + ((128, 256),) * 2 + ((256, 128),) * 2):
+def make_subject_images(folder, sizes=((192, 192),) * 4 + ((128, 256),) * 2 + ((256, 128),) * 2, cutouts=None):
+    """The subject's photos in `folder`; with `cutouts`, the same pictures with transparent backgrounds there."""
     os.makedirs(folder, exist_ok=True)
     for i, (width, height) in enumerate(sizes):
         draw_subject(width, height, seed=i).save(os.path.join(folder, f"subject_{i:02d}.png"))
+        if cutouts:
+            os.makedirs(cutouts, exist_ok=True)
+            draw_subject(width, height, seed=i, cutout=True).save(os.path.join(cutouts, f"subject_{i:02d}.png"))
     return folder
 
 
@@ -166,11 +176,15 @@ def main(argv=None):
     os.makedirs(root, exist_ok=True)
     if not os.path.isfile(os.path.join(root, "model", "model_index.json")):
         build_tiny_model(os.path.join(root, "model"), "sd1", sample_size=24)
-    make_subject_images(os.path.join(root, "subject"))
+    make_subject_images(os.path.join(root, "subject"), cutouts=os.path.join(root, "cutouts"))
+    # make demo turns the cut-outs into demo/subject_masks/ with make_masks.py --method alpha (masked loss).
     datasets = [
         {"id": "subject", "type": "local", "instance_data_dir": os.path.join(root, "subject"),
          "caption_strategy": "instanceprompt", "instance_prompt": "a photo of ohwx toy", "resolution": 192,
-         "resolution_type": "pixel_area", "repeats": 4, "cache_dir_vae": os.path.join(root, "cache", "vae", "subject")},
+         "resolution_type": "pixel_area", "repeats": 4, "cache_dir_vae": os.path.join(root, "cache", "vae", "subject"),
+         "conditioning_data": "subject-masks"},
+        {"id": "subject-masks", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask",
+         "instance_data_dir": os.path.join(root, "subject_masks")},
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
          "cache_dir": os.path.join(root, "cache", "text")},
     ]

@@ -49,3 +49,28 @@ def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy"
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", data_dir, "--instance_prompt", prompt,
             "--output_dir", str(output_dir), "--resolution", str(resolution), "--seed", "7", "--train_batch_size", "2",
             "--max_train_steps", "4", "--learning_rate", "1e-3", "--lora_rank", "4", *map(str, extra)]
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg(tmp_path_factory):
+    """A tiny random CLIPSeg model with its processor, saved as a local folder (64 px input, the real one 352)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessorPil
+
+    import torch
+
+    folder = str(tmp_path_factory.mktemp("clipseg"))
+    tokenizer = make_demo.tiny_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, image_size=64,
+                  patch_size=16)
+    torch.manual_seed(0)
+    model = CLIPSegForImageSegmentation(CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=32,
+                                                      extract_layers=[1, 2], reduce_dim=16,
+                                                      decoder_num_attention_heads=2, decoder_intermediate_size=32))
+    model.save_pretrained(folder)
+    image_processor = ViTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406],
+                                           image_std=[0.229, 0.224, 0.225])
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
