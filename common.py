@@ -113,6 +113,32 @@ def save_image_atomic(image, path):
             os.remove(tmp)
 
 
+def contact_sheet(images, labels, path, thumb=160):
+    """One PNG showing many images at a glance: thumbnails in a near-square grid, each with a label below.
+    `images` may be a generator (one image in memory at a time); there is one label per image."""
+    from PIL import ImageDraw
+
+    columns = max(1, math.ceil(math.sqrt(len(labels))))
+    rows = math.ceil(len(labels) / columns)
+    label_height = 14
+    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        image = image.convert("RGB")
+        image.thumbnail((thumb, thumb))
+        x, y = (i % columns) * thumb, (i // columns) * (thumb + label_height)
+        sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
+        draw.text((x + 2, y + thumb + 1), label[-26:], fill="black")
+    save_image_atomic(sheet, path)
+
+
+def write_text_atomic(text, path):
+    tmp = tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    fsync_replace(tmp, path)
+
+
 def write_json_atomic(obj, path):
     tmp = tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -464,9 +490,6 @@ def text_cache_dir(datasets, args):
 def announce_pending_features(datasets, print_fn=print):
     """Keys whose feature a later version adds are accepted, never silently: each gets a one-line notice."""
     for dataset in datasets:
-        if dataset.is_regularisation_data:
-            print_fn(f"notice: dataset {dataset.id!r} is regularisation data; prior-preservation loss is not available "
-                     "yet, so its images are trained on as ordinary class images")
         if dataset.dataset_type == "eval":
             print_fn(f"notice: dataset {dataset.id!r} is an eval set; it is held out and not trained on")
 
@@ -1024,6 +1047,14 @@ def load_text_encoders(info, device="cpu"):
         encoder.requires_grad_(False).eval()
         encoders.append(encoder)
     return tokenizers, encoders
+
+
+def load_pipeline(info, device="cpu", dtype=torch.float32):
+    """The model's own inference pipeline (its scheduler included), every component loaded from the folder."""
+    tokenizers, text_encoders = load_text_encoders(info, device)
+    unet = load_component(info, "unet", dtype).to(device)
+    vae = load_component(info, "vae", dtype).to(device)  # SDXL's pipeline upcasts its VAE itself (force_upcast)
+    return build_pipeline(info, unet, vae, tokenizers, [e.to(dtype=dtype) for e in text_encoders])
 
 
 def build_pipeline(info, unet, vae, tokenizers, text_encoders, scheduler=None):

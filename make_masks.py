@@ -18,13 +18,12 @@ overlaid on one contact sheet. To train with the masks, add a dataset with "data
 """
 
 import argparse
-import math
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from tqdm.auto import tqdm
 
 import common
@@ -93,23 +92,12 @@ def feather(mask, pixels):
     return np.asarray(Image.fromarray(mask).filter(ImageFilter.GaussianBlur(pixels)))
 
 
-def contact_sheet(pairs, path, root, thumb=160):
-    """Every image with its mask overlaid: the subject as it is, the ignored part tinted red; names (relative to
-    `root`) below."""
-    columns = max(1, math.ceil(math.sqrt(len(pairs))))
-    rows = math.ceil(len(pairs) / columns)
-    label = 14
-    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (image_path, mask_path) in enumerate(pairs):
-        image = common.load_image(image_path)
-        image.thumbnail((thumb, thumb))
-        mask = common.load_mask(mask_path).resize(image.size, Image.BILINEAR)
-        ignored = Image.blend(image, Image.new("RGB", image.size, (200, 0, 0)), 0.6)
-        x, y = (i % columns) * thumb, (i // columns) * (thumb + label)
-        sheet.paste(Image.composite(image, ignored, mask), (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
-        draw.text((x + 2, y + thumb + 1), os.path.relpath(image_path, root)[-26:], fill="black")
-    common.save_image_atomic(sheet, path)
+def overlay(image_path, mask_path, size=160):
+    """A thumbnail of the image with its mask overlaid: the subject as it is, the ignored part tinted red."""
+    image = common.load_image(image_path)
+    image.thumbnail((size, size))
+    mask = common.load_mask(mask_path).resize(image.size, Image.BILINEAR)
+    return Image.composite(image, Image.blend(image, Image.new("RGB", image.size, (200, 0, 0)), 0.6), mask)
 
 
 def parse_args(argv=None):
@@ -202,7 +190,8 @@ def main(argv=None):
     if args.preview:
         pairs = [(p, mask_path_for(p, args)) for p in paths if os.path.isfile(mask_path_for(p, args))]
         if pairs:
-            contact_sheet(pairs, args.preview, args.input_dir)
+            common.contact_sheet((overlay(*pair) for pair in pairs),
+                                 [os.path.relpath(image, args.input_dir) for image, _ in pairs], args.preview)
             print(f"preview: {args.preview} ({len(pairs)} images with their masks)")
     return written
 

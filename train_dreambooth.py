@@ -115,6 +115,27 @@ def batch_generator(seed, batch_index):
     return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) % (2 ** 63))
 
 
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """The base model for the duration of the block: the adapter is switched off, and on again afterwards, also
+    when the block raises (a prior pass must never leak into the next step)."""
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+def epoch_mix(sampler):
+    """(instance samples, regularisation samples) per epoch, and the instance share of the batches drawn."""
+    counts = {True: 0, False: 0}
+    shares = {True: 0.0, False: 0.0}
+    for dataset, weight in zip(sampler.datasets, sampler.weights):
+        counts[dataset.is_regularisation_data] += len(sampler.plans[dataset.id]) * (dataset.repeats + 1)
+        shares[dataset.is_regularisation_data] += weight
+    return counts[False], counts[True], shares[False] / sum(shares.values())
+
+
 def masked_mse(pred, target, mask=None, normalize=True):
     """Per-sample mean squared error. With a mask (B, 1, h, w; 1 = train, 0 = ignore, between = partial weight)
     each element's error is weighted by the mask; `normalize` divides by the mask's mean, so the loss is the mean
@@ -369,6 +390,10 @@ def check_args(args):
         raise SystemExit("--train_batch_size and --gradient_accumulation_steps must be 1 or more")
     if args.validation_prompt and args.validation_steps < 1:
         raise SystemExit("--validation_steps must be 1 or more")
+    if args.prior_loss_target == "base_model" and args.model_type == "full":
+        raise SystemExit("--prior_loss_target base_model needs an adapter to switch off; a full fine-tune has none: "
+                         "use --prior_loss_target dataset")
+    args.prior_loss_target = args.prior_loss_target or ("dataset" if args.model_type == "full" else "base_model")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -419,6 +444,10 @@ def build_parser():
     group.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.05-0.1: darker darks, brighter lights")
     group.add_argument("--masked_loss_normalize", type=str2bool, nargs="?", const=True, default=True,
                        help="divide the masked loss by the mask's mean (false: the plain product)")
+    group.add_argument("--prior_loss_target", default=None, choices=["base_model", "dataset"],
+                       help="regularisation batches learn the base model's own prediction (base_model; default for "
+                            "adapters) or the class image (dataset: classic DreamBooth; the only choice for full)")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the regularisation loss")
 
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--checkpointing_steps", type=int, default=500)
@@ -533,6 +562,14 @@ def main(argv=None):
     sampler = BatchSampler(datasets, plans, args.train_batch_size, seed, args.data_sampling)
     for note in oversubscription_notices(sampler):
         say(note)
+    instance_count, prior_count, instance_share = epoch_mix(sampler)
+    if prior_count:
+        say(f"an epoch holds {instance_count} instance and {prior_count} regularisation samples; "
+            f"{instance_share:.0%} of batches are instance batches (prior loss: {args.prior_loss_target} target, "
+            f"weight {args.prior_loss_weight:g})")
+        if instance_count < prior_count:
+            say(f"warning: fewer instance samples than regularisation samples per epoch; the usual advice is at "
+                f"least as many: raise the subject's repeats (or lower the regularisation data's)")
     batches_per_epoch = sampler.batches_per_epoch()
     micro_per_epoch = math.ceil(batches_per_epoch / world)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))
@@ -568,6 +605,7 @@ def main(argv=None):
     for step in range(first_step, max_train_steps):
         started = time.perf_counter()
         loss_sum = 0.0
+        kind_sums = torch.zeros(4)  # instance loss, instance batches, prior loss, prior batches (for the log)
         for micro in range(args.gradient_accumulation_steps):
             # Every process replays the whole batch stream and takes its own share of it.
             batch_index = (step * args.gradient_accumulation_steps + micro) * world + rank
@@ -602,22 +640,32 @@ def main(argv=None):
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
                 target = noise
+            model_inputs = (noisy_latents.to(weight_dtype), timesteps, prompt_embeds.to(device, weight_dtype))
+
+            # Prior preservation: a batch comes from one dataset, so it is all instance or all regularisation.
+            # With the base_model target, a regularisation batch learns the frozen base model's own prediction on
+            # the same noisy latent, timestep and caption (adapter switched off, no gradient).
+            is_prior = batch[0][0].is_regularisation
+            if is_prior and args.prior_loss_target == "base_model":
+                with torch.no_grad(), adapter_disabled(unwrapped), accelerator.autocast():
+                    target = unwrapped(*model_inputs, added_cond_kwargs=added_cond).sample
 
             # Forward and loss. Gradients are synchronised across processes on the last micro-step only.
             last_micro = micro == args.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
                 with accelerator.autocast():
-                    pred = unet(noisy_latents.to(weight_dtype), timesteps, prompt_embeds.to(device, weight_dtype),
-                                added_cond_kwargs=added_cond).sample
+                    pred = unet(*model_inputs, added_cond_kwargs=added_cond).sample
                 loss_per_sample = masked_mse(pred, target, masks, args.masked_loss_normalize)
 
                 # Min-SNR weighting: each sample weighted by its own timestep's SNR.
                 if args.snr_gamma:
                     loss_per_sample = loss_per_sample * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma,
                                                                         info.prediction_type)
-                loss = loss_per_sample.mean()
+                unweighted = loss_per_sample.mean()
+                loss = unweighted * (args.prior_loss_weight if is_prior else 1.0)
                 accelerator.backward(loss / args.gradient_accumulation_steps)
             loss_sum += loss.detach() / args.gradient_accumulation_steps
+            kind_sums += torch.tensor([0, 0, unweighted.item(), 1] if is_prior else [unweighted.item(), 1, 0, 0])
 
         # Clip, step, schedule.
         if args.max_grad_norm:
@@ -629,14 +677,20 @@ def main(argv=None):
 
         # Log; a NaN or infinite loss stops the run (weights are already poisoned; the last checkpoint is not).
         mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
+        kind_sums = accelerator.reduce(kind_sums.to(device), reduction="sum").cpu()
         if not math.isfinite(mean_loss):
             latest = list_checkpoints(args.output_dir)
             raise SystemExit(f"loss became {mean_loss} at step {done}; stopping. Last good checkpoint: "
                              f"{latest[-1] if latest else 'none'}. Try a lower --learning_rate or --mixed_precision no.")
         step_time = time.perf_counter() - started
         if log is not None:
-            log.log(done, {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
-                           "epoch": sampler.drawn / batches_per_epoch})
+            record = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
+                      "epoch": sampler.drawn / batches_per_epoch}
+            if kind_sums[1]:
+                record["loss/instance"] = (kind_sums[0] / kind_sums[1]).item()
+            if kind_sums[3]:  # before --prior_loss_weight
+                record["loss/prior"] = (kind_sums[2] / kind_sums[3]).item()
+            log.log(done, record)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         bar.update(1)
 

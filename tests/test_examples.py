@@ -42,7 +42,8 @@ def test_reference_four_dataset_example_runs(tiny_model, tmp_path, capsys):
     square_images(datasets[2]["instance_data_dir"], 1, 896)
     run_tiny_sdxl(tiny_model, write_json(tmp_path / "multidatabackend.json", datasets), tmp_path)
     out = capsys.readouterr().out
-    assert "regularisation-data' is regularisation data" in out  # accepted with a notice until prior loss exists
+    assert "an epoch holds 2 instance and 2 regularisation samples" not in out  # repeats 100: 202 instance samples
+    assert "an epoch holds 202 instance and 2 regularisation samples" in out
     assert os.path.isfile(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME)
     buckets = {os.path.basename(p).rsplit("-", 1)[1] for d in datasets[:4]
                for p in os.listdir(d["cache_dir_vae"])}

@@ -1,0 +1,279 @@
+"""Regularisation data and prior preservation (SPEC §6): make_regularisation.py and the prior loss in training."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, write_json
+
+import common
+import make_demo
+import make_regularisation
+import train_dreambooth
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# make_regularisation.py
+
+
+def reg_argv(model, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", model, "--class_prompt", "a photo of a toy", "--output_dir",
+            str(output_dir), "--num_inference_steps", "2", "--resolution", "64", "--batch_size", "2", *map(str, extra)]
+
+
+def folder_bytes(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
+            if not name.startswith(".")}
+
+
+def test_images_are_named_by_index_and_seed_with_their_captions(tiny_model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a toy\n\na toy on a table\na small toy\n")
+    made = make_regularisation.main(reg_argv(tiny_model("sd1"), tmp_path / "reg", "--num_images", "5", "--seed", "10",
+                                             "--class_prompts_file", prompts))
+    assert [os.path.basename(p) for p in made] == [f"{i:06d}-seed{10 + i}.png" for i in range(5)]
+    captions = [open(p[:-4] + ".txt").read().strip() for p in made]
+    assert captions == ["a photo of a toy", "a toy on a table", "a small toy", "a photo of a toy", "a toy on a table"]
+    from PIL import Image
+
+    assert all(Image.open(p).size == (64, 64) for p in made)
+    manifest = json.load(open(tmp_path / "reg" / make_regularisation.MANIFEST))
+    assert manifest["prompts"] == ["a photo of a toy", "a toy on a table", "a small toy"] and manifest["seed"] == 10
+    assert Image.open(str(tmp_path / "reg") + "_preview.png").size == (3 * 160, 2 * 174)
+    # The folder is a ready regularisation dataset: textfile captions for every image.
+    args = train_dreambooth.parse_args(["--data_backend_config", write_json(tmp_path / "d.json", [
+        {"id": "reg", "instance_data_dir": str(tmp_path / "reg"), "caption_strategy": "textfile",
+         "is_regularisation_data": True}]), "--resolution", "64"])
+    [entries] = common.plan_datasets(common.load_datasets(args), 0).values()
+    assert len(entries) == 5 and entries[1].captions == ["a toy on a table"]
+
+
+def test_a_killed_run_resumes_to_the_images_of_an_uninterrupted_run(tiny_model, tmp_path):
+    model = tiny_model("sd1")
+    make_regularisation.main(reg_argv(model, tmp_path / "whole", "--num_images", "6"))
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "make_regularisation.py"),
+                                *reg_argv(model, tmp_path / "killed", "--num_images", "6")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while process.poll() is None and len([n for n in os.listdir(tmp_path / "killed") if n.endswith(".png")]
+                                         if os.path.isdir(tmp_path / "killed") else []) < 2:
+        assert time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = folder_bytes(tmp_path / "killed")
+    assert all(".tmp" not in name for name in before)  # nothing half-written under a final name
+    make_regularisation.main(reg_argv(model, tmp_path / "killed", "--num_images", "6"))
+    after = folder_bytes(tmp_path / "killed")
+    assert after == folder_bytes(tmp_path / "whole") and len(after) == 12
+    assert all(after[name] == data for name, data in before.items() if name.endswith(".png"))  # never rewritten
+
+
+def test_a_larger_num_images_only_adds_the_shortfall(tiny_model, tmp_path, capsys):
+    model = tiny_model("sd1")
+    make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "2"))
+    first = os.stat(tmp_path / "reg" / "000000-seed0.png").st_mtime_ns
+    make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "4"))
+    assert "2 of 4 images exist; making 2" in capsys.readouterr().out
+    assert os.stat(tmp_path / "reg" / "000000-seed0.png").st_mtime_ns == first
+
+
+def test_a_folder_of_other_images_or_settings_is_refused(tiny_model, tmp_path):
+    model = tiny_model("sd1")
+    (tmp_path / "photos").mkdir()
+    make_demo.draw_subject(64, 64, 0).save(tmp_path / "photos" / "me.png")
+    with pytest.raises(SystemExit, match="did not make .* \\(e.g. me.png\\); mixing them would mix datasets"):
+        make_regularisation.main(reg_argv(model, tmp_path / "photos", "--num_images", "2"))
+    make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "2"))
+    with pytest.raises(SystemExit, match="other settings \\(prompts: \\['a photo of a toy'\\] there, \\['a photo of a man'\\]"):
+        argv = reg_argv(model, tmp_path / "reg", "--num_images", "4")
+        argv[argv.index("--class_prompt") + 1] = "a photo of a man"
+        make_regularisation.main(argv)
+    with pytest.raises(SystemExit, match="did not make with --seed 5"):
+        make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "4", "--seed", "5"))
+    os.remove(tmp_path / "reg" / make_regularisation.MANIFEST)
+    with pytest.raises(SystemExit, match="holds images but no .regularisation.json"):
+        make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "4"))
+
+
+def lora_file(model, folder):
+    """A LoRA with random (non-zero) weights, saved as training saves one."""
+    unet = common.load_component(common.resolve_model(argparse.Namespace(
+        pretrained_model_name_or_path=model, output_dir=str(folder), cache_dir=None, variant=None, revision=None,
+        local_files_only=True, single_file_config=None)), "unet")
+    options = argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0, lora_init="default",
+                                 lora_target="attention")
+    config = train_dreambooth.add_lora(unet, options)
+    torch.manual_seed(0)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    path = os.path.join(folder, train_dreambooth.LORA_WEIGHTS_NAME)
+    adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    train_dreambooth.save_lora(unet, path, {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, default=str)})
+    return path
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_lora_is_applied_when_generating(tiny_model, tmp_path, family):
+    model = tiny_model(family)
+    plain = make_regularisation.main(reg_argv(model, tmp_path / "plain", "--num_images", "1"))
+    lora = lora_file(model, str(tmp_path))
+    adapted = make_regularisation.main(reg_argv(model, tmp_path / "adapted", "--num_images", "1", "--lora", lora))
+    assert open(plain[0], "rb").read() != open(adapted[0], "rb").read()
+    assert json.load(open(tmp_path / "adapted" / make_regularisation.MANIFEST))["lora"]["digest"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The prior loss
+
+
+def unet_with_lora(model):
+    info = common.resolve_model(argparse.Namespace(pretrained_model_name_or_path=model, output_dir="unused",
+                                                   cache_dir=None, variant=None, revision=None, local_files_only=True,
+                                                   single_file_config=None))
+    unet = common.load_component(info, "unet")
+    train_dreambooth.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
+                                                       lora_init="gaussian", lora_target="attention"))
+    return unet
+
+
+def predict(unet, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return unet(torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([400]),
+                    torch.randn(1, 77, 32, generator=generator)).sample
+
+
+def test_fresh_adapter_prior_target_equals_the_students_prediction(tiny_model):
+    unet = unet_with_lora(tiny_model("sd1"))
+    student = predict(unet)
+    with train_dreambooth.adapter_disabled(unet):
+        base = predict(unet)
+    assert torch.equal(student, base)  # B starts at zero: the prior loss is exactly 0 at step 0
+
+
+def test_the_adapter_is_switched_back_on_even_when_the_prior_pass_raises(tiny_model):
+    unet = unet_with_lora(tiny_model("sd1"))
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            param.data.fill_(0.1)
+    adapted = predict(unet)
+    with pytest.raises(RuntimeError, match="boom"):
+        with train_dreambooth.adapter_disabled(unet):
+            assert not torch.allclose(predict(unet), adapted)  # really off inside
+            raise RuntimeError("boom")
+    assert torch.equal(predict(unet), adapted)
+
+
+def prior_data(tmp_path, subject_dir, class_images=4, repeats=1):
+    reg = make_demo.make_subject_images(str(tmp_path / "class"), sizes=((64, 64),) * class_images)
+    return write_json(tmp_path / "data.json", [
+        {"id": "subject", "instance_data_dir": subject_dir, "instance_prompt": "a photo of ohwx toy", "resolution": 64,
+         "repeats": repeats},
+        {"id": "class", "instance_data_dir": reg, "instance_prompt": "a photo of a toy", "resolution": 64,
+         "is_regularization_data": True},
+    ])
+
+
+def prior_argv(model, data, output_dir, seed, *extra):
+    return ["--pretrained_model_name_or_path", model, "--data_backend_config", data, "--output_dir", str(output_dir),
+            "--seed", str(seed), "--train_batch_size", "1", "--learning_rate", "5e-3", "--lora_rank", "4",
+            *map(str, extra)]
+
+
+def log_records(output_dir):
+    return [json.loads(line) for line in open(os.path.join(output_dir, "logs", "train_log.jsonl"))]
+
+
+def first_batches_are_prior_then_mixed(data, seed, steps):
+    args = train_dreambooth.parse_args(["--data_backend_config", data])
+    datasets = common.load_datasets(args)
+    plans = common.plan_datasets(datasets, seed)
+    sampler = train_dreambooth.BatchSampler(datasets, plans, 1, seed)
+    kinds = [sampler.next()[0][0].is_regularisation for _ in range(steps)]
+    return kinds[0] and False in kinds and True in kinds[kinds.index(False):]
+
+
+def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(tiny_model, subject_dir, tmp_path):
+    data = prior_data(tmp_path, subject_dir)
+    seed = next(s for s in range(100) if first_batches_are_prior_then_mixed(data, s, 8))
+    result = train_dreambooth.main(prior_argv(tiny_model("sd1"), data, tmp_path / "out", seed, "--max_train_steps", "8",
+                                              "--snr_gamma", "5"))
+    records = log_records(tmp_path / "out")
+    assert records[0]["loss/prior"] == 0.0 and "loss/instance" not in records[0]
+    first_instance = next(i for i, r in enumerate(records) if "loss/instance" in r)
+    later = [r["loss/prior"] for r in records[first_instance:] if "loss/prior" in r]
+    assert later and all(value > 0 for value in later)  # the adapter has learned: it differs from the base
+    # No prior pass leaks: every LoRA layer is on after training.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in result["unet"].modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and not any(layer.disable_adapters for layer in layers)
+
+
+def class_prediction_drift(model, unet):
+    """How far the trained UNet's predictions for the class prompt lie from the base model's."""
+    info = common.resolve_model(argparse.Namespace(pretrained_model_name_or_path=model, output_dir="unused",
+                                                   cache_dir=None, variant=None, revision=None, local_files_only=True,
+                                                   single_file_config=None))
+    embeds = common.encode_prompt(info, *common.load_text_encoders(info), ["a photo of a toy"])["prompt_embeds"]
+    base = common.load_component(info, "unet").eval()
+    generator = torch.Generator().manual_seed(1)
+    drift = 0.0
+    for t in (100, 400, 700):
+        x = torch.randn(2, 4, 8, 8, generator=generator)
+        with torch.no_grad():
+            drift += (unet.eval()(x, torch.tensor([t, t]), embeds.expand(2, -1, -1)).sample
+                      - base(x, torch.tensor([t, t]), embeds.expand(2, -1, -1)).sample).pow(2).mean().item()
+    return drift
+
+
+def test_base_model_prior_keeps_class_predictions_closer_to_the_base_model(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    data = prior_data(tmp_path, subject_dir, class_images=8, repeats=0)
+    drift = {}
+    for weight in (1.0, 0.0):  # the same batches, the same seed; only the prior loss differs
+        result = train_dreambooth.main(prior_argv(model, data, tmp_path / f"w{weight}", 3, "--max_train_steps", "16",
+                                                  "--prior_loss_weight", weight))
+        drift[weight] = class_prediction_drift(model, result["unet"])
+    assert drift[1.0] < 0.7 * drift[0.0], drift
+
+
+def test_dataset_target_is_the_class_image_and_the_only_choice_for_full(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    data = prior_data(tmp_path, subject_dir)
+    seed = next(s for s in range(100) if first_batches_are_prior_then_mixed(data, s, 8))
+    train_dreambooth.main(prior_argv(model, data, tmp_path / "dataset", seed, "--max_train_steps", "1",
+                                     "--prior_loss_target", "dataset"))
+    assert log_records(tmp_path / "dataset")[0]["loss/prior"] > 0  # the ordinary target: not zero at step 0
+    with pytest.raises(SystemExit, match="a full fine-tune has none: use --prior_loss_target dataset"):
+        train_dreambooth.main(prior_argv(model, data, tmp_path / "full", seed, "--model_type", "full",
+                                         "--prior_loss_target", "base_model"))
+    args = train_dreambooth.parse_args(prior_argv(model, data, tmp_path / "x", 0, "--model_type", "full"))
+    train_dreambooth.check_args(args)
+    assert args.prior_loss_target == "dataset"
+
+
+def test_prior_weight_scales_the_regularisation_loss_in_the_total(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    data = prior_data(tmp_path, subject_dir)
+    seed = next(s for s in range(100) if first_batches_are_prior_then_mixed(data, s, 8))
+    train_dreambooth.main(prior_argv(model, data, tmp_path / "out", seed, "--max_train_steps", "1",
+                                     "--prior_loss_target", "dataset", "--prior_loss_weight", "0.25"))
+    [record] = log_records(tmp_path / "out")
+    assert record["loss"] == pytest.approx(0.25 * record["loss/prior"])
+
+
+def test_the_epoch_mix_is_printed_and_too_few_instance_samples_warned(tiny_model, subject_dir, tmp_path, capsys):
+    data = prior_data(tmp_path, subject_dir, class_images=20, repeats=0)
+    train_dreambooth.main(prior_argv(tiny_model("sd1"), data, tmp_path / "out", 0, "--max_train_steps", "1"))
+    out = capsys.readouterr().out
+    assert "an epoch holds 8 instance and 20 regularisation samples; 29% of batches are instance batches" in out
+    assert "warning: fewer instance samples than regularisation samples per epoch" in out
