@@ -457,6 +457,11 @@ def load_datasets(args):
             if linked not in seen or seen[linked].dataset_type != "conditioning":
                 raise SystemExit(f"{source}, dataset {dataset.id!r}: conditioning_data {linked!r} is not the id of a "
                                  "dataset with \"dataset_type\": \"conditioning\"")
+        for linked in as_list(dataset.conditioning_data):
+            if folders_overlap(dataset.instance_data_dir, seen[linked].instance_data_dir):
+                raise SystemExit(f"{source}, dataset {dataset.id!r}: its images and its masks ({linked!r}) share a "
+                                 "folder (or one holds the other), so masks would be trained on as images: keep them "
+                                 "in separate folders")
         if len(as_list(dataset.conditioning_data)) > 1:
             raise SystemExit(f"{source}, dataset {dataset.id!r}: link one mask dataset in conditioning_data, not "
                              f"{len(as_list(dataset.conditioning_data))}")
@@ -496,6 +501,21 @@ def announce_pending_features(datasets, print_fn=print):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. Images: discovery, decoding, captions
+
+
+def folders_overlap(a, b):
+    """True when two folders are the same or one lies inside the other."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return os.path.commonpath([a, b]) in (a, b)
+
+
+def stem_clashes(paths, root):
+    """Groups of images that share a relative path without extension (a.jpg and a.png): a mask pairs by that name,
+    so such images cannot each have their own."""
+    groups = {}
+    for path in paths:
+        groups.setdefault(os.path.splitext(os.path.relpath(path, root))[0], []).append(path)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def find_images(folder):
@@ -755,6 +775,11 @@ def vae_cache_path(dataset, relpath, transform):
 def pair_masks(paths, dataset, mask_dataset):
     """{image path: mask path}: the mask at the same relative path in the mask dataset's folder, with any image
     extension (a.jpg <-> a.png; a PNG wins if there are several). A missing mask is an error listing them all."""
+    clashes = stem_clashes(paths, dataset.instance_data_dir)
+    if clashes:
+        listing = "\n  ".join(", ".join(group) for group in clashes)
+        raise SystemExit(f"dataset {dataset.id!r}: images that differ only in their extension would share one mask; "
+                         f"rename one of each:\n  {listing}")
     masks = {}
     for mask in find_images(mask_dataset.instance_data_dir)[0]:
         stem = os.path.splitext(os.path.relpath(mask, mask_dataset.instance_data_dir))[0]

@@ -92,9 +92,20 @@ def feather(mask, pixels):
     return np.asarray(Image.fromarray(mask).filter(ImageFilter.GaussianBlur(pixels)))
 
 
+def mask_fits(path, mask_path):
+    """An existing mask counts as done only if it still has its image's size (the image may have been replaced)."""
+    try:
+        return common.image_size(mask_path) == common.image_size(path)
+    except ValueError:
+        return False
+
+
 def overlay(image_path, mask_path, size=160):
     """A thumbnail of the image with its mask overlaid: the subject as it is, the ignored part tinted red."""
-    image = common.load_image(image_path)
+    try:
+        image = common.load_image(image_path)
+    except ValueError:  # unreadable: a grey tile keeps the sheet's order
+        return Image.new("RGB", (size, size), (128, 128, 128))
     image.thumbnail((size, size))
     mask = common.load_mask(mask_path).resize(image.size, Image.BILINEAR)
     return Image.composite(image, Image.blend(image, Image.new("RGB", image.size, (200, 0, 0)), 0.6), mask)
@@ -133,16 +144,28 @@ def main(argv=None):
                          "or use --method alpha for cut-out PNGs")
     if not os.path.isdir(args.input_dir):
         raise SystemExit(f"--input_dir {args.input_dir}: not a folder")
-    if os.path.realpath(args.output_dir) == os.path.realpath(args.input_dir):
-        raise SystemExit("--output_dir must not be --input_dir: the masks would become training images")
-    if args.mask_padding < 0 or args.mask_blur < 0:
-        raise SystemExit("--mask_padding and --mask_blur must be 0 or more")
+    if common.folders_overlap(args.output_dir, args.input_dir):
+        raise SystemExit("--output_dir must be outside --input_dir (and the other way round): the masks would "
+                         "become images")
+    if args.mask_padding < 0 or args.mask_blur < 0 or args.batch_size < 1:
+        raise SystemExit("--mask_padding and --mask_blur must be 0 or more, --batch_size 1 or more")
+    if args.preview and not args.preview.lower().endswith(".png"):
+        raise SystemExit(f"--preview {args.preview}: give a .png file name")
 
     paths, problems = common.find_images(args.input_dir)
     for path, reason in problems:
         print(f"skipped {path}: {reason}")
-    todo = [p for p in paths if args.overwrite or not os.path.isfile(mask_path_for(p, args))]
-    print(f"{len(paths)} images in {args.input_dir}: {len(paths) - len(todo)} masks exist and are kept"
+    clashes = common.stem_clashes(paths, args.input_dir)
+    if clashes:
+        raise SystemExit("images that differ only in their extension would get the same mask file; rename one of "
+                         "each:\n  " + "\n  ".join(", ".join(group) for group in clashes))
+    kept = [p for p in paths if not args.overwrite and os.path.isfile(mask_path_for(p, args))]
+    for path in [p for p in kept if not mask_fits(p, mask_path_for(p, args))]:
+        print(f"remaking {mask_path_for(path, args)}: it no longer has the size of {path}")
+        kept.remove(path)
+    kept_set = set(kept)
+    todo = [p for p in paths if p not in kept_set]
+    print(f"{len(paths)} images in {args.input_dir}: {len(kept)} masks exist and are kept"
           f"{'' if args.overwrite else ' (--overwrite remakes them)'}, {len(todo)} to make")
     segmenter = load_segmenter(args) if todo and args.method == "clipseg" else None
 
@@ -162,12 +185,17 @@ def main(argv=None):
                      for p in segment(loaded, prompts, *segmenter, args.device)]
 
         for path, mask in zip(batch, masks):
-            why_empty = "it has no alpha channel" if mask is None else None
-            if mask is not None and args.invert_mask:
-                mask = 255 - mask
-            if mask is not None and mask.max() == 0:
+            # "Nothing found" is decided on what was found, before --invert_mask turns it around.
+            if mask is None:
+                why_empty = "it has no alpha channel"
+            elif mask.max() == 0:
                 why_empty = f"nothing found for {args.text_input!r} at threshold {args.threshold}" \
                     if args.method == "clipseg" else "its alpha channel is fully transparent"
+            elif args.invert_mask and mask.min() == 255:
+                why_empty = "what was found covers the whole image, so the inverted mask is empty"
+            else:
+                why_empty = None
+                mask = 255 - mask if args.invert_mask else mask
             if why_empty:
                 empty.append(path)
                 if args.on_empty == "error":
@@ -185,7 +213,7 @@ def main(argv=None):
             common.save_image_atomic(Image.fromarray(mask), mask_path_for(path, args))
             written += 1
 
-    print(f"done: {written} masks written to {args.output_dir}, {len(paths) - len(todo)} kept, {unreadable} unreadable "
+    print(f"done: {written} masks written to {args.output_dir}, {len(kept)} kept, {unreadable} unreadable "
           f"images skipped, {len(empty)} with nothing found ({args.on_empty})")
     if args.preview:
         pairs = [(p, mask_path_for(p, args)) for p in paths if os.path.isfile(mask_path_for(p, args))]
