@@ -134,9 +134,13 @@ def contact_sheet(images, labels, path, thumb=160):
 
 def write_text_atomic(text, path):
     tmp = tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    fsync_replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        fsync_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json_atomic(obj, path):

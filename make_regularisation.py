@@ -7,7 +7,7 @@
 
 Writes OUTPUT_DIR/000123-seed165.png and 000123-seed165.txt (its prompt) for every image: image i uses prompt
 i modulo the prompt list (--class_prompts_file: one per line, cycled) and seed --seed + i, so a run is
-reproducible and any image can be remade alone. Only the shortfall is made: a re-run (after a kill, or with a
+reproducible (with the same --batch_size: batches are fixed blocks of indices). Only the shortfall is made: a re-run (after a kill, or with a
 larger --num_images) adds what is missing and never rewrites an image. OUTPUT_DIR/.regularisation.json records
 the settings; a folder made with other settings, or holding files this script did not make, is refused rather
 than mixed. A contact sheet of every image goes to --preview (default: OUTPUT_DIR_preview.png, beside the folder).
@@ -26,6 +26,8 @@ import common
 
 MANIFEST = ".regularisation.json"
 NAME = re.compile(r"(\d{6})-seed(\d+)\.(png|txt)")
+LEFTOVER = re.compile(r"\d{6}-seed\d+\.(png|txt)\.tmp\d+")  # a write a killed run never renamed into place
+SHEET_LIMIT = 400  # images on the contact sheet (20 x 20 thumbnails); a sheet of thousands is unreadable anyway
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
@@ -60,17 +62,22 @@ def settings(args, info, prompts, width, height):
     if args.lora:
         lora_file = args.lora if os.path.isfile(args.lora) else os.path.join(args.lora, "pytorch_lora_weights.safetensors")
         lora = {"path": os.path.abspath(args.lora), "digest": common.sampled_digest(lora_file)}
-    return {"model": info.ref, "family": info.family, "variant": args.variant, "prompts": prompts,
+    model = os.path.abspath(info.ref) if os.path.exists(info.ref) else info.ref  # ./m and /abs/m are one model
+    return {"model": model, "family": info.family, "variant": args.variant, "prompts": prompts,
             "negative_prompt": args.negative_prompt, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "width": width, "height": height, "seed": args.seed,
             "scheduler": args.scheduler, "lora": lora}
 
 
 def check_folder(args, wanted):
-    """Refuse a folder whose images would not belong to this run: other settings, or files of unknown origin."""
+    """Refuse a folder whose images would not belong to this run: other settings, or files of unknown origin.
+    Temporary files a killed run left behind are this script's own: they are removed."""
     if not os.path.isdir(args.output_dir):
         return
     names = [n for n in os.listdir(args.output_dir) if not n.startswith(".")]
+    for name in [n for n in names if LEFTOVER.fullmatch(n)]:
+        os.remove(os.path.join(args.output_dir, name))
+        names.remove(name)
     foreign = [n for n in names if not (NAME.fullmatch(n) and
                                         int(NAME.fullmatch(n)[2]) == args.seed + int(NAME.fullmatch(n)[1]))]
     if foreign:
@@ -78,17 +85,25 @@ def check_folder(args, wanted):
                          f"(e.g. {', '.join(sorted(foreign)[:3])}); mixing them would mix datasets. Use an empty "
                          "folder, or the --seed that made them.")
     manifest = os.path.join(args.output_dir, MANIFEST)
-    if not os.path.isfile(manifest):
-        if names:
-            raise SystemExit(f"{args.output_dir} holds images but no {MANIFEST}, so their settings are unknown; "
-                             "use an empty folder")
+    if not names:  # nothing made yet (perhaps a run that failed before its first image): any settings will do
         return
+    if not os.path.isfile(manifest):
+        raise SystemExit(f"{args.output_dir} holds images but no {MANIFEST}, so their settings are unknown; "
+                         "use an empty folder")
     made = common.read_json(manifest)
     changed = [key for key in wanted if made.get(key) != wanted[key]]
     if changed:
         details = "; ".join(f"{key}: {made.get(key)!r} there, {wanted[key]!r} now" for key in changed)
         raise SystemExit(f"{args.output_dir} was made with other settings ({details}); adding to it would mix two "
                          "datasets. Use another --output_dir, or the same settings to resume.")
+    batching = {"batch_size": args.batch_size, "dtype": args.dtype}
+    if made.get("batching", batching) != batching:
+        print(f"note: the images there were made with {made['batching']}, this run uses {batching}: new images "
+              "may differ in their last bits from what an uninterrupted run would have made")
+    extra = sorted(n for n in names if n.endswith(".png") and int(NAME.fullmatch(n)[1]) >= args.num_images)
+    if extra:
+        print(f"note: {args.output_dir} already holds {len(extra)} images beyond --num_images {args.num_images} "
+              f"(e.g. {extra[0]}); they stay, and a dataset of this folder trains on them too")
 
 
 def load_generator_pipeline(args, info):
@@ -135,8 +150,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     prompts = class_prompts(args)
-    if args.num_images < 1 or args.batch_size < 1:
-        raise SystemExit("--num_images and --batch_size must be 1 or more")
+    if args.num_images < 1 or args.batch_size < 1 or args.seed < 0:
+        raise SystemExit("--num_images and --batch_size must be 1 or more, --seed 0 or more")
     info = common.resolve_model(args)
     width = args.width or args.resolution or info.native_resolution
     height = args.height or args.resolution or info.native_resolution
@@ -145,7 +160,10 @@ def main(argv=None):
     wanted = settings(args, info, prompts, width, height)
     check_folder(args, wanted)
     os.makedirs(args.output_dir, exist_ok=True)
-    common.write_json_atomic(wanted, os.path.join(args.output_dir, MANIFEST))
+    manifest = os.path.join(args.output_dir, MANIFEST)
+    batching = common.read_json(manifest).get("batching") if os.path.isfile(manifest) else None
+    common.write_json_atomic({**wanted, "batching": batching or {"batch_size": args.batch_size, "dtype": args.dtype}},
+                             manifest)
 
     missing = {i for i in range(args.num_images) if not is_done(i, args)}
     print(f"{args.output_dir}: {args.num_images - len(missing)} of {args.num_images} images exist; making {len(missing)}")
@@ -171,8 +189,12 @@ def main(argv=None):
                         bar.update(1)
 
     made = [file_stem(i, args) + ".png" for i in range(args.num_images)]
-    common.contact_sheet((common.load_image(path) for path in made), [os.path.basename(p) for p in made], args.preview)
-    print(f"done: {args.num_images} images in {args.output_dir}; contact sheet {args.preview}")
+    if missing or not os.path.isfile(args.preview):
+        shown = made[:SHEET_LIMIT]
+        common.contact_sheet((common.load_image(path) for path in shown), [os.path.basename(p) for p in shown],
+                             args.preview)
+        print(f"contact sheet: {args.preview}" + (f" (the first {SHEET_LIMIT} images)" if len(made) > SHEET_LIMIT else ""))
+    print(f"done: {args.num_images} images in {args.output_dir}")
     return made
 
 

@@ -567,9 +567,11 @@ def main(argv=None):
         say(f"an epoch holds {instance_count} instance and {prior_count} regularisation samples; "
             f"{instance_share:.0%} of batches are instance batches (prior loss: {args.prior_loss_target} target, "
             f"weight {args.prior_loss_weight:g})")
-        if instance_count < prior_count:
-            say(f"warning: fewer instance samples than regularisation samples per epoch; the usual advice is at "
-                f"least as many: raise the subject's repeats (or lower the regularisation data's)")
+        if instance_share < 0.5:
+            fix = "raise the subject's repeats (or its probability)" if args.data_sampling == "auto" else \
+                "raise the subject's probability (with --data_sampling uniform, repeats do not change the mix)"
+            say(f"warning: only {instance_share:.0%} of batches show the subject; the usual advice is at least half "
+                f"(e.g. 10 photos beside 1000 class images want repeats >= 100): {fix}")
     batches_per_epoch = sampler.batches_per_epoch()
     micro_per_epoch = math.ceil(batches_per_epoch / world)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))

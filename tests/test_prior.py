@@ -68,11 +68,15 @@ def test_a_killed_run_resumes_to_the_images_of_an_uninterrupted_run(tiny_model, 
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = folder_bytes(tmp_path / "killed")
-    assert all(".tmp" not in name for name in before)  # nothing half-written under a final name
+    if process.returncode == -signal.SIGKILL:
+        assert len([n for n in before if n.endswith(".png") and ".tmp" not in n]) < 6  # it really was cut short
+    # A write the kill interrupted is left under a temporary name, never under a final one; the re-run clears it.
+    (tmp_path / "killed" / "000005-seed5.png.tmp4242").write_bytes(b"half an image")
     make_regularisation.main(reg_argv(model, tmp_path / "killed", "--num_images", "6"))
     after = folder_bytes(tmp_path / "killed")
     assert after == folder_bytes(tmp_path / "whole") and len(after) == 12
     assert all(after[name] == data for name, data in before.items() if name.endswith(".png"))  # never rewritten
+    assert not (tmp_path / "killed" / "000005-seed5.png.tmp4242").exists()
 
 
 def test_a_larger_num_images_only_adds_the_shortfall(tiny_model, tmp_path, capsys):
@@ -82,6 +86,25 @@ def test_a_larger_num_images_only_adds_the_shortfall(tiny_model, tmp_path, capsy
     make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "4"))
     assert "2 of 4 images exist; making 2" in capsys.readouterr().out
     assert os.stat(tmp_path / "reg" / "000000-seed0.png").st_mtime_ns == first
+    make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "3", "--batch_size", "1"))
+    out = capsys.readouterr().out
+    assert "already holds 1 images beyond --num_images 3" in out and "'batch_size': 2" in out
+    with pytest.raises(SystemExit, match="--seed 0 or more"):
+        make_regularisation.main(reg_argv(model, tmp_path / "other", "--num_images", "1", "--seed", "-1"))
+
+
+def test_a_failed_first_run_does_not_lock_the_folder_to_its_settings(tiny_model, tmp_path, monkeypatch):
+    model = tiny_model("sd1")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(make_regularisation, "load_generator_pipeline", out_of_memory)
+    with pytest.raises(RuntimeError):
+        make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "2", "--resolution", "128"))
+    monkeypatch.undo()
+    made = make_regularisation.main(reg_argv(model, tmp_path / "reg", "--num_images", "2"))  # other settings: fine
+    assert len(made) == 2 and json.load(open(tmp_path / "reg" / make_regularisation.MANIFEST))["width"] == 64
 
 
 def test_a_folder_of_other_images_or_settings_is_refused(tiny_model, tmp_path):
@@ -276,4 +299,8 @@ def test_the_epoch_mix_is_printed_and_too_few_instance_samples_warned(tiny_model
     train_dreambooth.main(prior_argv(tiny_model("sd1"), data, tmp_path / "out", 0, "--max_train_steps", "1"))
     out = capsys.readouterr().out
     assert "an epoch holds 8 instance and 20 regularisation samples; 29% of batches are instance batches" in out
-    assert "warning: fewer instance samples than regularisation samples per epoch" in out
+    assert "warning: only 29% of batches show the subject" in out and "raise the subject's repeats" in out
+    train_dreambooth.main(prior_argv(tiny_model("sd1"), data, tmp_path / "uniform", 0, "--max_train_steps", "1",
+                                     "--data_sampling", "uniform"))
+    out = capsys.readouterr().out
+    assert "50% of batches are instance batches" in out and "warning" not in out  # uniform: by probability alone
