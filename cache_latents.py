@@ -30,6 +30,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    for i in (1, 2, 3):
+        common.check_precision(args.__dict__[f"text_encoder_{i}_precision"], f"--text_encoder_{i}_precision")
     datasets = common.load_datasets(args)
     info = common.resolve_model(args)
     for dataset in datasets:

@@ -47,6 +47,7 @@ CACHE_FORMAT_VERSION = "1"
 # Bump when encode_prompt changes what it computes, so old text caches are recomputed rather than trusted.
 TEXT_ENCODING_VERSION = "1"
 EXIF_ORIENTATION = 0x0112
+PRECISIONS = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8-torchao", "nf4-bnb")
 
 # bitsandbytes (imported by peft) warns on every CPU start that an optional kernel package is missing; it changes
 # nothing for training, so it is kept out of the way of messages that matter.
@@ -279,6 +280,9 @@ def add_model_args(parser):
                        help="never contact the hub; use the local hub cache only")
     group.add_argument("--single_file_config", default=None,
                        help="for a single-file checkpoint: a diffusers folder or hub id holding its component configs")
+    for i in (1, 2, 3):
+        group.add_argument(f"--text_encoder_{i}_precision", default="no_change", choices=PRECISIONS,
+                           help=f"quantise text encoder {i} (for caching and validation images)")
 
 
 def add_data_args(parser):
@@ -898,6 +902,7 @@ class ModelInfo:
     model_index: dict = None
     unet_config: dict = None
     vae_config: dict = None
+    text_encoder_precisions: dict = field(default_factory=dict)  # {"text_encoder_2": "int8-quanto", ...}
 
     @property
     def vae_scale_factor(self):
@@ -1035,6 +1040,8 @@ def resolve_model(args):
         ref=ref, folder=folder, family=family, variant=args.variant, model_index=model_index, unet_config=unet_config,
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
         vae_config=read_json(os.path.join(folder, "vae", "config.json")),
+        text_encoder_precisions={name: getattr(args, f"text_encoder_{i}_precision", "no_change") or "no_change"
+                                 for i, name in enumerate(("text_encoder", "text_encoder_2", "text_encoder_3"), 1)},
     )
 
 
@@ -1069,11 +1076,12 @@ def load_component(info, subfolder, dtype=torch.float32):
 
 
 def load_text_encoders(info, device="cpu"):
+    """The family's tokenizers and frozen text encoders, quantised as --text_encoder_N_precision asks."""
     tokenizers, encoders = [], []
     for tokenizer_name, encoder_name in info.text_parts:
         tokenizers.append(load_component(info, tokenizer_name))
-        encoder = load_component(info, encoder_name).to(device)
-        encoder.requires_grad_(False).eval()
+        encoder = quantize_model(load_component(info, encoder_name), info.text_encoder_precisions.get(encoder_name))
+        encoder.to(device).requires_grad_(False).eval()
         encoders.append(encoder)
     return tokenizers, encoders
 
@@ -1098,6 +1106,84 @@ def build_pipeline(info, unet, vae, tokenizers, text_encoders, scheduler=None):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def check_precision(precision, flag):
+    """Refuse, before any model work, a precision this machine or install cannot run."""
+    if precision == "fp8-torchao":
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+            raise SystemExit(f"{flag} fp8-torchao needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                             "this machine has none. Use fp8-quanto or int8-quanto.")
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"{flag} fp8-torchao needs torchao: pip install torchao") from None
+    if precision.endswith("-quanto"):
+        try:
+            import optimum.quanto  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"{flag} {precision} needs optimum-quanto: pip install optimum-quanto") from None
+    if precision == "nf4-bnb":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"{flag} nf4-bnb needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def to_nf4(module, compute_dtype):
+    """Swap every nn.Linear for a bitsandbytes 4-bit NF4 Linear4bit, in place. (diffusers' own bitsandbytes loader
+    refuses the CPU; done by hand the same layers work on CPU and GPU alike.) Attribute names stay, so an adapter
+    trained on top is saved against the ordinary layer names."""
+    import bitsandbytes as bnb
+
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
+            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4")
+            quantized.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                quantized.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(module, name, quantized.to(child.weight.device))
+        else:
+            to_nf4(child, compute_dtype)
+
+
+def quantize_model(model, precision, compute_dtype=torch.float32):
+    """Quantise a model's weights in place and freeze it (load -> quantise -> freeze; adapters come after)."""
+    if precision in (None, "no_change"):
+        return model
+    if precision.endswith("-quanto"):
+        from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
+
+        quantize(model, weights={"int8": qint8, "int4": qint4, "int2": qint2, "fp8": qfloat8}[precision.split("-")[0]])
+        freeze(model)
+    elif precision == "nf4-bnb":
+        to_nf4(model, compute_dtype)
+    elif precision == "fp8-torchao":
+        from torchao.quantization import float8_weight_only, quantize_
+
+        quantize_(model, float8_weight_only())
+    else:
+        raise ValueError(f"unknown precision {precision!r}")
+    return model.requires_grad_(False)  # quantised layers come with fresh parameters: freeze after, not before
+
+
+def load_adapter(pipe, path):
+    """Apply a trained adapter to a pipeline's UNet: a LyCORIS file with LyCORIS's own loader, anything else with
+    diffusers' load_lora_weights. `path` is a .safetensors file or an output folder."""
+    file = path if os.path.isfile(path) else os.path.join(path, "pytorch_lora_weights.safetensors")
+    with safe_open(file, framework="pt") as handle:
+        is_lycoris = any(key.startswith("lycoris_") for key in handle.keys())
+    if is_lycoris:
+        from lycoris import create_lycoris_from_weights
+
+        network, _ = create_lycoris_from_weights(1.0, file, pipe.unet)
+        network.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+        network.apply_to()
+        pipe.unet.add_module("lycoris", network)  # keeps it alive and findable, as in training
+    else:
+        pipe.load_lora_weights(os.path.dirname(file) or ".", weight_name=os.path.basename(file))
+    return pipe
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1268,7 +1354,8 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
 def text_encoder_identity(info):
     parts = [f"{info.family}|{TEXT_ENCODING_VERSION}"]
     for tokenizer_name, encoder_name in info.text_parts:
-        parts += [component_identity(info, tokenizer_name), component_identity(info, encoder_name)]
+        parts += [component_identity(info, tokenizer_name), component_identity(info, encoder_name),
+                  info.text_encoder_precisions.get(encoder_name) or "no_change"]  # a quantised encoder embeds otherwise
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 

@@ -114,7 +114,7 @@ def load_generator_pipeline(args, info):
     if args.scheduler != "default":
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        common.load_adapter(pipe, args.lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

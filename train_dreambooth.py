@@ -20,6 +20,7 @@ checkpoints, validation) is one commented block in it.
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -39,6 +40,10 @@ LORA_TARGETS = {
             "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
 }
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"  # kohya layout: ComfyUI, A1111, diffusers
+LYCORIS_PRESET_ATTRIBUTES = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
+                             "NAME_ALGO_MAP", "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+LYCORIS_PRESET_NAME = "dreambooth-config"
 STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 
 
@@ -117,13 +122,21 @@ def batch_generator(seed, batch_index):
 
 @contextlib.contextmanager
 def adapter_disabled(model):
-    """The base model for the duration of the block: the adapter is switched off, and on again afterwards, also
-    when the block raises (a prior pass must never leak into the next step)."""
-    model.disable_adapters()
+    """The base model for the duration of the block: the adapter is switched off (peft: disable_adapters; LyCORIS:
+    multiplier 0), and on again afterwards, also when the block raises (a prior pass must never leak)."""
+    network = getattr(model, "lycoris", None)
+    multiplier = network.multiplier if network is not None else None
+    if network is not None:
+        network.set_multiplier(0.0)
+    else:
+        model.disable_adapters()
     try:
         yield model
     finally:
-        model.enable_adapters()
+        if network is not None:
+            network.set_multiplier(multiplier)
+        else:
+            model.enable_adapters()
 
 
 def epoch_mix(sampler):
@@ -167,37 +180,111 @@ def add_lora(unet, args):
     return config
 
 
+def read_lycoris_config(path):
+    config = common.read_json(path, "--lycoris_config")
+    if not isinstance(config, dict) or "algo" not in config:
+        raise SystemExit(f"{path}: a LyCORIS config is a JSON object with at least \"algo\" (lora, locon, loha, "
+                         "lokr, ...), e.g. {\"algo\": \"lokr\", \"linear_dim\": 10000, \"linear_alpha\": 1, "
+                         "\"factor\": 16, \"apply_preset\": {\"target_module\": [\"Attention\"]}}")
+    return config
+
+
+def add_lycoris(unet, config, source):
+    """A LyCORIS network on the UNet, from a config in the format practitioners use (algo, multiplier, linear_dim,
+    linear_alpha, factor, apply_preset, and any other create_lycoris option).
+
+    lycoris-lora keeps its preset (which modules to adapt) in class attributes, i.e. process-wide state. It is set
+    for this network only and restored afterwards, so a second run in the same process starts clean."""
+    from lycoris import LycorisNetwork, create_lycoris
+    from lycoris.config import PRESET
+    from lycoris.logging import logger
+
+    logger.setLevel(logging.WARNING)  # its per-module INFO lines drown the run's own output
+
+    saved = {name: getattr(LycorisNetwork, name) for name in LYCORIS_PRESET_ATTRIBUTES}
+    options = {k: v for k, v in config.items() if k not in ("multiplier", "linear_dim", "linear_alpha", "apply_preset")}
+    if "apply_preset" in config:  # create_lycoris applies a named preset itself, so ours gets a name for the call
+        PRESET[LYCORIS_PRESET_NAME] = config["apply_preset"]
+        options["preset"] = LYCORIS_PRESET_NAME
+    try:
+        network = create_lycoris(unet, config.get("multiplier", 1.0), config.get("linear_dim", 4),
+                                 config.get("linear_alpha", 1), **options)
+    except (KeyError, ValueError, TypeError) as err:
+        raise SystemExit(f"{source}: lycoris-lora refused this config: {err}") from None
+    finally:
+        for name, value in saved.items():
+            setattr(LycorisNetwork, name, value)
+        PRESET.pop(LYCORIS_PRESET_NAME, None)
+    if not network.loras:
+        raise SystemExit(f"{source}: the preset matched no module of this UNet; check apply_preset's target_module "
+                         "(e.g. \"Attention\", \"FeedForward\", \"ResnetBlock2D\")")
+    network.apply_to()
+    unet.add_module("lycoris", network)  # a child of the UNet: DDP, checkpoints and dtype casts all see it
+    return network
+
+
 def trainable_parameters(model):
     return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
-def lora_metadata(args, info, datasets, config, step):
-    """safetensors metadata of the saved LoRA: diffusers' adapter config (so alpha survives reloading) plus what
-    a person wants to know about the file later."""
-    adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+def run_metadata(args, info, datasets, step):
+    """What a person wants to know about an adapter file later, as safetensors metadata (strings)."""
     prompts = sorted({p for d in datasets if d.trains and not d.is_regularisation_data and d.instance_prompt
                       for p in common.as_list(d.instance_prompt)})
-    return {
-        "format": "pt",
-        "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str),
-        "base_model": str(info.ref),
-        "family": info.family,
-        "prediction_type": info.prediction_type,
-        "lora_rank": str(args.lora_rank),
-        "lora_alpha": str(args.lora_alpha or args.lora_rank),
-        "lora_target": args.lora_target,
-        "instance_prompts": json.dumps(prompts),
-        "step": str(step),
-    }
+    return {"base_model": str(info.ref), "family": info.family, "prediction_type": info.prediction_type,
+            "base_model_precision": args.base_model_precision, "instance_prompts": json.dumps(prompts),
+            "step": str(step)}
+
+
+def peft_metadata(config):
+    """diffusers reads the LoRA's config from this key (so an alpha other than the rank survives reloading)."""
+    adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str)}
 
 
 def save_lora(unet, path, metadata):
-    """The UNet's LoRA in diffusers' format: keys 'unet.<module>.lora_A.weight', loadable by load_lora_weights."""
+    """The UNet's peft LoRA in diffusers' format: keys 'unet.<module>.lora.down.weight', for load_lora_weights."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     common.save_safetensors_atomic({f"unet.{k}": v.float() for k, v in state.items()}, path, metadata)
+
+
+def kohya_lora(unet, alpha):
+    """The peft LoRA in the kohya layout (lora_unet_<module>.lora_down/lora_up/alpha) that ComfyUI, A1111 and
+    diffusers' load_lora_weights all read."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {}
+    for key, value in get_peft_model_state_dict(unet).items():  # "<module>.lora_A.weight" / "<module>.lora_B.weight"
+        module, kind = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        state[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value.float()
+        state[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return state
+
+
+def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step):
+    """Write the trained adapter: diffusers-format LoRA (and --lora_format comfyui: the kohya layout too), or the
+    LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load)."""
+    metadata = run_metadata(args, info, datasets, step)
+    path = os.path.join(args.output_dir, LORA_WEIGHTS_NAME)
+    kohya_path = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
+    network = getattr(unet, "lycoris", None)
+    if network is None:
+        save_lora(unet, path, {**metadata, **peft_metadata(lora_config), "lora_rank": str(args.lora_rank),
+                               "lora_alpha": str(args.lora_alpha or args.lora_rank), "lora_target": args.lora_target})
+        if args.lora_format == "comfyui":
+            common.save_safetensors_atomic(kohya_lora(unet, args.lora_alpha or args.lora_rank), kohya_path, metadata)
+        return path
+    state = {key: value.float() for key, value in network.state_dict().items()}
+    common.save_safetensors_atomic(state, path, {**metadata, "lycoris_config": json.dumps(lycoris_config)})
+    common.write_json_atomic(lycoris_config, os.path.join(args.output_dir, "lycoris_config.json"))
+    if lycoris_config["algo"] in ("lora", "locon"):  # the same tensors under kohya's prefix
+        common.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value for key, value in state.items()},
+                                       kohya_path, metadata)
+    return path
 
 
 def list_checkpoints(output_dir):
@@ -308,6 +395,8 @@ def image_grid(images, columns):
 def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, step):
     """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable)."""
     model = accelerator.unwrap_model(unet)
+    for part in (vae, *text_encoders):  # no-op unless --offload_frozen left them in system memory
+        part.to(accelerator.device)
     pipe = common.build_pipeline(info, model, vae, tokenizers, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
@@ -330,6 +419,9 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
     with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(args.validation_prompt) + "\n")
     model.train(was_training)
+    if args.offload_frozen:
+        for part in (vae, *text_encoders):
+            part.to("cpu")
     return folder
 
 
@@ -390,6 +482,15 @@ def check_args(args):
         raise SystemExit("--train_batch_size and --gradient_accumulation_steps must be 1 or more")
     if args.validation_prompt and args.validation_steps < 1:
         raise SystemExit("--validation_steps must be 1 or more")
+    if args.model_type == "full" and (args.lora_type == "lycoris" or args.base_model_precision != "no_change"):
+        raise SystemExit("--model_type full trains every UNet weight: it takes neither --lora_type lycoris nor a "
+                         "quantised --base_model_precision (those are for adapters); use --model_type lora")
+    if args.lora_type == "lycoris" and not args.lycoris_config:
+        raise SystemExit("--lora_type lycoris needs --lycoris_config FILE.json (e.g. {\"algo\": \"lokr\", "
+                         "\"linear_dim\": 10000, \"linear_alpha\": 1, \"factor\": 16})")
+    common.check_precision(args.base_model_precision, "--base_model_precision")
+    for i in (1, 2, 3):
+        common.check_precision(getattr(args, f"text_encoder_{i}_precision"), f"--text_encoder_{i}_precision")
     if args.prior_loss_target == "base_model" and args.model_type == "full":
         raise SystemExit("--prior_loss_target base_model needs an adapter to switch off; a full fine-tune has none: "
                          "use --prior_loss_target dataset")
@@ -412,7 +513,15 @@ def build_parser():
 
     group = parser.add_argument_group("what to train")
     group.add_argument("--model_type", default="lora", choices=["lora", "full"])
-    group.add_argument("--lora_type", default="standard", choices=["standard"])
+    group.add_argument("--lora_type", default="standard", choices=["standard", "lycoris"],
+                       help="standard: peft LoRA (--lora_* flags); lycoris: LyCORIS, configured by --lycoris_config")
+    group.add_argument("--lycoris_config", default=None, help="LyCORIS config JSON (algo, dims, factor, apply_preset)")
+    group.add_argument("--lora_format", default="diffusers", choices=["diffusers", "comfyui"],
+                       help="comfyui: also write the kohya key layout (pytorch_lora_weights_comfyui.safetensors)")
+    group.add_argument("--base_model_precision", default="no_change", choices=common.PRECISIONS,
+                       help="quantise the frozen UNet (LoRA/LyCORIS only); int8-quanto is the recommended one")
+    group.add_argument("--offload_frozen", type=str2bool, nargs="?", const=True, default=False,
+                       help="keep the VAE and text encoders in system memory between validations (GPU memory)")
     group.add_argument("--lora_rank", type=int, default=16)
     group.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1.0)")
     group.add_argument("--lora_dropout", type=float, default=0.0)
@@ -532,8 +641,14 @@ def main(argv=None):
     # --- Models. Frozen weights in the compute precision, trainable ones in fp32.
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     unet = common.load_component(info, "unet", weight_dtype if args.model_type == "lora" else torch.float32)
+    common.quantize_model(unet, args.base_model_precision, weight_dtype)  # load -> quantise -> freeze -> adapter
     unet.to(device).requires_grad_(args.model_type == "full")
-    if args.model_type == "lora":
+    lora_config = lycoris_config = None
+    if args.model_type == "lora" and args.lora_type == "lycoris":
+        lycoris_config = read_lycoris_config(args.lycoris_config)
+        add_lycoris(unet, lycoris_config, args.lycoris_config).to(device)
+        cast_training_params(unet, torch.float32)
+    elif args.model_type == "lora":
         lora_config = add_lora(unet, args)
         cast_training_params(unet, torch.float32)
     if args.gradient_checkpointing:
@@ -542,13 +657,17 @@ def main(argv=None):
     noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
     vae = tokenizers = text_encoders = None
     if args.validation_prompt or args.model_type == "full":  # validation renders images; a full save needs them all
-        vae = common.load_component(info, "vae").to(device)
-        tokenizers, text_encoders = common.load_text_encoders(info, device)
+        # Low memory: with --offload_frozen they wait in system memory and visit the GPU only to render.
+        frozen_device = "cpu" if args.offload_frozen else device
+        vae = common.load_component(info, "vae").to(frozen_device)
+        tokenizers, text_encoders = common.load_text_encoders(info, frozen_device)
         for encoder in text_encoders:
             encoder.to(dtype=weight_dtype)
 
     params = list(trainable_parameters(unet).values())
-    say(f"training {sum(p.numel() for p in params):,} parameters ({args.model_type})")
+    kind = "the whole UNet" if args.model_type == "full" else \
+        f"LyCORIS {lycoris_config['algo']}" if lycoris_config else f"LoRA rank {args.lora_rank}"
+    say(f"training {sum(p.numel() for p in params):,} parameters ({kind}; base weights: {args.base_model_precision})")
     if args.use_8bit_adam:
         import bitsandbytes
 
@@ -712,8 +831,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.model_type == "lora":
-            path = os.path.join(args.output_dir, LORA_WEIGHTS_NAME)
-            save_lora(unwrapped, path, lora_metadata(args, info, datasets, lora_config, max_train_steps))
+            path = save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, max_train_steps)
         else:
             path = args.output_dir
             save_full_pipeline(info, unwrapped.to(torch.float32), vae.to(torch.float32), tokenizers,

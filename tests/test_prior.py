@@ -138,8 +138,7 @@ def lora_file(model, folder):
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
     path = os.path.join(folder, train_dreambooth.LORA_WEIGHTS_NAME)
-    adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
-    train_dreambooth.save_lora(unet, path, {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, default=str)})
+    train_dreambooth.save_lora(unet, path, train_dreambooth.peft_metadata(config))
     return path
 
 

@@ -1,0 +1,208 @@
+"""LyCORIS adapters, the kohya/ComfyUI layout and quantised base models (SPEC §5, §9)."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import train_argv, write_json
+from safetensors import safe_open
+
+import common
+import train_dreambooth
+
+ALGOS = {
+    "lora": {"algo": "lora", "linear_dim": 4, "linear_alpha": 2},
+    "locon": {"algo": "locon", "linear_dim": 4, "linear_alpha": 2, "conv_dim": 2, "conv_alpha": 1},
+    "loha": {"algo": "loha", "linear_dim": 4, "linear_alpha": 2},
+    "lokr": {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 4},
+}
+PRESET = {"target_module": ["Attention", "FeedForward", "ResnetBlock2D"], "module_algo_map": {}}
+
+
+def unet_inputs(unet, family, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    inputs = {"sample": torch.randn(1, 4, 8, 8, generator=generator), "timestep": torch.tensor([321]),
+              "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator)}
+    if family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
+                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    return inputs
+
+
+def predict(unet, inputs):
+    with torch.no_grad():
+        return unet.eval()(**inputs).sample
+
+
+def fresh_pipeline(family, model):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline).from_pretrained(
+        model, local_files_only=True)
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_lycoris_adapter_reloads_and_reproduces_the_trained_prediction(tiny_model, subject_dir, tmp_path, family,
+                                                                        algo):
+    model = tiny_model(family)
+    config = write_json(tmp_path / "lycoris.json", {**ALGOS[algo], "apply_preset": PRESET})
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_type", "lycoris",
+                                              "--lycoris_config", config, "--learning_rate", "5e-3"))
+    inputs = unet_inputs(result["unet"], family)
+    trained = predict(result["unet"], inputs)
+    base = predict(fresh_pipeline(family, model).unet, inputs)
+    assert (trained - base).abs().max() > 1e-4  # it learned something
+
+    saved = str(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME)
+    with safe_open(saved, "pt") as handle:
+        assert json.loads(handle.metadata()["lycoris_config"])["algo"] == algo
+        assert all(key.startswith("lycoris_") for key in handle.keys())
+    assert json.load(open(tmp_path / "out" / "lycoris_config.json"))["algo"] == algo
+    pipe = common.load_adapter(fresh_pipeline(family, model), str(tmp_path / "out"))  # LyCORIS's own loader
+    assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
+
+    kohya = tmp_path / "out" / train_dreambooth.KOHYA_WEIGHTS_NAME
+    assert kohya.exists() == (algo in ("lora", "locon"))
+    if kohya.exists():  # lora and locon also load in stock diffusers (and ComfyUI) from the kohya layout
+        pipe = fresh_pipeline(family, model)
+        pipe.load_lora_weights(str(tmp_path / "out"), weight_name=train_dreambooth.KOHYA_WEIGHTS_NAME)
+        assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
+
+
+def test_lycoris_presets_do_not_leak_into_the_next_run(tiny_model, subject_dir, tmp_path):
+    from lycoris import LycorisNetwork
+
+    before = {name: getattr(LycorisNetwork, name) for name in train_dreambooth.LYCORIS_PRESET_ATTRIBUTES}
+    config = write_json(tmp_path / "attention.json", {**ALGOS["lora"], "apply_preset": {"target_module": ["Attention"]}})
+    first = train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "a", "--lora_type", "lycoris",
+                                             "--lycoris_config", config, "--max_train_steps", "1"))
+    assert {name: getattr(LycorisNetwork, name) for name in before} == before
+    wider = write_json(tmp_path / "wider.json", {**ALGOS["lora"], "apply_preset": PRESET})
+    second = train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "b", "--lora_type", "lycoris",
+                                              "--lycoris_config", wider, "--max_train_steps", "1"))
+    assert len(second["unet"].lycoris.loras) > len(first["unet"].lycoris.loras)
+
+
+def test_lycoris_prior_target_is_the_base_model_and_resume_is_exact(tiny_model, subject_dir, tmp_path):
+    import make_demo
+
+    model = tiny_model("sd1")
+    config = write_json(tmp_path / "lokr.json", {**ALGOS["lokr"], "apply_preset": PRESET})
+    reg = make_demo.make_subject_images(str(tmp_path / "class"), sizes=((64, 64),) * 4)
+    data = write_json(tmp_path / "data.json", [
+        {"id": "class", "instance_data_dir": reg, "instance_prompt": "a toy", "resolution": 64,
+         "is_regularisation_data": True, "probability": 100.0},
+        {"id": "subject", "instance_data_dir": subject_dir, "instance_prompt": "ohwx toy", "resolution": 64}])
+    argv = ["--pretrained_model_name_or_path", model, "--data_backend_config", data, "--seed", "1",
+            "--train_batch_size", "1", "--lora_type", "lycoris", "--lycoris_config", config, "--learning_rate", "1e-3",
+            "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    whole = train_dreambooth.main(argv + ["--output_dir", str(tmp_path / "whole")])
+    records = [json.loads(line) for line in open(tmp_path / "whole" / "logs" / "train_log.jsonl")]
+    assert records[0]["loss/prior"] == 0.0  # multiplier 0 gives the base model, which a fresh LoKr equals
+    assert whole["unet"].lycoris.multiplier == 1.0  # restored after every prior pass
+    # Resume from the step-2 checkpoint: the same final weights as the uninterrupted run.
+    os.rename(tmp_path / "whole" / "checkpoint-2", tmp_path / "checkpoint-2")
+    os.makedirs(tmp_path / "resumed")
+    os.rename(tmp_path / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = train_dreambooth.main(argv + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+                                            "latest"])
+    a, b = (train_dreambooth.trainable_parameters(r["unet"]) for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_comfyui_format_of_a_peft_lora_loads_in_diffusers(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sdxl")
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_format", "comfyui",
+                                              "--lora_alpha", "2", "--lora_target", "all"))
+    with safe_open(str(tmp_path / "out" / train_dreambooth.KOHYA_WEIGHTS_NAME), "pt") as handle:
+        keys = list(handle.keys())
+    assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    inputs = unet_inputs(result["unet"], "sdxl")
+    pipe = fresh_pipeline("sdxl", model)
+    pipe.load_lora_weights(str(tmp_path / "out"), weight_name=train_dreambooth.KOHYA_WEIGHTS_NAME)
+    assert torch.allclose(predict(pipe.unet, inputs), predict(result["unet"], inputs), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantised base models
+
+QUANTISED = ["int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb"]
+
+
+@pytest.mark.parametrize("precision", QUANTISED)
+def test_lora_on_a_quantised_unet_learns_a_fixed_batch(tiny_model, precision):
+    """On one fixed batch, the LoRA's loss goes down step after step: the quantised layers pass gradients through."""
+    import argparse
+
+    info = common.resolve_model(argparse.Namespace(
+        pretrained_model_name_or_path=tiny_model("sd1"), output_dir="unused", cache_dir=None, variant=None,
+        revision=None, local_files_only=True, single_file_config=None))
+    unet = common.quantize_model(common.load_component(info, "unet"), precision)
+    assert not any(p.requires_grad for p in unet.parameters())
+    train_dreambooth.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
+                                                       lora_init="default", lora_target="attention_ff"))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    inputs = unet_inputs(unet, "sd1")
+    target = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(6):
+        loss = torch.nn.functional.mse_loss(unet.train()(**inputs).sample, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+@pytest.mark.parametrize("precision", QUANTISED)
+def test_adapter_trained_on_a_quantised_base_loads_unquantised_and_resumes_exactly(tiny_model, subject_dir, tmp_path,
+                                                                                  precision):
+    model = tiny_model("sd1")
+    argv = train_argv(model, subject_dir, tmp_path / "whole", "--base_model_precision", precision,
+                      "--checkpointing_steps", "2")
+    whole = train_dreambooth.main(argv)
+    trained = train_dreambooth.trainable_parameters(whole["unet"])
+    # The adapter is saved under the ordinary layer names: a normal pipeline loads every tensor of it.
+    pipe = fresh_pipeline("sd1", model)
+    pipe.load_lora_weights(str(tmp_path / "whole"))
+    loaded = {name.replace(".default_0.", ".default."): p for name, p in pipe.unet.named_parameters() if "lora_" in name}
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[k], trained[k].float()) for k in trained)
+    # Resume from the step-2 checkpoint of the same run.
+    os.makedirs(tmp_path / "resumed")
+    os.rename(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = train_dreambooth.main(argv[:argv.index("--output_dir")] + ["--output_dir", str(tmp_path / "resumed")]
+                                    + argv[argv.index("--output_dir") + 2:] + ["--resume_from_checkpoint", "latest"])
+    again = train_dreambooth.trainable_parameters(resumed["unet"])
+    assert all(torch.allclose(again[k], trained[k], atol=1e-6) for k in trained)
+
+
+def test_impossible_precisions_fail_before_model_work(tiny_model, subject_dir, tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="fp8-torchao needs a CUDA GPU of compute capability 8.9"):
+            train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "a", "--base_model_precision",
+                                             "fp8-torchao"))
+    with pytest.raises(SystemExit, match="--model_type full trains every UNet weight"):
+        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "b", "--base_model_precision",
+                                         "int8-quanto", "--model_type", "full"))
+    with pytest.raises(SystemExit, match="--lora_type lycoris needs --lycoris_config"):
+        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "c", "--lora_type", "lycoris"))
+    assert not any(os.path.exists(tmp_path / name) for name in "abc")
+
+
+def test_a_quantised_text_encoder_makes_its_own_text_cache(tiny_model, subject_dir, tmp_path):
+    import cache_latents
+
+    argv = ["--pretrained_model_name_or_path", tiny_model("sd1"), "--instance_data_dir", subject_dir,
+            "--instance_prompt", "a photo of ohwx toy", "--output_dir", str(tmp_path / "out"), "--resolution", "64"]
+    cache_latents.main(argv)
+    cache_latents.main(argv + ["--text_encoder_1_precision", "int8-quanto"])
+    files = sorted(os.listdir(tmp_path / "out" / "cache" / "text"))
+    assert len(files) == 2  # one embedding per (caption, encoder identity): the int8 encoder's is its own
+    plain, quantised = (common.load_tensors(str(tmp_path / "out" / "cache" / "text" / f))["prompt_embeds"] for f in files)
+    assert 0 < (plain - quantised).abs().max() < 0.5
