@@ -74,3 +74,15 @@ def test_shipped_examples_are_valid(tmp_path):
     args = train_dreambooth.parse_args(["--data_backend_config", write_json(tmp_path / "data.json", datasets)])
     loaded = common.load_datasets(args)
     assert [d.id for d in loaded if d.is_regularisation_data] == ["regularisation-data", "regularisation-data-1024px"]
+
+
+def test_shipped_lycoris_config_builds_a_network(tiny_model, tmp_path):
+    import argparse
+
+    path = os.path.join(ROOT, "examples", "lycoris_config.json")
+    config = train_dreambooth.read_lycoris_config(path)
+    info = common.resolve_model(argparse.Namespace(
+        pretrained_model_name_or_path=tiny_model("sd1"), output_dir=str(tmp_path), cache_dir=None, variant=None,
+        revision=None, local_files_only=True, single_file_config=None))
+    network = train_dreambooth.add_lycoris(common.load_component(info, "unet"), config, path)
+    assert network.loras and {type(m).__name__ for m in network.loras} == {"LokrModule"}
