@@ -147,10 +147,12 @@ def common_flags(paths, args):
             "--resolution_type", "pixel_area", "--seed", str(SEED), "--vae_batch_size", str(args.vae_batch_size)]
 
 
-def trainer_flags(paths, args, output_dir):
+def trainer_flags(paths, args, output_dir, steps=None):
+    """train_dreambooth.py's flags: a LoRA run of `steps` steps (default --warmup + --steps), no checkpoints."""
+    steps = args.warmup + args.steps if steps is None else steps
     return common_flags(paths, args) + [
         "--output_dir", output_dir, "--train_batch_size", str(args.batch_size),
-        "--max_train_steps", str(args.warmup + args.steps), "--lora_rank", str(args.lora_rank),
+        "--max_train_steps", str(steps), "--lora_rank", str(args.lora_rank),
         "--learning_rate", "1e-4", "--checkpointing_steps", "0"]
 
 
@@ -405,6 +407,15 @@ def bench_profile(paths, args):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def set_threads(threads):
+    """--threads N: N torch threads in this process and (through the environment) in every child it starts."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # for the children
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def load_note():
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} CPUs"
@@ -412,11 +423,7 @@ def load_note():
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # for the children
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args._bare_child:
         args.out_model = os.path.join(args.out, "model")
         return bare_child(args)
