@@ -1077,12 +1077,14 @@ def load_component(info, subfolder, dtype=torch.float32):
         raise SystemExit(f"{info.ref}: cannot load {subfolder} ({err})") from None
 
 
-def load_text_encoders(info, device="cpu"):
-    """The family's tokenizers and frozen text encoders, quantised as --text_encoder_N_precision asks."""
+def load_text_encoders(info, device="cpu", dtype=torch.float32):
+    """The family's tokenizers and frozen text encoders: loaded in `dtype`, then quantised as
+    --text_encoder_N_precision asks (a quantised weight's dtype cannot change afterwards)."""
     tokenizers, encoders = [], []
     for tokenizer_name, encoder_name in info.text_parts:
         tokenizers.append(load_component(info, tokenizer_name))
-        encoder = quantize_model(load_component(info, encoder_name), info.text_encoder_precisions.get(encoder_name))
+        encoder = quantize_model(load_component(info, encoder_name, dtype), info.text_encoder_precisions.get(encoder_name),
+                                 dtype)
         encoder.to(device).requires_grad_(False).eval()
         encoders.append(encoder)
     return tokenizers, encoders
@@ -1090,10 +1092,10 @@ def load_text_encoders(info, device="cpu"):
 
 def load_pipeline(info, device="cpu", dtype=torch.float32):
     """The model's own inference pipeline (its scheduler included), every component loaded from the folder."""
-    tokenizers, text_encoders = load_text_encoders(info, device)
+    tokenizers, text_encoders = load_text_encoders(info, device, dtype)
     unet = load_component(info, "unet", dtype).to(device)
     vae = load_component(info, "vae", dtype).to(device)  # SDXL's pipeline upcasts its VAE itself (force_upcast)
-    return build_pipeline(info, unet, vae, tokenizers, [e.to(dtype=dtype) for e in text_encoders])
+    return build_pipeline(info, unet, vae, tokenizers, text_encoders)
 
 
 def build_pipeline(info, unet, vae, tokenizers, text_encoders, scheduler=None):
@@ -1117,9 +1119,10 @@ def check_precision(precision, flag):
             raise SystemExit(f"{flag} fp8-torchao needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
                              "this machine has none. Use fp8-quanto or int8-quanto.")
         try:
-            import torchao  # noqa: F401
+            from torchao.quantization import Float8WeightOnlyConfig, quantize_  # noqa: F401
         except ImportError:
-            raise SystemExit(f"{flag} fp8-torchao needs torchao: pip install torchao") from None
+            raise SystemExit(f"{flag} fp8-torchao needs a torchao with Float8WeightOnlyConfig: pip install -U torchao") \
+                from None
     if precision.endswith("-quanto"):
         try:
             import optimum.quanto  # noqa: F401
@@ -1133,16 +1136,18 @@ def check_precision(precision, flag):
 
 
 def to_nf4(module, compute_dtype):
-    """Swap every nn.Linear for a bitsandbytes 4-bit NF4 Linear4bit, in place. (diffusers' own bitsandbytes loader
+    """Swap every nn.Linear for a bitsandbytes 4-bit NF4 layer, in place. (diffusers' own bitsandbytes loader
     refuses the CPU; done by hand the same layers work on CPU and GPU alike.) Attribute names stay, so an adapter
     trained on top is saved against the ordinary layer names."""
     import bitsandbytes as bnb
 
     for name, child in module.named_children():
         if isinstance(child, torch.nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
-            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=compute_dtype, quant_type="nf4")
-            quantized.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False, quant_type="nf4")
+            # LinearNF4 (not a generic Linear4bit): LyCORIS recognises it and adapts it in bypass mode.
+            quantized = bnb.nn.LinearNF4(child.in_features, child.out_features, bias=child.bias is not None,
+                                         compute_dtype=compute_dtype)
+            quantized.weight = bnb.nn.Params4bit(child.weight.data.to(compute_dtype), requires_grad=False,
+                                                 quant_type="nf4")
             if child.bias is not None:
                 quantized.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
             setattr(module, name, quantized.to(child.weight.device))
@@ -1162,9 +1167,9 @@ def quantize_model(model, precision, compute_dtype=torch.float32):
     elif precision == "nf4-bnb":
         to_nf4(model, compute_dtype)
     elif precision == "fp8-torchao":
-        from torchao.quantization import float8_weight_only, quantize_
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
-        quantize_(model, float8_weight_only())
+        quantize_(model, Float8WeightOnlyConfig())
     else:
         raise ValueError(f"unknown precision {precision!r}")
     release_freed_memory()
@@ -1188,10 +1193,11 @@ def load_adapter(pipe, path):
     file = path if os.path.isfile(path) else os.path.join(path, "pytorch_lora_weights.safetensors")
     with safe_open(file, framework="pt") as handle:
         is_lycoris = any(key.startswith("lycoris_") for key in handle.keys())
+        config = json.loads((handle.metadata() or {}).get("lycoris_config", "{}"))
     if is_lycoris:
         from lycoris import create_lycoris_from_weights
 
-        network, _ = create_lycoris_from_weights(1.0, file, pipe.unet)
+        network, _ = create_lycoris_from_weights(config.get("multiplier", 1.0), file, pipe.unet)  # as trained
         network.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
         network.apply_to()
         pipe.unet.add_module("lycoris", network)  # keeps it alive and findable, as in training

@@ -66,7 +66,7 @@ def settings(args, info, prompts, width, height):
     return {"model": model, "family": info.family, "variant": args.variant, "prompts": prompts,
             "negative_prompt": args.negative_prompt, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "width": width, "height": height, "seed": args.seed,
-            "scheduler": args.scheduler, "lora": lora}
+            "scheduler": args.scheduler, "lora": lora, "text_encoder_precisions": info.text_encoder_precisions}
 
 
 def check_folder(args, wanted):
@@ -152,6 +152,8 @@ def main(argv=None):
     prompts = class_prompts(args)
     if args.num_images < 1 or args.batch_size < 1 or args.seed < 0:
         raise SystemExit("--num_images and --batch_size must be 1 or more, --seed 0 or more")
+    for i in (1, 2, 3):
+        common.check_precision(getattr(args, f"text_encoder_{i}_precision"), f"--text_encoder_{i}_precision")
     info = common.resolve_model(args)
     width = args.width or args.resolution or info.native_resolution
     height = args.height or args.resolution or info.native_resolution

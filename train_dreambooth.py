@@ -281,9 +281,16 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step):
     state = {key: value.float() for key, value in network.state_dict().items()}
     common.save_safetensors_atomic(state, path, {**metadata, "lycoris_config": json.dumps(lycoris_config)})
     common.write_json_atomic(lycoris_config, os.path.join(args.output_dir, "lycoris_config.json"))
-    if lycoris_config["algo"] in ("lora", "locon"):  # the same tensors under kohya's prefix
-        common.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value for key, value in state.items()},
+    # lora/locon tensors are kohya's own under another prefix; anything else (loha, lokr, DoRA, scalars, a
+    # module_algo_map that mixes algorithms) has no kohya form, and only LyCORIS's loader reads it.
+    if all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in state):
+        multiplier = lycoris_config.get("multiplier", 1.0)  # kohya has no multiplier: it goes into alpha
+        common.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value * multiplier
+                                        if key.endswith(".alpha") else value for key, value in state.items()},
                                        kohya_path, metadata)
+    else:
+        print(f"note: no {KOHYA_WEIGHTS_NAME}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads "
+              "them)")
     return path
 
 
@@ -482,12 +489,16 @@ def check_args(args):
         raise SystemExit("--train_batch_size and --gradient_accumulation_steps must be 1 or more")
     if args.validation_prompt and args.validation_steps < 1:
         raise SystemExit("--validation_steps must be 1 or more")
-    if args.model_type == "full" and (args.lora_type == "lycoris" or args.base_model_precision != "no_change"):
-        raise SystemExit("--model_type full trains every UNet weight: it takes neither --lora_type lycoris nor a "
-                         "quantised --base_model_precision (those are for adapters); use --model_type lora")
+    quantised_encoders = [i for i in (1, 2, 3) if getattr(args, f"text_encoder_{i}_precision") != "no_change"]
+    if args.model_type == "full" and (args.lora_type == "lycoris" or args.base_model_precision != "no_change"
+                                      or quantised_encoders):
+        raise SystemExit("--model_type full trains every UNet weight and saves a whole pipeline: it takes neither "
+                         "--lora_type lycoris nor a quantised --base_model_precision or --text_encoder_N_precision "
+                         "(those are for adapters); use --model_type lora")
     if args.lora_type == "lycoris" and not args.lycoris_config:
         raise SystemExit("--lora_type lycoris needs --lycoris_config FILE.json (e.g. {\"algo\": \"lokr\", "
                          "\"linear_dim\": 10000, \"linear_alpha\": 1, \"factor\": 16})")
+    args.lycoris = read_lycoris_config(args.lycoris_config) if args.lora_type == "lycoris" else None
     common.check_precision(args.base_model_precision, "--base_model_precision")
     for i in (1, 2, 3):
         common.check_precision(getattr(args, f"text_encoder_{i}_precision"), f"--text_encoder_{i}_precision")
@@ -586,7 +597,7 @@ def parse_args(argv=None):
 def main(argv=None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
@@ -595,7 +606,9 @@ def main(argv=None):
     check_args(args)
     # cpu=True where there is no GPU: then `torchrun --nproc_per_node N` starts N CPU processes (gloo DDP).
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu)
+    # LyCORIS module dropout skips whole modules in some steps: DDP must expect parameters without gradients.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool((args.lycoris or {}).get("module_dropout")))
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu, kwargs_handlers=[ddp])
     say = accelerator.print
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
@@ -645,7 +658,7 @@ def main(argv=None):
     unet.to(device).requires_grad_(args.model_type == "full")
     lora_config = lycoris_config = None
     if args.model_type == "lora" and args.lora_type == "lycoris":
-        lycoris_config = read_lycoris_config(args.lycoris_config)
+        lycoris_config = args.lycoris
         add_lycoris(unet, lycoris_config, args.lycoris_config).to(device)
         cast_training_params(unet, torch.float32)
     elif args.model_type == "lora":
@@ -660,9 +673,7 @@ def main(argv=None):
         # Low memory: with --offload_frozen they wait in system memory and visit the GPU only to render.
         frozen_device = "cpu" if args.offload_frozen else device
         vae = common.load_component(info, "vae").to(frozen_device)
-        tokenizers, text_encoders = common.load_text_encoders(info, frozen_device)
-        for encoder in text_encoders:
-            encoder.to(dtype=weight_dtype)
+        tokenizers, text_encoders = common.load_text_encoders(info, frozen_device, weight_dtype)
 
     params = list(trainable_parameters(unet).values())
     kind = "the whole UNet" if args.model_type == "full" else \

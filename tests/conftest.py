@@ -44,6 +44,20 @@ def write_json(path, obj):
     return str(path)
 
 
+def first_batches_are_prior_then_mixed(data, seed, steps):
+    """True when, for this seed, the batch stream starts with a regularisation batch and has another one after
+    the first instance batch (so a test sees the prior loss both at step 0 and once the adapter has learned)."""
+    import common
+    import train_dreambooth
+
+    args = train_dreambooth.parse_args(["--data_backend_config", data])
+    datasets = common.load_datasets(args)
+    plans = common.plan_datasets(datasets, seed)
+    sampler = train_dreambooth.BatchSampler(datasets, plans, 1, seed)
+    kinds = [sampler.next()[0][0].is_regularisation for _ in range(steps)]
+    return kinds[0] and False in kinds and True in kinds[kinds.index(False):]
+
+
 def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy", resolution=64):
     """Command-line flags for a short, fast training run on a tiny model."""
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", data_dir, "--instance_prompt", prompt,

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import train_argv, write_json
+from conftest import first_batches_are_prior_then_mixed, train_argv, write_json
 from safetensors import safe_open
 
 import common
@@ -95,15 +95,23 @@ def test_lycoris_prior_target_is_the_base_model_and_resume_is_exact(tiny_model, 
     reg = make_demo.make_subject_images(str(tmp_path / "class"), sizes=((64, 64),) * 4)
     data = write_json(tmp_path / "data.json", [
         {"id": "class", "instance_data_dir": reg, "instance_prompt": "a toy", "resolution": 64,
-         "is_regularisation_data": True, "probability": 100.0},
+         "is_regularisation_data": True},
         {"id": "subject", "instance_data_dir": subject_dir, "instance_prompt": "ohwx toy", "resolution": 64}])
-    argv = ["--pretrained_model_name_or_path", model, "--data_backend_config", data, "--seed", "1",
+    seed = next(s for s in range(100) if first_batches_are_prior_then_mixed(data, s, 4))
+    argv = ["--pretrained_model_name_or_path", model, "--data_backend_config", data, "--seed", str(seed),
             "--train_batch_size", "1", "--lora_type", "lycoris", "--lycoris_config", config, "--learning_rate", "1e-3",
             "--max_train_steps", "4", "--checkpointing_steps", "2"]
     whole = train_dreambooth.main(argv + ["--output_dir", str(tmp_path / "whole")])
     records = [json.loads(line) for line in open(tmp_path / "whole" / "logs" / "train_log.jsonl")]
-    assert records[0]["loss/prior"] == 0.0  # multiplier 0 gives the base model, which a fresh LoKr equals
+    assert records[0]["loss/prior"] == 0.0  # a fresh LoKr changes nothing yet
+    assert any(r.get("loss/prior", 0) > 0 for r in records[1:])
     assert whole["unet"].lycoris.multiplier == 1.0  # restored after every prior pass
+    # Switched off, the trained network gives exactly the base model; on, something else.
+    inputs = unet_inputs(whole["unet"], "sd1")
+    base = predict(fresh_pipeline("sd1", model).unet, inputs)
+    with train_dreambooth.adapter_disabled(whole["unet"]):
+        assert torch.allclose(predict(whole["unet"], inputs), base, atol=1e-6)
+    assert (predict(whole["unet"], inputs) - base).abs().max() > 1e-5
     # Resume from the step-2 checkpoint: the same final weights as the uninterrupted run.
     os.rename(tmp_path / "whole" / "checkpoint-2", tmp_path / "checkpoint-2")
     os.makedirs(tmp_path / "resumed")
@@ -112,6 +120,54 @@ def test_lycoris_prior_target_is_the_base_model_and_resume_is_exact(tiny_model, 
                                             "latest"])
     a, b = (train_dreambooth.trainable_parameters(r["unet"]) for r in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_lycoris_multiplier_survives_reloading_and_mixed_algorithms_get_no_kohya_file(tiny_model, subject_dir,
+                                                                                        tmp_path, capsys):
+    model = tiny_model("sd1")
+    config = write_json(tmp_path / "half.json", {**ALGOS["lora"], "multiplier": 0.5, "apply_preset": PRESET})
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "half", "--lora_type", "lycoris",
+                                              "--lycoris_config", config, "--learning_rate", "5e-3"))
+    inputs = unet_inputs(result["unet"], "sd1")
+    trained = predict(result["unet"], inputs)
+    pipe = common.load_adapter(fresh_pipeline("sd1", model), str(tmp_path / "half"))
+    assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
+    pipe = fresh_pipeline("sd1", model)  # kohya has no multiplier: it is folded into alpha
+    pipe.load_lora_weights(str(tmp_path / "half"), weight_name=train_dreambooth.KOHYA_WEIGHTS_NAME)
+    assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
+
+    mixed = write_json(tmp_path / "mixed.json", {**ALGOS["lora"], "apply_preset": {
+        "target_module": ["Attention", "FeedForward"], "module_algo_map": {"FeedForward": {"algo": "lokr"}}}})
+    train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "mixed", "--lora_type", "lycoris",
+                                     "--lycoris_config", mixed, "--max_train_steps", "1"))
+    assert "have no kohya form" in capsys.readouterr().out
+    assert not (tmp_path / "mixed" / train_dreambooth.KOHYA_WEIGHTS_NAME).exists()
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
+def test_lycoris_trains_on_a_quantised_base_and_loads_unquantised(tiny_model, subject_dir, tmp_path, precision):
+    model = tiny_model("sd1")
+    config = write_json(tmp_path / "lokr.json", {**ALGOS["lokr"], "apply_preset": PRESET})
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_type", "lycoris",
+                                              "--lycoris_config", config, "--base_model_precision", precision,
+                                              "--learning_rate", "5e-3"))
+    pipe = common.load_adapter(fresh_pipeline("sd1", model), str(tmp_path / "out"))
+    trained = dict(result["unet"].lycoris.named_parameters())  # the learned weights (alpha buffers aside: a
+    loaded = dict(pipe.unet.lycoris.named_parameters())        # full-matrix LoKr ignores them)
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k].float()) for k in trained)
+    assert max(v.abs().max().item() for k, v in trained.items() if "lokr_w" in k) > 0
+
+
+def test_quantised_text_encoders_work_with_bf16_validation(tiny_model, subject_dir, tmp_path):
+    train_dreambooth.main(train_argv(tiny_model("sdxl"), subject_dir, tmp_path / "out", "--max_train_steps", "1",
+                                     "--mixed_precision", "bf16", "--text_encoder_1_precision", "int8-quanto",
+                                     "--text_encoder_2_precision", "int8-quanto", "--validation_prompt", "a toy",
+                                     "--validation_steps", "1", "--validation_num_inference_steps", "2",
+                                     "--offload_frozen"))
+    assert (tmp_path / "out" / "validation" / "step-1" / "grid.png").exists()
+    with pytest.raises(SystemExit, match="--model_type full trains every UNet weight"):
+        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "full", "--model_type", "full",
+                                         "--text_encoder_1_precision", "int8-quanto"))
 
 
 def test_comfyui_format_of_a_peft_lora_loads_in_diffusers(tiny_model, subject_dir, tmp_path):

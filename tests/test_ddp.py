@@ -41,3 +41,16 @@ def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(ti
     for key in ours:
         assert torch.allclose(ddp[key], ours[key], atol=1e-5), key
     assert single["steps"] == 3
+
+
+def test_lycoris_module_dropout_trains_under_ddp(tiny_model, subject_dir, tmp_path):
+    """A dropped module leaves its weights without gradient in that step; DDP has to be told to expect it."""
+    config = tmp_path / "lokr.json"
+    config.write_text('{"algo": "lokr", "linear_dim": 10000, "linear_alpha": 1, "factor": 4, "module_dropout": 0.5, '
+                      '"apply_preset": {"target_module": ["Attention", "FeedForward"]}}')
+    argv = train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--train_batch_size", "1", "--lora_type",
+                      "lycoris", "--lycoris_config", config, "--max_train_steps", "3")
+    result = subprocess.run([*LAUNCHERS["torchrun"], os.path.join(ROOT, "train_dreambooth.py"), *argv],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME)

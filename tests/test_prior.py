@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, write_json
+from conftest import ROOT, first_batches_are_prior_then_mixed, write_json
 
 import common
 import make_demo
@@ -212,15 +212,6 @@ def prior_argv(model, data, output_dir, seed, *extra):
 
 def log_records(output_dir):
     return [json.loads(line) for line in open(os.path.join(output_dir, "logs", "train_log.jsonl"))]
-
-
-def first_batches_are_prior_then_mixed(data, seed, steps):
-    args = train_dreambooth.parse_args(["--data_backend_config", data])
-    datasets = common.load_datasets(args)
-    plans = common.plan_datasets(datasets, seed)
-    sampler = train_dreambooth.BatchSampler(datasets, plans, 1, seed)
-    kinds = [sampler.next()[0][0].is_regularisation for _ in range(steps)]
-    return kinds[0] and False in kinds and True in kinds[kinds.index(False):]
 
 
 def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(tiny_model, subject_dir, tmp_path):
