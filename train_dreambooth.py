@@ -853,8 +853,12 @@ def main(argv=None):
         say(f"saved {path}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Shut the process group down while Python runs normally: left to the interpreter's exit, freeing the DDP
+        # reducer joins gloo's worker threads while holding the GIL one of them waits for (an exit that hangs).
+        torch.distributed.destroy_process_group()
     # accelerate keeps its settings in process-wide state; clear them so main() can run again in this process
-    # (notebooks, tests) with another --mixed_precision. The process group, if any, stays.
+    # (notebooks, tests) with another --mixed_precision.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed}

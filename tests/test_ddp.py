@@ -1,6 +1,8 @@
 """Several processes (torchrun or accelerate launch; gloo on CPU) train one LoRA, and average gradients as one process accumulating would."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -12,25 +14,44 @@ from safetensors.torch import load_file
 import train_dreambooth
 
 
-LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"],
-    "accelerate": [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
-                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29562"],
-}
+def free_port():
+    """A port nothing listens on now: each launch gets its own, so one test's lingering socket never blocks the next."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
-@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def launcher(name):
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    return [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes",
+            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            free_port()]
+
+
+def run_launched(command):
+    """Run a multi-process launch; if it hangs, kill every process it started (not only the launcher)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"the launch hung and was killed:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.mark.parametrize("launcher_name", ["torchrun", "accelerate"])
 def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(tiny_model, subject_dir, tmp_path,
-                                                                               launcher):
+                                                                               launcher_name):
     model = tiny_model("sd1")
     # Two processes x batch 1 see the same batches, with the same noise, as one process x batch 1 x accumulation 2.
     common_flags = ["--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "2"]
     single = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "single", *common_flags,
                                               "--gradient_accumulation_steps", "2"))
     argv = train_argv(model, subject_dir, tmp_path / "ddp", *common_flags)
-    result = subprocess.run([*LAUNCHERS[launcher], os.path.join(ROOT, "train_dreambooth.py"), *argv],
-                            capture_output=True, text=True, timeout=300)
+    result = run_launched([*launcher(launcher_name), os.path.join(ROOT, "train_dreambooth.py"), *argv])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 process(es)" in result.stdout
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoint-2")) == [
@@ -50,7 +71,6 @@ def test_lycoris_module_dropout_trains_under_ddp(tiny_model, subject_dir, tmp_pa
                       '"apply_preset": {"target_module": ["Attention", "FeedForward"]}}')
     argv = train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--train_batch_size", "1", "--lora_type",
                       "lycoris", "--lycoris_config", config, "--max_train_steps", "3")
-    result = subprocess.run([*LAUNCHERS["torchrun"], os.path.join(ROOT, "train_dreambooth.py"), *argv],
-                            capture_output=True, text=True, timeout=300)
+    result = run_launched([*launcher("torchrun"), os.path.join(ROOT, "train_dreambooth.py"), *argv])
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME)
