@@ -58,6 +58,40 @@ def first_batches_are_prior_then_mixed(data, seed, steps):
     return kinds[0] and False in kinds and True in kinds[kinds.index(False):]
 
 
+def model_info(path, **overrides):
+    """common.resolve_model for a local model folder, with the flags a script would pass."""
+    import argparse
+
+    import common
+
+    values = dict(pretrained_model_name_or_path=str(path), output_dir="unused", cache_dir=None, variant=None,
+                  revision=None, local_files_only=True, single_file_config=None)
+    return common.resolve_model(argparse.Namespace(**{**values, **overrides}))
+
+
+def unet_inputs(unet, family, seed=0, size=8):
+    """A fixed noisy latent, timestep and conditioning for comparing UNet predictions."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    inputs = {"sample": torch.randn(1, 4, size, size, generator=generator), "timestep": torch.tensor([321]),
+              "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator)}
+    if family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
+                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    return inputs
+
+
+def predict(unet, inputs):
+    """The UNet's prediction in eval mode (no dropout), without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return unet.eval()(**inputs).sample
+
+
 def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy", resolution=64):
     """Command-line flags for a short, fast training run on a tiny model."""
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", data_dir, "--instance_prompt", prompt,

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import first_batches_are_prior_then_mixed, train_argv, write_json
+from conftest import model_info, predict, unet_inputs, first_batches_are_prior_then_mixed, train_argv, write_json
 from safetensors import safe_open
 
 import common
@@ -18,23 +18,6 @@ ALGOS = {
     "lokr": {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 4},
 }
 PRESET = {"target_module": ["Attention", "FeedForward", "ResnetBlock2D"], "module_algo_map": {}}
-
-
-def unet_inputs(unet, family, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    config = unet.config
-    inputs = {"sample": torch.randn(1, 4, 8, 8, generator=generator), "timestep": torch.tensor([321]),
-              "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator)}
-    if family == "sdxl":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
-                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
-    return inputs
-
-
-def predict(unet, inputs):
-    with torch.no_grad():
-        return unet.eval()(**inputs).sample
 
 
 def fresh_pipeline(family, model):
@@ -194,9 +177,7 @@ def test_lora_on_a_quantised_unet_learns_a_fixed_batch(tiny_model, precision):
     """On one fixed batch, the LoRA's loss goes down step after step: the quantised layers pass gradients through."""
     import argparse
 
-    info = common.resolve_model(argparse.Namespace(
-        pretrained_model_name_or_path=tiny_model("sd1"), output_dir="unused", cache_dir=None, variant=None,
-        revision=None, local_files_only=True, single_file_config=None))
+    info = model_info(tiny_model("sd1"))
     unet = common.quantize_model(common.load_component(info, "unet"), precision)
     assert not any(p.requires_grad for p in unet.parameters())
     train_dreambooth.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,

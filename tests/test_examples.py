@@ -3,7 +3,7 @@
 import json
 import os
 
-from conftest import ROOT, write_json
+from conftest import ROOT, model_info, write_json
 
 import common
 import test_config
@@ -77,12 +77,8 @@ def test_shipped_examples_are_valid(tmp_path):
 
 
 def test_shipped_lycoris_config_builds_a_network(tiny_model, tmp_path):
-    import argparse
-
     path = os.path.join(ROOT, "examples", "lycoris_config.json")
     config = train_dreambooth.read_lycoris_config(path)
-    info = common.resolve_model(argparse.Namespace(
-        pretrained_model_name_or_path=tiny_model("sd1"), output_dir=str(tmp_path), cache_dir=None, variant=None,
-        revision=None, local_files_only=True, single_file_config=None))
+    info = model_info(tiny_model("sd1"))
     network = train_dreambooth.add_lycoris(common.load_component(info, "unet"), config, path)
     assert network.loras and {type(m).__name__ for m in network.loras} == {"LokrModule"}

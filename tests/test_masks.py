@@ -244,9 +244,9 @@ def cache_argv(model, config, tmp_path, *extra):
 def cell_coverage(box, transform, factor):
     """Independently of the cache code: the fraction of each latent cell that the transformed square covers.
     `box` is (left, top, right, bottom) in original pixels, right/bottom exclusive."""
-    (down_w, down_h), (res_w, res_h) = transform["downsampled_size"], transform["resized_size"]
+    res_w, res_h = transform["resized_size"]
     orig_w, orig_h = transform["original_size"]
-    scale_x, scale_y = res_w / orig_w, res_h / orig_h  # the downsample step keeps the same proportions
+    scale_x, scale_y = res_w / orig_w, res_h / orig_h  # end to end, whatever the downsample step did in between
     left, top = transform["crop_box"][:2]
     x0, x1 = box[0] * scale_x - left, box[2] * scale_x - left
     y0, y1 = box[1] * scale_y - top, box[3] * scale_y - top

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, first_batches_are_prior_then_mixed, write_json
+from conftest import ROOT, first_batches_are_prior_then_mixed, model_info, write_json
 
 import common
 import make_demo
@@ -127,9 +127,7 @@ def test_a_folder_of_other_images_or_settings_is_refused(tiny_model, tmp_path):
 
 def lora_file(model, folder):
     """A LoRA with random (non-zero) weights, saved as training saves one."""
-    unet = common.load_component(common.resolve_model(argparse.Namespace(
-        pretrained_model_name_or_path=model, output_dir=str(folder), cache_dir=None, variant=None, revision=None,
-        local_files_only=True, single_file_config=None)), "unet")
+    unet = common.load_component(model_info(model), "unet")
     options = argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0, lora_init="default",
                                  lora_target="attention")
     config = train_dreambooth.add_lora(unet, options)
@@ -157,16 +155,14 @@ def test_lora_is_applied_when_generating(tiny_model, tmp_path, family):
 
 
 def unet_with_lora(model):
-    info = common.resolve_model(argparse.Namespace(pretrained_model_name_or_path=model, output_dir="unused",
-                                                   cache_dir=None, variant=None, revision=None, local_files_only=True,
-                                                   single_file_config=None))
+    info = model_info(model)
     unet = common.load_component(info, "unet")
     train_dreambooth.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
                                                        lora_init="gaussian", lora_target="attention"))
     return unet
 
 
-def predict(unet, seed=0):
+def predict_random_input(unet, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return unet(torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([400]),
@@ -175,9 +171,9 @@ def predict(unet, seed=0):
 
 def test_fresh_adapter_prior_target_equals_the_students_prediction(tiny_model):
     unet = unet_with_lora(tiny_model("sd1"))
-    student = predict(unet)
+    student = predict_random_input(unet)
     with train_dreambooth.adapter_disabled(unet):
-        base = predict(unet)
+        base = predict_random_input(unet)
     assert torch.equal(student, base)  # B starts at zero: the prior loss is exactly 0 at step 0
 
 
@@ -186,12 +182,12 @@ def test_the_adapter_is_switched_back_on_even_when_the_prior_pass_raises(tiny_mo
     for name, param in unet.named_parameters():
         if "lora_B" in name:
             param.data.fill_(0.1)
-    adapted = predict(unet)
+    adapted = predict_random_input(unet)
     with pytest.raises(RuntimeError, match="boom"):
         with train_dreambooth.adapter_disabled(unet):
-            assert not torch.allclose(predict(unet), adapted)  # really off inside
+            assert not torch.allclose(predict_random_input(unet), adapted)  # really off inside
             raise RuntimeError("boom")
-    assert torch.equal(predict(unet), adapted)
+    assert torch.equal(predict_random_input(unet), adapted)
 
 
 def prior_data(tmp_path, subject_dir, class_images=4, repeats=1):
@@ -233,9 +229,7 @@ def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(t
 
 def class_prediction_drift(model, unet):
     """How far the trained UNet's predictions for the class prompt lie from the base model's."""
-    info = common.resolve_model(argparse.Namespace(pretrained_model_name_or_path=model, output_dir="unused",
-                                                   cache_dir=None, variant=None, revision=None, local_files_only=True,
-                                                   single_file_config=None))
+    info = model_info(model)
     embeds = common.encode_prompt(info, *common.load_text_encoders(info), ["a photo of a toy"])["prompt_embeds"]
     base = common.load_component(info, "unet").eval()
     generator = torch.Generator().manual_seed(1)

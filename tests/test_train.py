@@ -10,32 +10,11 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, train_argv, write_json
+from conftest import predict, unet_inputs, ROOT, train_argv, write_json
 from safetensors.torch import load_file
 
 import common
 import train_dreambooth
-
-
-def unet_inputs(unet, family, seed=0, size=8):
-    """A fixed noisy latent, timestep and conditioning for comparing predictions."""
-    generator = torch.Generator().manual_seed(seed)
-    config = unet.config
-    inputs = {
-        "sample": torch.randn(1, 4, size, size, generator=generator),
-        "timestep": torch.tensor([321]),
-        "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator),
-    }
-    if family == "sdxl":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
-                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
-    return inputs
-
-
-def predict(unet, inputs):
-    with torch.no_grad():
-        return unet(**inputs).sample
 
 
 def load_pipeline(family, folder):
