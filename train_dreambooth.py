@@ -45,6 +45,10 @@ LYCORIS_PRESET_ATTRIBUTES = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REP
                              "NAME_ALGO_MAP", "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
 LYCORIS_PRESET_NAME = "dreambooth-config"
 STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+EMA_SUFFIX = "_ema"  # pytorch_lora_weights_ema.safetensors (LoRA / LyCORIS) and ema/ (a full fine-tune's pipeline)
+EMA_CHECKPOINT_FILE = "ema.safetensors"
+ROLLOUT_SAMPLERS = {"unipc": "UniPCMultistepScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
+                    "dpm": "DPMSolverMultistepScheduler"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,6 +174,88 @@ def min_snr_weights(noise_scheduler, timesteps, gamma, prediction_type):
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+def rollout_probability(args, step):
+    """Scheduled sampling's probability at optimiser step `step` (0-based): 0 at step 0, rising linearly to
+    --scheduled_sampling_probability at --scheduled_sampling_ramp_steps, then constant. Early on the model's
+    rollouts are noise; they are phased in as the model learns, never phased out."""
+    if not args.scheduled_sampling_ramp_steps:
+        return args.scheduled_sampling_probability
+    return args.scheduled_sampling_probability * min(1.0, step / args.scheduled_sampling_ramp_steps)
+
+
+def rollout_sampler(name, scheduler_config):
+    """A fresh diffusers sampler for one rollout (multistep samplers keep per-run state), with one inference step
+    per training timestep: its schedule is 999, 998, ..., 0, so k steps from t+k end exactly at t."""
+    import diffusers
+
+    sampler = getattr(diffusers, ROLLOUT_SAMPLERS[name]).from_config(scheduler_config, timestep_spacing="trailing")
+    sampler.set_timesteps(scheduler_config.num_train_timesteps)
+    return sampler
+
+
+@torch.no_grad()
+def rollout(model, sampler, clean, noise, start, steps, prompt_embeds, added_cond, weight_dtype):
+    """Scheduled sampling for one sample: noise the clean latent to timestep `start`, then run `steps` steps of
+    the sampler with the model's own predictions, down to timestep start - steps. Returns that latent in the
+    form the UNet is trained on (the variance-preserving x_t; Euler samples in its own scaled space)."""
+    index = sampler.config.num_train_timesteps - 1 - start  # position of `start` in the schedule 999..0
+    x = sampler.add_noise(clean, noise, sampler.timesteps[index:index + 1])
+    for timestep in sampler.timesteps[index:index + steps]:
+        model_input = sampler.scale_model_input(x, timestep)
+        prediction = model(model_input.to(weight_dtype), timestep, prompt_embeds.to(weight_dtype),
+                           added_cond_kwargs=added_cond).sample
+        x = sampler.step(prediction.float(), timestep, x).prev_sample
+    return sampler.scale_model_input(x, sampler.timesteps[index + steps])
+
+
+def implied_noise(noise_scheduler, clean, noisy, timesteps):
+    """The noise that puts `clean` at `noisy` in the forward process: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t).
+    As a target it makes a rolled-out x_t imply the true clean latent (for v: v = sqrt(abar) eps - sqrt(1-abar) x0
+    with this eps)."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean.device)[timesteps].float().view(-1, 1, 1, 1)
+    return (noisy - alphas_cumprod.sqrt() * clean) / (1 - alphas_cumprod).sqrt()
+
+
+class EMA:
+    """An exponential moving average of the trainable parameters, kept in fp32 on `device` (the CPU by default:
+    system memory, not VRAM). Each update: shadow = d * shadow + (1 - d) * param, with d = --ema_decay, or with
+    warm-up d = min(ema_decay, (1 + s) / (10 + s)) where s counts the updates made before (early averages forget
+    the random start quickly)."""
+
+    def __init__(self, parameters, decay, warmup, device):
+        self.decay, self.warmup = decay, warmup
+        self.shadow = {name: p.detach().to(device, torch.float32, copy=True) for name, p in parameters.items()}
+        self.updates = 0
+
+    def current_decay(self):
+        s = self.updates
+        return min(self.decay, (1 + s) / (10 + s)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, parameters):
+        """Fold the current weights in; returns the decay used."""
+        decay = self.current_decay()
+        for name, param in parameters.items():
+            shadow = self.shadow[name]
+            shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1 - decay)
+        self.updates += 1
+        return decay
+
+    @contextlib.contextmanager
+    def applied(self, parameters):
+        """The EMA weights in the model for the duration of the block (to save or render them), then the raw ones."""
+        raw = {name: p.detach().clone() for name, p in parameters.items()}
+        with torch.no_grad():
+            for name, param in parameters.items():
+                param.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in parameters.items():
+                    param.copy_(raw[name])
+
+
 def add_lora(unet, args):
     from peft import LoraConfig
 
@@ -265,12 +351,13 @@ def kohya_lora(unet, alpha):
     return state
 
 
-def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step):
+def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, suffix="", extra_metadata=None):
     """Write the trained adapter: diffusers-format LoRA (and --lora_format comfyui: the kohya layout too), or the
-    LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load)."""
-    metadata = run_metadata(args, info, datasets, step)
-    path = os.path.join(args.output_dir, LORA_WEIGHTS_NAME)
-    kohya_path = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
+    LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load).
+    `suffix` names a variant: "_ema" writes pytorch_lora_weights_ema.safetensors (and ..._ema_comfyui)."""
+    metadata = {**run_metadata(args, info, datasets, step), **(extra_metadata or {})}
+    path = os.path.join(args.output_dir, LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors"))
+    kohya_path = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
     network = getattr(unet, "lycoris", None)
     if network is None:
         save_lora(unet, path, {**metadata, **peft_metadata(lora_config), "lora_rank": str(args.lora_rank),
@@ -288,7 +375,7 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step):
         common.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value * multiplier
                                         if key.endswith(".alpha") else value for key, value in state.items()},
                                        kohya_path, metadata)
-    else:
+    elif not suffix:
         print(f"note: no {KOHYA_WEIGHTS_NAME}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads "
               "them)")
     return path
@@ -309,7 +396,7 @@ def list_checkpoints(output_dir):
     return [path for _, path in sorted(found)]
 
 
-def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed):
+def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed, ema=None):
     """Write checkpoint-STEP atomically: everything goes into a hidden temporary folder, the state file last,
     then one rename. A run killed at any moment leaves either the whole checkpoint or none."""
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
@@ -330,6 +417,8 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        if ema is not None:
+            common.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name in os.listdir(tmp):
@@ -339,6 +428,7 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
             "step": step, "batches_drawn": sampler.drawn, "seed": seed,
             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "num_processes": accelerator.num_processes, "model_type": args.model_type,
+            "ema_updates": ema.updates if ema is not None else None,
         }, os.path.join(tmp, STATE_FILE))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -350,8 +440,8 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
     return final
 
 
-def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler):
-    """Restore weights, optimizer, lr schedule and RNG; returns the checkpoint's training_state.json."""
+def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
+    """Restore weights, optimizer, lr schedule, RNG and the EMA; returns the checkpoint's training_state.json."""
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
         state = json.load(handle)
     model = accelerator.unwrap_model(unet)
@@ -371,6 +461,13 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler):
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+    ema_file = os.path.join(path, EMA_CHECKPOINT_FILE)
+    if ema is not None and os.path.isfile(ema_file):
+        for name, value in common.load_tensors(ema_file).items():
+            ema.shadow[name].copy_(value)
+        ema.updates = state["ema_updates"]
+    elif ema is not None:
+        print(f"warning: {path} holds no EMA (the run had no --use_ema); the average starts from the resumed weights")
     return state
 
 
@@ -388,19 +485,25 @@ def resume_checkpoint_path(args):
     return path
 
 
-def image_grid(images, columns):
-    from PIL import Image
+def image_grid(images, columns, labels=()):
+    """Images in rows of `columns`; `labels` (optional) head equal groups of columns, e.g. ("raw", "EMA")."""
+    from PIL import Image, ImageDraw
 
     width, height = images[0].size
     rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    top = 14 if labels else 0
+    grid = Image.new("RGB", (columns * width, rows * height + top), "white")
     for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+        grid.paste(image, ((i % columns) * width, (i // columns) * height + top))
+    draw = ImageDraw.Draw(grid)
+    for i, label in enumerate(labels):
+        draw.text((i * columns // len(labels) * width + 3, 1), label, fill="black")
     return grid
 
 
-def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, step):
-    """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable)."""
+def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, step, ema=None):
+    """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable).
+    With an EMA, --validation_ema picks the raw weights, the EMA weights, or both side by side in the grid."""
     model = accelerator.unwrap_model(unet)
     for part in (vae, *text_encoders):  # no-op unless --offload_frozen left them in system memory
         part.to(accelerator.device)
@@ -409,20 +512,29 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
     os.makedirs(folder, exist_ok=True)
     resolution = int(args.validation_resolution or common.round64(info.native_resolution))
-    images = []
+    variants = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[args.validation_ema if ema else "raw"]
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
-    jobs = [(p, prompt, i) for p, prompt in enumerate(args.validation_prompt) for i in range(args.num_validation_images)]
-    for p, prompt, i in tqdm(jobs, desc=f"validation images (step {step})", unit="img", leave=False):
-        seed = args.validation_seed + i
-        with torch.no_grad(), accelerator.autocast():
-            image = pipe(prompt, negative_prompt=args.validation_negative_prompt, height=resolution, width=resolution,
-                         num_inference_steps=args.validation_num_inference_steps,
-                         guidance_scale=args.validation_guidance_scale,
-                         generator=torch.Generator().manual_seed(seed)).images[0]
-        image.save(os.path.join(folder, f"prompt{p:02d}-seed{seed}.png"))
-        images.append(image)
-    image_grid(images, args.num_validation_images).save(os.path.join(folder, "grid.png"))
+    rows = {p: [] for p in range(len(args.validation_prompt))}
+    for variant in variants:
+        jobs = [(p, prompt, i) for p, prompt in enumerate(args.validation_prompt)
+                for i in range(args.num_validation_images)]
+        weights = ema.applied(trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
+        with weights:
+            for p, prompt, i in tqdm(jobs, desc=f"validation images (step {step}, {variant})", unit="img",
+                                     leave=False):
+                seed = args.validation_seed + i
+                with torch.no_grad(), accelerator.autocast():
+                    image = pipe(prompt, negative_prompt=args.validation_negative_prompt, height=resolution,
+                                 width=resolution, num_inference_steps=args.validation_num_inference_steps,
+                                 guidance_scale=args.validation_guidance_scale,
+                                 generator=torch.Generator().manual_seed(seed)).images[0]
+                name = f"prompt{p:02d}-seed{seed}" + (EMA_SUFFIX if variant == "ema" else "")
+                image.save(os.path.join(folder, f"{name}.png"))
+                rows[p].append(image)
+    labels = [{"raw": "raw", "ema": "EMA"}[v] for v in variants] if len(variants) > 1 else ()
+    image_grid([image for p in rows for image in rows[p]], args.num_validation_images * len(variants),
+               labels).save(os.path.join(folder, "grid.png"))
     with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(args.validation_prompt) + "\n")
     model.train(was_training)
@@ -506,6 +618,15 @@ def check_args(args):
         raise SystemExit("--prior_loss_target base_model needs an adapter to switch off; a full fine-tune has none: "
                          "use --prior_loss_target dataset")
     args.prior_loss_target = args.prior_loss_target or ("dataset" if args.model_type == "full" else "base_model")
+    if (args.scheduled_sampling_max_step_offset < 0 or args.scheduled_sampling_ramp_steps < 0
+            or not 0 <= args.scheduled_sampling_probability <= 1):
+        raise SystemExit("scheduled sampling: --scheduled_sampling_max_step_offset and --scheduled_sampling_ramp_steps "
+                         "must be 0 or more and --scheduled_sampling_probability between 0 and 1 (e.g. 10, 1000, 1.0)")
+    if not 0 < args.ema_decay < 1 or args.ema_update_interval < 1:
+        raise SystemExit("--ema_decay must lie between 0 and 1 (e.g. 0.999) and --ema_update_interval be 1 or more")
+    args.validation_ema = args.validation_ema or ("both" if args.use_ema else "raw")
+    if args.validation_ema != "raw" and not args.use_ema:
+        raise SystemExit(f"--validation_ema {args.validation_ema} renders the EMA weights: add --use_ema")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -569,6 +690,27 @@ def build_parser():
                             "adapters) or the class image (dataset: classic DreamBooth; the only choice for full)")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the regularisation loss")
 
+    group = parser.add_argument_group("scheduled sampling (rollouts): train on the model's own imperfect x_t")
+    group.add_argument("--scheduled_sampling_max_step_offset", type=int, default=0,
+                       help="K: a rolled-out sample starts k ~ U{1..K} timesteps higher (0 = off; 5-10 is typical)")
+    group.add_argument("--scheduled_sampling_probability", type=float, default=1.0,
+                       help="share of samples rolled out once the ramp is done")
+    group.add_argument("--scheduled_sampling_ramp_steps", type=int, default=0,
+                       help="the probability rises linearly from 0 over this many steps (0: full from the start)")
+    group.add_argument("--scheduled_sampling_sampler", default="unipc", choices=list(ROLLOUT_SAMPLERS))
+    group.add_argument("--scheduled_sampling_target", default="recomputed", choices=["recomputed", "original"],
+                       help="recomputed: the target implies the true clean latent from the rolled-out x_t; "
+                            "original: the clean trajectory's target")
+
+    group = parser.add_argument_group("EMA: a moving average of the trained weights, saved beside them")
+    group.add_argument("--use_ema", type=str2bool, nargs="?", const=True, default=False)
+    group.add_argument("--ema_decay", type=float, default=0.999)
+    group.add_argument("--ema_update_interval", type=int, default=1, help="update the average every N steps")
+    group.add_argument("--ema_device", default="cpu", choices=["cpu", "accelerator"],
+                       help="cpu: the average lives in system memory, not on the GPU")
+    group.add_argument("--ema_warmup", type=str2bool, nargs="?", const=True, default=False,
+                       help="decay min(ema_decay, (1+s)/(10+s)) after s updates: the average leaves the start fast")
+
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--checkpointing_steps", type=int, default=500)
     group.add_argument("--checkpoints_total_limit", type=int, default=None)
@@ -583,6 +725,8 @@ def build_parser():
     group.add_argument("--validation_negative_prompt", default=None)
     group.add_argument("--validation_resolution", type=int, default=None, help="default: the model's native size")
     group.add_argument("--validation_seed", type=int, default=0)
+    group.add_argument("--validation_ema", default=None, choices=["raw", "ema", "both"],
+                       help="with --use_ema, which weights validation renders (default both, side by side)")
     return parser
 
 
@@ -711,10 +855,24 @@ def main(argv=None):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    unwrapped = accelerator.unwrap_model(unet)
+    trainable = trainable_parameters(unwrapped)
+
+    # EMA: a shadow copy of the trainable weights, kept by the main process (every process holds the same weights).
+    ema = None
+    if args.use_ema and accelerator.is_main_process:
+        ema = EMA(trainable, args.ema_decay, args.ema_warmup, "cpu" if args.ema_device == "cpu" else device)
+        say(f"EMA of the trained weights: decay {args.ema_decay}{' with warm-up' if args.ema_warmup else ''}, every "
+            f"{args.ema_update_interval} step(s), kept on {args.ema_device}")
+    if args.scheduled_sampling_max_step_offset:
+        say(f"scheduled sampling: up to {args.scheduled_sampling_max_step_offset} {args.scheduled_sampling_sampler} "
+            f"steps per rolled-out sample (extra forward passes), probability 0 -> "
+            f"{args.scheduled_sampling_probability:g} over {args.scheduled_sampling_ramp_steps} steps, "
+            f"{args.scheduled_sampling_target} target")
 
     first_step = 0
     if resume_path:
-        state = load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler)
+        state = load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler, ema)
         first_step = state["step"]
         for key in ("train_batch_size", "gradient_accumulation_steps", "num_processes"):
             current = accelerator.num_processes if key == "num_processes" else getattr(args, key)
@@ -731,13 +889,13 @@ def main(argv=None):
     bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    unwrapped = accelerator.unwrap_model(unet)
 
     # --- The training loop: one optimiser step per iteration.
     for step in range(first_step, max_train_steps):
         started = time.perf_counter()
         loss_sum = 0.0
-        kind_sums = torch.zeros(4)  # instance loss, instance batches, prior loss, prior batches (for the log)
+        # For the log: instance loss, instance batches, prior loss, prior batches, rollout forward passes.
+        sums = torch.zeros(5)
         for micro in range(args.gradient_accumulation_steps):
             # Every process replays the whole batch stream and takes its own share of it.
             batch_index = (step * args.gradient_accumulation_steps + micro) * world + rank
@@ -768,6 +926,34 @@ def main(argv=None):
             timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
             latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+            # Scheduled sampling (rollouts): with the ramped probability, a sample's x_t is the model's own k-step
+            # rollout from t+k (current weights, no gradient) instead of the forward process's. The recomputed
+            # target is the noise that this x_t implies for the true clean latent: the model learns to steer its
+            # own drift back rather than to expect perfect inputs.
+            if args.scheduled_sampling_max_step_offset:
+                chosen = torch.rand(len(batch), generator=generator) < rollout_probability(args, step)
+                offsets = torch.randint(1, args.scheduled_sampling_max_step_offset + 1, (len(batch),),
+                                        generator=generator)
+                rolled = []
+                unwrapped.eval()  # sampling, as at inference: no dropout
+                for i in chosen.nonzero().flatten().tolist():
+                    k = min(int(offsets[i]), num_timesteps - 1 - int(timesteps[i]))  # capped at the last timestep
+                    if k == 0:
+                        continue
+                    cond = {key: value[i:i + 1] for key, value in added_cond.items()} if added_cond else None
+                    sampler_i = rollout_sampler(args.scheduled_sampling_sampler, noise_scheduler.config)
+                    with accelerator.autocast():
+                        noisy_latents[i] = rollout(unwrapped, sampler_i, latents[i:i + 1], noise[i:i + 1],
+                                                   int(timesteps[i]) + k, k, prompt_embeds[i:i + 1].to(device), cond,
+                                                   weight_dtype)[0]
+                    rolled.append(i)
+                    sums[4] += k
+                unwrapped.train()
+                if rolled and args.scheduled_sampling_target == "recomputed":
+                    noise[rolled] = implied_noise(noise_scheduler, latents[rolled], noisy_latents[rolled],
+                                                  timesteps[rolled])
+
             if info.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
@@ -797,7 +983,7 @@ def main(argv=None):
                 loss = unweighted * (args.prior_loss_weight if is_prior else 1.0)
                 accelerator.backward(loss / args.gradient_accumulation_steps)
             loss_sum += loss.detach() / args.gradient_accumulation_steps
-            kind_sums += torch.tensor([0, 0, unweighted.item(), 1] if is_prior else [unweighted.item(), 1, 0, 0])
+            sums[:4] += torch.tensor([0, 0, unweighted.item(), 1] if is_prior else [unweighted.item(), 1, 0, 0])
 
         # Clip, step, schedule.
         if args.max_grad_norm:
@@ -807,9 +993,14 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
+        # EMA: fold the new weights into the moving average every --ema_update_interval steps.
+        ema_decay = None
+        if ema is not None and done % args.ema_update_interval == 0:
+            ema_decay = ema.update(trainable)
+
         # Log; a NaN or infinite loss stops the run (weights are already poisoned; the last checkpoint is not).
         mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
-        kind_sums = accelerator.reduce(kind_sums.to(device), reduction="sum").cpu()
+        sums = accelerator.reduce(sums.to(device), reduction="sum").cpu()
         if not math.isfinite(mean_loss):
             latest = list_checkpoints(args.output_dir)
             raise SystemExit(f"loss became {mean_loss} at step {done}; stopping. Last good checkpoint: "
@@ -818,23 +1009,28 @@ def main(argv=None):
         if log is not None:
             record = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
                       "epoch": sampler.drawn / batches_per_epoch}
-            if kind_sums[1]:
-                record["loss/instance"] = (kind_sums[0] / kind_sums[1]).item()
-            if kind_sums[3]:  # before --prior_loss_weight
-                record["loss/prior"] = (kind_sums[2] / kind_sums[3]).item()
+            if sums[1]:
+                record["loss/instance"] = (sums[0] / sums[1]).item()
+            if sums[3]:  # before --prior_loss_weight
+                record["loss/prior"] = (sums[2] / sums[3]).item()
+            if args.scheduled_sampling_max_step_offset:  # extra UNet passes (per sample) spent on rollouts
+                record["rollout_forwards"] = int(sums[4])
+                record["rollout_probability"] = rollout_probability(args, step)
+            if ema_decay is not None:
+                record["ema_decay"] = ema_decay
             log.log(done, record)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         bar.update(1)
 
         # Checkpoint every --checkpointing_steps (not at the very end: the final save follows).
         if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < max_train_steps:
-            path = save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed)
+            path = save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed, ema)
             say(f"\nsaved {path}")
 
         # Validation images every --validation_steps.
         if args.validation_prompt and done % args.validation_steps == 0:
             if accelerator.is_main_process:
-                run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, done)
+                run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, done, ema)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -845,10 +1041,19 @@ def main(argv=None):
             path = save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, max_train_steps)
         else:
             path = args.output_dir
-            save_full_pipeline(info, unwrapped.to(torch.float32), vae.to(torch.float32), tokenizers,
-                               [e.to(torch.float32) for e in text_encoders], args.output_dir)
+            vae, text_encoders = vae.to(torch.float32), [e.to(torch.float32) for e in text_encoders]
+            save_full_pipeline(info, unwrapped.to(torch.float32), vae, tokenizers, text_encoders, args.output_dir)
+        if ema is not None:  # the average beside the raw weights, loadable the same way
+            with ema.applied(trainable):
+                if args.model_type == "lora":
+                    save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, max_train_steps,
+                                 EMA_SUFFIX, {"weights": "ema", "ema_decay": str(args.ema_decay),
+                                              "ema_updates": str(ema.updates)})
+                else:
+                    save_full_pipeline(info, unwrapped, vae, tokenizers, text_encoders,
+                                       os.path.join(args.output_dir, EMA_SUFFIX[1:]))
         if args.validation_prompt and max_train_steps % args.validation_steps != 0:
-            run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, max_train_steps)
+            run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, max_train_steps, ema)
         log.close()
         say(f"saved {path}")
     accelerator.wait_for_everyone()
@@ -861,7 +1066,7 @@ def main(argv=None):
     # (notebooks, tests) with another --mixed_precision.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed}
+    return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed, "ema": ema}
 
 
 if __name__ == "__main__":

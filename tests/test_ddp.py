@@ -46,8 +46,10 @@ def run_launched(command):
 def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(tiny_model, subject_dir, tmp_path,
                                                                                launcher_name):
     model = tiny_model("sd1")
-    # Two processes x batch 1 see the same batches, with the same noise, as one process x batch 1 x accumulation 2.
-    common_flags = ["--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "2"]
+    # Two processes x batch 1 see the same batches, with the same noise and rollouts, as one process x batch 1 x
+    # accumulation 2; the main process keeps the EMA.
+    common_flags = ["--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "2",
+                    "--scheduled_sampling_max_step_offset", "3", "--use_ema", "--ema_decay", "0.5"]
     single = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "single", *common_flags,
                                               "--gradient_accumulation_steps", "2"))
     argv = train_argv(model, subject_dir, tmp_path / "ddp", *common_flags)
@@ -55,12 +57,14 @@ def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(ti
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 process(es)" in result.stdout
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoint-2")) == [
-        "optimizer.pt", "rng_0.pt", "rng_1.pt", "scheduler.pt", "trainable.safetensors", "training_state.json"]
-    ddp = load_file(str(tmp_path / "ddp" / train_dreambooth.LORA_WEIGHTS_NAME))
-    ours = load_file(str(tmp_path / "single" / train_dreambooth.LORA_WEIGHTS_NAME))
-    assert ddp.keys() == ours.keys()
-    for key in ours:
-        assert torch.allclose(ddp[key], ours[key], atol=1e-5), key
+        "ema.safetensors", "optimizer.pt", "rng_0.pt", "rng_1.pt", "scheduler.pt", "trainable.safetensors",
+        "training_state.json"]
+    for name in (train_dreambooth.LORA_WEIGHTS_NAME, "pytorch_lora_weights_ema.safetensors"):
+        ddp = load_file(str(tmp_path / "ddp" / name))
+        ours = load_file(str(tmp_path / "single" / name))
+        assert ddp.keys() == ours.keys()
+        for key in ours:
+            assert torch.allclose(ddp[key], ours[key], atol=1e-5), key
     assert single["steps"] == 3
 
 
