@@ -1408,3 +1408,67 @@ def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, pri
 def load_tensors(path):
     with safe_open(path, framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def latent_scaling(info):
+    """(shift, scale): the UNet sees (vae latent - shift) * scale."""
+    return info.vae_config.get("shift_factor") or 0.0, info.vae_config.get("scaling_factor", 0.18215)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. The stable eval loss
+
+
+def eval_timesteps(num_train_timesteps, count):
+    """`count` evenly spaced timesteps, both ends of the schedule left out (t = 0 is almost noiseless, the last one
+    almost pure noise: neither says much about the model)."""
+    return torch.linspace(0, num_train_timesteps - 1, count + 2)[1:-1].round().long()
+
+
+def eval_examples(entries, info, text_dir):
+    """stable_eval_loss inputs from cached entries: the latent distribution's mean (no sampling, so the same every
+    time), the first caption's embeddings, and SDXL's time ids. Masks are not used: eval loss is over the image."""
+    identity = text_encoder_identity(info)
+    shift, scale = latent_scaling(info)
+    examples = []
+    for entry in entries:
+        text = load_tensors(text_cache_path(text_dir, entry.captions[0], identity))
+        example = {"latents": (load_tensors(entry.cache_path)["mean"][None] - shift) * scale,
+                   "prompt_embeds": text["prompt_embeds"][None]}
+        if info.family == "sdxl":
+            example["added_cond"] = {"text_embeds": text["pooled_prompt_embeds"][None],
+                                     "time_ids": sdxl_time_ids(entry.transform)[None]}
+        examples.append(example)
+    return examples
+
+
+@torch.no_grad()
+def stable_eval_loss(unet, noise_scheduler, prediction_type, examples, count=8, seed=0):
+    """A loss that can be compared across steps, checkpoints and runs: every example is noised at the same
+    `count` fixed timesteps with the same fixed noise (from `seed`), in eval mode, and the global RNG is left
+    exactly as it was (a training run that evaluates draws what one that does not would draw).
+
+    Returns {"mean": float, "per_timestep": {t: float}}."""
+    timesteps = eval_timesteps(noise_scheduler.config.num_train_timesteps, count)
+    device, dtype = unet.device, unet.dtype
+    was_training = unet.training
+    unet.eval()
+    totals = torch.zeros(len(timesteps))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i, example in enumerate(examples):
+            latents = example["latents"].float().expand(len(timesteps), -1, -1, -1)
+            noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            noise = noise.expand_as(latents)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = noise_scheduler.get_velocity(latents, noise, timesteps) \
+                if prediction_type == "v_prediction" else noise
+            embeds = example["prompt_embeds"].expand(len(timesteps), -1, -1)
+            cond = {k: v.expand(len(timesteps), -1).to(device) for k, v in example["added_cond"].items()} \
+                if "added_cond" in example else None
+            pred = unet(noisy.to(device, dtype), timesteps.to(device), embeds.to(device, dtype),
+                        added_cond_kwargs=cond).sample
+            totals += ((pred.float().cpu() - target) ** 2).mean(dim=(1, 2, 3))
+    unet.train(was_training)
+    per_timestep = totals / max(1, len(examples))
+    return {"mean": per_timestep.mean().item(),
+            "per_timestep": {int(t): value.item() for t, value in zip(timesteps, per_timestep)}}

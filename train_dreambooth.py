@@ -10,12 +10,13 @@ Reads the base model (diffusers folder, hub id or single file), the data config 
 Writes to --output_dir:
     pytorch_lora_weights.safetensors   the LoRA (diffusers format: pipe.load_lora_weights(output_dir))
     model_index.json, unet/, ...        instead, with --model_type full: a complete diffusers pipeline
+    pytorch_lora_weights_ema.safetensors  with --use_ema: the averaged weights (ema/ for a full fine-tune)
     checkpoint-STEP/                    resumable state every --checkpointing_steps
     validation/step-STEP/               validation images (one PNG each, plus grid.png)
     logs/train_log.jsonl                one JSON line per step (loss, lr, time); TensorBoard too when installed
 
-The training loop is one flat block near the end of main(); each feature (noise offset, min-SNR, clipping,
-checkpoints, validation) is one commented block in it.
+The training loop is one flat block near the end of main(); each feature (noise offset, rollouts, prior loss,
+min-SNR, clipping, EMA, checkpoints, validation) is one commented block in it.
 """
 
 import contextlib
@@ -183,13 +184,13 @@ def rollout_probability(args, step):
     return args.scheduled_sampling_probability * min(1.0, step / args.scheduled_sampling_ramp_steps)
 
 
-def rollout_sampler(name, scheduler_config):
+def rollout_sampler(name, scheduler_config, device="cpu"):
     """A fresh diffusers sampler for one rollout (multistep samplers keep per-run state), with one inference step
     per training timestep: its schedule is 999, 998, ..., 0, so k steps from t+k end exactly at t."""
     import diffusers
 
     sampler = getattr(diffusers, ROLLOUT_SAMPLERS[name]).from_config(scheduler_config, timestep_spacing="trailing")
-    sampler.set_timesteps(scheduler_config.num_train_timesteps)
+    sampler.set_timesteps(scheduler_config.num_train_timesteps, device=device)
     return sampler
 
 
@@ -792,8 +793,7 @@ def main(argv=None):
             for caption in entry.captions:
                 if caption not in text_embeds:
                     text_embeds[caption] = common.load_tensors(common.text_cache_path(text_dir, caption, text_identity))
-    scaling = info.vae_config.get("scaling_factor", 0.18215)
-    shift = info.vae_config.get("shift_factor") or 0.0
+    shift, scaling = common.latent_scaling(info)
 
     # --- Models. Frozen weights in the compute precision, trainable ones in fp32.
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
@@ -942,7 +942,7 @@ def main(argv=None):
                     if k == 0:
                         continue
                     cond = {key: value[i:i + 1] for key, value in added_cond.items()} if added_cond else None
-                    sampler_i = rollout_sampler(args.scheduled_sampling_sampler, noise_scheduler.config)
+                    sampler_i = rollout_sampler(args.scheduled_sampling_sampler, noise_scheduler.config, device)
                     with accelerator.autocast():
                         noisy_latents[i] = rollout(unwrapped, sampler_i, latents[i:i + 1], noise[i:i + 1],
                                                    int(timesteps[i]) + k, k, prompt_embeds[i:i + 1].to(device), cond,
