@@ -17,6 +17,7 @@ Sections, in the order a run needs them:
 """
 
 import argparse
+import contextlib
 import ctypes
 import difflib
 import functools
@@ -144,6 +145,24 @@ def write_text_atomic(text, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first. A folder without its state file (a broken copy) is skipped, loudly."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+            path = os.path.join(output_dir, name)
+            if os.path.isfile(os.path.join(path, STATE_FILE)):
+                found.append((int(name[len("checkpoint-"):]), path))
+            else:
+                print(f"warning: {path} is incomplete (no {STATE_FILE}); it is ignored")
+    return [path for _, path in sorted(found)]
 
 
 def write_json_atomic(obj, path):
@@ -506,7 +525,8 @@ def announce_pending_features(datasets, print_fn=print):
     """Keys whose feature a later version adds are accepted, never silently: each gets a one-line notice."""
     for dataset in datasets:
         if dataset.dataset_type == "eval":
-            print_fn(f"notice: dataset {dataset.id!r} is an eval set; it is held out and not trained on")
+            print_fn(f"notice: dataset {dataset.id!r} is an eval set: held out, never trained on, scored by the "
+                     "eval loss (--eval_steps_interval, evaluate.py)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1202,7 +1222,14 @@ def load_adapter(pipe, path):
         network.apply_to()
         pipe.unet.add_module("lycoris", network)  # keeps it alive and findable, as in training
     else:
-        pipe.load_lora_weights(os.path.dirname(file) or ".", weight_name=os.path.basename(file))
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # else: a warning that the (untrained) text encoder has no LoRA keys
+        try:
+            pipe.load_lora_weights(os.path.dirname(file) or ".", weight_name=os.path.basename(file))
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
     return pipe
 
 
@@ -1443,11 +1470,12 @@ def eval_examples(entries, info, text_dir):
 
 
 @torch.no_grad()
-def stable_eval_loss(unet, noise_scheduler, prediction_type, examples, count=8, seed=0):
+def stable_eval_loss(unet, noise_scheduler, prediction_type, examples, count=8, seed=0, autocast=None):
     """A loss that can be compared across steps, checkpoints and runs: every example is noised at the same
     `count` fixed timesteps with the same fixed noise (from `seed`), in eval mode, and the global RNG is left
     exactly as it was (a training run that evaluates draws what one that does not would draw).
 
+    `autocast`: a context manager for mixed precision (training passes accelerator.autocast).
     Returns {"mean": float, "per_timestep": {t: float}}."""
     timesteps = eval_timesteps(noise_scheduler.config.num_train_timesteps, count)
     device, dtype = unet.device, unet.dtype
@@ -1465,10 +1493,121 @@ def stable_eval_loss(unet, noise_scheduler, prediction_type, examples, count=8, 
             embeds = example["prompt_embeds"].expand(len(timesteps), -1, -1)
             cond = {k: v.expand(len(timesteps), -1).to(device) for k, v in example["added_cond"].items()} \
                 if "added_cond" in example else None
-            pred = unet(noisy.to(device, dtype), timesteps.to(device), embeds.to(device, dtype),
-                        added_cond_kwargs=cond).sample
+            with (autocast or contextlib.nullcontext)():
+                pred = unet(noisy.to(device, dtype), timesteps.to(device), embeds.to(device, dtype),
+                            added_cond_kwargs=cond).sample
             totals += ((pred.float().cpu() - target) ** 2).mean(dim=(1, 2, 3))
     unet.train(was_training)
     per_timestep = totals / max(1, len(examples))
     return {"mean": per_timestep.mean().item(),
             "per_timestep": {int(t): value.item() for t, value in zip(timesteps, per_timestep)}}
+
+
+def eval_sets(datasets, plans, split=0):
+    """The entries the eval loss is measured on: every `eval` dataset's images, plus (--eval_split N) N images held
+    out of the first subject dataset and removed from its plan, so they are never trained on. The held-out images
+    depend on the file list alone (a fixed seed, not --seed): training and evaluate.py pick the same ones."""
+    entries = [e for d in datasets if d.dataset_type == "eval" for e in plans.get(d.id, [])]
+    if split:
+        subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
+        plan = plans[subject.id]
+        if split >= len(plan):
+            raise SystemExit(f"--eval_split {split}: dataset {subject.id!r} has {len(plan)} usable images; holding out "
+                             f"{split} leaves none to train on (use a smaller number, or an eval dataset)")
+        held = set(random.Random(0).sample(range(len(plan)), split))
+        entries += [e for i, e in enumerate(plan) if i in held]
+        plans[subject.id] = [e for i, e in enumerate(plan) if i not in held]
+    return entries
+
+
+def add_eval_args(parser):
+    group = parser.add_argument_group("eval loss (fixed timesteps and noise: comparable across steps and runs)")
+    group.add_argument("--eval_split", type=int, default=0,
+                       help="hold out N images of the subject for the eval loss (besides any eval datasets)")
+    group.add_argument("--eval_timesteps", type=int, default=8, help="evenly spaced timesteps, ends excluded")
+    group.add_argument("--eval_seed", type=int, default=0, help="seed of the fixed eval noise")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. Scores: CLIP-T, CLIP-I and DINO, as in the DreamBooth paper
+
+# The DreamBench prompt templates (Ruiz et al. 2023): 25 per subject kind; {instance} is e.g. "ohwx dog".
+DREAMBENCH_SETTINGS = ["in the jungle", "in the snow", "on the beach", "on a cobblestone street",
+                       "on top of pink fabric", "on top of a wooden floor", "with a city in the background",
+                       "with a mountain in the background", "with a blue house in the background",
+                       "on top of a purple rug in a forest"]
+DREAMBENCH_OBJECT = ["with a wheat field in the background", "with a tree and autumn leaves in the background",
+                     "with the Eiffel Tower in the background", "floating on top of water",
+                     "floating in an ocean of milk", "on top of green grass with sunflowers around it",
+                     "on top of a mirror", "on top of the sidewalk in a crowded street", "on top of a dirt road",
+                     "on top of a white rug"]
+DREAMBENCH_LIVE = ["wearing a red hat", "wearing a santa hat", "wearing a rainbow scarf",
+                   "wearing a black top hat and a monocle", "in a chef outfit", "in a firefighter outfit",
+                   "in a police outfit", "wearing pink glasses", "wearing a yellow shirt", "in a purple wizard outfit"]
+DREAMBENCH_ATTRIBUTES = ["red", "purple", "shiny", "wet", "cube shaped"]
+
+
+def dreambench_prompts(kind):
+    """The 25 DreamBench prompt templates for an `object` or a `live` subject."""
+    middle = DREAMBENCH_OBJECT if kind == "object" else DREAMBENCH_LIVE
+    return ([f"a {{instance}} {place}" for place in DREAMBENCH_SETTINGS + middle]
+            + [f"a {attribute} {{instance}}" for attribute in DREAMBENCH_ATTRIBUTES])
+
+
+def fill_prompt(template, instance, class_prompt):
+    """(the prompt to generate from, the prompt CLIP-T scores against): the second names the class, not the
+    identifier, because CLIP does not know the identifier (the DreamBooth paper's convention)."""
+    generate = template.replace("{instance}", instance).replace("{class}", class_prompt)
+    score = template.replace("{instance}", class_prompt).replace("{class}", class_prompt)
+    if instance and "{instance}" not in template and instance in generate:  # a literal prompt naming the subject
+        score = generate.replace(instance, class_prompt)
+    return generate, score
+
+
+class Scorer:
+    """CLIP (image and text) and DINO (ViT, CLS token) embeddings, L2-normalised, for the paper's three scores:
+    CLIP-T = mean cosine(image, its prompt); CLIP-I and DINO = mean pairwise cosine(generated, real images).
+    Models by local folder or hub id; `dino_model=None` skips DINO."""
+
+    def __init__(self, clip_model, dino_model=None, device="cpu"):
+        from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
+
+        self.device = device
+        self.clip = CLIPModel.from_pretrained(clip_model).to(device).eval()
+        self.clip_processor = CLIPProcessor.from_pretrained(clip_model)
+        self.dino = self.dino_processor = None
+        if dino_model:
+            self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False).to(device).eval()
+            self.dino_processor = AutoImageProcessor.from_pretrained(dino_model)
+
+    @staticmethod
+    def _normalised(output):
+        features = output.pooler_output if hasattr(output, "pooler_output") else output  # transformers 5 / 4
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def clip_images(self, images):
+        pixels = self.clip_processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return self._normalised(self.clip.get_image_features(pixel_values=pixels))
+
+    @torch.no_grad()
+    def clip_texts(self, texts):
+        tokens = self.clip_processor(text=list(texts), padding=True, truncation=True, return_tensors="pt")
+        return self._normalised(self.clip.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                            attention_mask=tokens["attention_mask"].to(self.device)))
+
+    @torch.no_grad()
+    def dino_images(self, images):
+        pixels = self.dino_processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        cls = self.dino(pixel_values=pixels).last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
+
+    def scores(self, images, score_prompts, real_clip, real_dino=None):
+        """{"clip_t", "clip_i", "dino"} for generated `images` (each with its scoring prompt) against the real
+        subject images' embeddings (from clip_images / dino_images, computed once)."""
+        image_embeds = self.clip_images(images)
+        result = {"clip_t": (image_embeds * self.clip_texts(score_prompts)).sum(-1).mean().item(),
+                  "clip_i": (image_embeds @ real_clip.T).mean().item()}
+        if self.dino is not None and real_dino is not None:
+            result["dino"] = (self.dino_images(images) @ real_dino.T).mean().item()
+        return result

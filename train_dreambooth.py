@@ -32,7 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from common import str2bool
+import webhooks
+from common import STATE_FILE, list_checkpoints, str2bool
 
 LORA_TARGETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -45,9 +46,9 @@ KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"  # kohya layout:
 LYCORIS_PRESET_ATTRIBUTES = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
                              "NAME_ALGO_MAP", "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
 LYCORIS_PRESET_NAME = "dreambooth-config"
-STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 EMA_SUFFIX = "_ema"  # pytorch_lora_weights_ema.safetensors (LoRA / LyCORIS) and ema/ (a full fine-tune's pipeline)
 EMA_CHECKPOINT_FILE = "ema.safetensors"
+PREVIEW_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}  # Tiny AEs
 ROLLOUT_SAMPLERS = {"unipc": "UniPCMultistepScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
                     "dpm": "DPMSolverMultistepScheduler"}
 
@@ -352,13 +353,14 @@ def kohya_lora(unet, alpha):
     return state
 
 
-def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, suffix="", extra_metadata=None):
-    """Write the trained adapter: diffusers-format LoRA (and --lora_format comfyui: the kohya layout too), or the
-    LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load).
+def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, folder, suffix="",
+                 extra_metadata=None):
+    """Write the trained adapter into `folder`: diffusers-format LoRA (and --lora_format comfyui: the kohya layout
+    too), or the LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load).
     `suffix` names a variant: "_ema" writes pytorch_lora_weights_ema.safetensors (and ..._ema_comfyui)."""
     metadata = {**run_metadata(args, info, datasets, step), **(extra_metadata or {})}
-    path = os.path.join(args.output_dir, LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors"))
-    kohya_path = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
+    path = os.path.join(folder, LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors"))
+    kohya_path = os.path.join(folder, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
     network = getattr(unet, "lycoris", None)
     if network is None:
         save_lora(unet, path, {**metadata, **peft_metadata(lora_config), "lora_rank": str(args.lora_rank),
@@ -368,7 +370,7 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
         return path
     state = {key: value.float() for key, value in network.state_dict().items()}
     common.save_safetensors_atomic(state, path, {**metadata, "lycoris_config": json.dumps(lycoris_config)})
-    common.write_json_atomic(lycoris_config, os.path.join(args.output_dir, "lycoris_config.json"))
+    common.write_json_atomic(lycoris_config, os.path.join(folder, "lycoris_config.json"))
     # lora/locon tensors are kohya's own under another prefix; anything else (loha, lokr, DoRA, scalars, a
     # module_algo_map that mixes algorithms) has no kohya form, and only LyCORIS's loader reads it.
     if all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in state):
@@ -376,30 +378,17 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
         common.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value * multiplier
                                         if key.endswith(".alpha") else value for key, value in state.items()},
                                        kohya_path, metadata)
-    elif not suffix:
+    elif not suffix and folder == args.output_dir:
         print(f"note: no {KOHYA_WEIGHTS_NAME}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads "
               "them)")
     return path
 
 
-def list_checkpoints(output_dir):
-    """Complete checkpoints, oldest first. A folder without its state file (a broken copy) is skipped, loudly."""
-    found = []
-    if not os.path.isdir(output_dir):
-        return found
-    for name in os.listdir(output_dir):
-        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
-            path = os.path.join(output_dir, name)
-            if os.path.isfile(os.path.join(path, STATE_FILE)):
-                found.append((int(name[len("checkpoint-"):]), path))
-            else:
-                print(f"warning: {path} is incomplete (no {STATE_FILE}); it is ignored")
-    return [path for _, path in sorted(found)]
-
-
-def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed, ema=None):
+def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed, ema=None,
+                    save_outputs=None):
     """Write checkpoint-STEP atomically: everything goes into a hidden temporary folder, the state file last,
-    then one rename. A run killed at any moment leaves either the whole checkpoint or none."""
+    then one rename. A run killed at any moment leaves either the whole checkpoint or none. `save_outputs(folder)`
+    adds the adapter files, so a checkpoint loads (and evaluates) exactly like a final output."""
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".checkpoint-{step}.tmp")
     if accelerator.is_main_process:
@@ -420,6 +409,8 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
             torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         if ema is not None:
             common.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
+        if save_outputs is not None:
+            save_outputs(tmp, step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name in os.listdir(tmp):
@@ -502,9 +493,35 @@ def image_grid(images, columns, labels=()):
     return grid
 
 
-def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, step, ema=None):
+@torch.no_grad()
+def decode_preview(preview_vae, latents):
+    """A quick picture of in-progress latents: the Tiny AutoEncoder decodes the pipeline's (scaled) latents as they
+    are, in milliseconds, where the full VAE would take seconds."""
+    from PIL import Image
+
+    image = preview_vae.decode(latents[:1].to(preview_vae.device, preview_vae.dtype)).sample[0]
+    return Image.fromarray(((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def preview_sender(hooks, preview_vae, every, step, prompt, seed):
+    """A callback_on_step_end that sends a preview every `every` denoising steps and at the last one."""
+    def callback(pipe, index, timestep, tensors):
+        done, total = index + 1, len(pipe.scheduler.timesteps)
+        if done % every == 0 or done == total:
+            hooks.send("preview_image", f"{prompt} (denoising step {done}/{total})", step=step,
+                       images=[decode_preview(preview_vae, tensors["latents"])], prompt=prompt, seed=seed,
+                       denoising_step=done)
+        return tensors
+    return callback
+
+
+def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, step, ema=None, scoring=None,
+                   hooks=None, preview_vae=None):
     """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable).
-    With an EMA, --validation_ema picks the raw weights, the EMA weights, or both side by side in the grid."""
+    With an EMA, --validation_ema picks the raw weights, the EMA weights, or both side by side in the grid.
+    With `scoring` (--evaluation_type clip: the Scorer and the subject's CLIP embeddings) the images are scored;
+    returns {"validation/clip_t": ..., "validation/clip_i": ...} (with "/ema" variants), else {}.
+    Webhooks get each prompt's images, and with `preview_vae` previews while they are generated."""
     model = accelerator.unwrap_model(unet)
     for part in (vae, *text_encoders):  # no-op unless --offload_frozen left them in system memory
         part.to(accelerator.device)
@@ -516,33 +533,52 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
     variants = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[args.validation_ema if ema else "raw"]
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
-    rows = {p: [] for p in range(len(args.validation_prompt))}
+    # Prompts may hold {instance} / {class}; CLIP-T scores against the class in place of the instance.
+    prompts = [common.fill_prompt(p, args.validation_instance or "", args.validation_class or args.validation_instance
+                                  or "") for p in args.validation_prompt]
+    grid_rows = {p: [] for p in range(len(prompts))}
+    scores = {}
     for variant in variants:
-        jobs = [(p, prompt, i) for p, prompt in enumerate(args.validation_prompt)
-                for i in range(args.num_validation_images)]
+        made = {p: [] for p in range(len(prompts))}
+        jobs = [(p, i) for p in range(len(prompts)) for i in range(args.num_validation_images)]
         weights = ema.applied(trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
         with weights:
-            for p, prompt, i in tqdm(jobs, desc=f"validation images (step {step}, {variant})", unit="img",
-                                     leave=False):
+            for p, i in tqdm(jobs, desc=f"validation images (step {step}, {variant})", unit="img", leave=False):
                 seed = args.validation_seed + i
+                preview = None
+                if preview_vae is not None and hooks is not None:
+                    preview = preview_sender(hooks, preview_vae, args.validation_preview_steps, step, prompts[p][0],
+                                             seed)
                 with torch.no_grad(), accelerator.autocast():
-                    image = pipe(prompt, negative_prompt=args.validation_negative_prompt, height=resolution,
+                    image = pipe(prompts[p][0], negative_prompt=args.validation_negative_prompt, height=resolution,
                                  width=resolution, num_inference_steps=args.validation_num_inference_steps,
                                  guidance_scale=args.validation_guidance_scale,
-                                 generator=torch.Generator().manual_seed(seed)).images[0]
+                                 generator=torch.Generator().manual_seed(seed), callback_on_step_end=preview,
+                                 callback_on_step_end_tensor_inputs=["latents"]).images[0]
                 name = f"prompt{p:02d}-seed{seed}" + (EMA_SUFFIX if variant == "ema" else "")
                 image.save(os.path.join(folder, f"{name}.png"))
-                rows[p].append(image)
+                made[p].append(image)
+        for p, images in made.items():
+            grid_rows[p] += images
+            if hooks is not None:
+                hooks.send("validation_image", prompts[p][0] + (" (EMA weights)" if variant == "ema" else ""),
+                           step=step, images=images, prompt=prompts[p][0], weights=variant)
+        if scoring is not None:
+            scorer, real_clip = scoring
+            values = scorer.scores([image for p in made for image in made[p]],
+                                   [prompts[p][1] for p in made for _ in made[p]], real_clip)
+            tag = "/ema" if variant == "ema" else ""
+            scores.update({f"validation/{k}{tag}": v for k, v in values.items()})
     labels = [{"raw": "raw", "ema": "EMA"}[v] for v in variants] if len(variants) > 1 else ()
-    image_grid([image for p in rows for image in rows[p]], args.num_validation_images * len(variants),
+    image_grid([image for p in grid_rows for image in grid_rows[p]], args.num_validation_images * len(variants),
                labels).save(os.path.join(folder, "grid.png"))
     with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(args.validation_prompt) + "\n")
+        handle.write("\n".join(generate for generate, _ in prompts) + "\n")
     model.train(was_training)
     if args.offload_frozen:
         for part in (vae, *text_encoders):
             part.to("cpu")
-    return folder
+    return scores
 
 
 def save_full_pipeline(info, unet, vae, tokenizers, text_encoders, output_dir):
@@ -626,6 +662,14 @@ def check_args(args):
     if not 0 < args.ema_decay < 1 or args.ema_update_interval < 1:
         raise SystemExit("--ema_decay must lie between 0 and 1 (e.g. 0.999) and --ema_update_interval be 1 or more")
     args.validation_ema = args.validation_ema or ("both" if args.use_ema else "raw")
+    if args.validation_preview and not (args.webhook_config and args.validation_prompt):
+        raise SystemExit("--validation_preview sends pictures of validation images to webhooks: it needs "
+                         "--validation_prompt and --webhook_config")
+    if args.validation_preview_steps < 1:
+        raise SystemExit("--validation_preview_steps must be 1 or more")
+    for placeholder, flag in (("{instance}", "validation_instance"), ("{class}", "validation_class")):
+        if any(placeholder in p for p in args.validation_prompt or []) and not getattr(args, flag):
+            raise SystemExit(f"a --validation_prompt uses {placeholder}: pass --{flag} (e.g. \"ohwx dog\" / \"dog\")")
     if args.validation_ema != "raw" and not args.use_ema:
         raise SystemExit(f"--validation_ema {args.validation_ema} renders the EMA weights: add --use_ema")
 
@@ -712,6 +756,10 @@ def build_parser():
     group.add_argument("--ema_warmup", type=str2bool, nargs="?", const=True, default=False,
                        help="decay min(ema_decay, (1+s)/(10+s)) after s updates: the average leaves the start fast")
 
+    common.add_eval_args(parser)
+    parser.add_argument("--eval_steps_interval", type=int, default=0,
+                        help="log the stable eval loss every N steps (eval datasets and/or --eval_split images)")
+
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--checkpointing_steps", type=int, default=500)
     group.add_argument("--checkpoints_total_limit", type=int, default=None)
@@ -726,6 +774,21 @@ def build_parser():
     group.add_argument("--validation_negative_prompt", default=None)
     group.add_argument("--validation_resolution", type=int, default=None, help="default: the model's native size")
     group.add_argument("--validation_seed", type=int, default=0)
+    group.add_argument("--validation_instance", default=None,
+                       help="fills {instance} in validation prompts (e.g. \"ohwx dog\")")
+    group.add_argument("--validation_class", default=None,
+                       help="fills {class}, and replaces the instance in the text CLIP-T scores (e.g. \"dog\")")
+    group.add_argument("--evaluation_type", default="none", choices=["none", "clip"],
+                       help="clip: score validation images (CLIP-T, CLIP-I against the subject) into the log")
+    group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="for --evaluation_type clip")
+    group.add_argument("--validation_preview", type=str2bool, nargs="?", const=True, default=False,
+                       help="send in-progress pictures of validation images to the webhooks (Tiny AutoEncoder)")
+    group.add_argument("--validation_preview_steps", type=int, default=5, help="a preview every N denoising steps")
+    group.add_argument("--preview_vae", default=None,
+                       help="Tiny AutoEncoder (default madebyollin/taesd; madebyollin/taesdxl for SDXL)")
+    group.add_argument("--webhook_config", default=None,
+                       help="JSON: raw and/or discord webhooks for start, checkpoints, validation images, previews, "
+                            "the end and errors (see webhooks.py)")
     group.add_argument("--validation_ema", default=None, choices=["raw", "ema", "both"],
                        help="with --use_ema, which weights validation renders (default both, side by side)")
     return parser
@@ -739,16 +802,13 @@ def parse_args(argv=None):
 # The run
 
 
-def main(argv=None):
+def train(args, hooks):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
-    args = parse_args(argv)
-    check_args(args)
     # cpu=True where there is no GPU: then `torchrun --nproc_per_node N` starts N CPU processes (gloo DDP).
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     # LyCORIS module dropout skips whole modules in some steps: DDP must expect parameters without gradients.
@@ -771,6 +831,12 @@ def main(argv=None):
         say(f"seed: {seed} (pass --seed to choose it)")
     set_seed(seed)
     plans = common.plan_datasets(datasets, common.crop_seed(args), print_fn=say)
+    eval_entries = common.eval_sets(datasets, plans, args.eval_split)  # removes --eval_split images from training
+    if not args.eval_steps_interval:
+        eval_entries = []
+    elif not eval_entries:
+        raise SystemExit("--eval_steps_interval needs images to measure on: an eval dataset in the data config "
+                         "(\"dataset_type\": \"eval\") or --eval_split N")
     say(f"model: {info.ref} ({info.family}, {info.prediction_type}); datasets: "
         + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
 
@@ -780,7 +846,10 @@ def main(argv=None):
     if accelerator.is_main_process:
         for dataset in train_datasets:
             plans[dataset.id], _ = common.build_vae_cache(plans[dataset.id], info, device, args.vae_batch_size)
+        if eval_entries:
+            eval_entries, _ = common.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
         captions = [c for d in train_datasets for e in plans[d.id] for c in e.captions]
+        captions += [e.captions[0] for e in eval_entries]
         common.build_text_cache(captions, info, text_dir, device)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # images that failed to decode on the main process have no cache: drop them
@@ -870,6 +939,34 @@ def main(argv=None):
             f"{args.scheduled_sampling_probability:g} over {args.scheduled_sampling_ramp_steps} steps, "
             f"{args.scheduled_sampling_target} target")
 
+    # --evaluation_type clip: validation images are scored against their prompts and the subject's photos.
+    scoring = None
+    if args.evaluation_type == "clip" and args.validation_prompt and accelerator.is_main_process:
+        scorer = common.Scorer(args.clip_model, device=device)
+        subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
+        scoring = scorer, scorer.clip_images([common.load_image(e.path) for e in plans[subject.id]])
+
+    # --validation_preview: a Tiny AutoEncoder turns in-progress latents into pictures for the webhooks.
+    preview_vae = None
+    if args.validation_preview and accelerator.is_main_process:
+        from diffusers import AutoencoderTiny
+
+        reference = args.preview_vae or PREVIEW_VAES[info.family]
+        try:
+            preview_vae = AutoencoderTiny.from_pretrained(reference).to(device).eval()
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--preview_vae {reference}: cannot load a Tiny AutoEncoder there ({err}); pass a local "
+                             "folder or a hub id (madebyollin/taesd, madebyollin/taesdxl)") from None
+
+    def save_adapters(folder, step):
+        """The adapter file(s) in `folder`: the raw weights, and with --use_ema the average beside them."""
+        path = save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, step, folder)
+        if ema is not None:
+            with ema.applied(trainable):
+                save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, step, folder, EMA_SUFFIX,
+                             {"weights": "ema", "ema_decay": str(args.ema_decay), "ema_updates": str(ema.updates)})
+        return path
+
     first_step = 0
     if resume_path:
         state = load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler, ema)
@@ -884,8 +981,28 @@ def main(argv=None):
         say(f"resumed from {resume_path} at step {first_step}")
 
     log = JsonlLog(os.path.join(args.output_dir, "logs")) if accelerator.is_main_process else None
+    eval_examples = common.eval_examples(eval_entries, info, text_dir) if accelerator.is_main_process else []
+
+    def evaluate_loss():
+        """The stable eval loss of the current weights (and of the EMA): common.stable_eval_loss, the function
+        evaluate.py runs, so the numbers agree."""
+        def loss():
+            return common.stable_eval_loss(unwrapped, noise_scheduler, info.prediction_type, eval_examples,
+                                           args.eval_timesteps, args.eval_seed, accelerator.autocast)
+        raw = loss()
+        record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
+        if ema is not None:
+            with ema.applied(trainable):
+                record["eval_loss/ema"] = loss()["mean"]
+        return record
+
+    if eval_examples and first_step == 0:  # the starting point, for the curve
+        log.log(0, evaluate_loss())
     say(f"{max_train_steps} steps: batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} x "
         f"{world} process(es); {steps_per_epoch} steps per epoch")
+    if hooks is not None:
+        hooks.send("training_started", f"training {kind} on {info.ref}: steps {first_step} to {max_train_steps}",
+                   step=first_step, max_train_steps=max_train_steps)
     bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
     num_timesteps = noise_scheduler.config.num_train_timesteps
@@ -998,6 +1115,11 @@ def main(argv=None):
         if ema is not None and done % args.ema_update_interval == 0:
             ema_decay = ema.update(trainable)
 
+        # Stable eval loss every --eval_steps_interval steps, and at the end (main process).
+        evaluation = {}
+        if eval_examples and (done % args.eval_steps_interval == 0 or done == max_train_steps):
+            evaluation = evaluate_loss()
+
         # Log; a NaN or infinite loss stops the run (weights are already poisoned; the last checkpoint is not).
         mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
         sums = accelerator.reduce(sums.to(device), reduction="sum").cpu()
@@ -1018,19 +1140,26 @@ def main(argv=None):
                 record["rollout_probability"] = rollout_probability(args, step)
             if ema_decay is not None:
                 record["ema_decay"] = ema_decay
+            record.update(evaluation)
             log.log(done, record)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         bar.update(1)
 
         # Checkpoint every --checkpointing_steps (not at the very end: the final save follows).
         if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < max_train_steps:
-            path = save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed, ema)
+            path = save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed, ema,
+                                   save_adapters if args.model_type == "lora" else None)
             say(f"\nsaved {path}")
+            if hooks is not None:
+                hooks.send("checkpoint_saved", f"checkpoint at step {done}: {path}", step=done, path=path)
 
         # Validation images every --validation_steps.
         if args.validation_prompt and done % args.validation_steps == 0:
             if accelerator.is_main_process:
-                run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, done, ema)
+                scores = run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, done, ema,
+                                        scoring, hooks, preview_vae)
+                if scores:
+                    log.log(done, scores)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -1038,35 +1167,56 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.model_type == "lora":
-            path = save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, max_train_steps)
+            path = save_adapters(args.output_dir, max_train_steps)
         else:
             path = args.output_dir
             vae, text_encoders = vae.to(torch.float32), [e.to(torch.float32) for e in text_encoders]
             save_full_pipeline(info, unwrapped.to(torch.float32), vae, tokenizers, text_encoders, args.output_dir)
-        if ema is not None:  # the average beside the raw weights, loadable the same way
-            with ema.applied(trainable):
-                if args.model_type == "lora":
-                    save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, max_train_steps,
-                                 EMA_SUFFIX, {"weights": "ema", "ema_decay": str(args.ema_decay),
-                                              "ema_updates": str(ema.updates)})
-                else:
+            if ema is not None:  # the average beside the raw weights, loadable the same way
+                with ema.applied(trainable):
                     save_full_pipeline(info, unwrapped, vae, tokenizers, text_encoders,
                                        os.path.join(args.output_dir, EMA_SUFFIX[1:]))
         if args.validation_prompt and max_train_steps % args.validation_steps != 0:
-            run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, max_train_steps, ema)
+            scores = run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, max_train_steps,
+                                    ema, scoring, hooks, preview_vae)
+            if scores:
+                log.log(max_train_steps, scores)
         log.close()
         say(f"saved {path}")
+        if hooks is not None:
+            hooks.send("training_finished", f"finished {max_train_steps} steps; saved {path}", step=max_train_steps,
+                       path=path)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if torch.distributed.is_initialized():
         # Shut the process group down while Python runs normally: left to the interpreter's exit, freeing the DDP
         # reducer joins gloo's worker threads while holding the GIL one of them waits for (an exit that hangs).
         torch.distributed.destroy_process_group()
-    # accelerate keeps its settings in process-wide state; clear them so main() can run again in this process
-    # (notebooks, tests) with another --mixed_precision.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
     return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed, "ema": ema}
+
+
+def main(argv=None):
+    """Check the flags, then train. Webhooks (main process only) hear of the start, checkpoints, validation
+    images, the end, and any error that stops the run, with its message."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    args = parse_args(argv)
+    check_args(args)
+    hooks = webhooks.load_webhooks(args.webhook_config) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return train(args, hooks)
+    except BaseException as err:
+        if hooks is not None:
+            text = str(err) if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
+            hooks.send("error", f"training stopped: {text}")
+        raise
+    finally:
+        if hooks is not None:
+            hooks.close(timeout=15)  # bounded: a hanging server does not hold the run's exit for long
+        # accelerate keeps its settings in process-wide state; clear them so main() can run again in this process
+        # (notebooks, tests) with another --mixed_precision.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 if __name__ == "__main__":

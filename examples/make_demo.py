@@ -209,6 +209,8 @@ def main(argv=None):
         "num_validation_images": 2,
         "validation_num_inference_steps": 10,
         "validation_resolution": 192,
+        "eval_split": 2,
+        "eval_steps_interval": 10,
     }
     with open(os.path.join(root, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)

@@ -3,9 +3,12 @@
 The model configs live in examples/make_demo.py (the demo builds the same tiny models); each family is built
 once per test session into a temporary folder and loaded from there like any local model."""
 
+import http.server
 import json
 import os
+import socket
 import sys
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
 
@@ -122,3 +125,88 @@ def tiny_clipseg(tmp_path_factory):
                                            image_std=[0.229, 0.224, 0.225])
     CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_scorers(tmp_path_factory):
+    """(CLIP folder, DINO folder): tiny random CLIPModel + CLIPProcessor and ViTModel + image processor, 32 px."""
+    from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, ViTConfig,
+                              ViTImageProcessorPil, ViTModel)
+
+    import torch
+
+    clip_folder, dino_folder = (str(tmp_path_factory.mktemp(name)) for name in ("clip", "dino"))
+    tokenizer = make_demo.tiny_tokenizer()
+    layers = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    text = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **layers)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **layers),
+                         projection_dim=16)).save_pretrained(clip_folder)
+    pixels = dict(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32,
+                                                                                              "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(clip_folder)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, **layers), add_pooling_layer=False).save_pretrained(dino_folder)
+    ViTImageProcessorPil(**pixels).save_pretrained(dino_folder)
+    return clip_folder, dino_folder
+
+
+# Local HTTP servers for the webhook tests
+
+
+class Server:
+    """A local HTTP server that answers every POST with `status`, or never (until the test ends) when `hang`."""
+
+    def __init__(self, status=200, hang=False):
+        self.requests, self.status, self.hang = [], status, hang
+        self.release = threading.Event()  # lets hanging handlers go at teardown
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                        "body": body})
+                if server.hang:
+                    server.release.wait(10)
+                    return
+                self.send_response(server.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):  # keep pytest's output quiet
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    """serve(status=200, hang=False) -> a running Server, stopped at the end of the test."""
+    servers = []
+
+    def start(**kwargs):
+        servers.append(Server(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def dead_url():
+    """The URL of a port nobody listens on: bound once to get a free number, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/hook"

@@ -1,11 +1,14 @@
-"""The demo's own steps (as `make demo` runs them, shortened) keep working: masks from cut-outs, caches, training."""
+"""The demo's own steps (as `make demo` runs them, shortened) keep working: masks from cut-outs, caches, training,
+evaluation."""
 
+import json
 import os
 
 import numpy as np
 from PIL import Image
 
 import cache_latents
+import evaluate
 import make_demo
 import make_masks
 import train_dreambooth
@@ -28,3 +31,9 @@ def test_demo_steps_run_and_train_with_masks(tmp_path):
     assert os.path.isfile(root / "output" / train_dreambooth.LORA_WEIGHTS_NAME)
     assert Image.open(root / "output" / "validation" / "step-3" / "grid.png").size == (2 * 192, 2 * 192)
     assert result["steps"] == 3
+    # evaluate.py reads the same config: the final eval loss is the one training logged at its last step.
+    results = evaluate.main(["--config", str(root / "config.json"), "--instance_prompt", "ohwx toy", "--class_prompt",
+                             "toy", "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--clip_model", "none"])
+    logged = [json.loads(line) for line in open(root / "output" / "logs" / "train_log.jsonl")]
+    assert results[-1]["name"] == "final" and results[-1]["eval_loss"] == logged[-1]["eval_loss"]
+    assert os.path.isfile(root / "output" / "evaluation" / "report.html")

@@ -1,0 +1,393 @@
+"""Score a DreamBooth run: images, CLIP-T / CLIP-I / DINO and the stable eval loss for every checkpoint.
+
+    python evaluate.py --pretrained_model_name_or_path MODEL --checkpoints output/ --instance_data_dir subject/ \\
+        --instance_prompt "ohwx dog" --class_prompt "dog" --prompt_set dreambench --subject_kind live
+
+Evaluates the base model (as step 0), every complete checkpoint-N in --checkpoints (or only those named with
+--only) and the final output there, with --weights raw or ema. For each, with the same seeds throughout:
+  - images: every prompt (--validation_prompt, --prompts_file or --prompt_set dreambench; "{instance}" becomes
+    --instance_prompt and "{class}" --class_prompt) at --num_images_per_prompt seeds;
+  - scores, as in the DreamBooth paper (raw cosines): CLIP-T (each image against its prompt, with the class in
+    place of the instance: CLIP does not know the identifier), CLIP-I and DINO (mean pairwise cosine between the
+    generated images and the real subject images);
+  - the stable eval loss (common.stable_eval_loss, the function training logs with --eval_steps_interval) on the
+    data config's eval datasets and/or --eval_split held-out images: pass the training run's data, --seed and
+    --eval_split, and the numbers equal the training log's.
+Also reads the training config.json (--config; its output_dir is then the run to evaluate). Writes to
+--evaluation_dir (default CHECKPOINTS/evaluation):
+    metrics.json, metrics.csv          one entry per evaluated model
+    images/NAME/pPP-seedS.png, grids/NAME.png (a row per prompt, a column per seed)
+    plots/scores.png, plots/eval_loss_by_timestep.png
+    report.html                        everything on one page, images embedded: open it in any browser
+"""
+
+import base64
+import contextlib
+import csv
+import html
+import io
+import json
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+import common
+
+METRICS = ("clip_t", "clip_i", "dino", "eval_loss")
+LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "eval_loss": "eval loss"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What to evaluate
+
+
+def find_targets(folder, only, weights):
+    """[(name, step, kind, path)]: the base model, the checkpoints and the final output, in step order.
+    kind: "base", "adapter" (a LoRA / LyCORIS file) or "unet" (a full fine-tune: a UNet folder or state file)."""
+    suffix = "_ema" if weights == "ema" else ""
+    adapter_name = f"pytorch_lora_weights{suffix}.safetensors"
+    targets = [("base", 0, "base", None)]
+    for path in common.list_checkpoints(folder):
+        name = os.path.basename(path)
+        step = common.read_json(os.path.join(path, common.STATE_FILE))["step"]
+        if os.path.isfile(os.path.join(path, adapter_name)):
+            targets.append((name, step, "adapter", os.path.join(path, adapter_name)))
+        else:  # a full fine-tune's checkpoint holds the whole UNet's weights
+            state = "ema.safetensors" if weights == "ema" else "trainable.safetensors"
+            if os.path.isfile(os.path.join(path, state)):
+                targets.append((name, step, "unet", os.path.join(path, state)))
+    final = os.path.join(folder, adapter_name)
+    if os.path.isfile(final):
+        with common.safe_open(final, framework="pt") as handle:
+            step = int((handle.metadata() or {}).get("step", 0)) or None
+        targets.append(("final", step, "adapter", final))
+    else:
+        pipeline = os.path.join(folder, "ema") if weights == "ema" else folder
+        if os.path.isfile(os.path.join(pipeline, "model_index.json")):
+            log = os.path.join(folder, "logs", "train_log.jsonl")
+            step = None
+            if os.path.isfile(log):
+                with open(log, encoding="utf-8") as handle:
+                    steps = [json.loads(line)["step"] for line in handle if line.strip()]
+                step = max(steps) if steps else None
+            targets.append(("final", step, "unet", os.path.join(pipeline, "unet")))
+    if only:
+        missing = sorted(set(only) - {t[0] for t in targets})
+        if missing:
+            raise SystemExit(f"--only {' '.join(missing)}: not found in {folder} (there: "
+                             f"{', '.join(t[0] for t in targets)})")
+        targets = [t for t in targets if t[0] in only or t[0] == "base"]
+    if len(targets) == 1:
+        raise SystemExit(f"{folder}: no checkpoint-N folder and no trained output ({adapter_name} or "
+                         "model_index.json) to evaluate; point --checkpoints at a training --output_dir")
+    last = max([t[1] or 0 for t in targets])
+    return sorted(targets, key=lambda t: t[1] if t[1] is not None else last + 1)
+
+
+@contextlib.contextmanager
+def weights_of(pipe, target, info):
+    """The pipeline with one evaluated model's weights; the base model's again afterwards."""
+    _, _, kind, path = target
+    base = pipe.unet
+    if kind == "adapter":
+        common.load_adapter(pipe, path)
+    elif kind == "unet":
+        if os.path.isdir(path):  # a saved pipeline's unet/ folder
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(path)
+        else:  # a checkpoint's state file
+            unet = common.load_component(info, "unet")
+            unet.load_state_dict(common.load_tensors(path))
+        pipe.unet = unet.to(base.device, base.dtype).eval()
+    try:
+        yield pipe
+    finally:
+        if kind == "adapter":
+            network = getattr(pipe.unet, "lycoris", None)
+            if network is not None:
+                network.restore()
+                del pipe.unet.lycoris
+            else:
+                pipe.unload_lora_weights()
+        pipe.unet = base
+
+
+def read_prompts(args):
+    """[(prompt to generate, prompt CLIP-T scores against)]."""
+    if args.prompt_set == "dreambench":
+        templates = common.dreambench_prompts(args.subject_kind)
+    elif args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as handle:
+            templates = [line.strip() for line in handle if line.strip()]
+        if not templates:
+            raise SystemExit(f"{args.prompts_file}: no prompts (one per line; {{instance}} and {{class}} are filled)")
+    elif args.validation_prompt:
+        templates = args.validation_prompt
+    else:
+        templates = ["a photo of {instance}"]
+    if any("{class}" in t for t in templates) and not args.class_prompt:
+        raise SystemExit("the prompts use {class}: pass --class_prompt (e.g. \"dog\")")
+    return [common.fill_prompt(t, args.instance_prompt, args.class_prompt or args.instance_prompt) for t in templates]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def image_grid(rows, thumb=256):
+    """One picture: a row per prompt, a column per seed, thumbnails at most `thumb` pixels wide."""
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    scale = min(1.0, thumb / width)
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image.resize((w, h)), (x * w, y * h))
+    return grid
+
+
+def write_plots(results, folder):
+    """plots/scores.png (each metric against the step) and plots/eval_loss_by_timestep.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    shown = [m for m in METRICS if any(r.get(m) is not None for r in results)]
+    if shown:
+        figure, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
+        for axis, metric in zip(axes[0], shown):
+            points = [(r["step"], r[metric]) for r in results if r.get(metric) is not None and r["step"] is not None]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+            axis.set_title(LABELS[metric])
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+        figure.tight_layout()
+        paths["scores"] = os.path.join(folder, "scores.png")
+        figure.savefig(paths["scores"], dpi=100)
+        plt.close(figure)
+    with_loss = [r for r in results if r.get("eval_loss_per_timestep")]
+    if with_loss:
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        for r in with_loss:
+            curve = r["eval_loss_per_timestep"]
+            axis.plot([int(t) for t in curve], list(curve.values()), marker=".", label=f"{r['name']} (step {r['step']})")
+        axis.set_xlabel("timestep")
+        axis.set_ylabel("eval loss")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        paths["eval_loss_by_timestep"] = os.path.join(folder, "eval_loss_by_timestep.png")
+        figure.savefig(paths["eval_loss_by_timestep"], dpi=100)
+        plt.close(figure)
+    return paths
+
+
+def embedded(path):
+    with open(path, "rb") as handle:
+        return "data:image/png;base64," + base64.b64encode(handle.read()).decode()
+
+
+def write_report(path, settings, results, prompts, plots):
+    """report.html: settings, the metrics table, the plots and every grid, with all images embedded."""
+    def cell(value):
+        return "" if value is None else f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+    header = "".join(f"<th>{LABELS.get(k, k)}</th>" for k in ("name", "step", *METRICS))
+    rows = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k in ("name", "step", *METRICS)) + "</tr>"
+                   for r in results)
+    figures = "".join(f'<figure><img src="{embedded(p)}" alt="{html.escape(k)}"><figcaption>{html.escape(k)}'
+                      "</figcaption></figure>" for k, p in plots.items())
+    prompt_list = "".join(f"<li>{html.escape(generate)}</li>" for generate, _ in prompts)
+    grids = "".join(f'<section><h3>{html.escape(r["name"])} (step {cell(r["step"])})</h3>'
+                    f'<img class="grid" src="{embedded(r["grid_path"])}" alt="grid {html.escape(r["name"])}"></section>'
+                    for r in results if r.get("grid_path"))
+    settings_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                            for k, v in settings.items())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Evaluation: {html.escape(str(settings.get("checkpoints")))}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}} figure{{display:inline-block}}
+img.grid{{image-rendering:pixelated}}</style></head><body>
+<h1>Evaluation</h1>
+<h2>Scores</h2><p>CLIP-T, CLIP-I and DINO are raw cosines (the DreamBooth paper's scale; higher is better);
+the eval loss is the stable eval loss (lower is better).</p>
+<table><tr>{header}</tr>{rows}</table>
+<h2>Plots</h2>{figures or "<p>(no scores to plot)</p>"}
+<h2>Images</h2><p>Rows: the prompts below, in order. Columns: the seeds, the same for every model.</p>
+<ol>{prompt_list}</ol>{grids}
+<h2>Settings</h2><table>{settings_rows}</table>
+</body></html>
+"""
+    common.write_text_atomic(page, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_model_args(parser)
+    common.add_data_args(parser)
+    parser.set_defaults(output_dir=None)
+    common.add_eval_args(parser)
+    group = parser.add_argument_group("what to evaluate")
+    group.add_argument("--checkpoints", default=None, help="a training --output_dir: its checkpoint-N folders and "
+                                                          "final output (default: --output_dir, e.g. from --config)")
+    group.add_argument("--evaluation_dir", default=None, help="where results go (default CHECKPOINTS/evaluation)")
+    group.add_argument("--only", nargs="+", default=None, help="names to evaluate, e.g. checkpoint-400 final")
+    group.add_argument("--weights", default="raw", choices=["raw", "ema"], help="ema: the --use_ema averages")
+    group = parser.add_argument_group("images")
+    group.add_argument("--class_prompt", default=None, help="the class noun, e.g. \"dog\" (CLIP-T's text side)")
+    group.add_argument("--validation_prompt", nargs="+", default=None, help="prompts; {instance} and {class} filled")
+    group.add_argument("--prompts_file", default=None, help="one prompt per line")
+    group.add_argument("--prompt_set", default="custom", choices=["custom", "dreambench"],
+                       help="dreambench: the 25 DreamBench prompt templates for --subject_kind")
+    group.add_argument("--subject_kind", default="object", choices=["object", "live"])
+    group.add_argument("--num_images_per_prompt", type=int, default=4)
+    group.add_argument("--validation_seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    group.add_argument("--num_inference_steps", type=int, default=25)
+    group.add_argument("--guidance_scale", type=float, default=7.5)
+    group.add_argument("--negative_prompt", default=None)
+    group.add_argument("--image_resolution", type=int, default=None, help="default: the model's native size")
+    group = parser.add_argument_group("scores")
+    group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="'none' skips the scores")
+    group.add_argument("--dino_model", default="facebook/dino-vits16", help="'none' skips DINO")
+    return parser
+
+
+def parse_args(argv=None):
+    import train_dreambooth  # the training config.json works here too: its other keys are known, not typos
+
+    return common.parse_args_with_config(build_parser(), argv,
+                                         also_known=common.option_names(train_dreambooth.build_parser()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None):
+    from diffusers import DDPMScheduler
+
+    args = parse_args(argv)
+    args.checkpoints = args.checkpoints or args.output_dir
+    if not args.checkpoints:
+        raise SystemExit("--checkpoints: which training --output_dir to evaluate (or --config with its config.json)")
+    if not os.path.isdir(args.checkpoints):
+        raise SystemExit(f"--checkpoints {args.checkpoints}: no such folder (a training --output_dir)")
+    if args.num_images_per_prompt < 1:
+        raise SystemExit("--num_images_per_prompt must be 1 or more")
+    if not args.instance_prompt and not args.data_backend_config:
+        raise SystemExit("--instance_prompt (e.g. \"ohwx dog\") is needed: it fills {instance} and captions the "
+                         "subject images for the eval loss")
+    args.output_dir = args.output_dir or args.checkpoints  # as in training: the cache root is OUTPUT_DIR/cache
+    out = args.evaluation_dir or os.path.join(args.checkpoints, "evaluation")
+    targets = find_targets(args.checkpoints, args.only, args.weights)
+    prompts = read_prompts(args)
+
+    # --- Data: the subject's images (CLIP-I / DINO references) and the eval-loss images, planned as training did.
+    datasets = common.load_datasets(args)
+    info = common.resolve_model(args)
+    for dataset in datasets:
+        dataset.resolution = dataset.resolution or info.native_resolution
+    plans = common.plan_datasets(datasets, common.crop_seed(args))
+    subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
+    real_paths = [e.path for e in plans[subject.id]]
+    eval_entries = common.eval_sets(datasets, plans, args.eval_split)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    examples = []
+    if eval_entries:
+        eval_entries, _ = common.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
+        text_dir = common.text_cache_dir(datasets, args)
+        common.build_text_cache([e.captions[0] for e in eval_entries], info, text_dir, device)
+        examples = common.eval_examples(eval_entries, info, text_dir)
+    else:
+        print("no eval loss: the data has no eval dataset and --eval_split is 0")
+    noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
+
+    scorer = real_clip = real_dino = None
+    if args.clip_model != "none":
+        scorer = common.Scorer(args.clip_model, None if args.dino_model == "none" else args.dino_model, device)
+        real = [common.load_image(path) for path in real_paths]
+        real_clip = scorer.clip_images(real)
+        real_dino = scorer.dino_images(real) if scorer.dino is not None else None
+
+    pipe = common.load_pipeline(info, device)
+    pipe.set_progress_bar_config(disable=True)
+    resolution = args.image_resolution or common.round64(info.native_resolution)
+    results = []
+    os.makedirs(out, exist_ok=True)
+    print(f"evaluating {len(targets)} models x {len(prompts)} prompts x {args.num_images_per_prompt} images")
+    for target in tqdm(targets, desc="models", unit="model"):
+        name, step = target[0], target[1]
+        result = {"name": name, "step": step, "source": target[3]}
+        with weights_of(pipe, target, info):
+            rows, images, score_prompts = [], [], []
+            jobs = [(p, i) for p in range(len(prompts)) for i in range(args.num_images_per_prompt)]
+            for p, i in tqdm(jobs, desc=f"images ({name})", unit="img", leave=False):
+                seed = args.validation_seed + i
+                with torch.no_grad():
+                    image = pipe(prompts[p][0], negative_prompt=args.negative_prompt, height=resolution,
+                                 width=resolution, num_inference_steps=args.num_inference_steps,
+                                 guidance_scale=args.guidance_scale,
+                                 generator=torch.Generator().manual_seed(seed)).images[0]
+                common.save_image_atomic(image, os.path.join(out, "images", name,
+                                                             f"p{p:02d}-seed{seed}.png"))
+                if i == 0:
+                    rows.append([])
+                rows[-1].append(image)
+                images.append(image)
+                score_prompts.append(prompts[p][1])
+            result["grid_path"] = os.path.join(out, "grids", f"{name}.png")
+            common.save_image_atomic(image_grid(rows), result["grid_path"])
+            if scorer is not None:
+                result.update(scorer.scores(images, score_prompts, real_clip, real_dino))
+            if examples:
+                loss = common.stable_eval_loss(pipe.unet, noise_scheduler, info.prediction_type, examples,
+                                               args.eval_timesteps, args.eval_seed)
+                result["eval_loss"], result["eval_loss_per_timestep"] = loss["mean"], loss["per_timestep"]
+        results.append(result)
+
+    # --- Outputs.
+    settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
+                "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
+                "prompt_set": args.prompt_set, "subject_kind": args.subject_kind,
+                "num_images_per_prompt": args.num_images_per_prompt, "validation_seed": args.validation_seed,
+                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                "resolution": resolution, "clip_model": args.clip_model, "dino_model": args.dino_model,
+                "eval_images": len(examples), "eval_timesteps": args.eval_timesteps, "eval_seed": args.eval_seed,
+                "real_images": len(real_paths)}
+    relative = [{**r, "grid_path": os.path.relpath(r["grid_path"], out)} for r in results]
+    common.write_json_atomic({"settings": settings, "prompts": [p for p, _ in prompts], "results": relative},
+                             os.path.join(out, "metrics.json"))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["name", "step", *METRICS])
+    for r in results:
+        writer.writerow([r["name"], "" if r["step"] is None else r["step"],
+                         *["" if r.get(m) is None else f"{r[m]:.6f}" for m in METRICS]])
+    common.write_text_atomic(table.getvalue(), os.path.join(out, "metrics.csv"))
+    plots = write_plots(results, os.path.join(out, "plots"))
+    report = os.path.join(out, "report.html")
+    write_report(report, settings, results, prompts, plots)
+
+    print(f"\n{'name':<16}{'step':>7}" + "".join(f"{LABELS[m]:>11}" for m in METRICS))
+    for r in results:
+        print(f"{r['name']:<16}{'' if r['step'] is None else r['step']:>7}"
+              + "".join(f"{'-' if r.get(m) is None else format(r[m], '.4f'):>11}" for m in METRICS))
+    print(f"\nreport: {report}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Training talks to webhooks (SPEC §11): its events, validation previews from a Tiny AutoEncoder, errors, and a
+dead server that changes nothing."""
+
+import base64
+import io
+import json
+import os
+import time
+
+import pytest
+import torch
+from conftest import train_argv, write_json
+from PIL import Image
+
+import train_dreambooth
+
+TOKEN = "hook-token-never-printed"
+
+
+@pytest.fixture(scope="session")
+def tiny_taesd(tmp_path_factory):
+    """A tiny random AutoencoderTiny (8x upsampling, like TAESD), saved as a local folder."""
+    from diffusers import AutoencoderTiny
+
+    folder = str(tmp_path_factory.mktemp("taesd"))
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).save_pretrained(folder)
+    return folder
+
+
+def received(server):
+    return [json.loads(request["body"]) for request in server.requests]
+
+
+def test_training_sends_its_events_and_validation_previews(tiny_model, subject_dir, tmp_path, serve, tiny_taesd,
+                                                           capfd):
+    server = serve()
+    config = write_json(tmp_path / "hooks.json", {"webhook_type": "raw", "callback_url": server.url + "/hook",
+                                                  "auth_token": TOKEN, "message_prefix": "[toy] "})
+    out = tmp_path / "out"
+    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "2",
+                                     "--checkpointing_steps", "1", "--validation_prompt", "a photo of ohwx toy",
+                                     "--validation_steps", "2", "--num_validation_images", "1",
+                                     "--validation_num_inference_steps", "5", "--validation_preview",
+                                     "--validation_preview_steps", "2", "--preview_vae", tiny_taesd,
+                                     "--webhook_config", config))
+    events = received(server)
+    assert [e["type"] for e in events] == ["training_started", "checkpoint_saved", "preview_image", "preview_image",
+                                           "preview_image", "validation_image", "training_finished"]
+    assert all(e["message"].startswith("[toy] ") for e in events)
+    assert events[1]["data"]["step"] == 1 and events[1]["data"]["path"].endswith("checkpoint-1")
+    previews = [e for e in events if e["type"] == "preview_image"]
+    assert [p["data"]["denoising_step"] for p in previews] == [2, 4, 5]  # every 2 steps, and the last
+    pictures = [Image.open(io.BytesIO(base64.b64decode(p["images"][0]))) for p in previews]
+    assert all(picture.format == "PNG" and picture.size == (64, 64) for picture in pictures)
+    assert len({picture.tobytes() for picture in pictures}) == 3  # the latents change while denoising
+    validation = Image.open(io.BytesIO(base64.b64decode(events[5]["images"][0])))
+    assert validation.tobytes() == Image.open(out / "validation" / "step-2" / "prompt00-seed0.png").tobytes()
+    assert all(r["headers"]["Authorization"] == f"Bearer {TOKEN}" for r in server.requests)
+
+    # The token is sent, never written: not in the console output, the log, the metadata or any other file.
+    printed = capfd.readouterr()
+    assert TOKEN not in printed.out + printed.err
+    for folder, _, names in os.walk(out):
+        for name in names:
+            assert TOKEN.encode() not in open(os.path.join(folder, name), "rb").read(), name
+
+
+def test_a_dead_webhook_neither_stops_nor_slows_training(tiny_model, subject_dir, tmp_path, dead_url, capsys):
+    config = write_json(tmp_path / "hooks.json", {"webhook_type": "raw", "callback_url": dead_url,
+                                                  "auth_token": TOKEN})
+    model = tiny_model("sd1")
+    timings = {}
+    for name, extra in (("plain", []), ("hooked", ["--webhook_config", config])):
+        started = time.perf_counter()
+        result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / name, "--max_train_steps", "3",
+                                                  "--checkpointing_steps", "1", "--cache_dir", tmp_path / "cache",
+                                                  *extra))
+        timings[name] = time.perf_counter() - started
+        assert result["steps"] == 3 and os.path.isfile(tmp_path / name / train_dreambooth.LORA_WEIGHTS_NAME)
+    out = capsys.readouterr().out
+    assert out.count("warning: webhook raw") == 1 and "could not be delivered" in out and TOKEN not in out
+    assert timings["hooked"] < timings["plain"] + 3.0, timings
+
+
+def test_an_error_that_stops_training_is_reported_with_its_message(tiny_model, subject_dir, tmp_path, serve):
+    server = serve()
+    config = write_json(tmp_path / "hooks.json", {"webhook_type": "raw", "callback_url": server.url})
+    with pytest.raises(SystemExit, match="no usable images"):
+        os.makedirs(tmp_path / "empty")
+        train_dreambooth.main(train_argv(tiny_model("sd1"), str(tmp_path / "empty"), tmp_path / "out",
+                                         "--webhook_config", config))
+    [event] = received(server)
+    assert event["type"] == "error" and "no usable images" in event["message"]
+
+
+def test_preview_settings_are_checked_before_model_work(tiny_model, subject_dir, tmp_path):
+    with pytest.raises(SystemExit, match="needs --validation_prompt and --webhook_config"):
+        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--validation_preview"))
+    bad = write_json(tmp_path / "hooks.json", {"webhook_type": "slack", "webhook_url": "https://x"})
+    with pytest.raises(SystemExit, match="hooks.json"):
+        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--webhook_config", bad))
+    assert not os.path.exists(tmp_path / "out")
