@@ -925,6 +925,7 @@ class ModelInfo:
     unet_config: dict = None
     vae_config: dict = None
     text_encoder_precisions: dict = field(default_factory=dict)  # {"text_encoder_2": "int8-quanto", ...}
+    num_train_timesteps: int = 1000
 
     @property
     def vae_scale_factor(self):
@@ -1055,12 +1056,11 @@ def resolve_model(args):
             raise SystemExit(f"{ref}: the model folder has no {part}; it is incomplete or not a text-to-image model")
     unet_config = read_json(os.path.join(folder, "unet", "config.json"))
     family = detect_family(model_index, unet_config, ref)
-    if family == "sdxl-refiner":
-        raise SystemExit(f"{ref} is an SDXL refiner; refiner training is not supported yet. Train the SDXL base model.")
     scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     return ModelInfo(
         ref=ref, folder=folder, family=family, variant=args.variant, model_index=model_index, unet_config=unet_config,
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
         vae_config=read_json(os.path.join(folder, "vae", "config.json")),
         text_encoder_precisions={name: getattr(args, f"text_encoder_{i}_precision", "no_change") or "no_change"
                                  for i, name in enumerate(("text_encoder", "text_encoder_2", "text_encoder_3"), 1)},
@@ -1127,6 +1127,12 @@ def build_pipeline(info, unet, vae, tokenizers, text_encoders, scheduler=None):
         return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
                                          tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
                                          scheduler=scheduler)
+    if info.family == "sdxl-refiner":  # text encoder 2 only; it refines images (img2img)
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_encoders[0],
+                                                tokenizer=None, tokenizer_2=tokenizers[0], unet=unet,
+                                                scheduler=scheduler, requires_aesthetics_score=True)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -1263,12 +1269,43 @@ def encode_prompt(info, tokenizers, text_encoders, prompts):
     return result
 
 
-def sdxl_time_ids(transform):
-    """SDXL's micro-conditioning: original size, crop top-left, target size, each as (height, width)."""
+def sdxl_time_ids(transform, aesthetic_score=None):
+    """SDXL's micro-conditioning: original size, crop top-left, target size, each as (height, width). The refiner
+    (give `aesthetic_score`) takes original size, crop top-left and the aesthetic score instead: 5 values."""
     width, height = transform["original_size"]
     left, top = transform["crop_box"][:2]
+    if aesthetic_score is not None:
+        return torch.tensor([height, width, top, left, aesthetic_score], dtype=torch.float32)
     target_w, target_h = transform["target_size"]
     return torch.tensor([height, width, top, left, target_h, target_w], dtype=torch.float32)
+
+
+def refine_sources(entries, count, seed):
+    """What a refiner's validation and evaluation refine: `count` subject images chosen by `seed`, resized and
+    cropped to their buckets as training saw them, each with its caption as the prompt."""
+    chosen = random.Random(seed).sample(entries, min(count, len(entries)))
+    return [(entry.captions[0], apply_transform(load_image(entry.path), entry.transform)) for entry in chosen]
+
+
+def add_refiner_args(parser):
+    group = parser.add_argument_group("SDXL refiner")
+    group.add_argument("--data_aesthetic_score", type=float, default=7.0,
+                       help="the refiner's aesthetic-score conditioning for the training images")
+    group.add_argument("--refiner_training_strength", type=float, default=0.2,
+                       help="the refiner trains (and is validated) on the lowest-noise share of the timesteps")
+
+
+def timestep_range(info, args):
+    """Training timesteps are drawn from [0, this): the whole schedule, or for the refiner the low-noise end it
+    serves (its img2img strength)."""
+    if info.family != "sdxl-refiner":
+        return info.num_train_timesteps
+    return max(2, round(info.num_train_timesteps * args.refiner_training_strength))
+
+
+def refiner_conditioning(info, args):
+    """The aesthetic score sdxl_time_ids needs for a refiner, None for every other family."""
+    return args.data_aesthetic_score if info.family == "sdxl-refiner" else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1411,12 +1448,27 @@ def text_cache_path(cache_dir, caption, identity):
     return os.path.join(cache_dir, hashlib.sha256(f"{identity}\n{caption}".encode()).hexdigest()[:32] + ".safetensors")
 
 
+def refuse_mixed_sdxl_text_cache(cache_dir, info):
+    """The SDXL base embeds prompts with both text encoders, the refiner with the second alone: one text cache
+    folder for both invites mixing them up, so a folder holding the other one's embeddings is refused."""
+    other = {"sdxl": "sdxl-refiner", "sdxl-refiner": "sdxl"}.get(info.family)
+    if other is None or not os.path.isdir(cache_dir):
+        return
+    for name in sorted(os.listdir(cache_dir)):
+        if name.endswith(".safetensors") and (cache_metadata(os.path.join(cache_dir, name)) or {}).get("family") == other:
+            kind = "refiner" if other == "sdxl-refiner" else "base-model"
+            raise SystemExit(f"{cache_dir} holds SDXL {kind} text embeddings ({name}); the SDXL base and refiner encode "
+                             "prompts differently, so each needs its own text cache: give this run another "
+                             "text_embeds cache_dir (or --cache_dir). VAE caches can be shared.")
+
+
 def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, print_fn=print):
     """Encode every caption that has no up-to-date file in cache_dir. Returns {caption: cache path}."""
     identity = text_encoder_identity(info)
     remove_stale_temporaries(cache_dir)
+    refuse_mixed_sdxl_text_cache(cache_dir, info)
     paths = {caption: text_cache_path(cache_dir, caption, identity) for caption in sorted(set(captions))}
-    expected = {"format_version": CACHE_FORMAT_VERSION, "text_encoder": identity}
+    expected = {"format_version": CACHE_FORMAT_VERSION, "text_encoder": identity, "family": info.family}
     todo = [c for c, p in paths.items() if not cache_metadata_matches(p, {**expected, "caption": c})]
     if not todo:
         print_fn(f"text cache: all {len(paths)} caption embeddings are up to date; nothing to encode")
@@ -1447,12 +1499,12 @@ def latent_scaling(info):
 
 
 def eval_timesteps(num_train_timesteps, count):
-    """`count` evenly spaced timesteps, both ends of the schedule left out (t = 0 is almost noiseless, the last one
-    almost pure noise: neither says much about the model)."""
+    """`count` evenly spaced timesteps of [0, num_train_timesteps), both ends left out (t = 0 is almost noiseless,
+    the last one almost pure noise: neither says much about the model). A refiner passes its own range."""
     return torch.linspace(0, num_train_timesteps - 1, count + 2)[1:-1].round().long()
 
 
-def eval_examples(entries, info, text_dir):
+def eval_examples(entries, info, text_dir, aesthetic_score=None):
     """stable_eval_loss inputs from cached entries: the latent distribution's mean (no sampling, so the same every
     time), the first caption's embeddings, and SDXL's time ids. Masks are not used: eval loss is over the image."""
     identity = text_encoder_identity(info)
@@ -1462,22 +1514,23 @@ def eval_examples(entries, info, text_dir):
         text = load_tensors(text_cache_path(text_dir, entry.captions[0], identity))
         example = {"latents": (load_tensors(entry.cache_path)["mean"][None] - shift) * scale,
                    "prompt_embeds": text["prompt_embeds"][None]}
-        if info.family == "sdxl":
+        if info.family.startswith("sdxl"):
             example["added_cond"] = {"text_embeds": text["pooled_prompt_embeds"][None],
-                                     "time_ids": sdxl_time_ids(entry.transform)[None]}
+                                     "time_ids": sdxl_time_ids(entry.transform, aesthetic_score)[None]}
         examples.append(example)
     return examples
 
 
 @torch.no_grad()
-def stable_eval_loss(unet, noise_scheduler, prediction_type, examples, count=8, seed=0, autocast=None):
+def stable_eval_loss(unet, noise_scheduler, prediction_type, examples, count=8, seed=0, autocast=None,
+                     timestep_range=None):
     """A loss that can be compared across steps, checkpoints and runs: every example is noised at the same
     `count` fixed timesteps with the same fixed noise (from `seed`), in eval mode, and the global RNG is left
     exactly as it was (a training run that evaluates draws what one that does not would draw).
 
     `autocast`: a context manager for mixed precision (training passes accelerator.autocast).
     Returns {"mean": float, "per_timestep": {t: float}}."""
-    timesteps = eval_timesteps(noise_scheduler.config.num_train_timesteps, count)
+    timesteps = eval_timesteps(timestep_range or noise_scheduler.config.num_train_timesteps, count)
     device, dtype = unet.device, unet.dtype
     was_training = unet.training
     unet.eval()

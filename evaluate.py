@@ -50,13 +50,15 @@ def find_targets(folder, only, weights):
     targets = [("base", 0, "base", None)]
     for path in common.list_checkpoints(folder):
         name = os.path.basename(path)
-        step = common.read_json(os.path.join(path, common.STATE_FILE))["step"]
-        if os.path.isfile(os.path.join(path, adapter_name)):
-            targets.append((name, step, "adapter", os.path.join(path, adapter_name)))
-        else:  # a full fine-tune's checkpoint holds the whole UNet's weights
-            state = "ema.safetensors" if weights == "ema" else "trainable.safetensors"
-            if os.path.isfile(os.path.join(path, state)):
-                targets.append((name, step, "unet", os.path.join(path, state)))
+        state = common.read_json(os.path.join(path, common.STATE_FILE))
+        if state.get("model_type") == "full":  # the whole UNet's weights
+            weights_file = os.path.join(path, "ema.safetensors" if weights == "ema" else "trainable.safetensors")
+            if os.path.isfile(weights_file):
+                targets.append((name, state["step"], "unet", weights_file))
+        elif os.path.isfile(os.path.join(path, adapter_name)):
+            targets.append((name, state["step"], "adapter", os.path.join(path, adapter_name)))
+        else:
+            print(f"skipped {path}: no {adapter_name} in it (written by an older version, or without --use_ema)")
     final = os.path.join(folder, adapter_name)
     if os.path.isfile(final):
         with common.safe_open(final, framework="pt") as handle:
@@ -90,9 +92,11 @@ def weights_of(pipe, target, info):
     """The pipeline with one evaluated model's weights; the base model's again afterwards."""
     _, _, kind, path = target
     base = pipe.unet
+    device = base.device
     if kind == "adapter":
         common.load_adapter(pipe, path)
-    elif kind == "unet":
+    elif kind == "unet":  # a full fine-tune, in fp32 as it trained; the base UNet waits in system memory
+        base.to("cpu")
         if os.path.isdir(path):  # a saved pipeline's unet/ folder
             from diffusers import UNet2DConditionModel
 
@@ -100,7 +104,7 @@ def weights_of(pipe, target, info):
         else:  # a checkpoint's state file
             unet = common.load_component(info, "unet")
             unet.load_state_dict(common.load_tensors(path))
-        pipe.unet = unet.to(base.device, base.dtype).eval()
+        pipe.unet = unet.to(device).eval()
     try:
         yield pipe
     finally:
@@ -111,6 +115,9 @@ def weights_of(pipe, target, info):
                 del pipe.unet.lycoris
             else:
                 pipe.unload_lora_weights()
+        if kind == "unet":
+            del pipe.unet
+            base.to(device)
         pipe.unet = base
 
 
@@ -189,6 +196,20 @@ def write_plots(results, folder):
     return paths
 
 
+def write_metrics(folder, settings, prompts, results):
+    """metrics.json (everything) and metrics.csv (one row per model)."""
+    relative = [{**r, "grid_path": os.path.relpath(r["grid_path"], folder)} for r in results]
+    common.write_json_atomic({"settings": settings, "prompts": [p for p, _ in prompts], "results": relative},
+                             os.path.join(folder, "metrics.json"))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["name", "step", *METRICS])
+    for r in results:
+        writer.writerow([r["name"], "" if r["step"] is None else r["step"],
+                         *["" if r.get(m) is None else f"{r[m]:.6f}" for m in METRICS]])
+    common.write_text_atomic(table.getvalue(), os.path.join(folder, "metrics.csv"))
+
+
 def embedded(path):
     with open(path, "rb") as handle:
         return "data:image/png;base64," + base64.b64encode(handle.read()).decode()
@@ -220,7 +241,8 @@ img.grid{{image-rendering:pixelated}}</style></head><body>
 the eval loss is the stable eval loss (lower is better).</p>
 <table><tr>{header}</tr>{rows}</table>
 <h2>Plots</h2>{figures or "<p>(no scores to plot)</p>"}
-<h2>Images</h2><p>Rows: the prompts below, in order. Columns: the seeds, the same for every model.</p>
+<h2>Images</h2><p>Rows: the prompts below, in order. Columns: the seeds, the same for every model (a refiner's
+rows start with the image it refines).</p>
 <ol>{prompt_list}</ol>{grids}
 <h2>Settings</h2><table>{settings_rows}</table>
 </body></html>
@@ -240,6 +262,7 @@ def build_parser():
     common.add_data_args(parser)
     parser.set_defaults(output_dir=None)
     common.add_eval_args(parser)
+    common.add_refiner_args(parser)
     group = parser.add_argument_group("what to evaluate")
     group.add_argument("--checkpoints", default=None, help="a training --output_dir: its checkpoint-N folders and "
                                                           "final output (default: --output_dir, e.g. from --config)")
@@ -259,6 +282,11 @@ def build_parser():
     group.add_argument("--guidance_scale", type=float, default=7.5)
     group.add_argument("--negative_prompt", default=None)
     group.add_argument("--image_resolution", type=int, default=None, help="default: the model's native size")
+    group = parser.add_argument_group("precision (as the run trained, so the eval loss equals its log)")
+    group.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
+                       help="the training run's: adapters are evaluated on a base in this dtype, under autocast")
+    group.add_argument("--base_model_precision", default="no_change",
+                       help="read from a training config; the base is evaluated unquantised (noted when set)")
     group = parser.add_argument_group("scores")
     group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="'none' skips the scores")
     group.add_argument("--dino_model", default="facebook/dino-vits16", help="'none' skips DINO")
@@ -287,9 +315,14 @@ def main(argv=None):
         raise SystemExit(f"--checkpoints {args.checkpoints}: no such folder (a training --output_dir)")
     if args.num_images_per_prompt < 1:
         raise SystemExit("--num_images_per_prompt must be 1 or more")
-    if not args.instance_prompt and not args.data_backend_config:
-        raise SystemExit("--instance_prompt (e.g. \"ohwx dog\") is needed: it fills {instance} and captions the "
-                         "subject images for the eval loss")
+    if not args.instance_prompt:
+        raise SystemExit("--instance_prompt (e.g. \"ohwx dog\") is needed: it fills {instance} in the prompts (and "
+                         "captions --instance_data_dir images; a data config's own captions are kept)")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
+    if args.base_model_precision != "no_change":
+        print(f"note: the run trained on a {args.base_model_precision} base; evaluate.py loads it unquantised, so "
+              "its eval loss differs slightly from the training log")
     args.output_dir = args.output_dir or args.checkpoints  # as in training: the cache root is OUTPUT_DIR/cache
     out = args.evaluation_dir or os.path.join(args.checkpoints, "evaluation")
     targets = find_targets(args.checkpoints, args.only, args.weights)
@@ -310,7 +343,7 @@ def main(argv=None):
         eval_entries, _ = common.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
         text_dir = common.text_cache_dir(datasets, args)
         common.build_text_cache([e.captions[0] for e in eval_entries], info, text_dir, device)
-        examples = common.eval_examples(eval_entries, info, text_dir)
+        examples = common.eval_examples(eval_entries, info, text_dir, common.refiner_conditioning(info, args))
     else:
         print("no eval loss: the data has no eval dataset and --eval_split is 0")
     noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
@@ -322,29 +355,56 @@ def main(argv=None):
         real_clip = scorer.clip_images(real)
         real_dino = scorer.dino_images(real) if scorer.dino is not None else None
 
-    pipe = common.load_pipeline(info, device)
+    # A refiner cannot draw from a prompt: it refines subject images (their captions as prompts), as in training.
+    sources = None
+    if info.family == "sdxl-refiner":
+        sources = common.refine_sources(plans[subject.id], args.num_images_per_prompt, args.validation_seed)
+        prompts = [common.fill_prompt(caption, args.instance_prompt, args.class_prompt or args.instance_prompt)
+                   for caption, _ in sources]
+        print(f"warning: an SDXL refiner refines images: the prompts are ignored; {len(sources)} subject images are "
+              f"refined at strength {args.refiner_training_strength:g}, with their captions")
+    # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    tokenizers, text_encoders = common.load_text_encoders(info, device, dtype)
+    pipe = common.build_pipeline(info, common.load_component(info, "unet", dtype).to(device),
+                                 common.load_component(info, "vae").to(device), tokenizers, text_encoders)
     pipe.set_progress_bar_config(disable=True)
+    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     resolution = args.image_resolution or common.round64(info.native_resolution)
+    per_prompt = 1 if sources else args.num_images_per_prompt
     results = []
     os.makedirs(out, exist_ok=True)
-    print(f"evaluating {len(targets)} models x {len(prompts)} prompts x {args.num_images_per_prompt} images")
+    settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
+                "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
+                "prompt_set": args.prompt_set, "subject_kind": args.subject_kind,
+                "num_images_per_prompt": args.num_images_per_prompt, "validation_seed": args.validation_seed,
+                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                "resolution": resolution, "mixed_precision": args.mixed_precision, "clip_model": args.clip_model,
+                "dino_model": args.dino_model, "eval_images": len(examples), "eval_timesteps": args.eval_timesteps,
+                "eval_seed": args.eval_seed, "real_images": len(real_paths)}
+    print(f"evaluating {len(targets)} models x {len(prompts)} prompts x {per_prompt} images")
     for target in tqdm(targets, desc="models", unit="model"):
         name, step = target[0], target[1]
         result = {"name": name, "step": step, "source": target[3]}
         with weights_of(pipe, target, info):
             rows, images, score_prompts = [], [], []
-            jobs = [(p, i) for p in range(len(prompts)) for i in range(args.num_images_per_prompt)]
+            jobs = [(p, i) for p in range(len(prompts)) for i in range(per_prompt)]
             for p, i in tqdm(jobs, desc=f"images ({name})", unit="img", leave=False):
                 seed = args.validation_seed + i
-                with torch.no_grad():
-                    image = pipe(prompts[p][0], negative_prompt=args.negative_prompt, height=resolution,
-                                 width=resolution, num_inference_steps=args.num_inference_steps,
-                                 guidance_scale=args.guidance_scale,
-                                 generator=torch.Generator().manual_seed(seed)).images[0]
+                call = dict(prompt=prompts[p][0], negative_prompt=args.negative_prompt,
+                            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                            generator=torch.Generator().manual_seed(seed))
+                if sources:
+                    call.update(image=sources[p][1], strength=args.refiner_training_strength,
+                                aesthetic_score=args.data_aesthetic_score)
+                else:
+                    call.update(height=resolution, width=resolution)
+                with torch.no_grad(), autocast():
+                    image = pipe(**call).images[0]
                 common.save_image_atomic(image, os.path.join(out, "images", name,
                                                              f"p{p:02d}-seed{seed}.png"))
                 if i == 0:
-                    rows.append([])
+                    rows.append([sources[p][1]] if sources else [])  # a refiner's row starts with its source
                 rows[-1].append(image)
                 images.append(image)
                 score_prompts.append(prompts[p][1])
@@ -354,29 +414,13 @@ def main(argv=None):
                 result.update(scorer.scores(images, score_prompts, real_clip, real_dino))
             if examples:
                 loss = common.stable_eval_loss(pipe.unet, noise_scheduler, info.prediction_type, examples,
-                                               args.eval_timesteps, args.eval_seed)
+                                               args.eval_timesteps, args.eval_seed, autocast,
+                                               common.timestep_range(info, args))
                 result["eval_loss"], result["eval_loss_per_timestep"] = loss["mean"], loss["per_timestep"]
         results.append(result)
+        write_metrics(out, settings, prompts, results)  # after every model: a crash later keeps what is done
 
-    # --- Outputs.
-    settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
-                "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
-                "prompt_set": args.prompt_set, "subject_kind": args.subject_kind,
-                "num_images_per_prompt": args.num_images_per_prompt, "validation_seed": args.validation_seed,
-                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                "resolution": resolution, "clip_model": args.clip_model, "dino_model": args.dino_model,
-                "eval_images": len(examples), "eval_timesteps": args.eval_timesteps, "eval_seed": args.eval_seed,
-                "real_images": len(real_paths)}
-    relative = [{**r, "grid_path": os.path.relpath(r["grid_path"], out)} for r in results]
-    common.write_json_atomic({"settings": settings, "prompts": [p for p, _ in prompts], "results": relative},
-                             os.path.join(out, "metrics.json"))
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["name", "step", *METRICS])
-    for r in results:
-        writer.writerow([r["name"], "" if r["step"] is None else r["step"],
-                         *["" if r.get(m) is None else f"{r[m]:.6f}" for m in METRICS]])
-    common.write_text_atomic(table.getvalue(), os.path.join(out, "metrics.csv"))
+    # --- The plots and the page.
     plots = write_plots(results, os.path.join(out, "plots"))
     report = os.path.join(out, "report.html")
     write_report(report, settings, results, prompts, plots)

@@ -155,6 +155,9 @@ def main(argv=None):
     for i in (1, 2, 3):
         common.check_precision(getattr(args, f"text_encoder_{i}_precision"), f"--text_encoder_{i}_precision")
     info = common.resolve_model(args)
+    if info.family == "sdxl-refiner":
+        raise SystemExit(f"{info.ref} is an SDXL refiner: it refines images and cannot draw class images from a "
+                         "prompt. Make them with the SDXL base model (the refiner trains on the same folder).")
     width = args.width or args.resolution or info.native_resolution
     height = args.height or args.resolution or info.native_resolution
     if width % 8 or height % 8:

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 
 import torch
@@ -48,7 +49,8 @@ LYCORIS_PRESET_ATTRIBUTES = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REP
 LYCORIS_PRESET_NAME = "dreambooth-config"
 EMA_SUFFIX = "_ema"  # pytorch_lora_weights_ema.safetensors (LoRA / LyCORIS) and ema/ (a full fine-tune's pipeline)
 EMA_CHECKPOINT_FILE = "ema.safetensors"
-PREVIEW_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}  # Tiny AEs
+PREVIEW_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl",  # Tiny AEs
+                "sdxl-refiner": "madebyollin/taesdxl"}
 ROLLOUT_SAMPLERS = {"unipc": "UniPCMultistepScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
                     "dpm": "DPMSolverMultistepScheduler"}
 
@@ -245,8 +247,9 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self, parameters):
-        """The EMA weights in the model for the duration of the block (to save or render them), then the raw ones."""
-        raw = {name: p.detach().clone() for name, p in parameters.items()}
+        """The EMA weights in the model for the duration of the block (to save or render them), then the raw ones.
+        The raw weights wait in system memory: a second copy of a fully fine-tuned UNet would not fit on the GPU."""
+        raw = {name: p.detach().to("cpu", copy=True) for name, p in parameters.items()}
         with torch.no_grad():
             for name, param in parameters.items():
                 param.copy_(self.shadow[name])
@@ -460,6 +463,10 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
         ema.updates = state["ema_updates"]
     elif ema is not None:
         print(f"warning: {path} holds no EMA (the run had no --use_ema); the average starts from the resumed weights")
+        with torch.no_grad():
+            for name, param in trainable_parameters(model).items():
+                ema.shadow[name].copy_(param)
+        ema.updates = 0
     return state
 
 
@@ -506,7 +513,7 @@ def decode_preview(preview_vae, latents):
 def preview_sender(hooks, preview_vae, every, step, prompt, seed):
     """A callback_on_step_end that sends a preview every `every` denoising steps and at the last one."""
     def callback(pipe, index, timestep, tensors):
-        done, total = index + 1, len(pipe.scheduler.timesteps)
+        done, total = index + 1, pipe.num_timesteps  # the steps this call runs (img2img runs only the last ones)
         if done % every == 0 or done == total:
             hooks.send("preview_image", f"{prompt} (denoising step {done}/{total})", step=step,
                        images=[decode_preview(preview_vae, tensors["latents"])], prompt=prompt, seed=seed,
@@ -516,12 +523,14 @@ def preview_sender(hooks, preview_vae, every, step, prompt, seed):
 
 
 def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, step, ema=None, scoring=None,
-                   hooks=None, preview_vae=None):
+                   hooks=None, preview_vae=None, sources=None):
     """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable).
     With an EMA, --validation_ema picks the raw weights, the EMA weights, or both side by side in the grid.
     With `scoring` (--evaluation_type clip: the Scorer and the subject's CLIP embeddings) the images are scored;
     returns {"validation/clip_t": ..., "validation/clip_i": ...} (with "/ema" variants), else {}.
-    Webhooks get each prompt's images, and with `preview_vae` previews while they are generated."""
+    Webhooks get each prompt's images, and with `preview_vae` previews while they are generated.
+    A refiner refines `sources` ([(caption, image)]: common.refine_sources) at --refiner_training_strength instead;
+    its grid shows each source beside its refinement."""
     model = accelerator.unwrap_model(unet)
     for part in (vae, *text_encoders):  # no-op unless --offload_frozen left them in system memory
         part.to(accelerator.device)
@@ -534,13 +543,15 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
     # Prompts may hold {instance} / {class}; CLIP-T scores against the class in place of the instance.
+    texts = [caption for caption, _ in sources] if sources else args.validation_prompt
     prompts = [common.fill_prompt(p, args.validation_instance or "", args.validation_class or args.validation_instance
-                                  or "") for p in args.validation_prompt]
-    grid_rows = {p: [] for p in range(len(prompts))}
+                                  or "") for p in texts]
+    per_prompt = 1 if sources else args.num_validation_images
+    grid_rows = {p: [sources[p][1]] if sources else [] for p in range(len(prompts))}
     scores = {}
     for variant in variants:
         made = {p: [] for p in range(len(prompts))}
-        jobs = [(p, i) for p in range(len(prompts)) for i in range(args.num_validation_images)]
+        jobs = [(p, i) for p in range(len(prompts)) for i in range(per_prompt)]
         weights = ema.applied(trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
         with weights:
             for p, i in tqdm(jobs, desc=f"validation images (step {step}, {variant})", unit="img", leave=False):
@@ -549,12 +560,17 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
                 if preview_vae is not None and hooks is not None:
                     preview = preview_sender(hooks, preview_vae, args.validation_preview_steps, step, prompts[p][0],
                                              seed)
+                call = dict(prompt=prompts[p][0], negative_prompt=args.validation_negative_prompt,
+                            num_inference_steps=args.validation_num_inference_steps,
+                            guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(seed),
+                            callback_on_step_end=preview, callback_on_step_end_tensor_inputs=["latents"])
+                if sources:
+                    call.update(image=sources[p][1], strength=args.refiner_training_strength,
+                                aesthetic_score=args.data_aesthetic_score)
+                else:
+                    call.update(height=resolution, width=resolution)
                 with torch.no_grad(), accelerator.autocast():
-                    image = pipe(prompts[p][0], negative_prompt=args.validation_negative_prompt, height=resolution,
-                                 width=resolution, num_inference_steps=args.validation_num_inference_steps,
-                                 guidance_scale=args.validation_guidance_scale,
-                                 generator=torch.Generator().manual_seed(seed), callback_on_step_end=preview,
-                                 callback_on_step_end_tensor_inputs=["latents"]).images[0]
+                    image = pipe(**call).images[0]
                 name = f"prompt{p:02d}-seed{seed}" + (EMA_SUFFIX if variant == "ema" else "")
                 image.save(os.path.join(folder, f"{name}.png"))
                 made[p].append(image)
@@ -569,8 +585,10 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
                                    [prompts[p][1] for p in made for _ in made[p]], real_clip)
             tag = "/ema" if variant == "ema" else ""
             scores.update({f"validation/{k}{tag}": v for k, v in values.items()})
-    labels = [{"raw": "raw", "ema": "EMA"}[v] for v in variants] if len(variants) > 1 else ()
-    image_grid([image for p in grid_rows for image in grid_rows[p]], args.num_validation_images * len(variants),
+    labels = [{"raw": "raw", "ema": "EMA"}[v] for v in variants] if len(variants) > 1 or sources else []
+    if sources:
+        labels = ["source", *labels]
+    image_grid([image for p in grid_rows for image in grid_rows[p]], len(grid_rows[0]),
                labels).save(os.path.join(folder, "grid.png"))
     with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(generate for generate, _ in prompts) + "\n")
@@ -665,6 +683,8 @@ def check_args(args):
     if args.validation_preview and not (args.webhook_config and args.validation_prompt):
         raise SystemExit("--validation_preview sends pictures of validation images to webhooks: it needs "
                          "--validation_prompt and --webhook_config")
+    if not 0 < args.refiner_training_strength <= 1:
+        raise SystemExit("--refiner_training_strength must lie in (0, 1] (the share of the schedule, e.g. 0.2)")
     if args.validation_preview_steps < 1:
         raise SystemExit("--validation_preview_steps must be 1 or more")
     for placeholder, flag in (("{instance}", "validation_instance"), ("{class}", "validation_class")):
@@ -757,6 +777,7 @@ def build_parser():
                        help="decay min(ema_decay, (1+s)/(10+s)) after s updates: the average leaves the start fast")
 
     common.add_eval_args(parser)
+    common.add_refiner_args(parser)
     parser.add_argument("--eval_steps_interval", type=int, default=0,
                         help="log the stable eval loss every N steps (eval datasets and/or --eval_split images)")
 
@@ -946,6 +967,18 @@ def train(args, hooks):
         subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
         scoring = scorer, scorer.clip_images([common.load_image(e.path) for e in plans[subject.id]])
 
+    # An SDXL refiner cannot draw from a prompt: its validation refines subject images (their captions as prompts).
+    sources = None
+    if info.family == "sdxl-refiner":
+        say(f"SDXL refiner: text encoder 2 only, timesteps 0-{common.timestep_range(info, args) - 1} "
+            f"(--refiner_training_strength {args.refiner_training_strength:g}), aesthetic score "
+            f"{args.data_aesthetic_score:g}")
+        if args.validation_prompt and accelerator.is_main_process:
+            say(f"warning: a refiner refines images, so --validation_prompt is ignored: validation refines "
+                f"{args.num_validation_images} subject image(s) at strength {args.refiner_training_strength:g}")
+            subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
+            sources = common.refine_sources(plans[subject.id], args.num_validation_images, args.validation_seed)
+
     # --validation_preview: a Tiny AutoEncoder turns in-progress latents into pictures for the webhooks.
     preview_vae = None
     if args.validation_preview and accelerator.is_main_process:
@@ -981,14 +1014,16 @@ def train(args, hooks):
         say(f"resumed from {resume_path} at step {first_step}")
 
     log = JsonlLog(os.path.join(args.output_dir, "logs")) if accelerator.is_main_process else None
-    eval_examples = common.eval_examples(eval_entries, info, text_dir) if accelerator.is_main_process else []
+    eval_examples = common.eval_examples(eval_entries, info, text_dir, common.refiner_conditioning(info, args)) \
+        if accelerator.is_main_process else []
 
     def evaluate_loss():
         """The stable eval loss of the current weights (and of the EMA): common.stable_eval_loss, the function
         evaluate.py runs, so the numbers agree."""
         def loss():
             return common.stable_eval_loss(unwrapped, noise_scheduler, info.prediction_type, eval_examples,
-                                           args.eval_timesteps, args.eval_seed, accelerator.autocast)
+                                           args.eval_timesteps, args.eval_seed, accelerator.autocast,
+                                           common.timestep_range(info, args))
         raw = loss()
         record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
         if ema is not None:
@@ -1006,6 +1041,8 @@ def train(args, hooks):
     bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
     num_timesteps = noise_scheduler.config.num_train_timesteps
+    timestep_high = common.timestep_range(info, args)  # the refiner trains on its low-noise end only
+    aesthetic_score = common.refiner_conditioning(info, args)
 
     # --- The training loop: one optimiser step per iteration.
     for step in range(first_step, max_train_steps):
@@ -1030,17 +1067,18 @@ def train(args, hooks):
             masks = torch.stack(masks).to(device) if masks[0] is not None else None
             prompt_embeds = torch.stack([text_embeds[caption]["prompt_embeds"] for _, caption in batch])
             added_cond = None
-            if info.family == "sdxl":  # SDXL micro-conditioning: pooled text + (original size, crop, target size)
+            if info.family.startswith("sdxl"):  # micro-conditioning: pooled text + sizes and crop (+ aesthetics)
                 added_cond = {
                     "text_embeds": torch.stack([text_embeds[c]["pooled_prompt_embeds"] for _, c in batch]).to(device),
-                    "time_ids": torch.stack([common.sdxl_time_ids(e.transform) for e, _ in batch]).to(device),
+                    "time_ids": torch.stack([common.sdxl_time_ids(e.transform, aesthetic_score)
+                                             for e, _ in batch]).to(device),
                 }
 
             # Noise and timesteps (uniform over the schedule).
             noise = torch.randn(latents.shape, generator=generator)
             if args.noise_offset:  # a per-channel constant shift teaches the model to move the mean brightness
                 noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-            timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
+            timesteps = torch.randint(0, timestep_high, (latents.shape[0],), generator=generator)
             latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
@@ -1157,7 +1195,7 @@ def train(args, hooks):
         if args.validation_prompt and done % args.validation_steps == 0:
             if accelerator.is_main_process:
                 scores = run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, done, ema,
-                                        scoring, hooks, preview_vae)
+                                        scoring, hooks, preview_vae, sources)
                 if scores:
                     log.log(done, scores)
             accelerator.wait_for_everyone()
@@ -1178,7 +1216,7 @@ def train(args, hooks):
                                        os.path.join(args.output_dir, EMA_SUFFIX[1:]))
         if args.validation_prompt and max_train_steps % args.validation_steps != 0:
             scores = run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, max_train_steps,
-                                    ema, scoring, hooks, preview_vae)
+                                    ema, scoring, hooks, preview_vae, sources)
             if scores:
                 log.log(max_train_steps, scores)
         log.close()
@@ -1221,3 +1259,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A worker of a multi-process launch, its work written and its process group shut down: skip the
+        # interpreter's teardown, where gloo's threads can (rarely, seen on CPU) deadlock a worker that never exits.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

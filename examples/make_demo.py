@@ -100,12 +100,13 @@ def tiny_unet(family, sample_size=8, seed=0):
                                 transformer_layers_per_block=(1, 2), **shared)
 
 
-def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_size=8):
-    """Save a tiny random diffusers pipeline of the given family (sd1, sd2, sdxl, sdxl-refiner) to `folder`."""
+def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_size=8, tokenizer=None):
+    """Save a tiny random diffusers pipeline of the given family (sd1, sd2, sdxl, sdxl-refiner) to `folder`
+    (with `tokenizer`, e.g. the real CLIP vocabulary, instead of the tiny hand-made one)."""
     from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = tokenizer or tiny_tokenizer()
     vae, unet = tiny_vae(), tiny_unet(family, sample_size)
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading")

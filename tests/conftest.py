@@ -80,10 +80,11 @@ def unet_inputs(unet, family, seed=0, size=8):
     config = unet.config
     inputs = {"sample": torch.randn(1, 4, size, size, generator=generator), "timestep": torch.tensor([321]),
               "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator)}
-    if family == "sdxl":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    if family in ("sdxl", "sdxl-refiner"):  # the refiner's time ids: sizes, crop and an aesthetic score (5 values)
+        time_ids = [64.0, 64.0, 0.0, 0.0, 64.0, 64.0] if family == "sdxl" else [64.0, 64.0, 0.0, 0.0, 7.0]
+        pooled = config.projection_class_embeddings_input_dim - len(time_ids) * config.addition_time_embed_dim
         inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
-                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+                                       "time_ids": torch.tensor([time_ids])}
     return inputs
 
 

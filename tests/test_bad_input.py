@@ -530,12 +530,16 @@ def test_model_path_that_does_not_exist_is_refused(tmp_path):
     assert str(missing) in exit_text(excinfo) and "no such folder or file" in exit_text(excinfo)
 
 
-def test_sdxl_refiner_is_refused(tiny_model, tmp_path):
+def test_class_images_from_an_sdxl_refiner_are_refused(tiny_model, tmp_path):
+    import make_regularisation
+
     refiner = tiny_model("sdxl-refiner")
     with pytest.raises(SystemExit) as excinfo:
-        common.resolve_model(model_args(refiner, tmp_path))
+        make_regularisation.main(["--pretrained_model_name_or_path", refiner, "--class_prompt", "a toy",
+                                  "--output_dir", str(tmp_path / "reg"), "--num_images", "1"])
     message = exit_text(excinfo)
-    assert refiner in message and "refiner" in message and "base model" in message
+    assert refiner in message and "refiner" in message and "SDXL base model" in message
+    assert not os.path.exists(tmp_path / "reg")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -132,3 +132,16 @@ def test_validation_renders_raw_and_ema_side_by_side(tiny_model, subject_dir, tm
         train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "x", "--validation_ema", "both"))
     with pytest.raises(SystemExit, match="--ema_decay must lie between 0 and 1"):
         train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "x", "--use_ema", "--ema_decay", "1"))
+
+
+def test_resuming_a_run_without_ema_starts_the_average_from_the_resumed_weights(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    argv = train_argv(model, subject_dir, tmp_path / "out", "--checkpointing_steps", "2", "--learning_rate", "5e-3")
+    train_dreambooth.main(argv + ["--max_train_steps", "3"])
+    resumed_from = load_file(str(tmp_path / "out" / "checkpoint-2" / "trainable.safetensors"))
+    result = train_dreambooth.main(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                                           "--use_ema", "--ema_decay", "0.9"])
+    final = train_dreambooth.trainable_parameters(result["unet"])
+    assert result["ema"].updates == 1
+    for name, shadow in result["ema"].shadow.items():  # one update away from the checkpoint's weights
+        assert torch.allclose(shadow, 0.9 * resumed_from[name] + 0.1 * final[name].detach(), atol=1e-7), name

@@ -223,3 +223,32 @@ def test_each_model_is_applied_and_removed_without_a_trace(tiny_model, subject_d
     with evaluate.weights_of(pipe, final, info):
         assert torch.allclose(predict(pipe.unet, inputs), predict(result["unet"], inputs), atol=1e-5)
     assert torch.equal(predict(pipe.unet, inputs), before) and not hasattr(pipe.unet, "lycoris")
+
+
+def test_bf16_runs_evaluate_to_their_logged_eval_loss(tiny_model, subject_dir, tmp_path):
+    model = tiny_model("sd1")
+    out = tmp_path / "out"
+    train_dreambooth.main(train_argv(model, subject_dir, out, "--mixed_precision", "bf16", "--max_train_steps", "2",
+                                     "--checkpointing_steps", "1", "--eval_split", "2", "--eval_steps_interval", "1",
+                                     prompt="ohwx toy"))
+    logged = {r["step"]: r["eval_loss"] for r in log_records(out) if "eval_loss" in r}
+    results = evaluate.main(eval_argv(model, subject_dir, out, "--mixed_precision", "bf16", "--clip_model", "none",
+                                      "--num_images_per_prompt", "1"))
+    assert {r["step"]: r["eval_loss"] for r in results} == logged
+    fp32 = evaluate.main(eval_argv(model, subject_dir, out, "--clip_model", "none", "--num_images_per_prompt", "1",
+                                   "--evaluation_dir", tmp_path / "fp32"))
+    assert fp32[-1]["eval_loss"] != logged[2]  # the precision matters, hence the flag
+
+
+def test_old_or_partial_checkpoints_are_skipped_and_the_instance_is_required(tiny_model, subject_dir, tmp_path,
+                                                                            capsys):
+    model = tiny_model("sd1")
+    out = tmp_path / "out"
+    train_dreambooth.main(train_argv(model, subject_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    os.remove(out / "checkpoint-1" / train_dreambooth.LORA_WEIGHTS_NAME)  # as an older version wrote them
+    names = [t[0] for t in evaluate.find_targets(str(out), None, "raw")]
+    assert names == ["base", "final"] and "skipped" in capsys.readouterr().out
+    argv = eval_argv(model, subject_dir, out, "--clip_model", "none")
+    argv[argv.index("--instance_prompt"):argv.index("--instance_prompt") + 2] = []
+    with pytest.raises(SystemExit, match="--instance_prompt .* is needed"):
+        evaluate.main(argv)

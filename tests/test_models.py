@@ -40,9 +40,10 @@ def test_real_model_configs_are_detected_by_their_dimensions():
         common.detect_family(index, {**sd15, "in_channels": 9}, "m")
 
 
-def test_sdxl_refiner_is_told_apart_and_refused_clearly(tiny_model, tmp_path):
-    with pytest.raises(SystemExit, match="SDXL refiner; refiner training is not supported yet"):
-        common.resolve_model(model_args(tiny_model("sdxl-refiner"), tmp_path))
+def test_sdxl_refiner_is_told_apart_from_the_base(tiny_model, tmp_path):
+    info = common.resolve_model(model_args(tiny_model("sdxl-refiner"), tmp_path))
+    assert info.family == "sdxl-refiner" and info.text_parts == [("tokenizer_2", "text_encoder_2")]
+    assert common.resolve_model(model_args(tiny_model("sdxl"), tmp_path)).family == "sdxl"
 
 
 def test_a_folder_that_is_not_a_diffusers_model_is_a_clear_error(tmp_path):
