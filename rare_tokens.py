@@ -20,7 +20,6 @@ A candidate is 3-5 lowercase letters, one token in every tokenizer of the model,
 """
 
 import argparse
-import os
 import re
 
 import torch

@@ -66,7 +66,6 @@ def main(argv=None):
     import contextlib
     import io
 
-    import torch
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
 
@@ -134,7 +133,7 @@ def main(argv=None):
         print(f"{'step':>6} " + " ".join(f"{n + ' ' + k:>14}" for n, k in columns))
         for step in range(0, args.steps + 1, args.every):
             print(f"{step:>6} " + " ".join(f"{scores[n, k, set_name, step]:>14.5f}" for n, k in columns))
-    print(f"\nwall time: " + ", ".join(f"{n} {wall[n]:.1f} s" for n in variants)
+    print("\nwall time: " + ", ".join(f"{n} {wall[n]:.1f} s" for n in variants)
           + f" (rollouts / plain: {wall['rollouts'] / wall['plain']:.2f}x)")
     print(f"work folder: {work}")
 

@@ -400,6 +400,13 @@ def test_the_masked_out_region_gets_no_gradient():
     assert torch.equal(train_dreambooth.masked_mse(pred, target, torch.zeros_like(mask)), torch.zeros(2))
 
 
+def masked_run(model, config, output_dir, steps):
+    """The run train_argv describes, with the data (and masks) from a data config instead of a folder."""
+    return train_dreambooth.main(["--pretrained_model_name_or_path", model, "--data_backend_config", config,
+                                  "--output_dir", str(output_dir), "--seed", "7", "--train_batch_size", "2",
+                                  "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--lora_rank", "4"])
+
+
 def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_path):
     os.makedirs(tmp_path / "white")
     for name in os.listdir(subject_dir):
@@ -407,9 +414,7 @@ def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_pa
     model = tiny_model("sd1")
     plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "plain"))
     config = masked_data_config(tmp_path, subject_dir, tmp_path / "white", resolution=64)
-    masked = train_dreambooth.main(["--pretrained_model_name_or_path", model, "--data_backend_config", config,
-                                    "--output_dir", str(tmp_path / "masked"), "--seed", "7", "--train_batch_size", "2",
-                                    "--max_train_steps", "4", "--learning_rate", "1e-3", "--lora_rank", "4"])
+    masked = masked_run(model, config, tmp_path / "masked", steps=4)
     a = train_dreambooth.trainable_parameters(plain["unet"])
     b = train_dreambooth.trainable_parameters(masked["unet"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -426,9 +431,7 @@ def test_masks_change_what_is_learned(tiny_model, subject_dir, tmp_path):
     model = tiny_model("sd1")
     plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "plain", "--max_train_steps", "2"))
     config = masked_data_config(tmp_path, subject_dir, tmp_path / "half", resolution=64)
-    masked = train_dreambooth.main(["--pretrained_model_name_or_path", model, "--data_backend_config", config,
-                                    "--output_dir", str(tmp_path / "masked"), "--seed", "7", "--train_batch_size", "2",
-                                    "--max_train_steps", "2", "--learning_rate", "1e-3", "--lora_rank", "4"])
+    masked = masked_run(model, config, tmp_path / "masked", steps=2)
     a = train_dreambooth.trainable_parameters(plain["unet"])
     b = train_dreambooth.trainable_parameters(masked["unet"])
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5
