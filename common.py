@@ -1287,6 +1287,18 @@ def refine_sources(entries, count, seed):
     return [(entry.captions[0], apply_transform(load_image(entry.path), entry.transform)) for entry in chosen]
 
 
+def pipeline_call(args, prompt, seed, steps, guidance_scale, negative_prompt, resolution, source=None):
+    """Keyword arguments for one generated image: text-to-image at `resolution`, or for a refiner, img2img of
+    `source` at --refiner_training_strength with --data_aesthetic_score. The seed fixes the image."""
+    call = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed))
+    if source is not None:
+        call.update(image=source, strength=args.refiner_training_strength, aesthetic_score=args.data_aesthetic_score)
+    else:
+        call.update(height=resolution, width=resolution)
+    return call
+
+
 def add_refiner_args(parser):
     group = parser.add_argument_group("SDXL refiner")
     group.add_argument("--data_aesthetic_score", type=float, default=7.0,

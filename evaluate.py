@@ -391,14 +391,8 @@ def main(argv=None):
             jobs = [(p, i) for p in range(len(prompts)) for i in range(per_prompt)]
             for p, i in tqdm(jobs, desc=f"images ({name})", unit="img", leave=False):
                 seed = args.validation_seed + i
-                call = dict(prompt=prompts[p][0], negative_prompt=args.negative_prompt,
-                            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                            generator=torch.Generator().manual_seed(seed))
-                if sources:
-                    call.update(image=sources[p][1], strength=args.refiner_training_strength,
-                                aesthetic_score=args.data_aesthetic_score)
-                else:
-                    call.update(height=resolution, width=resolution)
+                call = common.pipeline_call(args, prompts[p][0], seed, args.num_inference_steps, args.guidance_scale,
+                                            args.negative_prompt, resolution, sources[p][1] if sources else None)
                 with torch.no_grad(), autocast():
                     image = pipe(**call).images[0]
                 common.save_image_atomic(image, os.path.join(out, "images", name,

@@ -560,17 +560,12 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
                 if preview_vae is not None and hooks is not None:
                     preview = preview_sender(hooks, preview_vae, args.validation_preview_steps, step, prompts[p][0],
                                              seed)
-                call = dict(prompt=prompts[p][0], negative_prompt=args.validation_negative_prompt,
-                            num_inference_steps=args.validation_num_inference_steps,
-                            guidance_scale=args.validation_guidance_scale, generator=torch.Generator().manual_seed(seed),
-                            callback_on_step_end=preview, callback_on_step_end_tensor_inputs=["latents"])
-                if sources:
-                    call.update(image=sources[p][1], strength=args.refiner_training_strength,
-                                aesthetic_score=args.data_aesthetic_score)
-                else:
-                    call.update(height=resolution, width=resolution)
+                call = common.pipeline_call(args, prompts[p][0], seed, args.validation_num_inference_steps,
+                                            args.validation_guidance_scale, args.validation_negative_prompt,
+                                            resolution, sources[p][1] if sources else None)
                 with torch.no_grad(), accelerator.autocast():
-                    image = pipe(**call).images[0]
+                    image = pipe(**call, callback_on_step_end=preview,
+                                 callback_on_step_end_tensor_inputs=["latents"]).images[0]
                 name = f"prompt{p:02d}-seed{seed}" + (EMA_SUFFIX if variant == "ema" else "")
                 image.save(os.path.join(folder, f"{name}.png"))
                 made[p].append(image)
