@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -651,6 +652,8 @@ def check_args(args):
         raise SystemExit("--train_batch_size and --gradient_accumulation_steps must be 1 or more")
     if args.validation_prompt and args.validation_steps < 1:
         raise SystemExit("--validation_steps must be 1 or more")
+    if args.skip_nan_steps < 0:
+        raise SystemExit("--skip_nan_steps must be 0 or more (how many NaN/inf batches may be dropped)")
     quantised_encoders = [i for i in (1, 2, 3) if getattr(args, f"text_encoder_{i}_precision") != "no_change"]
     if args.model_type == "full" and (args.lora_type == "lycoris" or args.base_model_precision != "no_change"
                                       or quantised_encoders):
@@ -732,6 +735,8 @@ def build_parser():
     group.add_argument("--max_train_steps", type=int, default=None, help="optimiser steps (wins over epochs)")
     group.add_argument("--num_train_epochs", type=int, default=1)
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--skip_nan_steps", type=int, default=0,
+                       help="drop up to N batches whose loss is NaN or infinite (default 0: the first one stops the run)")
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
     group.add_argument("--use_8bit_adam", type=str2bool, nargs="?", const=True, default=False)
     group.add_argument("--adam_beta1", type=float, default=0.9)
@@ -1040,6 +1045,7 @@ def train(args, hooks):
     aesthetic_score = common.refiner_conditioning(info, args)
 
     # --- The training loop: one optimiser step per iteration.
+    skipped_nan = 0
     for step in range(first_step, max_train_steps):
         started = time.perf_counter()
         loss_sum = 0.0
@@ -1135,13 +1141,34 @@ def train(args, hooks):
             loss_sum += loss.detach() / args.gradient_accumulation_steps
             sums[:4] += torch.tensor([0, 0, unweighted.item(), 1] if is_prior else [unweighted.item(), 1, 0, 0])
 
-        # Clip, step, schedule.
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # A NaN or infinite loss (any process's) means this batch's gradients are poisoned: the update is not
+        # applied. Up to --skip_nan_steps such batches are dropped (the step still counts, so the data order and
+        # the schedule stay those of the run); one more stops the run, the weights untouched by it and the last
+        # checkpoint on disk intact.
+        mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
         done = step + 1
+        if not math.isfinite(mean_loss):
+            optimizer.zero_grad(set_to_none=True)
+            skipped_nan += 1
+            if skipped_nan > args.skip_nan_steps:
+                latest = list_checkpoints(args.output_dir)
+                raise SystemExit(
+                    f"loss became {mean_loss} at step {done}; stopping"
+                    + (f" ({skipped_nan - 1} bad batches skipped before)" if args.skip_nan_steps else "")
+                    + f". Last good checkpoint: {latest[-1] if latest else 'none'}. Try a lower --learning_rate, "
+                    "--mixed_precision no, or --skip_nan_steps N to drop up to N bad batches.")
+            say(f"\nloss became {mean_loss} at step {done}: batch skipped ({skipped_nan} of at most "
+                f"{args.skip_nan_steps})")
+            with warnings.catch_warnings():  # a scheduler step with no optimiser step yet is what we mean here
+                warnings.simplefilter("ignore", UserWarning)
+                lr_scheduler.step()
+        else:
+            # Clip, step.
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
 
         # EMA: fold the new weights into the moving average every --ema_update_interval steps.
         ema_decay = None
@@ -1153,13 +1180,8 @@ def train(args, hooks):
         if eval_examples and (done % args.eval_steps_interval == 0 or done == max_train_steps):
             evaluation = evaluate_loss()
 
-        # Log; a NaN or infinite loss stops the run (weights are already poisoned; the last checkpoint is not).
-        mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
+        # Log.
         sums = accelerator.reduce(sums.to(device), reduction="sum").cpu()
-        if not math.isfinite(mean_loss):
-            latest = list_checkpoints(args.output_dir)
-            raise SystemExit(f"loss became {mean_loss} at step {done}; stopping. Last good checkpoint: "
-                             f"{latest[-1] if latest else 'none'}. Try a lower --learning_rate or --mixed_precision no.")
         step_time = time.perf_counter() - started
         if log is not None:
             record = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
@@ -1173,6 +1195,8 @@ def train(args, hooks):
                 record["rollout_probability"] = rollout_probability(args, step)
             if ema_decay is not None:
                 record["ema_decay"] = ema_decay
+            if skipped_nan:
+                record["skipped_nan_batches"] = skipped_nan
             record.update(evaluation)
             log.log(done, record)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
