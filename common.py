@@ -301,6 +301,9 @@ def add_model_args(parser):
                        help="never contact the hub; use the local hub cache only")
     group.add_argument("--single_file_config", default=None,
                        help="for a single-file checkpoint: a diffusers folder or hub id holding its component configs")
+    group.add_argument("--allow_pickle", type=str2bool, nargs="?", const=True, default=False,
+                       help="load a model whose weights are only pickles (.bin/.pt: loading one can run code); "
+                            "only for a source you trust")
     for i in (1, 2, 3):
         group.add_argument(f"--text_encoder_{i}_precision", default="no_change", choices=PRECISIONS,
                            help=f"quantise text encoder {i} (for caching and validation images)")
@@ -926,6 +929,7 @@ class ModelInfo:
     vae_config: dict = None
     text_encoder_precisions: dict = field(default_factory=dict)  # {"text_encoder_2": "int8-quanto", ...}
     num_train_timesteps: int = 1000
+    allow_pickle: bool = False  # --allow_pickle: load .bin/.pt weights (a pickle can run code) where no safetensors
 
     @property
     def vae_scale_factor(self):
@@ -1025,7 +1029,8 @@ def download_model(ref, args):
     try:
         return DiffusionPipeline.download(
             ref, revision=args.revision, variant=args.variant, local_files_only=args.local_files_only,
-            use_safetensors=True, safety_checker=None, feature_extractor=None, image_encoder=None,
+            use_safetensors=None if getattr(args, "allow_pickle", False) else True, safety_checker=None,
+            feature_extractor=None, image_encoder=None,
         )
     except Exception as err:
         offline = " (offline: HF_HUB_OFFLINE or --local_files_only is set)" if args.local_files_only or \
@@ -1054,6 +1059,9 @@ def resolve_model(args):
     for part in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
         if not os.path.isfile(os.path.join(folder, part)):
             raise SystemExit(f"{ref}: the model folder has no {part}; it is incomplete or not a text-to-image model")
+    allow_pickle = bool(getattr(args, "allow_pickle", False))
+    if not allow_pickle:
+        refuse_pickle_only_weights(ref, folder, model_index)
     unet_config = read_json(os.path.join(folder, "unet", "config.json"))
     family = detect_family(model_index, unet_config, ref)
     scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
@@ -1064,7 +1072,26 @@ def resolve_model(args):
         vae_config=read_json(os.path.join(folder, "vae", "config.json")),
         text_encoder_precisions={name: getattr(args, f"text_encoder_{i}_precision", "no_change") or "no_change"
                                  for i, name in enumerate(("text_encoder", "text_encoder_2", "text_encoder_3"), 1)},
+        allow_pickle=allow_pickle,
     )
+
+
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_only_weights(ref, folder, model_index):
+    """Exit if a weighted component of the model folder has pickle weights and no safetensors: unpickling a file
+    someone else made can run any code. (The loaders are also told to take safetensors only.)"""
+    for name, spec in model_index.items():
+        part = os.path.join(folder, name)
+        if name.startswith("_") or not isinstance(spec, list) or not os.path.isdir(part):
+            continue
+        files = os.listdir(part)
+        pickles = sorted(f for f in files if f.endswith(PICKLE_WEIGHTS))
+        if pickles and not any(f.endswith(".safetensors") for f in files):
+            raise SystemExit(f"{ref}: {name}/ has only pickle weights ({', '.join(pickles)}); loading a pickle can run "
+                             "code. Convert it to safetensors (load it once where you trust it and save_pretrained "
+                             "with safe_serialization=True), or pass --allow_pickle if you trust its source.")
 
 
 def component_identity(info, subfolder):
@@ -1089,8 +1116,9 @@ def load_component(info, subfolder, dtype=torch.float32):
     library, class_name = info.model_index[subfolder]
     module = diffusers if library == "diffusers" else transformers
     kwargs = {}
-    if not subfolder.startswith(("tokenizer", "scheduler")):  # weights: dtype and variant apply
-        kwargs = {"torch_dtype" if library == "diffusers" else "dtype": dtype, "variant": info.variant}
+    if not subfolder.startswith(("tokenizer", "scheduler")):  # weights: dtype and variant apply; no pickles
+        kwargs = {"torch_dtype" if library == "diffusers" else "dtype": dtype, "variant": info.variant,
+                  "use_safetensors": None if info.allow_pickle else True}
     try:
         return getattr(module, class_name).from_pretrained(info.folder, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as err:

@@ -10,6 +10,7 @@ Evaluates the base model (as step 0), every complete checkpoint-N in --checkpoin
   - scores, as in the DreamBooth paper (raw cosines): CLIP-T (each image against its prompt, with the class in
     place of the instance: CLIP does not know the identifier), CLIP-I and DINO (mean pairwise cosine between the
     generated images and the real subject images);
+  - with --toy_scorer (toy models): subject fidelity as DINO's, in the toy scorer's feature space;
   - the stable eval loss (common.stable_eval_loss, the function training logs with --eval_steps_interval) on the
     data config's eval datasets and/or --eval_split held-out images: pass the training run's data, --seed and
     --eval_split, and the numbers equal the training log's.
@@ -28,14 +29,16 @@ import html
 import io
 import json
 import os
+import sys
 
 import torch
 from tqdm.auto import tqdm
 
 import common
 
-METRICS = ("clip_t", "clip_i", "dino", "eval_loss")
-LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "eval_loss": "eval loss"}
+METRICS = ("clip_t", "clip_i", "dino", "toy_subject", "eval_loss")
+LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "toy_subject": "subject (toy)",
+          "eval_loss": "eval loss"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def weights_of(pipe, target, info):
         if os.path.isdir(path):  # a saved pipeline's unet/ folder
             from diffusers import UNet2DConditionModel
 
-            unet = UNet2DConditionModel.from_pretrained(path)
+            unet = UNet2DConditionModel.from_pretrained(path, use_safetensors=True)
         else:  # a checkpoint's state file
             unet = common.load_component(info, "unet")
             unet.load_state_dict(common.load_tensors(path))
@@ -237,7 +240,8 @@ def write_report(path, settings, results, prompts, plots):
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}} figure{{display:inline-block}}
 img.grid{{image-rendering:pixelated}}</style></head><body>
 <h1>Evaluation</h1>
-<h2>Scores</h2><p>CLIP-T, CLIP-I and DINO are raw cosines (the DreamBooth paper's scale; higher is better);
+<h2>Scores</h2><p>CLIP-T, CLIP-I and DINO are raw cosines (the DreamBooth paper's scale; higher is better), as is
+the toy scorer's subject fidelity (centred features, toy models only);
 the eval loss is the stable eval loss (lower is better).</p>
 <table><tr>{header}</tr>{rows}</table>
 <h2>Plots</h2>{figures or "<p>(no scores to plot)</p>"}
@@ -290,6 +294,8 @@ def build_parser():
     group = parser.add_argument_group("scores")
     group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="'none' skips the scores")
     group.add_argument("--dino_model", default="facebook/dino-vits16", help="'none' skips DINO")
+    group.add_argument("--toy_scorer", default=None, help="for toy models (toy/): subject fidelity read by the toy "
+                                                          "world's scorer, e.g. toy/scorer.safetensors")
     return parser
 
 
@@ -354,6 +360,13 @@ def main(argv=None):
         real = [common.load_image(path) for path in real_paths]
         real_clip = scorer.clip_images(real)
         real_dino = scorer.dino_images(real) if scorer.dino is not None else None
+    toy = None
+    if args.toy_scorer:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy"))
+        import toy_scorer
+
+        toy = toy_scorer.load_scorer(args.toy_scorer)
+        real_toy = [common.load_image(path) for path in real_paths]
 
     # A refiner cannot draw from a prompt: it refines subject images (their captions as prompts), as in training.
     sources = None
@@ -380,7 +393,7 @@ def main(argv=None):
                 "num_images_per_prompt": args.num_images_per_prompt, "validation_seed": args.validation_seed,
                 "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                 "resolution": resolution, "mixed_precision": args.mixed_precision, "clip_model": args.clip_model,
-                "dino_model": args.dino_model, "eval_images": len(examples), "eval_timesteps": args.eval_timesteps,
+                "dino_model": args.dino_model, "toy_scorer": args.toy_scorer, "eval_images": len(examples), "eval_timesteps": args.eval_timesteps,
                 "eval_seed": args.eval_seed, "real_images": len(real_paths)}
     print(f"evaluating {len(targets)} models x {len(prompts)} prompts x {per_prompt} images")
     for target in tqdm(targets, desc="models", unit="model"):
@@ -406,6 +419,8 @@ def main(argv=None):
             common.save_image_atomic(image_grid(rows), result["grid_path"])
             if scorer is not None:
                 result.update(scorer.scores(images, score_prompts, real_clip, real_dino))
+            if toy is not None:
+                result["toy_subject"] = toy_scorer.subject_fidelity(toy, images, real_toy)
             if examples:
                 loss = common.stable_eval_loss(pipe.unet, noise_scheduler, info.prediction_type, examples,
                                                args.eval_timesteps, args.eval_seed, autocast,

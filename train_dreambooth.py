@@ -436,6 +436,17 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
     return final
 
 
+def load_state(path):
+    """A checkpoint's optimiser / schedule / RNG file: plain tensors and numbers only (weights_only), so a
+    tampered file cannot run code on load; anything else is refused, naming the file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # UnpicklingError for a foreign object, RuntimeError / EOFError for a damaged file
+        raise SystemExit(f"{path}: not a training state file this script wrote ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}); it is damaged or was replaced. Resume from another "
+                         "checkpoint, or delete this one.") from None
+
+
 def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
     """Restore weights, optimizer, lr schedule, RNG and the EMA; returns the checkpoint's training_state.json."""
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
@@ -447,13 +458,13 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
         raise SystemExit(f"{path} does not match this run's trainable weights (missing e.g. {sorted(missing)[0]}); "
                          "was it written with other --model_type / --lora_* settings?")
     model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    optimizer.load_state_dict(load_state(os.path.join(path, "optimizer.pt")))
+    lr_scheduler.load_state_dict(load_state(os.path.join(path, "scheduler.pt")))
     if accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
-        accelerator.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
+        accelerator.scaler.load_state_dict(load_state(os.path.join(path, "scaler.pt")))
     rng_file = os.path.join(path, f"rng_{accelerator.process_index}.pt")
     if os.path.isfile(rng_file):
-        rng = torch.load(rng_file, weights_only=True)
+        rng = load_state(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
