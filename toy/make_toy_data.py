@@ -4,9 +4,10 @@
     python toy/make_toy_data.py --output_dir toy/subject --subject 5            # a DreamBench-style toy subject
 
 A picture is one shape (circle, square, triangle, diamond) of one colour and size, at one place, on a plain
-background of another colour; its caption says all of it, e.g. "a small red circle at the top on a blue
-background". Everything follows from (seed, index): the same call draws the same picture, byte for byte. The
-vocabulary is small on purpose (TOY_WORDS), so a tiny text encoder with a hand-made vocabulary covers it.
+background of another colour; its caption says it, e.g. "a small red circle at the top on a blue background",
+or part of it ("a red circle on a blue background", "a small shape at the top"). Everything follows from
+(seed, index): the same call draws the same picture, byte for byte. The vocabulary is small on purpose
+(TOY_WORDS), so a tiny text encoder with a hand-made vocabulary covers it.
 
 A subject is not in this world: a shape painted in two colours (a striped "ohwx" shape). Its pictures vary in
 size, place and background like the world's, so a DreamBooth run can recontextualise it.
@@ -70,8 +71,17 @@ def draw(shape, colour, size, place, background, stripes=None):
     return image.resize((SIZE, SIZE), Image.LANCZOS), mask.resize((SIZE, SIZE), Image.LANCZOS)
 
 
-def caption(shape, colour, size, place, background):
-    return f"a {size} {colour} {shape} {place} on a {background} background"
+def caption(shape, colour, size, place, background, omit=()):
+    """The caption of a picture; words for the attributes in `omit` are left out ("shape" stands for the shape)."""
+    words = ["a", size, colour, "shape" if "shape" in omit else shape, place,
+             f"on a {background} background"]
+    kept = [w for w, key in zip(words, ["", "size", "colour", "", "place", "background"]) if key not in omit]
+    return " ".join(kept)
+
+
+# How often a training caption leaves an attribute unsaid, as people's captions do: the model learns that
+# "a red circle" may be any size, anywhere, on any background, and that "a shape" is the class of all of them.
+OMIT = {"shape": 0.2, "size": 0.25, "colour": 0.1, "place": 0.25, "background": 0.2}
 
 
 def sample_attributes(rng):
@@ -80,11 +90,14 @@ def sample_attributes(rng):
             "place": rng.choice(sorted(PLACES)), "background": background}
 
 
-def toy_sample(index, seed=0):
-    """(image, caption, attributes) of picture `index` of the world drawn with `seed`."""
-    attributes = sample_attributes(random.Random(seed * 1_000_003 + index))
+def toy_sample(index, seed=0, full=False):
+    """(image, caption, attributes) of picture `index` of the world drawn with `seed`. The caption leaves some
+    attributes unsaid (OMIT) unless `full`; the picture is the same either way."""
+    rng = random.Random(seed * 1_000_003 + index)
+    attributes = sample_attributes(rng)
+    omit = [key for key in OMIT if rng.random() < OMIT[key]]
     image, _ = draw(**attributes)
-    return image, caption(**attributes), attributes
+    return image, caption(**attributes, omit=() if full else omit), attributes
 
 
 # The subjects: shapes in two colours, which the world never shows. "ohwx" names one in a prompt.

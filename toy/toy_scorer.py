@@ -74,6 +74,43 @@ def predict(scorer, images):
     return [{name: HEADS[name][picks[name][i]] for name in HEADS} for i in range(len(images))]
 
 
+_CENTRES = {}
+
+
+def world_centre(scorer, count=256, seed=777):
+    """The mean feature of ordinary toy pictures: subtracted before cosines, so that what every picture shares
+    (the pooled features are mostly positive) does not make everything look alike."""
+    if id(scorer) not in _CENTRES:
+        images = [make_toy_data.toy_sample(i, seed)[0] for i in range(count)]
+        with torch.no_grad():
+            _CENTRES[id(scorer)] = scorer.features(to_pixels(images)).mean(0)
+    return _CENTRES[id(scorer)]
+
+
+@torch.no_grad()
+def embed(scorer, images):
+    """Centred, L2-normalised penultimate features of PIL images: the toy world's DINO embedding."""
+    return torch.nn.functional.normalize(scorer.features(to_pixels(images)) - world_centre(scorer), dim=-1)
+
+
+def subject_fidelity(scorer, generated, real):
+    """Mean cosine between every generated image and every real subject image (the DINO score's recipe)."""
+    return (embed(scorer, generated) @ embed(scorer, real).T).mean().item()
+
+
+def paired_similarity(scorer, images, others):
+    """Mean cosine of image i with others[i] (same prompt and seed, two models): 1 = unchanged."""
+    return (embed(scorer, images) * embed(scorer, others)).sum(-1).mean().item()
+
+
+def prompt_fidelity(scorer, images, requested):
+    """Share of asked-for attributes read right: `requested` holds, per image, {head: value} for what its prompt
+    names (a background colour, a size, a place)."""
+    read = predict(scorer, images)
+    checks = [r[name] == value for r, asked in zip(read, requested) for name, value in asked.items()]
+    return sum(checks) / max(1, len(checks))
+
+
 def accuracy(scorer, count=500, seed=12345):
     """Share of fresh procedural pictures (another seed than training's) read right, per head."""
     samples = [make_toy_data.toy_sample(i, seed) for i in range(count)]
@@ -104,7 +141,6 @@ def train(steps=1500, batch_size=64, pool=12000, seed=0, learning_rate=2e-3):
 
 def main(argv=None):
     import common
-    from safetensors.torch import save_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=DEFAULT_PATH)
@@ -114,9 +150,7 @@ def main(argv=None):
     scorer = train(args.steps, seed=args.seed)
     scores = accuracy(scorer)
     print("accuracy on 500 fresh pictures: " + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()))
-    tmp = common.tmp_name(args.output)
-    save_file({k: v.contiguous() for k, v in scorer.state_dict().items()}, tmp)
-    common.fsync_replace(tmp, args.output)
+    common.save_safetensors_atomic(scorer.state_dict(), args.output)
     print(f"saved {args.output}")
     return scores
 
