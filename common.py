@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import ctypes
 import difflib
+import errno
 import functools
 import gc
 import hashlib
@@ -82,10 +83,32 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def fault_point(name):
+    """A place where a fault test may kill this process: with DREAMBOOTH_KILL_AT="NAME:N" in the environment the
+    N-th arrival at point NAME sends SIGKILL to the process itself (no cleanup runs, as after a power cut).
+    Points: "write" (a finished temporary file, not yet renamed into place), "step" (a training step done).
+    With DREAMBOOTH_FAULT_LOG=FILE every arrival is appended there, so a test can choose where to kill."""
+    if os.environ.get("DREAMBOOTH_FAULT_LOG"):
+        with open(os.environ["DREAMBOOTH_FAULT_LOG"], "a", encoding="utf-8") as handle:
+            handle.write(name + "\n")
+    wanted = os.environ.get("DREAMBOOTH_KILL_AT")
+    if not wanted or wanted.rsplit(":", 1)[0] != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(wanted.rsplit(":", 1)[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_COUNTS = {}
+
+
 def fsync_replace(tmp_path, final_path):
     """Flush a finished temporary file to disk and rename it into place: readers see all of it or nothing."""
     with open(tmp_path, "rb") as handle:
         os.fsync(handle.fileno())
+    fault_point("write")
     os.replace(tmp_path, final_path)
 
 
@@ -94,27 +117,39 @@ def tmp_name(path):
     return f"{path}.tmp{os.getpid()}"
 
 
-def save_safetensors_atomic(tensors, path, metadata=None):
+def disk_full(err):
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yields a temporary name to write `path` to; afterwards it is flushed and renamed into place, or, if writing
+    failed, removed (the previous `path`, if any, is untouched). A full disk is a SystemExit naming the file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tmp_name(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        yield tmp
         fsync_replace(tmp, path)
+    except OSError as err:
+        if disk_full(err):
+            raise SystemExit(f"{path}: the disk is full ({err.strerror}); nothing half-written was kept. Free some "
+                             "space (or point the output / cache folders elsewhere) and run the same command again: "
+                             "it goes on from what is finished.") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_safetensors_atomic(tensors, path, metadata=None):
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def save_image_atomic(image, path):
     """Save a PIL image (format from the extension) so that a killed run never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = tmp_name(path)
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()])
-        fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def contact_sheet(images, labels, path, thumb=160):
@@ -137,14 +172,8 @@ def contact_sheet(images, labels, path, thumb=160):
 
 
 def write_text_atomic(text, path):
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
@@ -166,20 +195,35 @@ def list_checkpoints(output_dir):
 
 
 def write_json_atomic(obj, path):
-    tmp = tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)
-    fsync_replace(tmp, path)
 
 
 def remove_stale_temporaries(folder):
-    """Delete temporary files a killed run left behind (they were never renamed into place, so never trusted)."""
+    """Delete temporary files (NAME.tmpPID) and folders (.NAME.tmp) a killed run left behind: they were never
+    renamed into place, so never trusted. A temporary file of a process still running is left alone."""
     if not os.path.isdir(folder):
         return
-    for root, _, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
         for name in files:
-            if re.search(r"\.tmp\d+$", name):
+            found = re.search(r"\.tmp(\d+)$", name)
+            if found and not process_alive(int(found.group(1))):
                 os.remove(os.path.join(root, name))
+        for name in [d for d in dirs if d.startswith(".") and d.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            dirs.remove(name)
+
+
+def process_alive(pid):
+    if pid == os.getpid():
+        return False  # ours are never left over from an earlier write
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def file_sha256(path):

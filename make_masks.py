@@ -152,6 +152,7 @@ def main(argv=None):
     if args.preview and not args.preview.lower().endswith(".png"):
         raise SystemExit(f"--preview {args.preview}: give a .png file name")
 
+    common.remove_stale_temporaries(args.output_dir)  # a killed run's half-written masks
     paths, problems = common.find_images(args.input_dir)
     for path, reason in problems:
         print(f"skipped {path}: {reason}")

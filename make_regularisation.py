@@ -165,6 +165,7 @@ def main(argv=None):
     wanted = settings(args, info, prompts, width, height)
     check_folder(args, wanted)
     os.makedirs(args.output_dir, exist_ok=True)
+    common.remove_stale_temporaries(args.output_dir)  # a killed run's half-written images
     manifest = os.path.join(args.output_dir, MANIFEST)
     batching = common.read_json(manifest).get("batching") if os.path.isfile(manifest) else None
     common.write_json_atomic({**wanted, "batching": batching or {"batch_size": args.batch_size, "dtype": args.dtype}},

@@ -399,39 +399,48 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    # Each process keeps its own RNG state (dropout draws differ per rank).
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, os.path.join(tmp, f"rng_{accelerator.process_index}.pt"))
-    if accelerator.is_main_process:
-        weights = trainable_parameters(accelerator.unwrap_model(unet))
-        common.save_safetensors_atomic(weights, os.path.join(tmp, "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-        if ema is not None:
-            common.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
-        if save_outputs is not None:
-            save_outputs(tmp, step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        common.write_json_atomic({
-            "step": step, "batches_drawn": sampler.drawn, "seed": seed,
-            "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "num_processes": accelerator.num_processes, "model_type": args.model_type,
-            "ema_updates": ema.updates if ema is not None else None,
-        }, os.path.join(tmp, STATE_FILE))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        # Rotation: keep the newest --checkpoints_total_limit checkpoints.
-        if args.checkpoints_total_limit:
-            for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+    try:
+        # Each process keeps its own RNG state (dropout draws differ per rank).
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(tmp, f"rng_{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            weights = trainable_parameters(accelerator.unwrap_model(unet))
+            common.save_safetensors_atomic(weights, os.path.join(tmp, "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            if ema is not None:
+                common.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
+            if save_outputs is not None:
+                save_outputs(tmp, step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in os.listdir(tmp):
+                with open(os.path.join(tmp, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+            common.write_json_atomic({
+                "step": step, "batches_drawn": sampler.drawn, "seed": seed,
+                "train_batch_size": args.train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "num_processes": accelerator.num_processes, "model_type": args.model_type,
+                "ema_updates": ema.updates if ema is not None else None,
+            }, os.path.join(tmp, STATE_FILE))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except BaseException as err:  # a full disk, a write error, an interrupt: the temporary folder goes, older
+        shutil.rmtree(tmp, ignore_errors=True)  # checkpoints stay as they are
+        if isinstance(err, (SystemExit, KeyboardInterrupt)):
+            raise
+        raise SystemExit(f"could not write checkpoint {final} ({type(err).__name__}: {err}); nothing of it was kept "
+                         "and the earlier checkpoints are intact. Free some disk space and rerun with "
+                         "--resume_from_checkpoint latest.") from None
+    # Rotation: keep the newest --checkpoints_total_limit checkpoints.
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -856,6 +865,8 @@ def train(args, hooks):
     info = common.resolve_model(args)
     for dataset in datasets:
         dataset.resolution = dataset.resolution or info.native_resolution
+    if accelerator.is_main_process:  # what a killed run left half-written (never trusted) goes first
+        common.remove_stale_temporaries(args.output_dir)
     resume_path = resume_checkpoint_path(args) if args.resume_from_checkpoint else None
     seed = args.seed
     if seed is None:  # an unseeded run still resumes exactly: the seed it drew is stored in every checkpoint
@@ -1212,6 +1223,7 @@ def train(args, hooks):
             log.log(done, record)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         bar.update(1)
+        common.fault_point("step")
 
         # Checkpoint every --checkpointing_steps (not at the very end: the final save follows).
         if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < max_train_steps:

@@ -1,12 +1,19 @@
-"""Faults survived: a NaN/inf loss stops the run naming the step (or is skipped with --skip_nan_steps), and the
-weights and checkpoints on disk are never poisoned by it."""
+"""Faults survived: every script killed (SIGKILL) at points the test picks and run again ends with the outputs of an
+uninterrupted run; a NaN/inf loss stops the run naming the step (or is skipped with --skip_nan_steps); a full disk
+is a clear error that leaves the previous state intact."""
 
+import errno
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import train_argv
+from conftest import ROOT, train_argv
 from safetensors.torch import load_file
 
 import train_dreambooth
@@ -64,3 +71,226 @@ def test_one_nan_batch_more_than_allowed_stops_the_run(tiny_model, subject_dir, 
     nan_at(1, 2)
     with pytest.raises(SystemExit, match=r"at step 2; stopping \(1 bad batches skipped before\)"):
         train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--skip_nan_steps", "1"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGKILL anywhere: each script is killed at points the test picks from a logged uninterrupted run (every place a
+# finished temporary file waits to be renamed, training steps), then the same command runs again. Between the two,
+# every file under its real name must be whole; after, every output must equal the uninterrupted run's.
+
+def run_script(script, args, **env):
+    """Run one of the project's scripts in a fresh interpreter; returns the CompletedProcess."""
+    command = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    return subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True,
+                          text=True, timeout=600)
+
+
+def logged_points(script, args, tmp_path):
+    log = tmp_path / "points.log"
+    done = run_script(script, args, DREAMBOOTH_FAULT_LOG=str(log))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return open(log).read().split()
+
+
+def spread(points, name, count):
+    """`count` arrivals at `name` spread over the run, first and last included: ["name:N", ...]."""
+    total = points.count(name)
+    picks = sorted({1 + round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
+    return [f"{name}:{n}" for n in picks]
+
+
+def files_under(*folders):
+    found = {}
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(root, name)
+                found[os.path.relpath(path, os.path.dirname(folder))] = path
+    return found
+
+
+def assert_every_named_file_is_whole(*folders):
+    """What a kill leaves: temporaries (never read: their names end in .tmpPID) and whole files under real names."""
+    from PIL import Image
+
+    for rel, path in files_under(*folders).items():
+        if re.search(r"\.tmp\d+$", rel) or ".tmp" + os.sep in rel or rel.endswith(".tmp"):
+            continue
+        if path.endswith(".safetensors"):
+            load_file(path)
+        elif path.endswith(".png"):
+            Image.open(path).load()
+        elif path.endswith(".json"):
+            json.load(open(path))
+
+
+def kill_and_rerun(script, args, kill, clean):
+    clean()
+    killed = run_script(script, args, DREAMBOOTH_KILL_AT=kill)
+    assert killed.returncode == -signal.SIGKILL, (kill, killed.returncode, killed.stderr[-2000:])
+    return killed
+
+
+def rerun(script, args):
+    done = run_script(script, args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def read_bytes(folder):
+    return {rel: open(path, "rb").read() for rel, path in files_under(folder).items()}
+
+
+def assert_killed_runs_end_byte_identical(script, args, folder, tmp_path, count):
+    """Kill `script` at `count` write points spread over an uninterrupted run's, each time from scratch, and run it
+    again: `folder` must then hold what the uninterrupted run wrote, byte for byte. Returns those files."""
+    points = logged_points(script, args, tmp_path)
+    expected = read_bytes(folder)
+    for kill in spread(points, "write", count):
+        kill_and_rerun(script, args, kill, lambda: shutil.rmtree(folder, ignore_errors=True))
+        assert_every_named_file_is_whole(str(folder))
+        rerun(script, args)
+        assert read_bytes(folder) == expected, kill
+    return expected
+
+
+def test_cache_latents_killed_anywhere_rebuilds_byte_identical_caches(tiny_model, subject_dir, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--pretrained_model_name_or_path", tiny_model("sd1"), "--instance_data_dir", subject_dir,
+            "--instance_prompt", "a photo of ohwx toy", "--output_dir", tmp_path / "out", "--cache_dir", cache,
+            "--resolution", 64]
+    expected = assert_killed_runs_end_byte_identical("cache_latents.py", args, cache, tmp_path, 3)
+    assert sum(rel.endswith(".safetensors") for rel in expected) >= 9  # 8 latents + a caption's embeddings
+
+
+def test_training_killed_in_a_step_a_checkpoint_write_or_the_final_save_ends_where_it_would_have(
+        tiny_model, subject_dir, tmp_path):
+    out = tmp_path / "out"
+    args = train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                      "--cache_dir", tmp_path / "cache", "--resume_from_checkpoint", "latest")
+    rerun("train_dreambooth.py", args)  # the caches first: every later run finds them, so its writes line up
+    shutil.rmtree(out)
+    points = logged_points("train_dreambooth.py", args, tmp_path)
+    expected = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    # Writes after the last step are the final save; the others belong to caches and checkpoints.
+    last_step = len(points) - points[::-1].index("step")
+    final_writes = points[last_step:].count("write")
+    total_writes = points.count("write")
+    kills = ["step:3", f"write:{total_writes - final_writes - 1}", f"write:{total_writes - final_writes + 1}",
+             f"write:{total_writes}"] + spread(points[:last_step], "write", 2)
+    for kill in kills:
+        kill_and_rerun("train_dreambooth.py", args, kill, lambda: shutil.rmtree(out, ignore_errors=True))
+        assert_every_named_file_is_whole(str(out), str(tmp_path / "cache"))
+        rerun("train_dreambooth.py", args)
+        resumed = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+        assert resumed.keys() == expected.keys()
+        assert all(torch.allclose(resumed[k], expected[k], atol=1e-6, rtol=0) for k in expected), kill
+        assert not [p for p in files_under(str(out)) if ".tmp" in p], kill
+
+
+def test_make_regularisation_killed_anywhere_ends_with_the_same_images(tiny_model, tmp_path):
+    reg = tmp_path / "class"
+    args = ["--pretrained_model_name_or_path", tiny_model("sd1"), "--class_prompt", "a photo of a toy",
+            "--num_images", 6, "--batch_size", 2, "--output_dir", reg, "--resolution", 64,
+            "--num_inference_steps", 2, "--device", "cpu", "--dtype", "fp32"]
+    expected = assert_killed_runs_end_byte_identical("make_regularisation.py", args, reg, tmp_path, 3)
+    assert sum(rel.endswith(".png") for rel in expected) == 6
+
+
+def test_make_masks_killed_anywhere_ends_with_the_same_masks(tmp_path):
+    import make_demo
+
+    cutouts = tmp_path / "cutouts"
+    make_demo.make_subject_images(str(tmp_path / "subject"), sizes=((64, 64),) * 4, cutouts=str(cutouts))
+    masks = tmp_path / "masks"
+    args = ["--input_dir", cutouts, "--output_dir", masks, "--method", "alpha", "--mask_blur", 2]
+    expected = assert_killed_runs_end_byte_identical("make_masks.py", args, masks, tmp_path, 2)
+    assert sum(rel.endswith(".png") for rel in expected) == 4
+
+
+def test_resume_latest_skips_an_incomplete_checkpoint_folder(tiny_model, subject_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    expected = train_dreambooth.main(args)
+    reference = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    # A later checkpoint folder that never got its state file (a partial copy, a foreign tool's folder).
+    broken = out / "checkpoint-3"
+    shutil.copytree(out / "checkpoint-2", broken)
+    os.remove(broken / train_dreambooth.STATE_FILE)
+    os.remove(out / train_dreambooth.LORA_WEIGHTS_NAME)
+    result = train_dreambooth.main(args + ["--resume_from_checkpoint", "latest"])
+    assert "checkpoint-3 is incomplete" in capsys.readouterr().out
+    assert result["steps"] == expected["steps"] == 4
+    resumed = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    assert all(torch.allclose(resumed[k], reference[k], atol=1e-6, rtol=0) for k in reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A full disk: the writer fails part-way; the message names the file, nothing half-written stays, the earlier state
+# is intact and the same command goes on once there is room.
+
+def fill_disk_after(monkeypatch, module, name, calls_allowed):
+    """Make module.name (a writer) fail with ENOSPC after `calls_allowed` successful calls, having written part
+    of its file first (as a real full disk does)."""
+    real = getattr(module, name)
+    count = {"n": 0}
+
+    def writer(obj, path, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls_allowed:
+            with open(path, "wb") as handle:
+                handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *args, **kwargs)
+    monkeypatch.setattr(module, name, writer)
+
+
+def test_a_full_disk_while_caching_names_the_file_and_keeps_what_was_cached(tiny_model, subject_dir, tmp_path,
+                                                                             monkeypatch):
+    import cache_latents
+    import common
+
+    cache = tmp_path / "cache"
+    args = ["--pretrained_model_name_or_path", tiny_model("sd1"), "--instance_data_dir", subject_dir,
+            "--instance_prompt", "a photo of ohwx toy", "--output_dir", str(tmp_path / "out"), "--cache_dir",
+            str(cache), "--resolution", "64"]
+    fill_disk_after(monkeypatch, common, "save_file", 3)
+    with pytest.raises(SystemExit, match=r"\.safetensors: the disk is full .*run the same command again"):
+        cache_latents.main(args)
+    written = [p for p in files_under(str(cache)).values()]
+    assert len(written) == 3 and all(p.endswith(".safetensors") for p in written)  # no partial, no temporary
+    assert_every_named_file_is_whole(str(cache))
+    monkeypatch.undo()
+    cache_latents.main(args)  # room again: the rest is made
+    assert sum(p.endswith(".safetensors") for p in files_under(str(cache)).values()) >= 9
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_resumes(tiny_model, subject_dir, tmp_path,
+                                                                                   monkeypatch):
+    out = tmp_path / "out"
+    args = train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                      "--cache_dir", tmp_path / "cache", "--resume_from_checkpoint", "latest")
+    reference_out = tmp_path / "reference"
+    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, reference_out, "--max_train_steps", "6",
+                                     "--checkpointing_steps", "2", "--cache_dir", tmp_path / "cache"))
+    reference = load_file(str(reference_out / train_dreambooth.LORA_WEIGHTS_NAME))
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, path, *a, **k):  # checkpoint-2 writes rng, optimizer, scheduler; checkpoint-4 fails at optimizer
+        calls["n"] += 1
+        if calls["n"] == 5:
+            with open(path, "wb") as handle:
+                handle.write(b"partial")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit, match=r"could not write checkpoint .*checkpoint-4 .*earlier checkpoints are intact"):
+        train_dreambooth.main(args)
+    monkeypatch.undo()
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2"]  # no temporary folder left
+    before = trainable(out / "checkpoint-2")
+    assert all(torch.isfinite(v).all() for v in before.values())
+    train_dreambooth.main(args)  # room again: resumes from checkpoint-2 and ends where an uninterrupted run does
+    resumed = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    assert all(torch.allclose(resumed[k], reference[k], atol=1e-6, rtol=0) for k in reference)

@@ -15,6 +15,7 @@ from PIL import Image
 import train_dreambooth
 
 TOKEN = "hook-token-never-printed"
+HUB_TOKEN = "hf_hubtokenneverprinted"
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,8 @@ def received(server):
 
 
 def test_training_sends_its_events_and_validation_previews(tiny_model, subject_dir, tmp_path, serve, tiny_taesd,
-                                                           capfd):
+                                                           capfd, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)  # a hub token in the environment is never written either
     server = serve()
     config = write_json(tmp_path / "hooks.json", {"webhook_type": "raw", "callback_url": server.url + "/hook",
                                                   "auth_token": TOKEN, "message_prefix": "[toy] "})
@@ -59,12 +61,13 @@ def test_training_sends_its_events_and_validation_previews(tiny_model, subject_d
     assert validation.tobytes() == Image.open(out / "validation" / "step-2" / "prompt00-seed0.png").tobytes()
     assert all(r["headers"]["Authorization"] == f"Bearer {TOKEN}" for r in server.requests)
 
-    # The token is sent, never written: not in the console output, the log, the metadata or any other file.
+    # The tokens are sent / used, never written: not in the console output, the log, the metadata or any file.
     printed = capfd.readouterr()
-    assert TOKEN not in printed.out + printed.err
+    assert TOKEN not in printed.out + printed.err and HUB_TOKEN not in printed.out + printed.err
     for folder, _, names in os.walk(out):
         for name in names:
-            assert TOKEN.encode() not in open(os.path.join(folder, name), "rb").read(), name
+            data = open(os.path.join(folder, name), "rb").read()
+            assert TOKEN.encode() not in data and HUB_TOKEN.encode() not in data, name
 
 
 def test_a_dead_webhook_neither_stops_nor_slows_training(tiny_model, subject_dir, tmp_path, dead_url, capsys):
