@@ -1,12 +1,12 @@
-"""Build the demo: a tiny randomly initialised SD-shaped model and a small synthetic subject, under demo/.
+"""Build the demo under demo/: a toy subject (toy/make_toy_data.py) and the configs to train a LoRA of it on the
+toy model (toy/model), a small pipeline that draws the toy world of coloured shapes.
 
-    python examples/make_demo.py demo/        # then: make demo does the caching and training
+    python examples/make_demo.py demo/        # then: make demo runs masks, class images, caches, training, evaluation
 
-The model is random: it draws noise, before and after training. The demo proves that every step of the real
-workflow runs (discovery, buckets, caches, LoRA training, checkpoints, validation images, the saved LoRA) in a
-couple of minutes on a CPU. Point the same config at a real model to train for real.
+Point the same configs at a real model and real photos to train for real.
 
-The tiny-model builders here are also what the tests build their fixtures from (tests/conftest.py).
+The tiny randomly initialised models here (build_tiny_model) are what the tests build their fixtures from
+(tests/conftest.py): they draw noise, but every part of a real model's structure is there.
 """
 
 import json
@@ -36,25 +36,41 @@ def byte_alphabet():
     return [chr(c) for c in codes]
 
 
+def bpe_pieces(word, ranks):
+    """How CLIP's BPE splits `word` under merges ranked by `ranks`: the best-ranked adjacent pair merges first."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
 def tiny_tokenizer(words=TINY_WORDS):
     """A real CLIP BPE tokenizer over a hand-made vocabulary: every byte, every byte at a word end, and merges
-    that make each of `words` one token."""
+    that make each of `words` one token. Merges are added at the lowest rank while splitting each word as the
+    tokenizer will, so a later word's merges never break an earlier word apart (a merge like "d"+"i" learnt for
+    "diamond" would otherwise win over "m"+"e" inside "medium")."""
     from transformers import CLIPTokenizer
 
     alphabet = byte_alphabet()
     vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges = []
+    ranks = {}
     for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        parts = bpe_pieces(word, ranks)
         while len(parts) > 1:
-            merge = (parts[0], parts[1])
-            if merge not in merges:
-                merges.append(merge)
-            parts = [parts[0] + parts[1]] + parts[2:]
-            if parts[0] not in vocab:
-                vocab.append(parts[0])
+            ranks[(parts[0], parts[1])] = len(ranks)
+            if parts[0] + parts[1] not in vocab:
+                vocab.append(parts[0] + parts[1])
+            parts = bpe_pieces(word, ranks)
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges, model_max_length=77)
+    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=list(ranks),
+                              model_max_length=77)
+    split = [word for word in words if len(tokenizer.tokenize(word)) != 1]
+    assert not split, f"tiny_tokenizer: {split} are not single tokens"
+    return tokenizer
 
 
 def tiny_text_encoder(tokenizer, projection=False, hidden_act="quick_gelu", seed=0, hidden_size=32):
@@ -171,51 +187,84 @@ def make_subject_images(folder, sizes=((192, 192),) * 4 + ((128, 256),) * 2 + ((
     return folder
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_MODEL = os.path.join(ROOT, "toy", "model")
+DEMO_SUBJECT = 0  # toy/make_toy_data.py SUBJECTS[0]: a red circle with yellow stripes
+
+
+def write_toy_subject(root, count=5, held_out=3):
+    """The demo subject: `count` pictures in subject/, the same as cut-outs (transparent around the shape, as a
+    person would cut out a photo for make_masks.py --method alpha) in cutouts/, and `held_out` other pictures of
+    it in held_out/ for the eval loss."""
+    sys.path.insert(0, os.path.join(ROOT, "toy"))
+    import make_toy_data
+
+    for folder in ("subject", "cutouts", "held_out"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for i, (image, mask, _) in enumerate(make_toy_data.subject_samples(DEMO_SUBJECT, count, seed=0)):
+        image.save(os.path.join(root, "subject", f"ohwx_{i:02d}.png"))
+        cutout = image.copy()
+        cutout.putalpha(mask)
+        cutout.save(os.path.join(root, "cutouts", f"ohwx_{i:02d}.png"))
+    for i, (image, _, _) in enumerate(make_toy_data.subject_samples(DEMO_SUBJECT, held_out, seed=1)):
+        image.save(os.path.join(root, "held_out", f"ohwx_{i:02d}.png"))
+
+
 def main(argv=None):
+    """demo/: the toy subject's pictures, cut-outs and held-out pictures, and the data config and training config
+    for a LoRA on the toy model (toy/model). make demo runs the rest: make_masks.py (cut-outs -> subject_masks/),
+    make_regularisation.py (class pictures -> class/), cache_latents.py, train_dreambooth.py, evaluate.py."""
     argv = sys.argv[1:] if argv is None else argv
     root = os.path.abspath(argv[0] if argv else "demo")
+    model = argv[1] if len(argv) > 1 else TOY_MODEL
     os.makedirs(root, exist_ok=True)
-    if not os.path.isfile(os.path.join(root, "model", "model_index.json")):
-        build_tiny_model(os.path.join(root, "model"), "sd1", sample_size=24)
-    make_subject_images(os.path.join(root, "subject"), cutouts=os.path.join(root, "cutouts"))
-    # make demo turns the cut-outs into demo/subject_masks/ with make_masks.py --method alpha (masked loss).
+    write_toy_subject(root)
+    cache = os.path.join(root, "cache")
     datasets = [
         {"id": "subject", "type": "local", "instance_data_dir": os.path.join(root, "subject"),
-         "caption_strategy": "instanceprompt", "instance_prompt": "a photo of ohwx toy", "resolution": 192,
-         "resolution_type": "pixel_area", "repeats": 4, "cache_dir_vae": os.path.join(root, "cache", "vae", "subject"),
+         "caption_strategy": "instanceprompt", "instance_prompt": "a ohwx shape", "resolution": 64,
+         "resolution_type": "pixel", "repeats": 9, "cache_dir_vae": os.path.join(cache, "vae", "subject"),
          "conditioning_data": "subject-masks"},
         {"id": "subject-masks", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask",
          "instance_data_dir": os.path.join(root, "subject_masks")},
+        {"id": "class", "type": "local", "is_regularisation_data": True, "instance_data_dir": os.path.join(root, "class"),
+         "caption_strategy": "textfile", "resolution": 64, "resolution_type": "pixel",
+         "cache_dir_vae": os.path.join(cache, "vae", "class")},
+        {"id": "held-out", "type": "local", "dataset_type": "eval", "instance_data_dir": os.path.join(root, "held_out"),
+         "caption_strategy": "instanceprompt", "instance_prompt": "a ohwx shape", "resolution": 64,
+         "resolution_type": "pixel", "cache_dir_vae": os.path.join(cache, "vae", "held_out")},
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
-         "cache_dir": os.path.join(root, "cache", "text")},
+         "cache_dir": os.path.join(cache, "text")},
     ]
     with open(os.path.join(root, "multidatabackend.json"), "w", encoding="utf-8") as handle:
         json.dump(datasets, handle, indent=2)
     config = {
-        "pretrained_model_name_or_path": os.path.join(root, "model"),
+        "pretrained_model_name_or_path": model,
         "data_backend_config": os.path.join(root, "multidatabackend.json"),
         "output_dir": os.path.join(root, "output"),
         "seed": 42,
-        "train_batch_size": 2,
-        "max_train_steps": 40,
+        "train_batch_size": 4,
+        "max_train_steps": 300,
         "learning_rate": 1e-3,
-        "lr_scheduler": "cosine",
-        "lr_warmup_steps": 5,
+        "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": 20,
         "lora_rank": 8,
-        "snr_gamma": 5.0,
-        "checkpointing_steps": 20,
-        "checkpoints_total_limit": 2,
-        "validation_prompt": ["a photo of ohwx toy", "a photo of ohwx toy on the beach"],
-        "validation_steps": 20,
+        "lora_target": "all",
+        "prior_loss_target": "base_model",
+        "prior_loss_weight": 0.1,
+        "checkpointing_steps": 100,
+        "checkpoints_total_limit": 3,
+        "validation_prompt": ["a ohwx shape", "a ohwx shape on a green background", "a large ohwx shape at the left"],
+        "validation_steps": 100,
         "num_validation_images": 2,
-        "validation_num_inference_steps": 10,
-        "validation_resolution": 192,
-        "eval_split": 2,
-        "eval_steps_interval": 10,
+        "validation_num_inference_steps": 20,
+        "validation_guidance_scale": 5.0,
+        "validation_resolution": 64,
+        "eval_steps_interval": 50,
     }
     with open(os.path.join(root, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)
-    print(f"demo model, subject images and config written to {root}")
+    print(f"demo subject pictures, cut-outs and configs written to {root} (model: {model})")
 
 
 if __name__ == "__main__":

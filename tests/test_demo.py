@@ -1,5 +1,5 @@
-"""The demo's own steps (as `make demo` runs them, shortened) keep working: masks from cut-outs, caches, training,
-evaluation."""
+"""The demo's own steps (as `make demo` runs them, shortened) keep working on the toy model: masks from cut-outs,
+class pictures, caches, training with masks and prior loss, evaluation with the toy scorer."""
 
 import json
 import os
@@ -11,29 +11,37 @@ import cache_latents
 import evaluate
 import make_demo
 import make_masks
+import make_regularisation
 import train_dreambooth
 
 
-def test_demo_steps_run_and_train_with_masks(tmp_path):
+def test_demo_steps_run_and_train_with_masks_and_class_pictures(tmp_path):
     root = tmp_path / "demo"
     make_demo.main([str(root)])
     make_masks.main(["--input_dir", str(root / "cutouts"), "--output_dir", str(root / "subject_masks"),
-                     "--method", "alpha", "--mask_padding", "4", "--mask_blur", "2",
-                     "--preview", str(root / "masks_preview.png")])
-    # A mask is white on the subject (where the cut-out is opaque) and black far from it.
-    alpha = np.asarray(Image.open(root / "cutouts" / "subject_00.png").getchannel("A"))
-    mask = np.asarray(Image.open(root / "subject_masks" / "subject_00.png"))
-    assert (mask[alpha == 255] >= 240).all() and mask[0, 0] == 0 and mask.shape == alpha.shape  # padded, feathered
+                     "--method", "alpha", "--preview", str(root / "masks_preview.png")])
+    # A mask is white on the subject (where the cut-out is opaque) and black on the background.
+    alpha = np.asarray(Image.open(root / "cutouts" / "ohwx_00.png").getchannel("A"))
+    mask = np.asarray(Image.open(root / "subject_masks" / "ohwx_00.png"))
+    assert mask.shape == alpha.shape == (64, 64)
+    assert (mask[alpha == 255] >= 240).all() and (mask[alpha == 0] <= 15).all()
+    make_regularisation.main(["--pretrained_model_name_or_path", make_demo.TOY_MODEL, "--class_prompt", "a shape",
+                              "--num_images", "4", "--output_dir", str(root / "class"), "--resolution", "64",
+                              "--num_inference_steps", "4", "--device", "cpu", "--dtype", "fp32"])
     plans = cache_latents.main(["--config", str(root / "config.json")])
-    assert all(e.mask_path for e in plans["subject"])
+    assert all(e.mask_path for e in plans["subject"]) and len(plans["class"]) == 4
     result = train_dreambooth.main(["--config", str(root / "config.json"), "--max_train_steps", "3",
                                     "--validation_steps", "3", "--validation_num_inference_steps", "2"])
     assert os.path.isfile(root / "output" / train_dreambooth.LORA_WEIGHTS_NAME)
-    assert Image.open(root / "output" / "validation" / "step-3" / "grid.png").size == (2 * 192, 2 * 192)
+    assert Image.open(root / "output" / "validation" / "step-3" / "grid.png").size == (2 * 64, 3 * 64)
     assert result["steps"] == 3
-    # evaluate.py reads the same config: the final eval loss is the one training logged at its last step.
-    results = evaluate.main(["--config", str(root / "config.json"), "--instance_prompt", "ohwx toy", "--class_prompt",
-                             "toy", "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--clip_model", "none"])
     logged = [json.loads(line) for line in open(root / "output" / "logs" / "train_log.jsonl")]
+    assert any("loss/prior" in line for line in logged)  # the class pictures were trained on
+    # evaluate.py reads the same config: the final eval loss is the one training logged at its last step.
+    results = evaluate.main(["--config", str(root / "config.json"), "--instance_prompt", "ohwx shape",
+                             "--class_prompt", "shape", "--validation_prompt", "a {instance}",
+                             "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--clip_model", "none",
+                             "--toy_scorer", os.path.join(make_demo.ROOT, "toy", "scorer.safetensors")])
     assert results[-1]["name"] == "final" and results[-1]["eval_loss"] == logged[-1]["eval_loss"]
+    assert all(-1 <= r["toy_subject"] <= 1 for r in results)
     assert os.path.isfile(root / "output" / "evaluation" / "report.html")
