@@ -30,7 +30,9 @@ def test_demo_steps_run_and_train_with_masks_and_class_pictures(tmp_path):
                               "--num_inference_steps", "4", "--device", "cpu", "--dtype", "fp32"])
     plans = cache_latents.main(["--config", str(root / "config.json")])
     assert all(e.mask_path for e in plans["subject"]) and len(plans["class"]) == 4
+    # (--data_sampling uniform: half the batches are class batches, so a few steps surely include some)
     result = train_dreambooth.main(["--config", str(root / "config.json"), "--max_train_steps", "3",
+                                    "--data_sampling", "uniform", "--lora_target", "attention",
                                     "--validation_steps", "3", "--validation_num_inference_steps", "2"])
     assert os.path.isfile(root / "output" / train_dreambooth.LORA_WEIGHTS_NAME)
     assert Image.open(root / "output" / "validation" / "step-3" / "grid.png").size == (2 * 64, 3 * 64)
