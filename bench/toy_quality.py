@@ -179,7 +179,8 @@ def load_variant(model, output=None, full=False, ema=False):
     else:
         pipe = StableDiffusionPipeline.from_pretrained(model)
     if output and not full:
-        name = train_dreambooth.LORA_WEIGHTS_NAME.replace(".safetensors", (train_dreambooth.EMA_SUFFIX if ema else "") + ".safetensors")
+        suffix = train_dreambooth.EMA_SUFFIX if ema else ""
+        name = train_dreambooth.LORA_WEIGHTS_NAME.replace(".safetensors", suffix + ".safetensors")
         common.load_adapter(pipe, os.path.join(output, name))
     pipe.set_progress_bar_config(disable=True)
     return pipe
