@@ -334,25 +334,31 @@ def peft_metadata(config):
     return {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str)}
 
 
-def save_lora(unet, path, metadata):
-    """The UNet's peft LoRA in diffusers' format: keys 'unet.<module>.lora.down.weight', for load_lora_weights."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+def lora_matrices(unet):
+    """(module name, "down" | "up", fp32 tensor) for each matrix of the UNet's peft LoRA (peft's A is down, B up)."""
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    common.save_safetensors_atomic({f"unet.{k}": v.float() for k, v in state.items()}, path, metadata)
+    for key, value in get_peft_model_state_dict(unet).items():  # "<module>.lora_A.weight" / "<module>.lora_B.weight"
+        module, kind = key.rsplit(".lora_", 1)
+        yield module, "down" if kind.startswith("A") else "up", value.float()
+
+
+def save_lora(unet, path, metadata):
+    """The UNet's peft LoRA in diffusers' format: keys 'unet.<module>.lora.down.weight' / '.lora.up.weight', for
+    load_lora_weights. Every key is renamed here, not with diffusers' convert_state_dict_to_diffusers: that one
+    renames attention layers only, and load_lora_weights judges the whole file's format by its first key, so a
+    file that mixes the two (conv or time-embedding LoRAs first, --lora_target all) loses its attention LoRAs."""
+    state = {f"unet.{module}.lora.{kind}.weight": value for module, kind, value in lora_matrices(unet)}
+    common.save_safetensors_atomic(state, path, metadata)
 
 
 def kohya_lora(unet, alpha):
     """The peft LoRA in the kohya layout (lora_unet_<module>.lora_down/lora_up/alpha) that ComfyUI, A1111 and
     diffusers' load_lora_weights all read."""
-    from peft.utils import get_peft_model_state_dict
-
     state = {}
-    for key, value in get_peft_model_state_dict(unet).items():  # "<module>.lora_A.weight" / "<module>.lora_B.weight"
-        module, kind = key.rsplit(".lora_", 1)
+    for module, kind, value in lora_matrices(unet):
         name = "lora_unet_" + module.replace(".", "_")
-        state[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value.float()
+        state[f"{name}.lora_{kind}.weight"] = value
         state[f"{name}.alpha"] = torch.tensor(float(alpha))
     return state
 

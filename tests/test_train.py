@@ -24,10 +24,14 @@ def load_pipeline(family, folder):
     return cls.from_pretrained(folder, local_files_only=True)
 
 
+@pytest.mark.parametrize("target", list(train_dreambooth.LORA_TARGETS))
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_saved_lora_reloads_in_diffusers_and_reproduces_our_prediction(tiny_model, subject_dir, tmp_path, family):
+def test_saved_lora_reloads_in_diffusers_and_reproduces_our_prediction(tiny_model, subject_dir, tmp_path, family,
+                                                                       target):
+    """Every --lora_target: with conv and time-embedding LoRAs ("all"), a file mixing key formats once lost its
+    attention LoRAs in load_lora_weights (it judges the format by the first key)."""
     model = tiny_model(family)
-    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_target", "attention_ff"))
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_target", target))
     ours = result["unet"].eval()
     inputs = unet_inputs(ours, family)
 
