@@ -395,7 +395,7 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
 
 
 def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed, ema=None,
-                    save_outputs=None):
+                    save_outputs=None, skipped_nan=0):
     """Write checkpoint-STEP atomically: everything goes into a hidden temporary folder, the state file last,
     then one rename. A run killed at any moment leaves either the whole checkpoint or none. `save_outputs(folder)`
     adds the adapter files, so a checkpoint loads (and evaluates) exactly like a final output."""
@@ -433,6 +433,7 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "num_processes": accelerator.num_processes, "model_type": args.model_type,
                 "ema_updates": ema.updates if ema is not None else None,
+                "skipped_nan_batches": skipped_nan,  # --skip_nan_steps counts over the whole run, resumes included
             }, os.path.join(tmp, STATE_FILE))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -1028,10 +1029,10 @@ def train(args, hooks):
                              {"weights": "ema", "ema_decay": str(args.ema_decay), "ema_updates": str(ema.updates)})
         return path
 
-    first_step = 0
+    first_step, skipped_nan = 0, 0
     if resume_path:
         state = load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler, ema)
-        first_step = state["step"]
+        first_step, skipped_nan = state["step"], state.get("skipped_nan_batches", 0)
         for key in ("train_batch_size", "gradient_accumulation_steps", "num_processes"):
             current = accelerator.num_processes if key == "num_processes" else getattr(args, key)
             if state.get(key) != current:
@@ -1073,7 +1074,6 @@ def train(args, hooks):
     aesthetic_score = common.refiner_conditioning(info, args)
 
     # --- The training loop: one optimiser step per iteration.
-    skipped_nan = 0
     for step in range(first_step, max_train_steps):
         started = time.perf_counter()
         loss_sum = 0.0
@@ -1234,7 +1234,7 @@ def train(args, hooks):
         # Checkpoint every --checkpointing_steps (not at the very end: the final save follows).
         if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < max_train_steps:
             path = save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed, ema,
-                                   save_adapters if args.model_type == "lora" else None)
+                                   save_adapters if args.model_type == "lora" else None, skipped_nan)
             say(f"\nsaved {path}")
             if hooks is not None:
                 hooks.send("checkpoint_saved", f"checkpoint at step {done}: {path}", step=done, path=path)

@@ -23,14 +23,15 @@ import train_dreambooth
 def nan_at(monkeypatch):
     """Make the loss NaN at the given (1-based) steps: one masked_mse call per step (batch from one dataset,
     no accumulation, no prior)."""
-    def install(*steps):
-        real = train_dreambooth.masked_mse
+    def install(*steps):  # (again for a second run: counts start afresh)
+        real = getattr(train_dreambooth.masked_mse, "unpoisoned", train_dreambooth.masked_mse)
         calls = {"n": 0}
 
         def poisoned(pred, target, mask=None, normalize=True):
             calls["n"] += 1
             loss = real(pred, target, mask, normalize)
             return loss * float("nan") if calls["n"] in steps else loss
+        poisoned.unpoisoned = real
         monkeypatch.setattr(train_dreambooth, "masked_mse", poisoned)
     return install
 
@@ -71,6 +72,19 @@ def test_one_nan_batch_more_than_allowed_stops_the_run(tiny_model, subject_dir, 
     nan_at(1, 2)
     with pytest.raises(SystemExit, match=r"at step 2; stopping \(1 bad batches skipped before\)"):
         train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--skip_nan_steps", "1"))
+
+
+def test_skipped_nan_batches_are_counted_across_a_resume(tiny_model, subject_dir, tmp_path, nan_at):
+    """--skip_nan_steps is a budget for the whole run: a resumed run starts with the checkpoint's count."""
+    out = tmp_path / "out"
+    argv = train_argv(tiny_model("sd1"), subject_dir, out, "--checkpointing_steps", "2", "--max_train_steps", "4",
+                      "--skip_nan_steps", "1")
+    nan_at(1)  # step 1 is skipped, checkpoint-2 records it
+    train_dreambooth.main(argv)
+    assert json.load(open(out / "checkpoint-2" / train_dreambooth.STATE_FILE))["skipped_nan_batches"] == 1
+    nan_at(1)  # the resumed run's first step (3) is bad too: the second of a budget of one
+    with pytest.raises(SystemExit, match=r"at step 3; stopping \(1 bad batches skipped before\)"):
+        train_dreambooth.main(argv + ["--resume_from_checkpoint", "latest"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
