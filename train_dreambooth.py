@@ -595,7 +595,7 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
                     image = pipe(**call, callback_on_step_end=preview,
                                  callback_on_step_end_tensor_inputs=["latents"]).images[0]
                 name = f"prompt{p:02d}-seed{seed}" + (EMA_SUFFIX if variant == "ema" else "")
-                image.save(os.path.join(folder, f"{name}.png"))
+                common.save_image_atomic(image, os.path.join(folder, f"{name}.png"))
                 made[p].append(image)
         for p, images in made.items():
             grid_rows[p] += images
@@ -611,10 +611,9 @@ def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders
     labels = [{"raw": "raw", "ema": "EMA"}[v] for v in variants] if len(variants) > 1 or sources else []
     if sources:
         labels = ["source", *labels]
-    image_grid([image for p in grid_rows for image in grid_rows[p]], len(grid_rows[0]),
-               labels).save(os.path.join(folder, "grid.png"))
-    with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(generate for generate, _ in prompts) + "\n")
+    common.save_image_atomic(image_grid([image for p in grid_rows for image in grid_rows[p]], len(grid_rows[0]),
+                                        labels), os.path.join(folder, "grid.png"))
+    common.write_text_atomic("\n".join(generate for generate, _ in prompts) + "\n", os.path.join(folder, "prompts.txt"))
     model.train(was_training)
     if args.offload_frozen:
         for part in (vae, *text_encoders):
