@@ -455,7 +455,10 @@ TYPE_WORDS = {"str": "a string", "bool": "true or false", "int": "a whole number
 
 
 def safe_folder_name(text):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "dataset"
+    """`text` as one folder name: no separators or parent steps. A name that had to change gets a hash of the
+    original, so two ids that clean up alike ("..", "~") still get folders of their own."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")
+    return name if name == text else f"{name or 'dataset'}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def validate_dataset(raw, index, source):
@@ -550,7 +553,24 @@ def load_datasets(args):
             dataset.resolution_type = args.resolution_type
         if dataset.cache_dir_vae is None:
             dataset.cache_dir_vae = os.path.join(cache_root, "vae", safe_folder_name(dataset.id))
+    refuse_outputs_among_data(datasets, args, source)
     return datasets
+
+
+def refuse_outputs_among_data(datasets, args, source):
+    """Nothing this run writes (output, caches) may lie inside a data folder: it would sit among the person's
+    pictures, and the validation images saved there would be trained on as the subject next time."""
+    written = {"--output_dir": args.output_dir, "the text embedding cache": text_cache_dir(datasets, args)}
+    written.update({f"dataset {d.id!r}'s cache_dir_vae": d.cache_dir_vae for d in datasets
+                    if d.dataset_type in ("image", "eval")})
+    for dataset in datasets:
+        if dataset.dataset_type == "text_embeds":
+            continue
+        for what, folder in written.items():
+            if folder and inside(folder, dataset.instance_data_dir):
+                raise SystemExit(f"{source}: {what} ({folder}) lies inside the images of dataset {dataset.id!r} "
+                                 f"({dataset.instance_data_dir}); outputs would be mixed with the pictures. Choose a "
+                                 "folder outside it.")
 
 
 def as_list(value):
@@ -580,10 +600,25 @@ def announce_pending_features(datasets, print_fn=print):
 # 4. Images: discovery, decoding, captions
 
 
+def inside(path, folder):
+    """True when `path` is `folder` or lies under it, both resolved (symbolic links followed, `..` applied)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def folders_overlap(a, b):
     """True when two folders are the same or one lies inside the other."""
-    a, b = os.path.realpath(a), os.path.realpath(b)
-    return os.path.commonpath([a, b]) in (a, b)
+    return inside(a, b) or inside(b, a)
+
+
+def confined(path, folder):
+    """`path`, after checking that writing it stays inside `folder`: a name built from a data file's relative path
+    must not lead elsewhere through a symbolic link planted in the output or cache tree."""
+    if not inside(path, folder):
+        raise SystemExit(f"{path} resolves to {os.path.realpath(path)}, outside {folder}, where it was meant to be "
+                         "written (a symbolic link in that folder leads out of it); remove the link or choose "
+                         "another folder")
+    return path
 
 
 def stem_clashes(paths, root):
@@ -846,7 +881,8 @@ class ImageEntry:
 
 def vae_cache_path(dataset, relpath, transform):
     width, height = transform["target_size"]
-    return os.path.join(dataset.cache_dir_vae, f"{relpath}-{width}x{height}.safetensors")
+    return confined(os.path.join(dataset.cache_dir_vae, f"{relpath}-{width}x{height}.safetensors"),
+                    dataset.cache_dir_vae)
 
 
 def pair_masks(paths, dataset, mask_dataset):

@@ -32,7 +32,7 @@ from common import str2bool
 
 def mask_path_for(path, args):
     relpath = os.path.relpath(path, args.input_dir)
-    return os.path.join(args.output_dir, os.path.splitext(relpath)[0] + ".png")
+    return common.confined(os.path.join(args.output_dir, os.path.splitext(relpath)[0] + ".png"), args.output_dir)
 
 
 def load_segmenter(args):
