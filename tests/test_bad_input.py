@@ -575,3 +575,75 @@ def test_bucket_smaller_than_the_batch_is_oversubscribed_and_still_trains(tiny_m
     assert any("bucket 128x256" in n and "holds 2 image(s)" in n for n in notices)
     assert any("bucket 256x128" in n and "holds 2 image(s)" in n for n in notices)
     assert result["steps"] == 2 and os.path.isfile(out / train_dreambooth.LORA_WEIGHTS_NAME)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. The whole corpus at once, through the scripts a person runs
+
+
+def build_corpus(data, masks):
+    """Every kind of awkward file in one folder, and a white mask for each (one of the wrong size).
+    Returns ({name: reason a skipped file must be given}, [names that must be cached])."""
+    exif = Image.Exif()
+    exif[common.EXIF_ORIENTATION] = 6
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette(list(RED) + list(BLUE) + [0] * (256 * 3 - 6))
+    palette.paste(1, (32, 0, 64, 64))
+    good = {
+        "good.png": lambda p: save(noise_image(), p),
+        "café ü 写真 01.png": lambda p: save(noise_image(seed=1), p),
+        "UPPER.JPG": lambda p: save(noise_image(seed=2), p, "JPEG"),
+        "cmyk.jpg": lambda p: save(Image.new("CMYK", (64, 64), (255, 0, 0, 0)), p, "JPEG"),
+        "gray16.png": lambda p: save(Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)), p),
+        "palette.png": lambda p: save(palette, p, transparency=1),
+        "gray.png": lambda p: save(Image.new("L", (64, 64), 90), p),
+        "rgba.png": lambda p: save(Image.new("RGBA", (64, 64), (10, 200, 30, 128)), p),
+        "phone.jpg": lambda p: save(noise_image(128, 64, seed=3), p, "JPEG", exif=exif),  # portrait once upright
+    }
+    bad = {
+        "cut.jpg": ("truncated", lambda p: truncated(p, "JPEG")),
+        "empty.png": ("empty file", lambda p: write_bytes(p, b"")),
+        "notes.png": ("not an image", lambda p: write_bytes(p, b"remember to buy milk\n")),
+        "dot.png": ("too small", lambda p: save(Image.new("RGB", (1, 1)), p)),
+        "bomb.png": ("refused before decoding", lambda p: png_claiming_size(p, 20000, 20000)),
+        "wrong_mask.png": ("a mask must have its image's size", lambda p: save(noise_image(seed=4), p)),
+    }
+    for name, make in good.items():
+        make(data / name)
+    for name, (_, make) in bad.items():
+        make(data / name)
+    mask_sizes = {"phone.jpg": (64, 128), "dot.png": (1, 1), "wrong_mask.png": (32, 32)}  # the rest: 64 x 64
+    for name in [*good, *bad]:
+        save(Image.new("L", mask_sizes.get(name, (64, 64)), 255), masks / (os.path.splitext(name)[0] + ".png"))
+    os.symlink(str(data), str(data / "loop"))  # a folder link back to the top: an endless tree if followed
+    return {**{name: reason for name, (reason, _) in bad.items()}, "loop": "symlink loop"}, sorted(good)
+
+
+def test_the_bad_input_corpus_is_reported_file_by_file_and_the_good_files_train(tiny_model, tmp_path, capsys):
+    import cache_latents
+
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    reasons, good = build_corpus(data, masks)
+    config = write_json(tmp_path / "data.json", [
+        {"id": "subject", "instance_data_dir": str(data), "instance_prompt": "a photo of ohwx toy",
+         "resolution": 64, "conditioning_data": "subject-masks"},
+        {"id": "subject-masks", "dataset_type": "conditioning", "conditioning_type": "mask",
+         "instance_data_dir": str(masks)}])
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", tiny_model("sd1"), "--data_backend_config", config,
+            "--output_dir", str(out), "--resolution", "64"]
+    plans = cache_latents.main(argv)
+    printed = capsys.readouterr().out
+    for name, reason in reasons.items():  # one line per bad file, naming it, with its reason
+        [line] = [line for line in printed.splitlines() if line.startswith(f"skipped {data / name}")]
+        assert reason in line, line
+    assert sorted(e.relpath for e in plans["subject"]) == good
+    cached = [p for p in all_files(out / "cache" / "vae") if p.endswith(".safetensors")]
+    assert sorted(os.path.basename(p).rsplit("-", 1)[0] for p in cached) == good  # no partial or extra entry
+    assert not any(".tmp" in p for p in all_files(out))
+    width, height = next(e for e in plans["subject"] if e.relpath == "phone.jpg").bucket
+    assert height > width  # EXIF-rotated: upright, in a portrait bucket
+
+    result = train_dreambooth.main(argv + ["--max_train_steps", "2", "--train_batch_size", "1", "--seed", "0"])
+    assert result["steps"] == 2 and os.path.isfile(out / train_dreambooth.LORA_WEIGHTS_NAME)
+    assert "nothing to encode" in capsys.readouterr().out  # training reused the cache the script built
