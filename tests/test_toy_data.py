@@ -38,6 +38,17 @@ def test_pictures_are_deterministic_and_their_captions_true():
     assert make_toy_data.toy_sample(0, seed=4)[0].tobytes() != make_toy_data.toy_sample(0, seed=3)[0].tobytes()
 
 
+def test_a_pictures_mask_is_its_shape():
+    """toy_sample(..., with_mask=True): the same picture, and a mask white where the shape's colour is."""
+    for index in range(20):
+        image, text, attributes, mask = make_toy_data.toy_sample(index, seed=3, with_mask=True)
+        assert image.tobytes() == make_toy_data.toy_sample(index, seed=3)[0].tobytes()
+        pixels = np.asarray(image).reshape(-1, 3).astype(int)
+        painted = np.abs(pixels - make_toy_data.COLOURS[attributes["colour"]]).max(1) <= 12
+        covered = np.asarray(mask).reshape(-1) > 127
+        assert (painted == covered).mean() > 0.95, text  # (anti-aliased edges differ)
+
+
 def test_a_subject_is_two_coloured_and_its_mask_covers_it():
     samples = make_toy_data.subject_samples(0, 6)
     shape, colour, stripes = make_toy_data.SUBJECTS[0]

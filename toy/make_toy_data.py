@@ -90,14 +90,16 @@ def sample_attributes(rng):
             "place": rng.choice(sorted(PLACES)), "background": background}
 
 
-def toy_sample(index, seed=0, full=False):
-    """(image, caption, attributes) of picture `index` of the world drawn with `seed`. The caption leaves some
-    attributes unsaid (OMIT) unless `full`; the picture is the same either way."""
+def toy_sample(index, seed=0, full=False, with_mask=False):
+    """(image, caption, attributes) of picture `index` of the world drawn with `seed`, and the shape's mask after
+    them `with_mask`. The caption leaves some attributes unsaid (OMIT) unless `full`; the picture is the same
+    either way."""
     rng = random.Random(seed * 1_000_003 + index)
     attributes = sample_attributes(rng)
     omit = [key for key in OMIT if rng.random() < OMIT[key]]
-    image, _ = draw(**attributes)
-    return image, caption(**attributes, omit=() if full else omit), attributes
+    image, mask = draw(**attributes)
+    sample = image, caption(**attributes, omit=() if full else omit), attributes
+    return (*sample, mask) if with_mask else sample
 
 
 # The subjects: shapes in two colours, which the world never shows. "ohwx" names one in a prompt.
