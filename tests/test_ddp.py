@@ -63,8 +63,11 @@ def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(ti
         ddp = load_file(str(tmp_path / "ddp" / name))
         ours = load_file(str(tmp_path / "single" / name))
         assert ddp.keys() == ours.keys()
+        # Summation order differs (all-reduce vs accumulation), and Adam divides each gradient by its own running
+        # size, so a near-zero gradient's rounding shows up to ~1e-5 here; a wrong batch, noise or averaging would
+        # move weights by the order of one step (lr 1e-3). A tenth of a step tells the two apart.
         for key in ours:
-            assert torch.allclose(ddp[key], ours[key], atol=1e-5), key
+            assert torch.allclose(ddp[key], ours[key], atol=1e-4), key
     assert single["steps"] == 3
 
 
