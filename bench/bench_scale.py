@@ -83,7 +83,7 @@ def discovery_seconds(argv):
     datasets = common.load_datasets(args)
     plans = common.plan_datasets(datasets, common.crop_seed(args), print_fn=lambda *a: None)
     seconds = time.perf_counter() - started
-    buckets = {(e.target_size if hasattr(e, "target_size") else None) for p in plans.values() for e in p}
+    buckets = {e.bucket for p in plans.values() for e in p}
     return seconds, sum(len(p) for p in plans.values()), len(buckets)
 
 

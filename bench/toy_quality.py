@@ -46,7 +46,7 @@ VARIANTS = {
     "lora + prior (base_model)": (["--prior_loss_target", "base_model"], True, False),
     "lora + prior (dataset)": (["--prior_loss_target", "dataset"], True, False),
     "lora + masks": ([], False, True),
-    "lora + rollouts": (["--scheduled_sampling_max_step_offset", "10", "--scheduled_sampling_ramp_steps", "50"],
+    "lora + rollouts": (["--scheduled_sampling_max_step_offset", "5", "--scheduled_sampling_ramp_steps", "150"],
                         False, False),
     "lora + ema": (["--use_ema", "--ema_decay", "0.99", "--ema_warmup"], False, False),
     "lycoris lokr": (["--lora_type", "lycoris"], False, False),
