@@ -434,10 +434,11 @@ def main(argv=None):
     report = os.path.join(out, "report.html")
     write_report(report, settings, results, prompts, plots)
 
-    print(f"\n{'name':<16}{'step':>7}" + "".join(f"{LABELS[m]:>11}" for m in METRICS))
+    widths = {m: max(11, len(LABELS[m]) + 2) for m in METRICS}
+    print(f"\n{'name':<16}{'step':>7}" + "".join(f"{LABELS[m]:>{widths[m]}}" for m in METRICS))
     for r in results:
         print(f"{r['name']:<16}{'' if r['step'] is None else r['step']:>7}"
-              + "".join(f"{'-' if r.get(m) is None else format(r[m], '.4f'):>11}" for m in METRICS))
+              + "".join(f"{'-' if r.get(m) is None else format(r[m], '.4f'):>{widths[m]}}" for m in METRICS))
     print(f"\nreport: {report}")
     return results
 

@@ -64,7 +64,7 @@ def draw(shape, colour, size, place, background, stripes=None):
     paint = Image.new("RGB", (big, big), COLOURS[colour])
     if stripes:
         bands = ImageDraw.Draw(paint)
-        band = big // 16
+        band = big // 8  # 8-pixel bands at 64 x 64, two latent pixels: the toy VAE blurs 4-pixel ones to orange
         for top in range(0, big, 2 * band):
             bands.rectangle([0, top, big, top + band - 1], fill=COLOURS[stripes])
     image.paste(paint, (0, 0), mask)
