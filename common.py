@@ -159,16 +159,36 @@ def contact_sheet(images, labels, path, thumb=160):
 
     columns = max(1, math.ceil(math.sqrt(len(labels))))
     rows = math.ceil(len(labels) / columns)
-    label_height = 14
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [wrap_label(measure, label, thumb - 4) for label in labels]
+    line_height = 12
+    label_height = 2 + line_height * max((len(lines) for lines in wrapped), default=1)
     sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label_height)), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, lines) in enumerate(zip(images, wrapped)):
         image = image.convert("RGB")
         image.thumbnail((thumb, thumb))
         x, y = (i % columns) * thumb, (i // columns) * (thumb + label_height)
         sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
-        draw.text((x + 2, y + thumb + 1), label[-26:], fill="black")
+        for n, line in enumerate(lines):
+            draw.text((x + 2, y + thumb + 1 + n * line_height), line, fill="black")
     save_image_atomic(sheet, path)
+
+
+def wrap_label(draw, label, width, max_lines=3):
+    """`label` broken at spaces into lines no wider than `width` pixels (at most `max_lines`; a word too long for
+    a line, or text beyond the last line, is cut and ends in '..')."""
+    lines, words = [], str(label).split(" ")
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}") <= width:
+            line += " " + words.pop(0)
+        if draw.textlength(line) > width or (words and len(lines) == max_lines - 1):
+            while line and draw.textlength(line + "..") > width:
+                line = line[:-1]
+            line += ".."
+        lines.append(line)
+    return lines or [""]
 
 
 def write_text_atomic(text, path):

@@ -178,6 +178,20 @@ def test_preview_is_a_contact_sheet_of_every_image(tmp_path):
     assert (first[..., 0] > 150).any() and (first[..., 2] > 100).sum() < (first[..., 0] > 100).sum()
 
 
+def test_long_labels_wrap_inside_their_thumbnail(tmp_path):
+    prompts = ["a large ohwx shape at the left", "a ohwx shape on a black background", "a ohwx shape", "x" * 60]
+    common.contact_sheet([Image.new("RGB", (64, 64), "red")] * 4, prompts, str(tmp_path / "sheet.png"), thumb=96)
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("L"))
+    assert sheet.shape == (2 * (96 + 2 + 2 * 12), 2 * 96)  # two label lines: the longest prompts need two
+    label = sheet[96:96 + 26, :96]
+    assert (label < 128).any() and (label[:, -2:] >= 128).all()  # text in the first cell, clear of the next
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for prompt in prompts:
+        lines = common.wrap_label(measure, prompt, 92)
+        assert all(measure.textlength(line) <= 92 for line in lines)
+        assert " ".join(lines) == prompt or lines[-1].endswith("..")
+
+
 def test_bad_arguments_are_refused(tiny_clipseg, tmp_path):
     os.makedirs(tmp_path / "in")
     with pytest.raises(SystemExit, match="--text_input is required"):
