@@ -1,6 +1,6 @@
 """The toy DreamBench: does DreamBooth learn a subject, and what does each option change? Measured on the toy model.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/toy_quality.py                           # every variant (~15 min)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/toy_quality.py                           # every variant (~6 min)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/toy_quality.py --variants lora full --steps 200 --out bench/out/toy
 
 The subject is one the toy world never shows (toy/make_toy_data.py SUBJECTS: a shape painted in two colours, in
