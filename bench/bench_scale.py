@@ -1,12 +1,14 @@
 """How the toolkit scales with the dataset: 100, 1,000 and 10,000 images, side by side in one run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_scale.py                       # 100 / 1k / 10k, 2,000 steps (~10 min)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_scale.py                       # 100 / 1k / 10k, 2,000 steps (~3 min)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_scale.py --sizes 100 1000 --steps 300 --out bench/out/scale
 
 For each size, on a tiny SD-shaped model (examples/make_demo.py) and synthetic pictures of three shapes (square,
 portrait, landscape: three buckets):
   discovery   finding, reading the headers of and bucketing every picture (common.load_datasets + plan_datasets)
-  cache       cache_latents.py in a fresh process: pictures per second, its peak resident memory
+  cache       cache_latents.py in a fresh process: wall time (with start-up), pictures per second once the
+              first latent is written (cache files counted every 0.2 s), its peak resident memory, kB on disk
+              per picture
   training    train_dreambooth.py in a fresh process for --steps steps, batch 4: time from launch to the first
               logged step, resident memory (RSS, sampled every 0.2 s) shortly after the first step and at the end,
               and steps per second
@@ -17,6 +19,7 @@ the dataset's size nor creep up over the steps; the table says whether it does.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
-SHAPES = ((64, 64), (64, 96), (96, 64))
+SHAPES = ((64, 64), (64, 128), (128, 64))  # three buckets at --resolution 64: 64x64, 64x128, 128x64
 
 
 def parse_args(argv=None):
@@ -97,8 +100,34 @@ def rss_mib(pid):
         return None
 
 
-def watched(command, log=None):
-    """Run `command`; returns (seconds, peak RSS MiB, [(seconds since launch, RSS MiB, logged steps)])."""
+def log_lines(path):
+    """How many steps a train_log.jsonl holds so far."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as handle:
+        return sum(1 for _ in handle)
+
+
+def cache_files(folder):
+    """How many latent files the cache holds so far."""
+    return sum(name.endswith(".safetensors") for _, _, names in os.walk(folder) for name in names)
+
+
+def folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(top, name)) for top, _, names in os.walk(folder) for name in names)
+
+
+def rate_after_first(samples, total):
+    """Items per second from the first sample that shows progress to the last one (start-up left out)."""
+    first = next((s for s in samples if s[2] > 0), None)
+    last = samples[-1] if samples else None
+    if first is None or last[0] <= first[0]:
+        return float("nan")
+    return (min(total, last[2]) - first[2]) / (last[0] - first[0])
+
+
+def watched(command, progress=lambda: 0):
+    """Run `command`; returns (seconds, peak RSS MiB, [(seconds since launch, RSS MiB, progress())])."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples, peak = [], 0.0
@@ -108,17 +137,14 @@ def watched(command, log=None):
         while not done.is_set():
             rss = rss_mib(process.pid)
             if rss is not None:
-                steps = 0
-                if log and os.path.isfile(log):
-                    with open(log) as handle:
-                        steps = sum(1 for _ in handle)
-                samples.append((time.perf_counter() - started, rss, steps))
+                samples.append((time.perf_counter() - started, rss, progress()))
             done.wait(0.2)
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     _, err = process.communicate()
     done.set()
     thread.join()
+    samples.append((time.perf_counter() - started, samples[-1][1] if samples else 0.0, progress()))
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command[:2])} failed:\n{err[-3000:]}")
     peak = max((s[1] for s in samples), default=0.0)
@@ -142,34 +168,40 @@ def main(argv=None):
         data = subset(pool, os.path.join(run, "data"), size)
         base = flags(model, data, run)
         discovery, found, buckets = discovery_seconds(base)
-        cache_seconds, cache_peak, _ = watched([python, os.path.join(ROOT, "cache_latents.py"), *base])
+        cache = os.path.join(run, "cache")
+        shutil.rmtree(cache, ignore_errors=True)  # timed from empty, on every run of the bench
+        cache_seconds, cache_peak, cache_samples = watched([python, os.path.join(ROOT, "cache_latents.py"), *base],
+                                                           lambda: cache_files(cache))
         log = os.path.join(run, "out", "logs", "train_log.jsonl")
         if os.path.exists(log):
             os.remove(log)
         train_seconds, train_peak, samples = watched(
             [python, os.path.join(ROOT, "train_dreambooth.py"), *base, "--max_train_steps", str(args.steps),
              "--train_batch_size", "4", "--learning_rate", "1e-4", "--lora_rank", "4",
-             "--checkpointing_steps", str(10 * args.steps)], log)
+             "--checkpointing_steps", str(10 * args.steps)], lambda: log_lines(log))
         first = next((s for s in samples if s[2] >= 1), samples[-1])
         early = next((s for s in samples if s[2] >= max(1, args.steps // 20)), first)
         late = [s for s in samples if s[2] >= args.steps] or samples[-1:]
         steps_per_second = (args.steps - early[2]) / max(1e-9, late[0][0] - early[0])
         row = {"images": size, "found": found, "buckets": buckets, "discovery_s": discovery,
-               "cache_s": cache_seconds, "cache_img_per_s": size / cache_seconds, "cache_peak_mib": cache_peak,
+               "cache_s": cache_seconds, "cache_img_per_s": rate_after_first(cache_samples, size),
+               "cache_peak_mib": cache_peak, "cache_kb_per_image": folder_bytes(cache) / 1024 / size,
                "first_step_s": first[0], "rss_early_mib": early[1], "rss_end_mib": late[0][1],
                "train_peak_mib": train_peak, "steps_per_s": steps_per_second, "train_s": train_seconds}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     base = rows[0]
-    print(f"\n{'images':>7} {'discovery s':>12} {'cache img/s':>12} {'cache MiB':>10} {'1st step s':>11} "
-          f"{'RSS early':>10} {'RSS end':>8} {'steps/s':>8}   vs {base['images']} images: discovery, RSS early")
+    print(f"\n{'images':>7} {'buckets':>8} {'discovery s':>12} {'cache s':>8} {'cache img/s':>12} {'cache MiB':>10} "
+          f"{'kB/img':>7} {'1st step s':>11} {'RSS early':>10} {'RSS end':>8} {'steps/s':>8}"
+          f" {'discovery us/img':>17} {'RSS early vs ' + str(base['images']):>16}")
     for r in rows:
-        print(f"{r['images']:>7} {r['discovery_s']:>12.2f} {r['cache_img_per_s']:>12.1f} {r['cache_peak_mib']:>10.0f} "
+        print(f"{r['images']:>7} {r['buckets']:>8} {r['discovery_s']:>12.2f} {r['cache_s']:>8.1f} "
+              f"{r['cache_img_per_s']:>12.1f} {r['cache_peak_mib']:>10.0f} {r['cache_kb_per_image']:>7.2f} "
               f"{r['first_step_s']:>11.1f} {r['rss_early_mib']:>10.0f} {r['rss_end_mib']:>8.0f} {r['steps_per_s']:>8.1f}"
-              f"   x{r['discovery_s'] / base['discovery_s']:.1f}, {r['rss_early_mib'] - base['rss_early_mib']:+.0f} MiB")
-    print(f"(RSS early: after {max(1, args.steps // 20)} steps; end: after {args.steps}. Latents on disk: "
-          f"{4 * 8 * 8 * 2 * 4 / 1024:.1f} kB per 64 px picture.)")
+              f" {1e6 * r['discovery_s'] / r['images']:>17.0f} {r['rss_early_mib'] - base['rss_early_mib']:>+12.0f} MiB")
+    print(f"(cache s: the process's wall time, start-up included; img/s: from its first latent on. RSS early: after "
+          f"{max(1, args.steps // 20)} steps; end: after {args.steps}.)")
     with open(os.path.join(work, "scale.json"), "w") as handle:
         json.dump(rows, handle, indent=2)
     print(f"results: {os.path.join(work, 'scale.json')}")
