@@ -54,7 +54,7 @@ def test_the_toy_model_is_a_normal_small_sd1_folder():
 
 def test_it_draws_unseen_caption_combinations(scorer):
     """Captions whose (shape, colour, background) training never showed: the scorer reads the asked shape and
-    colour off at least 6 of these 8 (measured: 8; make_toy_model.py measures 85 % over 128; chance is 3 %)."""
+    colour off at least 6 of these 8 (measured: 8; make_toy_model.py measures 94 % over 128; chance is 3 %)."""
     wanted, index = [], 0
     while len(wanted) < 8:
         _, text, found = make_toy_data.toy_sample(index, seed=4242, full=True)
@@ -64,12 +64,13 @@ def test_it_draws_unseen_caption_combinations(scorer):
     images = draw(toy_pipeline(), [text for text, _ in wanted])
     read = toy_scorer.predict(scorer, images)
     right = [r["shape"] == a["shape"] and r["colour"] == a["colour"] for r, (_, a) in zip(read, wanted)]
+    print(f"unseen combinations drawn right: {sum(right)} of 8")
     assert sum(right) >= 6, [(t, r) for r, (t, _) in zip(read, wanted)]  # chance: 1 in 32
 
 
 def test_a_short_dreambooth_run_learns_the_subject(tmp_path, scorer):
     """Subject fidelity (toy scorer features against the real pictures) of "a ohwx shape" rises from the base
-    model's by a real share of the way to the real pictures' own similarity (measured: 0.03 -> 0.31 of 0.55, 54 %
+    model's by a real share of the way to the real pictures' own similarity (measured: 0.08 -> 0.37 of 0.60, 56 %
     of the way)."""
     samples = make_toy_data.subject_samples(1, 5, seed=0)
     for i, (image, _, _) in enumerate(samples):
