@@ -4,6 +4,7 @@ processed, and nothing partial is left behind.
 Every broken file is built here, inside tmp_path, from PIL / numpy / raw bytes; nothing binary is committed."""
 
 import argparse
+import importlib
 import io
 import json
 import os
@@ -67,6 +68,18 @@ def png_claiming_size(path, width, height):
     return write_bytes(path, bytes(data))
 
 
+def jpeg_claiming_size(path, width, height):
+    """A real 8x8 JPEG whose frame header (SOF0: marker, length, precision, height, width) is patched to claim
+    width x height."""
+    data = bytearray(encoded(Image.new("L", (8, 8), 0), "JPEG"))
+    start = data.index(b"\xff\xc0")
+    data[start + 5:start + 9] = struct.pack(">HH", height, width)
+    return write_bytes(path, bytes(data))
+
+
+BOMBS = {"png": png_claiming_size, "jpg": jpeg_claiming_size}
+
+
 def dataset(folder, tmp_path, **overrides):
     values = dict(id="subject", instance_data_dir=str(folder), caption_strategy="instanceprompt",
                   instance_prompt="a photo of ohwx toy", resolution=64, resolution_type="pixel_area",
@@ -106,6 +119,16 @@ def forbid_decoding(monkeypatch):
         raise AssertionError(f"pixel data of a {self.size[0]}x{self.size[1]} image was decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+@pytest.fixture
+def forbid_model_loading(monkeypatch):
+    """Loading any model weights fails the test: input errors must stop a script before that."""
+
+    def refuse(info, subfolder, *args, **kwargs):
+        raise AssertionError(f"{subfolder} of {info.ref} was loaded")
+
+    monkeypatch.setattr(common, "load_component", refuse)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,9 +203,10 @@ def test_text_file_named_png_is_reported_as_not_an_image(tmp_path):
         common.load_image(fake)
 
 
-def test_decompression_bomb_is_refused_by_its_header_size_before_decoding(tmp_path, forbid_decoding):
-    bomb = png_claiming_size(tmp_path / "bomb.png", 20000, 20000)
-    assert os.path.getsize(bomb) < 100  # 400 MP promised by a file of a few dozen bytes
+@pytest.mark.parametrize("ext", BOMBS)
+def test_decompression_bomb_is_refused_by_its_header_size_before_decoding(tmp_path, forbid_decoding, ext):
+    bomb = BOMBS[ext](tmp_path / f"bomb.{ext}", 20000, 20000)
+    assert os.path.getsize(bomb) < 1000  # 400 MP promised by a file of a few hundred bytes
     started = time.perf_counter()
     with pytest.raises(ValueError) as excinfo:
         common.image_size(bomb)
@@ -192,21 +216,23 @@ def test_decompression_bomb_is_refused_by_its_header_size_before_decoding(tmp_pa
     assert "limit" in str(excinfo.value) and "refused before decoding" in str(excinfo.value)
 
 
-def test_decompression_bomb_is_skipped_by_the_plan_and_the_good_image_kept(tmp_path):
+@pytest.mark.parametrize("ext", BOMBS)
+def test_decompression_bomb_is_skipped_by_the_plan_and_the_good_image_kept(tmp_path, ext):
     save(noise_image(), tmp_path / "data" / "good.png")
-    png_claiming_size(tmp_path / "data" / "bomb.png", 20000, 20000)
+    BOMBS[ext](tmp_path / "data" / f"bomb.{ext}", 20000, 20000)
     started = time.perf_counter()
     entries, skipped = common.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
     assert time.perf_counter() - started < 1.0
     assert [os.path.basename(e.path) for e in entries] == ["good.png"]
-    reason = skip_reasons(skipped)["bomb.png"]
+    reason = skip_reasons(skipped)[f"bomb.{ext}"]
     assert "limit" in reason and "400000000" in reason
 
 
+@pytest.mark.parametrize("ext", BOMBS)
 def test_decompression_bomb_is_refused_by_our_own_check_when_pils_guard_is_off(tmp_path, monkeypatch,
-                                                                               forbid_decoding):
+                                                                               forbid_decoding, ext):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    bomb = png_claiming_size(tmp_path / "bomb.png", 20000, 20000)
+    bomb = BOMBS[ext](tmp_path / f"bomb.{ext}", 20000, 20000)
     with pytest.raises(ValueError) as excinfo:
         common.image_size(bomb)
     message = str(excinfo.value)
@@ -304,20 +330,43 @@ def test_rgb_png_with_a_transparent_colour_key_is_composited_on_white(tmp_path):
     assert tuple(pixel(loaded, 8, 2)) == WHITE and tuple(pixel(loaded, 8, 12)) == RED
 
 
-@pytest.mark.parametrize("orientation,top,bottom", [(6, RED, BLUE), (8, BLUE, RED)])
-def test_exif_rotated_jpeg_comes_out_upright(tmp_path, orientation, top, bottom):
-    stored = Image.new("RGB", (48, 32), RED)
-    stored.paste(BLUE, (24, 0, 48, 32))  # stored landscape: red left half, blue right half
+# How a camera stores an upright picture under each EXIF orientation, written from the tag's definition (where the
+# stored first row and first column belong when shown): 2 mirrored left-right, 3 turned 180 degrees, 4 mirrored
+# top-bottom, 5 mirrored across the main diagonal, 6 turned 90 degrees counter-clockwise (a viewer turns it back
+# clockwise), 7 mirrored across the other diagonal, 8 turned 90 degrees clockwise.
+STORED_UNDER_ORIENTATION = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, 1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+def six_colour_grid():
+    """48x32 pixels, six 16 px blocks of different colours: every mirror and turn of it looks different."""
+    colours = [[RED, (0, 255, 0), BLUE], [WHITE, (0, 0, 0), (255, 255, 0)]]
+    return np.array(colours, dtype=np.uint8).repeat(16, axis=0).repeat(16, axis=1)
+
+
+# PNG keeps the pixels exactly; JPEG (4:4:4, blocks aligned to its 8 px grid) within a few levels.
+@pytest.mark.parametrize("fmt,tolerance", [("PNG", 0), ("JPEG", 4)])
+@pytest.mark.parametrize("orientation", sorted(STORED_UNDER_ORIENTATION))
+def test_every_exif_orientation_comes_out_upright_pixel_for_pixel(tmp_path, orientation, fmt, tolerance):
+    upright = six_colour_grid()
+    stored = np.ascontiguousarray(STORED_UNDER_ORIENTATION[orientation](upright))
+    assert stored.shape != upright.shape or (stored != upright).any()
     exif = Image.Exif()
     exif[common.EXIF_ORIENTATION] = orientation
-    path = save(stored, tmp_path / "rotated.jpg", "JPEG", quality=95, exif=exif)
-    assert Image.open(path).size == (48, 32)
-    assert common.image_size(path) == (32, 48)  # from the header, upright
-    upright = common.load_image(path)
-    assert upright.size == (32, 48)
-    # 6: turn 90 degrees clockwise (the stored left edge becomes the top); 8: counter-clockwise.
-    assert np.abs(pixel(upright, 16, 6) - top).max() <= 8
-    assert np.abs(pixel(upright, 16, 41) - bottom).max() <= 8
+    params = dict(quality=95, subsampling=0) if fmt == "JPEG" else {}
+    path = save(Image.fromarray(stored), tmp_path / f"turned.{fmt.lower()}", fmt, exif=exif, **params)
+    assert Image.open(path).size == (stored.shape[1], stored.shape[0])
+    assert common.image_size(path) == (48, 32)  # from the header, upright
+    loaded = np.asarray(common.load_image(path), dtype=int)
+    assert loaded.shape == upright.shape
+    assert np.abs(loaded - upright).max() <= tolerance
 
 
 def test_exif_rotated_portrait_lands_in_a_portrait_bucket(tmp_path):
@@ -410,6 +459,27 @@ def test_missing_caption_files_are_all_listed(tmp_path):
     assert str(data / "one.txt") in message and str(data / "three.txt") in message
     assert str(data / "two.txt") not in message
     assert "write them or change the strategy" in message
+
+
+@pytest.mark.parametrize("script", ["train_dreambooth", "cache_latents"])
+def test_missing_caption_files_stop_the_scripts_before_any_model_work_leaving_nothing(tiny_model, tmp_path, script,
+                                                                                      forbid_model_loading):
+    data = tmp_path / "data"
+    for i, name in enumerate(("one", "two", "three")):
+        save(noise_image(seed=i), data / f"{name}.png")
+    (data / "two.txt").write_text("a photo of ohwx toy", encoding="utf-8")
+    config = write_json(tmp_path / "data.json",
+                        [{"id": "subject", "instance_data_dir": str(data), "caption_strategy": "textfile"}])
+    before = all_files(tmp_path)
+    with pytest.raises(SystemExit) as excinfo:
+        importlib.import_module(script).main([
+            "--pretrained_model_name_or_path", tiny_model("sd1"), "--data_backend_config", config,
+            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--resolution", "64"])
+    message = exit_text(excinfo)
+    assert "'subject'" in message and "2 caption file(s) are missing" in message
+    assert str(data / "one.txt") in message and str(data / "three.txt") in message
+    assert str(data / "two.txt") not in message
+    assert all_files(tmp_path) == before  # no output, no cache: nothing written anywhere
 
 
 @pytest.mark.parametrize("name,caption", [("ohwx_dog_03.jpg", "ohwx dog"),
@@ -530,6 +600,41 @@ def test_model_path_that_does_not_exist_is_refused(tmp_path):
     assert str(missing) in exit_text(excinfo) and "no such folder or file" in exit_text(excinfo)
 
 
+# Each case: the changes to one good dataset entry (one dict per entry), whether the model folder lacks its
+# model_index.json, and what the message must say besides the file's path.
+CONFIG_AND_MODEL_ERRORS = {
+    "duplicate id": ([{}, {"repeats": 2}], False, ["two datasets have the id 'subject'", "unique"]),
+    "unknown key": ([{"reapeats": 3}], False, ["dataset 'subject'", "unknown key 'reapeats'",
+                                               "did you mean 'repeats'?"]),
+    "repeats ten": ([{"repeats": "ten"}], False, ["dataset 'subject'", "'repeats' must be a whole number", '"ten"']),
+    "no model_index.json": ([{}], True, ["no model_index.json"]),
+}
+
+
+@pytest.mark.parametrize("script", ["train_dreambooth", "cache_latents"])
+@pytest.mark.parametrize("case", CONFIG_AND_MODEL_ERRORS)
+def test_config_and_model_errors_stop_the_scripts_naming_the_file_and_leaving_nothing(tiny_model, tmp_path, script,
+                                                                                      case, forbid_model_loading):
+    entries, broken_model, words = CONFIG_AND_MODEL_ERRORS[case]
+    save(noise_image(), tmp_path / "data" / "good.png")
+    good = {"id": "subject", "instance_data_dir": str(tmp_path / "data"), "instance_prompt": "a photo of ohwx toy"}
+    config = write_json(tmp_path / "data.json", [{**good, **changes} for changes in entries])
+    model = tiny_model("sd1")
+    if broken_model:
+        model = str(tmp_path / "not-a-model")  # a UNet config, but no model_index.json above it
+        os.makedirs(os.path.join(model, "unet"))
+        write_json(os.path.join(model, "unet", "config.json"), {})
+    before = all_files(tmp_path)
+    with pytest.raises(SystemExit) as excinfo:
+        importlib.import_module(script).main([
+            "--pretrained_model_name_or_path", model, "--data_backend_config", config,
+            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--resolution", "64"])
+    message = exit_text(excinfo)
+    assert (model if broken_model else config) in message
+    assert all(word in message for word in words), message
+    assert all_files(tmp_path) == before  # no output, no cache: nothing written anywhere
+
+
 def test_class_images_from_an_sdxl_refiner_are_refused(tiny_model, tmp_path):
     import make_regularisation
 
@@ -637,6 +742,8 @@ def test_the_bad_input_corpus_is_reported_file_by_file_and_the_good_files_train(
     for name, reason in reasons.items():  # one line per bad file, naming it, with its reason
         [line] = [line for line in printed.splitlines() if line.startswith(f"skipped {data / name}")]
         assert reason in line, line
+    [line] = [line for line in printed.splitlines() if line.startswith(f"skipped {data / 'wrong_mask.png'}: ")]
+    assert f"its mask {masks / 'wrong_mask.png'} is 32x32, the image 64x64" in line  # the file to remake, by path
     assert sorted(e.relpath for e in plans["subject"]) == good
     cached = [p for p in all_files(out / "cache" / "vae") if p.endswith(".safetensors")]
     assert sorted(os.path.basename(p).rsplit("-", 1)[0] for p in cached) == good  # no partial or extra entry

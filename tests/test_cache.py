@@ -33,6 +33,14 @@ def cache_files(folder):
     return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
 
 
+def dead_pid():
+    """The pid of a process that has exited and been reaped: a temporary file named after it is a leftover."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    assert not common.process_alive(process.pid)
+    return process.pid
+
+
 def refuse_model_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded although the cache is up to date")
@@ -119,12 +127,15 @@ def test_a_half_written_cache_file_is_never_trusted(tiny_model, subject_dir, tmp
     good = open(victim, "rb").read()
     with open(victim, "wb") as handle:  # what a non-atomic writer would leave after a kill
         handle.write(good[: len(good) // 2])
-    stray = victim + ".tmp12345"
+    stray = victim + f".tmp{dead_pid()}"  # a write whose process was killed
     with open(stray, "wb") as handle:
+        handle.write(good[:100])
+    live = victim + f".tmp{os.getppid()}"  # a write still in progress in another running process: left alone
+    with open(live, "wb") as handle:
         handle.write(good[:100])
     cache_latents.main(argv)
     assert open(victim, "rb").read() == good
-    assert not os.path.exists(stray)
+    assert not os.path.exists(stray) and os.path.exists(live)
 
 
 def test_a_cache_run_killed_midway_resumes_to_the_same_files(tiny_model, tmp_path):
