@@ -365,12 +365,17 @@ def add_model_args(parser):
                        help="never contact the hub; use the local hub cache only")
     group.add_argument("--single_file_config", default=None,
                        help="for a single-file checkpoint: a diffusers folder or hub id holding its component configs")
-    group.add_argument("--allow_pickle", type=str2bool, nargs="?", const=True, default=False,
-                       help="load a model whose weights are only pickles (.bin/.pt: loading one can run code); "
-                            "only for a source you trust")
+    add_allow_pickle_arg(group)
     for i in (1, 2, 3):
         group.add_argument(f"--text_encoder_{i}_precision", default="no_change", choices=PRECISIONS,
                            help=f"quantise text encoder {i} (for caching and validation images)")
+
+
+def add_allow_pickle_arg(parser):
+    """--allow_pickle, for every script that loads model weights (see safe_weights)."""
+    parser.add_argument("--allow_pickle", type=str2bool, nargs="?", const=True, default=False,
+                        help="load a model whose weights are only pickles (.bin/.pt: loading one can run code); "
+                             "only for a source you trust")
 
 
 def add_data_args(parser):
@@ -1184,14 +1189,27 @@ def refuse_pickle_only_weights(ref, folder, model_index):
     someone else made can run any code. (The loaders are also told to take safetensors only.)"""
     for name, spec in model_index.items():
         part = os.path.join(folder, name)
-        if name.startswith("_") or not isinstance(spec, list) or not os.path.isdir(part):
-            continue
-        files = os.listdir(part)
+        if not name.startswith("_") and isinstance(spec, list) and os.path.isdir(part):
+            safe_weights(part, where=f"{ref}: {name}/")
+
+
+def safe_weights(ref, allow_pickle=False, where=None):
+    """The from_pretrained options that keep pickles out of a model given by local folder or hub id:
+        Model.from_pretrained(ref, **safe_weights(ref, args.allow_pickle))
+    A local folder with pickle weights and no safetensors exits here, naming the folder (or `where`); any other
+    is loaded with use_safetensors=True, so a hub download cannot fall back to a pickle either. With
+    allow_pickle (--allow_pickle) nothing is checked and from_pretrained takes whatever the model has."""
+    if allow_pickle:
+        return {}
+    if os.path.isdir(ref):
+        files = os.listdir(ref)
         pickles = sorted(f for f in files if f.endswith(PICKLE_WEIGHTS))
         if pickles and not any(f.endswith(".safetensors") for f in files):
-            raise SystemExit(f"{ref}: {name}/ has only pickle weights ({', '.join(pickles)}); loading a pickle can run "
-                             "code. Convert it to safetensors (load it once where you trust it and save_pretrained "
-                             "with safe_serialization=True), or pass --allow_pickle if you trust its source.")
+            raise SystemExit(f"{where or os.path.join(ref, '')} has only pickle weights ({', '.join(pickles)}); "
+                             "loading a pickle can run code. Convert it to safetensors (load it once where you "
+                             "trust it and save_pretrained with safe_serialization=True), or pass --allow_pickle if "
+                             "you trust its source.")
+    return {"use_safetensors": True}
 
 
 def component_identity(info, subfolder):
@@ -1760,17 +1778,19 @@ def fill_prompt(template, instance, class_prompt):
 class Scorer:
     """CLIP (image and text) and DINO (ViT, CLS token) embeddings, L2-normalised, for the paper's three scores:
     CLIP-T = mean cosine(image, its prompt); CLIP-I and DINO = mean pairwise cosine(generated, real images).
-    Models by local folder or hub id; `dino_model=None` skips DINO."""
+    Models by local folder or hub id, safetensors only unless `allow_pickle`; `dino_model=None` skips DINO."""
 
-    def __init__(self, clip_model, dino_model=None, device="cpu"):
+    def __init__(self, clip_model, dino_model=None, device="cpu", allow_pickle=False):
         from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
 
         self.device = device
-        self.clip = CLIPModel.from_pretrained(clip_model).to(device).eval()
+        clip_weights = safe_weights(clip_model, allow_pickle)
+        dino_weights = safe_weights(dino_model, allow_pickle) if dino_model else {}  # both refused before either loads
+        self.clip = CLIPModel.from_pretrained(clip_model, **clip_weights).to(device).eval()
         self.clip_processor = CLIPProcessor.from_pretrained(clip_model)
         self.dino = self.dino_processor = None
         if dino_model:
-            self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False).to(device).eval()
+            self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False, **dino_weights).to(device).eval()
             self.dino_processor = AutoImageProcessor.from_pretrained(dino_model)
 
     @staticmethod

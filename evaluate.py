@@ -103,7 +103,7 @@ def weights_of(pipe, target, info):
         if os.path.isdir(path):  # a saved pipeline's unet/ folder
             from diffusers import UNet2DConditionModel
 
-            unet = UNet2DConditionModel.from_pretrained(path, use_safetensors=True)
+            unet = UNet2DConditionModel.from_pretrained(path, **common.safe_weights(path, info.allow_pickle))
         else:  # a checkpoint's state file
             unet = common.load_component(info, "unet")
             unet.load_state_dict(common.load_tensors(path))
@@ -344,6 +344,14 @@ def main(argv=None):
     real_paths = [e.path for e in plans[subject.id]]
     eval_entries = common.eval_sets(datasets, plans, args.eval_split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The scorers load before anything is cached, so a refused model (pickle weights) has written nothing.
+    scorer = real_clip = real_dino = None
+    if args.clip_model != "none":
+        scorer = common.Scorer(args.clip_model, None if args.dino_model == "none" else args.dino_model, device,
+                               args.allow_pickle)
+        real = [common.load_image(path) for path in real_paths]
+        real_clip = scorer.clip_images(real)
+        real_dino = scorer.dino_images(real) if scorer.dino is not None else None
     examples = []
     if eval_entries:
         eval_entries, _ = common.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
@@ -354,12 +362,6 @@ def main(argv=None):
         print("no eval loss: the data has no eval dataset and --eval_split is 0")
     noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
 
-    scorer = real_clip = real_dino = None
-    if args.clip_model != "none":
-        scorer = common.Scorer(args.clip_model, None if args.dino_model == "none" else args.dino_model, device)
-        real = [common.load_image(path) for path in real_paths]
-        real_clip = scorer.clip_images(real)
-        real_dino = scorer.dino_images(real) if scorer.dino is not None else None
     toy = None
     if args.toy_scorer:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy"))

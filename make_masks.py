@@ -7,9 +7,10 @@
 
 Reads every image under --input_dir (recursively; EXIF rotation applied). Writes OUTPUT_DIR/<same relative
 path>.png: 8-bit grey, the image's own size. --method clipseg (default) segments by text with CLIPSeg
-(transformers; --model is a hub id or a local folder); comma-separated prompts are OR-ed. --method alpha takes
-a cut-out PNG's alpha channel (grey edges stay grey: partial weight). Then, in this order: --invert_mask,
---on_empty (nothing found), --mask_padding (grow the white area), --mask_blur (feather the edge).
+(transformers; --model is a hub id or a local folder, safetensors weights only unless --allow_pickle);
+comma-separated prompts are OR-ed. --method alpha takes a cut-out PNG's alpha channel (grey edges stay grey:
+partial weight). Then, in this order: --invert_mask, --on_empty (nothing found), --mask_padding (grow the white
+area), --mask_blur (feather the edge).
 
 Existing masks are kept unless --overwrite, so a re-run resumes; unreadable images are reported and skipped;
 every file is written under a temporary name and renamed. --preview FILE.png draws every image with its mask
@@ -39,9 +40,10 @@ def load_segmenter(args):
     from transformers import AutoProcessor, CLIPSegForImageSegmentation
 
     options = {"revision": args.revision, "local_files_only": args.local_files_only}
+    weights = common.safe_weights(args.model, args.allow_pickle)
     try:
         processor = AutoProcessor.from_pretrained(args.model, **options)
-        model = CLIPSegForImageSegmentation.from_pretrained(args.model, **options).to(args.device).eval()
+        model = CLIPSegForImageSegmentation.from_pretrained(args.model, **options, **weights).to(args.device).eval()
     except (OSError, ValueError) as err:
         raise SystemExit(f"could not load the CLIPSeg model {args.model!r} ({err}). Give a local folder or a hub id "
                          "that is cached here, or use --method alpha for cut-out PNGs.") from None
@@ -120,6 +122,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="CIDAS/clipseg-rd64-refined", help="CLIPSeg hub id or local folder")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--local_files_only", type=str2bool, nargs="?", const=True, default=False)
+    common.add_allow_pickle_arg(parser)
     parser.add_argument("--threshold", type=float, default=0.4,
                         help="CLIPSeg probability above which a pixel is subject (raise it for tighter masks)")
     parser.add_argument("--mask_padding", type=int, default=0, help="grow the white area by this many pixels")

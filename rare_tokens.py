@@ -157,7 +157,7 @@ def rank_names(args):
     if not names or not paths:
         raise SystemExit(f"--names {args.names} needs one name per line and --images {args.images} at least one image"
                          + (f" ({len(problems)} unreadable)" if problems else ""))
-    scorer = common.Scorer(args.clip_model)
+    scorer = common.Scorer(args.clip_model, allow_pickle=args.allow_pickle)
     images = scorer.clip_images([common.load_image(p) for p in paths])
     texts = scorer.clip_texts([args.name_template.format(name=name) for name in names])
     similarity = (texts @ images.T).mean(1)

@@ -707,6 +707,11 @@ def check_args(args):
     if args.validation_preview and not (args.webhook_config and args.validation_prompt):
         raise SystemExit("--validation_preview sends pictures of validation images to webhooks: it needs "
                          "--validation_prompt and --webhook_config")
+    # A scoring or preview model with only pickle weights is refused now, not once the caches are built.
+    if args.evaluation_type == "clip" and args.validation_prompt:
+        common.safe_weights(args.clip_model, args.allow_pickle)
+    if args.validation_preview and args.preview_vae:
+        common.safe_weights(args.preview_vae, args.allow_pickle)
     if not 0 < args.refiner_training_strength <= 1:
         raise SystemExit("--refiner_training_strength must lie in (0, 1] (the share of the schedule, e.g. 0.2)")
     if args.validation_preview_steps < 1:
@@ -991,7 +996,7 @@ def train(args, hooks):
     # --evaluation_type clip: validation images are scored against their prompts and the subject's photos.
     scoring = None
     if args.evaluation_type == "clip" and args.validation_prompt and accelerator.is_main_process:
-        scorer = common.Scorer(args.clip_model, device=device)
+        scorer = common.Scorer(args.clip_model, device=device, allow_pickle=args.allow_pickle)
         subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
         scoring = scorer, scorer.clip_images([common.load_image(e.path) for e in plans[subject.id]])
 
@@ -1014,7 +1019,8 @@ def train(args, hooks):
 
         reference = args.preview_vae or PREVIEW_VAES[info.family]
         try:
-            preview_vae = AutoencoderTiny.from_pretrained(reference).to(device).eval()
+            weights = common.safe_weights(reference, args.allow_pickle)
+            preview_vae = AutoencoderTiny.from_pretrained(reference, **weights).to(device).eval()
         except (OSError, ValueError) as err:
             raise SystemExit(f"--preview_vae {reference}: cannot load a Tiny AutoEncoder there ({err}); pass a local "
                              "folder or a hub id (madebyollin/taesd, madebyollin/taesdxl)") from None
