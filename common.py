@@ -86,7 +86,8 @@ def str2bool(value):
 def fault_point(name):
     """A place where a fault test may kill this process: with DREAMBOOTH_KILL_AT="NAME:N" in the environment the
     N-th arrival at point NAME sends SIGKILL to the process itself (no cleanup runs, as after a power cut).
-    Points: "write" (a finished temporary file, not yet renamed into place), "step" (a training step done).
+    Points: "write" (a finished temporary file, not yet renamed into place), "backward" (a training step's
+    gradients computed, the weights not yet updated), "step" (a training step done and logged).
     With DREAMBOOTH_FAULT_LOG=FILE every arrival is appended there, so a test can choose where to kill."""
     if os.environ.get("DREAMBOOTH_FAULT_LOG"):
         with open(os.environ["DREAMBOOTH_FAULT_LOG"], "a", encoding="utf-8") as handle:
@@ -121,6 +122,15 @@ def disk_full(err):
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+class DiskFull(SystemExit):
+    """A write that ran out of space: the message names the file; `path` is that file (a caller writing a folder
+    of files, such as a checkpoint, can say which folder)."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
+
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Yields a temporary name to write `path` to; afterwards it is flushed and renamed into place, or, if writing
@@ -132,9 +142,9 @@ def atomic_file(path):
         fsync_replace(tmp, path)
     except OSError as err:
         if disk_full(err):
-            raise SystemExit(f"{path}: the disk is full ({err.strerror}); nothing half-written was kept. Free some "
-                             "space (or point the output / cache folders elsewhere) and run the same command again: "
-                             "it goes on from what is finished.") from None
+            raise DiskFull(f"{path}: the disk is full ({err.strerror}); nothing half-written was kept. Free some "
+                           "space (or point the output / cache folders elsewhere) and run the same command again: "
+                           "it goes on from what is finished.", path) from None
         raise
     finally:
         if os.path.exists(tmp):
@@ -212,6 +222,21 @@ def list_checkpoints(output_dir):
             else:
                 print(f"warning: {path} is incomplete (no {STATE_FILE}); it is ignored")
     return [path for _, path in sorted(found)]
+
+
+def read_log(path, until_step=None):
+    """The records of a train_log.jsonl (up to `until_step`), without a last line a killed run left unfinished."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # cut off by a kill mid-write
+                if until_step is None or record["step"] <= until_step:
+                    records.append(record)
+    return records
 
 
 def write_json_atomic(obj, path):

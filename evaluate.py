@@ -71,11 +71,8 @@ def find_targets(folder, only, weights):
         pipeline = os.path.join(folder, "ema") if weights == "ema" else folder
         if os.path.isfile(os.path.join(pipeline, "model_index.json")):
             log = os.path.join(folder, "logs", "train_log.jsonl")
-            step = None
-            if os.path.isfile(log):
-                with open(log, encoding="utf-8") as handle:
-                    steps = [json.loads(line)["step"] for line in handle if line.strip()]
-                step = max(steps) if steps else None
+            steps = [record["step"] for record in common.read_log(log)]
+            step = max(steps) if steps else None
             targets.append(("final", step, "unet", os.path.join(pipeline, "unet")))
     if only:
         missing = sorted(set(only) - {t[0] for t in targets})

@@ -439,11 +439,14 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
             os.replace(tmp, final)
     except BaseException as err:  # a full disk, a write error, an interrupt: the temporary folder goes, older
         shutil.rmtree(tmp, ignore_errors=True)  # checkpoints stay as they are
-        if isinstance(err, (SystemExit, KeyboardInterrupt)):
+        full = isinstance(err, common.DiskFull)
+        if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and not full):
             raise
-        raise SystemExit(f"could not write checkpoint {final} ({type(err).__name__}: {err}); nothing of it was kept "
-                         "and the earlier checkpoints are intact. Free some disk space and rerun with "
-                         "--resume_from_checkpoint latest.") from None
+        reason = (f"the disk is full while writing {os.path.basename(err.path)}" if full
+                  else f"{type(err).__name__}: {err}")
+        raise SystemExit(f"could not write checkpoint {final} ({reason}); nothing of it was kept and the earlier "
+                         "checkpoints are intact. Free some disk space and rerun with --resume_from_checkpoint "
+                         "latest.") from None
     # Rotation: keep the newest --checkpoints_total_limit checkpoints.
     if accelerator.is_main_process and args.checkpoints_total_limit:
         for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
@@ -628,20 +631,31 @@ def save_full_pipeline(info, unet, vae, tokenizers, text_encoders, output_dir):
     tmp = os.path.join(output_dir, ".pipeline.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    index = os.path.join(output_dir, "model_index.json")
+    if os.path.exists(index):  # an earlier pipeline here stops being a model while its parts are replaced
+        os.remove(index)
     for name in sorted(os.listdir(tmp), key=lambda n: n == "model_index.json"):
         target = os.path.join(output_dir, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
+        common.fault_point("write")
         os.replace(os.path.join(tmp, name), target)
     os.rmdir(tmp)
 
 
 class JsonlLog:
-    """One JSON object per line; TensorBoard scalars too when tensorboard is installed."""
+    """One JSON object per line; TensorBoard scalars too when tensorboard is installed.
 
-    def __init__(self, folder):
+    The log is the run's record, so it must read like an uninterrupted run's: a resumed run (`resumed_at` = the
+    checkpoint's step) keeps the lines up to that step and drops the rest (steps it will redo, and a line a kill
+    cut in half); a run that starts afresh starts an empty log."""
+
+    def __init__(self, folder, resumed_at=None):
         os.makedirs(folder, exist_ok=True)
-        self.handle = open(os.path.join(folder, "train_log.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(folder, "train_log.jsonl")
+        kept = common.read_log(path, until_step=resumed_at) if resumed_at is not None else []
+        common.write_text_atomic("".join(json.dumps(record) + "\n" for record in kept), path)
+        self.handle = open(path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -1047,7 +1061,8 @@ def train(args, hooks):
             sampler.next()
         say(f"resumed from {resume_path} at step {first_step}")
 
-    log = JsonlLog(os.path.join(args.output_dir, "logs")) if accelerator.is_main_process else None
+    log = JsonlLog(os.path.join(args.output_dir, "logs"), first_step if resume_path else None) \
+        if accelerator.is_main_process else None
     eval_examples = common.eval_examples(eval_entries, info, text_dir, common.refiner_conditioning(info, args)) \
         if accelerator.is_main_process else []
 
@@ -1173,6 +1188,8 @@ def train(args, hooks):
                 accelerator.backward(loss / args.gradient_accumulation_steps)
             loss_sum += loss.detach() / args.gradient_accumulation_steps
             sums[:4] += torch.tensor([0, 0, unweighted.item(), 1] if is_prior else [unweighted.item(), 1, 0, 0])
+
+        common.fault_point("backward")
 
         # A NaN or infinite loss (any process's) means this batch's gradients are poisoned: the update is not
         # applied. Up to --skip_nan_steps such batches are dropped (the step still counts, so the data order and

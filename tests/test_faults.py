@@ -5,32 +5,35 @@ is a clear error that leaves the previous state intact."""
 import errno
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from conftest import ROOT, train_argv
 from safetensors.torch import load_file
 
+import common
 import train_dreambooth
 
 
 @pytest.fixture
 def nan_at(monkeypatch):
-    """Make the loss NaN at the given (1-based) steps: one masked_mse call per step (batch from one dataset,
-    no accumulation, no prior)."""
-    def install(*steps):  # (again for a second run: counts start afresh)
+    """Make the loss NaN (or `value`, e.g. inf) at the given (1-based) steps: one masked_mse call per step (batch
+    from one dataset, no accumulation, no prior)."""
+    def install(*steps, value=float("nan")):  # (again for a second run: counts start afresh)
         real = getattr(train_dreambooth.masked_mse, "unpoisoned", train_dreambooth.masked_mse)
         calls = {"n": 0}
 
         def poisoned(pred, target, mask=None, normalize=True):
             calls["n"] += 1
             loss = real(pred, target, mask, normalize)
-            return loss * float("nan") if calls["n"] in steps else loss
+            return loss * value if calls["n"] in steps else loss
         poisoned.unpoisoned = real
         monkeypatch.setattr(train_dreambooth, "masked_mse", poisoned)
     return install
@@ -40,11 +43,12 @@ def trainable(folder):
     return load_file(os.path.join(folder, "trainable.safetensors"))
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tiny_model, subject_dir, tmp_path,
-                                                                                nan_at):
-    nan_at(3)
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_nan_or_inf_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tiny_model, subject_dir,
+                                                                                       tmp_path, nan_at, bad):
+    nan_at(3, value=float(bad))
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"loss became nan at step 3; stopping\. Last good checkpoint: .*checkpoint-2"):
+    with pytest.raises(SystemExit, match=rf"loss became {bad} at step 3; stopping\. Last good checkpoint: .*-2"):
         train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--checkpointing_steps", "1",
                                          "--max_train_steps", "5"))
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
@@ -124,7 +128,8 @@ def files_under(*folders):
 
 
 def assert_every_named_file_is_whole(*folders):
-    """What a kill leaves: temporaries (never read: their names end in .tmpPID) and whole files under real names."""
+    """What a kill leaves: temporaries (never read: their names end in .tmpPID) and whole files under real names.
+    The one file written in place is the log, and its readers drop a last line a kill cut short."""
     from PIL import Image
 
     for rel, path in files_under(*folders).items():
@@ -136,6 +141,10 @@ def assert_every_named_file_is_whole(*folders):
             Image.open(path).load()
         elif path.endswith(".json"):
             json.load(open(path))
+        elif path.endswith(".pt"):
+            torch.load(path, weights_only=True)
+        elif path.endswith(".jsonl"):
+            common.read_log(path)
 
 
 def kill_and_rerun(script, args, kill, clean):
@@ -177,29 +186,127 @@ def test_cache_latents_killed_anywhere_rebuilds_byte_identical_caches(tiny_model
     assert sum(rel.endswith(".safetensors") for rel in expected) >= 9  # 8 latents + a caption's embeddings
 
 
-def test_training_killed_in_a_step_a_checkpoint_write_or_the_final_save_ends_where_it_would_have(
-        tiny_model, subject_dir, tmp_path):
+def same_values(a, b):
+    """Equal, tensors within 1e-6 (fp32 on CPU; a resumed run repeats the arithmetic of an uninterrupted one)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-6,
+                                                                                    rtol=0)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return isinstance(b, (int, float)) and abs(a - b) <= 1e-6 * max(1.0, abs(a))
+    return a == b
+
+
+def assert_same_training_outputs(out, reference):
+    """Everything a training run leaves equals the uninterrupted run's: the adapter files (tensors and metadata),
+    every checkpoint (weights, optimiser, schedule, RNG, state file), the config and the log (but for step times)."""
+    def contents(folder):
+        return {os.path.relpath(path, folder): path for path in files_under(str(folder)).values()}
+    got, want = contents(out), contents(reference)
+    assert sorted(got) == sorted(want)
+    for rel, path in want.items():
+        if rel.endswith(".safetensors"):
+            with common.safe_open(path, framework="pt") as a, common.safe_open(got[rel], framework="pt") as b:
+                assert a.metadata() == b.metadata(), rel
+            assert same_values(load_file(path), load_file(got[rel])), rel
+        elif rel.endswith(".pt"):
+            assert same_values(torch.load(path, weights_only=True), torch.load(got[rel], weights_only=True)), rel
+        elif rel.endswith(".jsonl"):
+            def untimed(log):
+                return [{k: v for k, v in record.items() if k != "step_time"} for record in common.read_log(log)]
+            assert same_values(untimed(path), untimed(got[rel])), rel
+        elif rel.endswith(".json"):
+            assert same_values(json.load(open(path)), json.load(open(got[rel]))), rel
+        else:
+            assert open(path, "rb").read() == open(got[rel], "rb").read(), rel
+
+
+def logged_run_with_timing(script, args, tmp_path, ready):
+    """An uninterrupted run that logs its fault points; returns (points, seconds it ran after `ready()` held)."""
+    log = tmp_path / "points.log"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_FAULT_LOG": str(log)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not ready() and process.poll() is None:
+        time.sleep(0.01)
+    since = time.monotonic()
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return open(log).read().split(), time.monotonic() - since
+
+
+def kill_at_a_moment(script, args, ready, delay):
+    """Start `script`, wait until `ready()`, then SIGKILL it `delay` seconds later, wherever it is."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    while not ready() and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before the kill: choose an earlier moment"
+
+
+def training_kill_setup(tiny_model, subject_dir, tmp_path, *extra):
+    """A 6-step run with checkpoints every 2 steps, its caches built; returns (args, out, ready)."""
     out = tmp_path / "out"
     args = train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
-                      "--cache_dir", tmp_path / "cache", "--resume_from_checkpoint", "latest")
+                      "--cache_dir", tmp_path / "cache", "--resume_from_checkpoint", "latest", *extra)
     rerun("train_dreambooth.py", args)  # the caches first: every later run finds them, so its writes line up
     shutil.rmtree(out)
-    points = logged_points("train_dreambooth.py", args, tmp_path)
-    expected = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
-    # Writes after the last step are the final save; the others belong to caches and checkpoints.
+    return args, out, lambda: bool(common.read_log(str(out / "logs" / "train_log.jsonl")))  # a step is logged
+
+
+def test_training_killed_in_a_step_a_checkpoint_write_or_the_final_save_ends_where_it_would_have(
+        tiny_model, subject_dir, tmp_path):
+    """Killed between a step's backward pass and its update, at a random moment, inside a checkpoint, during the
+    final save: the rerun (--resume_from_checkpoint latest) leaves every file the uninterrupted run leaves, the
+    weights, optimiser states, RNG states and log included."""
+    args, out, ready = training_kill_setup(tiny_model, subject_dir, tmp_path)
+    points, seconds = logged_run_with_timing("train_dreambooth.py", args, tmp_path, ready)
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference)
+    # Writes after the last step are the final save; the others belong to the log, caches and checkpoints.
     last_step = len(points) - points[::-1].index("step")
     final_writes = points[last_step:].count("write")
     total_writes = points.count("write")
-    kills = ["step:3", f"write:{total_writes - final_writes - 1}", f"write:{total_writes - final_writes + 1}",
-             f"write:{total_writes}"] + spread(points[:last_step], "write", 2)
-    for kill in kills:
-        kill_and_rerun("train_dreambooth.py", args, kill, lambda: shutil.rmtree(out, ignore_errors=True))
+    kills = ["backward:3", f"write:{total_writes - final_writes - 1}", f"write:{total_writes - final_writes + 1}",
+             f"write:{total_writes}", *spread(points[:last_step], "write", 3)[1:2]]
+    for kill in [*kills, "a random moment"]:
+        if kill == "a random moment":  # wherever it lands: in a forward pass, a write, between two lines of code
+            shutil.rmtree(out)
+            kill_at_a_moment("train_dreambooth.py", args, ready, random.Random(0).uniform(0, 0.6) * seconds)
+        else:
+            kill_and_rerun("train_dreambooth.py", args, kill, lambda: shutil.rmtree(out, ignore_errors=True))
         assert_every_named_file_is_whole(str(out), str(tmp_path / "cache"))
         rerun("train_dreambooth.py", args)
-        resumed = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
-        assert resumed.keys() == expected.keys()
-        assert all(torch.allclose(resumed[k], expected[k], atol=1e-6, rtol=0) for k in expected), kill
+        assert_same_training_outputs(out, reference)
         assert not [p for p in files_under(str(out)) if ".tmp" in p], kill
+
+
+def test_a_full_fine_tune_killed_while_its_pipeline_is_moved_into_place_is_no_model_until_whole(
+        tiny_model, subject_dir, tmp_path):
+    """The final pipeline is moved into --output_dir part by part, model_index.json last: killed half-way, the
+    folder is not a model (nothing loads a mix of parts); the rerun finishes it as the uninterrupted run did."""
+    args, out, _ = training_kill_setup(tiny_model, subject_dir, tmp_path, "--model_type", "full",
+                                       "--learning_rate", "1e-4")
+    points = logged_points("train_dreambooth.py", args, tmp_path)
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference)
+    last_step = len(points) - points[::-1].index("step")
+    moves, total_writes = points[last_step:].count("write"), points.count("write")
+    assert moves >= 5  # unet, vae, text encoder, tokenizer, scheduler, ..., model_index.json
+    kill_and_rerun("train_dreambooth.py", args, f"write:{total_writes - moves // 2}",
+                   lambda: shutil.rmtree(out, ignore_errors=True))
+    moved = [name for name in ("scheduler", "text_encoder", "tokenizer", "unet", "vae") if os.path.isdir(out / name)]
+    assert moved and len(moved) < 5 and not os.path.exists(out / "model_index.json")  # half moved: not a model
+    assert_every_named_file_is_whole(str(out))
+    rerun("train_dreambooth.py", args)
+    assert_same_training_outputs(out, reference)
 
 
 def test_make_regularisation_killed_anywhere_ends_with_the_same_images(tiny_model, tmp_path):
@@ -274,13 +381,47 @@ def test_a_full_disk_while_caching_names_the_file_and_keeps_what_was_cached(tiny
     written = [p for p in files_under(str(cache)).values()]
     assert len(written) == 3 and all(p.endswith(".safetensors") for p in written)  # no partial, no temporary
     assert_every_named_file_is_whole(str(cache))
+    kept = read_bytes(cache)
     monkeypatch.undo()
-    cache_latents.main(args)  # room again: the rest is made
-    assert sum(p.endswith(".safetensors") for p in files_under(str(cache)).values()) >= 9
+    cache_latents.main(args)  # room again: the rest is made, and the whole equals an uninterrupted run's
+    clean = tmp_path / "clean"
+    cache_latents.main([*args[:-3], str(clean), "--resolution", "64"])
+    assert read_bytes(cache) == {rel.replace("clean", "cache", 1): data for rel, data in read_bytes(clean).items()}
+    assert all(read_bytes(cache)[rel] == data for rel, data in kept.items())  # what was written stayed as it was
+    assert sum(rel.endswith(".safetensors") for rel in kept) == 3 and len(read_bytes(cache)) >= 9
 
 
-def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_resumes(tiny_model, subject_dir, tmp_path,
-                                                                                   monkeypatch):
+def fail_checkpoint_4_with(monkeypatch, how):
+    """Checkpoint-2 is written whole; checkpoint-4 fails part-way: "torch.save" (its optimiser file: a stream
+    write error) or "disk full" (its trainable weights, through the safetensors writer every output uses)."""
+    calls = {"n": 0}
+    if how == "torch.save":
+        real_save = torch.save
+
+        def save(obj, path, *a, **k):  # checkpoint-2 writes rng, optimizer, scheduler; checkpoint-4 fails at optimizer
+            calls["n"] += 1
+            if calls["n"] == 5:
+                with open(path, "wb") as handle:
+                    handle.write(b"partial")
+                raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+            return real_save(obj, path, *a, **k)
+        monkeypatch.setattr(torch, "save", save)
+    else:
+        real_file = common.save_file
+
+        def save_file(tensors, path, *a, **k):
+            if "checkpoint-4" in path and "trainable" in path:
+                with open(path, "wb") as handle:
+                    handle.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_file(tensors, path, *a, **k)
+        monkeypatch.setattr(common, "save_file", save_file)
+
+
+@pytest.mark.parametrize("how,reason", [("torch.save", "RuntimeError: PytorchStreamWriter failed"),
+                                        ("disk full", "the disk is full while writing trainable.safetensors")])
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_resumes(tiny_model, subject_dir, tmp_path,
+                                                                             monkeypatch, how, reason):
     out = tmp_path / "out"
     args = train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
                       "--cache_dir", tmp_path / "cache", "--resume_from_checkpoint", "latest")
@@ -288,19 +429,12 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_resum
     train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, reference_out, "--max_train_steps", "6",
                                      "--checkpointing_steps", "2", "--cache_dir", tmp_path / "cache"))
     reference = load_file(str(reference_out / train_dreambooth.LORA_WEIGHTS_NAME))
-    real_save = torch.save
-    calls = {"n": 0}
-
-    def save(obj, path, *a, **k):  # checkpoint-2 writes rng, optimizer, scheduler; checkpoint-4 fails at optimizer
-        calls["n"] += 1
-        if calls["n"] == 5:
-            with open(path, "wb") as handle:
-                handle.write(b"partial")
-            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-        return real_save(obj, path, *a, **k)
-    monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(SystemExit, match=r"could not write checkpoint .*checkpoint-4 .*earlier checkpoints are intact"):
+    fail_checkpoint_4_with(monkeypatch, how)
+    with pytest.raises(SystemExit) as failed:
         train_dreambooth.main(args)
+    message = str(failed.value)
+    assert message.startswith(f"could not write checkpoint {out / 'checkpoint-4'} ({reason}")
+    assert "earlier checkpoints are intact" in message and "--resume_from_checkpoint latest" in message
     monkeypatch.undo()
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2"]  # no temporary folder left
     before = trainable(out / "checkpoint-2")

@@ -105,3 +105,33 @@ def test_preview_settings_are_checked_before_model_work(tiny_model, subject_dir,
     with pytest.raises(SystemExit, match="hooks.json"):
         train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--webhook_config", bad))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_no_token_or_webhook_secret_is_written_when_a_run_fails(tiny_model, subject_dir, tmp_path, serve, capfd,
+                                                                monkeypatch):
+    """A run that stops on an error (a NaN loss here) reports it to the webhooks and on the console; the raw
+    webhook's token, the secret in a Discord webhook's URL and the hub token reach no message, file or log."""
+    discord_secret = "discordsecretneverprinted"
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    server = serve()
+    config = write_json(tmp_path / "hooks.json", [
+        {"webhook_type": "raw", "callback_url": server.url + "/hook", "auth_token": TOKEN},
+        {"webhook_type": "discord", "webhook_url": f"{server.url}/api/webhooks/123/{discord_secret}"}])
+    real = train_dreambooth.masked_mse
+    monkeypatch.setattr(train_dreambooth, "masked_mse", lambda *a, **k: real(*a, **k) * float("nan"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as failed:
+        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--webhook_config", config))
+    assert "loss became nan at step 1" in str(failed.value)
+    errors = [r for r in server.requests if b"loss became nan" in r["body"]]
+    assert len(errors) == 2  # both webhooks heard of the error
+    secrets = (TOKEN, discord_secret, HUB_TOKEN)
+    printed = capfd.readouterr()
+    for text in (str(failed.value), printed.out, printed.err, *(r["body"].decode("utf-8", "replace")
+                                                                for r in server.requests)):
+        assert not any(secret in text for secret in secrets)
+    written = [os.path.join(folder, name) for folder, _, names in os.walk(out) for name in names]
+    assert written  # the run got as far as its log
+    for path in written:
+        data = open(path, "rb").read()
+        assert not any(secret.encode() in data for secret in secrets), path
