@@ -149,7 +149,7 @@ def test_resume_latest_skips_an_incomplete_checkpoint(tiny_model, subject_dir, t
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
     with open(out / "logs" / "train_log.jsonl") as handle:
         steps = [json.loads(line)["step"] for line in handle]
-    assert steps == [1, 2, 3, 3]  # first run 1..3; the resumed run only redid step 3
+    assert steps == [1, 2, 3]  # the log kept up to checkpoint-2; the resumed run redid step 3 only, once
 
 
 def test_checkpoints_rotate_to_the_total_limit(tiny_model, subject_dir, tmp_path):
