@@ -286,7 +286,7 @@ def main(argv=None):
     pipe.save_pretrained(args.output_dir, safe_serialization=True)
     accuracy, images, wanted = held_out_accuracy(pipe)
     common.contact_sheet(images, [f"{a['colour']} {a['shape']}" for _, a in wanted],
-                         os.path.join(args.output_dir, "held_out_samples.png"), thumb=96)
+                         args.output_dir.rstrip("/") + "_held_out_samples.png", thumb=96)  # beside, not in, the model
     print(f"held-out caption combinations: shape and colour right in {accuracy:.0%} of {len(wanted)} generations")
     print(f"saved {args.output_dir} in {(time.monotonic() - started) / 60:.1f} min")
     return accuracy
