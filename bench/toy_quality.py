@@ -190,7 +190,6 @@ def load_variant(model, output=None, full=False, ema=False):
         name = train_dreambooth.LORA_WEIGHTS_NAME.replace(".safetensors", suffix + ".safetensors")
         common.load_adapter(pipe, os.path.join(output, name))
     pipe.set_progress_bar_config(disable=True)
-    pipe.tuned = output is not None
     return pipe
 
 
@@ -211,20 +210,21 @@ def draw(pipe, prompts, seeds, args):
 PRIOR_PROMPTS = [CLASS_PROMPT] * 4 + [p for p, _ in WORLD_PROMPTS]
 
 
-def score(pipe, args, scorer, subject, real, base_prior=None):
-    """The row of one model on one subject, and its images ({"subject": [...], "prior": [...]}). The class and
-    world prompts do not depend on the subject: the base model's (`base_prior`) are drawn once."""
+def score(pipe, args, scorer, subject, real, base_prior, prior=None):
+    """The row of one model on one subject, and its images ({"subject": [...], "prior": [...]}). Its class and
+    world prompts (`prior`) are drawn here unless given: they do not depend on the subject, so the base model's
+    (`base_prior`, which drift is measured against) are drawn once."""
     import toy_scorer
 
     asked = subject_prompts(subject)
     drawn = draw(pipe, [p for p, _ in asked], args.seeds, args)
-    prior = draw(pipe, PRIOR_PROMPTS, 1, args) if base_prior is None or pipe.tuned else base_prior
+    prior = draw(pipe, PRIOR_PROMPTS, 1, args) if prior is None else prior
     read = toy_scorer.predict(scorer, prior[4:])
     row = {"subject": toy_scorer.subject_fidelity(scorer, drawn, real),
            "prompt": toy_scorer.prompt_fidelity(scorer, drawn, [a for _, a in asked for _ in range(args.seeds)]),
            "world": sum(r["shape"] == a["shape"] and r["colour"] == a["colour"]
                         for r, (_, a) in zip(read, WORLD_PROMPTS)) / len(WORLD_PROMPTS),
-           "drift": 0.0 if base_prior is None else 1 - toy_scorer.paired_similarity(scorer, prior, base_prior)}
+           "drift": 1 - toy_scorer.paired_similarity(scorer, prior, base_prior)}
     return row, {"subject": drawn, "prior": prior}
 
 
@@ -315,7 +315,7 @@ def main(argv=None):
         reals[subject] = [image for image, _, _ in make_toy_data.subject_samples(subject, args.images, 0)]
         held_out = [image for image, _, _ in make_toy_data.subject_samples(subject, 4, 1)]
         ceilings[subject] = toy_scorer.subject_fidelity(scorer, held_out, reals[subject])
-        base_row, base_images = score(base, args, scorer, subject, reals[subject], base_prior)
+        base_row, base_images = score(base, args, scorer, subject, reals[subject], base_prior, base_prior)
         rows, images[subject] = {"base model": base_row}, {"base model": base_images}
         for name in args.variants:
             output, seconds, eval_loss, full = train_variant(args, subject_work, name, class_dir)

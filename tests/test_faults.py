@@ -224,14 +224,20 @@ def assert_same_training_outputs(out, reference):
             assert open(path, "rb").read() == open(got[rel], "rb").read(), rel
 
 
+def start_when_ready(script, args, ready, stderr=subprocess.DEVNULL, **env):
+    """Start `script` in a fresh interpreter and return its Popen once `ready()` holds (or it has ended)."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, stdout=subprocess.DEVNULL,
+                               stderr=stderr, text=True)
+    while not ready() and process.poll() is None:
+        time.sleep(0.01)
+    return process
+
+
 def logged_run_with_timing(script, args, tmp_path, ready):
     """An uninterrupted run that logs its fault points; returns (points, seconds it ran after `ready()` held)."""
     log = tmp_path / "points.log"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_FAULT_LOG": str(log)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not ready() and process.poll() is None:
-        time.sleep(0.01)
+    process = start_when_ready(script, args, ready, subprocess.PIPE, DREAMBOOTH_FAULT_LOG=str(log))
     since = time.monotonic()
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
@@ -240,11 +246,7 @@ def logged_run_with_timing(script, args, tmp_path, ready):
 
 def kill_at_a_moment(script, args, ready, delay):
     """Start `script`, wait until `ready()`, then SIGKILL it `delay` seconds later, wherever it is."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    while not ready() and process.poll() is None:
-        time.sleep(0.01)
+    process = start_when_ready(script, args, ready)
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait()
