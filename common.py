@@ -114,8 +114,10 @@ def fsync_replace(tmp_path, final_path):
 
 
 def tmp_name(path):
-    # A temporary name never ends in .safetensors, so nothing that looks for cache files can pick it up.
-    return f"{path}.tmp{os.getpid()}"
+    """Where `path` is written before it is renamed into place: .tmpPID/NAME, in a hidden folder of this process
+    beside it. safetensors writes through a temporary file of its own (.tmpXXXXXX beside its target), so that one
+    lands in our folder too, and whatever a killed run leaves is found, with its process id, in one place."""
+    return os.path.join(os.path.dirname(path), f".tmp{os.getpid()}", os.path.basename(path))
 
 
 def disk_full(err):
@@ -135,9 +137,9 @@ class DiskFull(SystemExit):
 def atomic_file(path):
     """Yields a temporary name to write `path` to; afterwards it is flushed and renamed into place, or, if writing
     failed, removed (the previous `path`, if any, is untouched). A full disk is a SystemExit naming the file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tmp_name(path)
     try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         yield tmp
         fsync_replace(tmp, path)
     except OSError as err:
@@ -147,8 +149,7 @@ def atomic_file(path):
                            "it goes on from what is finished.", path) from None
         raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)  # what is left in it was never renamed into place
 
 
 def save_safetensors_atomic(tensors, path, metadata=None):
@@ -245,18 +246,17 @@ def write_json_atomic(obj, path):
 
 
 def remove_stale_temporaries(folder):
-    """Delete temporary files (NAME.tmpPID) and folders (.NAME.tmp) a killed run left behind: they were never
-    renamed into place, so never trusted. A temporary file of a process still running is left alone."""
+    """Delete the temporaries a killed run left behind: file folders (.tmpPID/, see tmp_name) and checkpoint or
+    pipeline folders (.NAME.tmp/). They were never renamed into place, so never trusted. The temporaries of a
+    process still running are left alone."""
     if not os.path.isdir(folder):
         return
-    for root, dirs, files in os.walk(folder):
-        for name in files:
-            found = re.search(r"\.tmp(\d+)$", name)
-            if found and not process_alive(int(found.group(1))):
-                os.remove(os.path.join(root, name))
-        for name in [d for d in dirs if d.startswith(".") and d.endswith(".tmp")]:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            dirs.remove(name)
+    for root, dirs, _ in os.walk(folder):
+        for name in list(dirs):
+            found = re.fullmatch(r"\.tmp(\d+)", name)
+            if (found and not process_alive(int(found.group(1)))) or (name.startswith(".") and name.endswith(".tmp")):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                dirs.remove(name)
 
 
 def process_alive(pid):

@@ -26,7 +26,6 @@ import common
 
 MANIFEST = ".regularisation.json"
 NAME = re.compile(r"(\d{6})-seed(\d+)\.(png|txt)")
-LEFTOVER = re.compile(r"\d{6}-seed\d+\.(png|txt)\.tmp\d+")  # a write a killed run never renamed into place
 SHEET_LIMIT = 400  # images on the contact sheet (20 x 20 thumbnails); a sheet of thousands is unreadable anyway
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
@@ -71,13 +70,10 @@ def settings(args, info, prompts, width, height):
 
 def check_folder(args, wanted):
     """Refuse a folder whose images would not belong to this run: other settings, or files of unknown origin.
-    Temporary files a killed run left behind are this script's own: they are removed."""
+    (Hidden names are not counted: the manifest, and the temporaries a killed run left, which are removed.)"""
     if not os.path.isdir(args.output_dir):
         return
     names = [n for n in os.listdir(args.output_dir) if not n.startswith(".")]
-    for name in [n for n in names if LEFTOVER.fullmatch(n)]:
-        os.remove(os.path.join(args.output_dir, name))
-        names.remove(name)
     foreign = [n for n in names if not (NAME.fullmatch(n) and
                                         int(NAME.fullmatch(n)[2]) == args.seed + int(NAME.fullmatch(n)[1]))]
     if foreign:

@@ -127,15 +127,19 @@ def test_a_half_written_cache_file_is_never_trusted(tiny_model, subject_dir, tmp
     good = open(victim, "rb").read()
     with open(victim, "wb") as handle:  # what a non-atomic writer would leave after a kill
         handle.write(good[: len(good) // 2])
-    stray = victim + f".tmp{dead_pid()}"  # a write whose process was killed
-    with open(stray, "wb") as handle:
-        handle.write(good[:100])
-    live = victim + f".tmp{os.getppid()}"  # a write still in progress in another running process: left alone
-    with open(live, "wb") as handle:
+    folder, name = os.path.split(victim)
+    stray = os.path.join(folder, f".tmp{dead_pid()}")  # the temporaries of a write whose process was killed:
+    os.makedirs(stray)
+    for leftover in (name, ".tmpAb12Cd"):  # ours, and the one safetensors writes through before renaming it to ours
+        with open(os.path.join(stray, leftover), "wb") as handle:
+            handle.write(good[:100])
+    live = os.path.join(folder, f".tmp{os.getppid()}")  # a write still in progress in another running process
+    os.makedirs(live)
+    with open(os.path.join(live, name), "wb") as handle:
         handle.write(good[:100])
     cache_latents.main(argv)
     assert open(victim, "rb").read() == good
-    assert not os.path.exists(stray) and os.path.exists(live)
+    assert not os.path.exists(stray) and os.path.exists(os.path.join(live, name))  # the live one is left alone
 
 
 def test_a_cache_run_killed_midway_resumes_to_the_same_files(tiny_model, tmp_path):

@@ -128,12 +128,12 @@ def files_under(*folders):
 
 
 def assert_every_named_file_is_whole(*folders):
-    """What a kill leaves: temporaries (never read: their names end in .tmpPID) and whole files under real names.
+    """What a kill leaves: temporaries (never read: they lie in .tmpPID/ folders) and whole files under real names.
     The one file written in place is the log, and its readers drop a last line a kill cut short."""
     from PIL import Image
 
     for rel, path in files_under(*folders).items():
-        if re.search(r"\.tmp\d+$", rel) or ".tmp" + os.sep in rel or rel.endswith(".tmp"):
+        if re.search(r"\.tmp\d*" + re.escape(os.sep), rel):
             continue
         if path.endswith(".safetensors"):
             load_file(path)

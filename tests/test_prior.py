@@ -70,10 +70,11 @@ def test_a_killed_run_resumes_to_the_images_of_an_uninterrupted_run(tiny_model, 
     before = folder_bytes(tmp_path / "killed")
     if process.returncode == -signal.SIGKILL:
         assert len([n for n in before if n.endswith(".png") and ".tmp" not in n]) < 6  # it really was cut short
-    # A write the kill interrupted is left under a temporary name carrying the dead process's pid, never under a
-    # final one; the re-run clears it (a temporary of a process still running would be left alone).
+    # A write the kill interrupted is left in a temporary folder carrying the dead process's pid, never under a
+    # final name; the re-run clears it (a temporary of a process still running would be left alone).
     assert not common.process_alive(process.pid)
-    leftover = tmp_path / "killed" / f"000005-seed5.png.tmp{process.pid}"
+    leftover = tmp_path / "killed" / f".tmp{process.pid}" / "000005-seed5.png"
+    leftover.parent.mkdir(exist_ok=True)
     leftover.write_bytes(b"half an image")
     make_regularisation.main(reg_argv(model, tmp_path / "killed", "--num_images", "6"))
     after = folder_bytes(tmp_path / "killed")
