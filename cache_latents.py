@@ -3,7 +3,7 @@
     python cache_latents.py --config config.json
     python cache_latents.py --pretrained_model_name_or_path MODEL --instance_data_dir subject/ --instance_prompt "ohwx dog"
 
-Reads the same config.json as train_dreambooth.py (training-only keys are ignored here) and the data config.
+Reads the same config.json as train_dreambooth.py (training-only keys are passed over here) and the data config.
 Writes, per image and bucket, one safetensors file in the dataset's cache_dir_vae (latent mean and std, plus the
 source fingerprint, the resize/crop transform and the VAE identity as metadata), and one safetensors file per
 caption in the text_embeds cache_dir. Entries that are up to date are skipped without loading any model; a
@@ -15,37 +15,31 @@ import argparse
 
 import torch
 
-import common
+from common import caches, data, flags, quantise
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_model_args(parser)
-    common.add_data_args(parser)
+    flags.add_model_args(parser)
+    flags.add_data_args(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    import train_dreambooth  # its flags may sit in the same config.json; they are not ours, but not typos either
-
-    return common.parse_args_with_config(parser, argv, also_known=common.option_names(train_dreambooth.build_parser()))
+    # A training config.json also holds training flags: not ours, but not typos either.
+    return flags.parse_args_with_config(parser, argv, also_known=flags.TRAINING_KEYS)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    for i in (1, 2, 3):
-        common.check_precision(args.__dict__[f"text_encoder_{i}_precision"], f"--text_encoder_{i}_precision")
-    datasets = common.load_datasets(args)
-    info = common.resolve_model(args)
-    for dataset in datasets:
-        dataset.resolution = dataset.resolution or info.native_resolution
-    plans = common.plan_datasets(datasets, common.crop_seed(args))
+    quantise.check_text_encoder_precisions(args)
+    datasets, info, plans = data.prepare(args)
     encoded, captions = 0, []
     for dataset in datasets:
         if dataset.id not in plans:
             continue
         print(f"dataset {dataset.id!r}: {len(plans[dataset.id])} images -> {dataset.cache_dir_vae}")
-        plans[dataset.id], count = common.build_vae_cache(plans[dataset.id], info, args.device, args.vae_batch_size)
+        plans[dataset.id], count = caches.build_vae_cache(plans[dataset.id], info, args.device, args.vae_batch_size)
         encoded += count
         captions += [c for e in plans[dataset.id] for c in e.captions]
-    common.build_text_cache(captions, info, common.text_cache_dir(datasets, args), args.device)
+    caches.build_text_cache(captions, info, data.text_cache_dir(datasets, args), args.device)
     print(f"done: {encoded} latents encoded, {sum(len(p) for p in plans.values())} images cached in all")
     return plans
 

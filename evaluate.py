@@ -11,7 +11,7 @@ Evaluates the base model (as step 0), every complete checkpoint-N in --checkpoin
     place of the instance: CLIP does not know the identifier), CLIP-I and DINO (mean pairwise cosine between the
     generated images and the real subject images);
   - with --toy_scorer (toy models): subject fidelity as DINO's, in the toy scorer's feature space;
-  - the stable eval loss (common.stable_eval_loss, the function training logs with --eval_steps_interval) on the
+  - the stable eval loss (scores.stable_eval_loss, the function training logs with --eval_steps_interval) on the
     data config's eval datasets and/or --eval_split held-out images: pass the training run's data, --seed and
     --eval_split, and the numbers equal the training log's.
 Also reads the training config.json (--config; its output_dir is then the run to evaluate). Writes to
@@ -22,21 +22,23 @@ Also reads the training config.json (--config; its output_dir is then the run to
     report.html                        everything on one page, images embedded: open it in any browser
 """
 
+import argparse
 import base64
 import contextlib
 import csv
 import html
 import io
-import json
 import os
 import sys
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-import common
+from common import adapters, caches, checkpoints, data, files, flags, images, models, quantise, render, scores
 
 METRICS = ("clip_t", "clip_i", "dino", "toy_subject", "eval_loss")
+GRID_THUMB = 256  # the widest a picture is drawn in a grid (the pictures themselves are saved whole)
 LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "toy_subject": "subject (toy)",
           "eval_loss": "eval loss"}
 
@@ -48,14 +50,15 @@ LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "toy_subject":
 def find_targets(folder, only, weights):
     """[(name, step, kind, path)]: the base model, the checkpoints and the final output, in step order.
     kind: "base", "adapter" (a LoRA / LyCORIS file) or "unet" (a full fine-tune: a UNet folder or state file)."""
-    suffix = "_ema" if weights == "ema" else ""
-    adapter_name = f"pytorch_lora_weights{suffix}.safetensors"
+    suffix = adapters.EMA_SUFFIX if weights == "ema" else ""
+    adapter_name = adapters.LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors")
     targets = [("base", 0, "base", None)]
-    for path in common.list_checkpoints(folder):
+    for path in checkpoints.list_checkpoints(folder):
         name = os.path.basename(path)
-        state = common.read_json(os.path.join(path, common.STATE_FILE))
+        state = files.read_json(os.path.join(path, checkpoints.STATE_FILE))
         if state.get("model_type") == "full":  # the whole UNet's weights
-            weights_file = os.path.join(path, "ema.safetensors" if weights == "ema" else "trainable.safetensors")
+            weights_file = os.path.join(path, checkpoints.EMA_CHECKPOINT_FILE if weights == "ema"
+                                        else "trainable.safetensors")
             if os.path.isfile(weights_file):
                 targets.append((name, state["step"], "unet", weights_file))
         elif os.path.isfile(os.path.join(path, adapter_name)):
@@ -64,14 +67,14 @@ def find_targets(folder, only, weights):
             print(f"skipped {path}: no {adapter_name} in it (written by an older version, or without --use_ema)")
     final = os.path.join(folder, adapter_name)
     if os.path.isfile(final):
-        with common.safe_open(final, framework="pt") as handle:
+        with safe_open(final, framework="pt") as handle:
             step = int((handle.metadata() or {}).get("step", 0)) or None
         targets.append(("final", step, "adapter", final))
     else:
-        pipeline = os.path.join(folder, "ema") if weights == "ema" else folder
+        pipeline = os.path.join(folder, adapters.EMA_SUFFIX[1:]) if weights == "ema" else folder
         if os.path.isfile(os.path.join(pipeline, "model_index.json")):
-            log = os.path.join(folder, "logs", "train_log.jsonl")
-            steps = [record["step"] for record in common.read_log(log)]
+            log = os.path.join(folder, "logs", checkpoints.LOG_FILE)
+            steps = [record["step"] for record in checkpoints.read_log(log)]
             step = max(steps) if steps else None
             targets.append(("final", step, "unet", os.path.join(pipeline, "unet")))
     if only:
@@ -94,27 +97,22 @@ def weights_of(pipe, target, info):
     base = pipe.unet
     device = base.device
     if kind == "adapter":
-        common.load_adapter(pipe, path)
+        adapters.load_adapter(pipe, path)
     elif kind == "unet":  # a full fine-tune, in fp32 as it trained; the base UNet waits in system memory
         base.to("cpu")
         if os.path.isdir(path):  # a saved pipeline's unet/ folder
             from diffusers import UNet2DConditionModel
 
-            unet = UNet2DConditionModel.from_pretrained(path, **common.safe_weights(path, info.allow_pickle))
+            unet = UNet2DConditionModel.from_pretrained(path, **files.safe_weights(path, info.allow_pickle))
         else:  # a checkpoint's state file
-            unet = common.load_component(info, "unet")
-            unet.load_state_dict(common.load_tensors(path))
+            unet = models.load_component(info, "unet")
+            unet.load_state_dict(files.load_tensors(path))
         pipe.unet = unet.to(device).eval()
     try:
         yield pipe
     finally:
         if kind == "adapter":
-            network = getattr(pipe.unet, "lycoris", None)
-            if network is not None:
-                network.restore()
-                del pipe.unet.lycoris
-            else:
-                pipe.unload_lora_weights()
+            adapters.unload_adapter(pipe)
         if kind == "unet":
             del pipe.unet
             base.to(device)
@@ -124,7 +122,7 @@ def weights_of(pipe, target, info):
 def read_prompts(args):
     """[(prompt to generate, prompt CLIP-T scores against)]."""
     if args.prompt_set == "dreambench":
-        templates = common.dreambench_prompts(args.subject_kind)
+        templates = scores.dreambench_prompts(args.subject_kind)
     elif args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as handle:
             templates = [line.strip() for line in handle if line.strip()]
@@ -136,25 +134,11 @@ def read_prompts(args):
         templates = ["a photo of {instance}"]
     if any("{class}" in t for t in templates) and not args.class_prompt:
         raise SystemExit("the prompts use {class}: pass --class_prompt (e.g. \"dog\")")
-    return [common.fill_prompt(t, args.instance_prompt, args.class_prompt or args.instance_prompt) for t in templates]
+    return [scores.fill_prompt(t, args.instance_prompt, args.class_prompt or args.instance_prompt) for t in templates]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
-
-
-def image_grid(rows, thumb=256):
-    """One picture: a row per prompt, a column per seed, thumbnails at most `thumb` pixels wide."""
-    from PIL import Image
-
-    width, height = rows[0][0].size
-    scale = min(1.0, thumb / width)
-    w, h = max(1, round(width * scale)), max(1, round(height * scale))
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            grid.paste(image.resize((w, h)), (x * w, y * h))
-    return grid
 
 
 def write_plots(results, folder):
@@ -199,15 +183,15 @@ def write_plots(results, folder):
 def write_metrics(folder, settings, prompts, results):
     """metrics.json (everything) and metrics.csv (one row per model)."""
     relative = [{**r, "grid_path": os.path.relpath(r["grid_path"], folder)} for r in results]
-    common.write_json_atomic({"settings": settings, "prompts": [p for p, _ in prompts], "results": relative},
-                             os.path.join(folder, "metrics.json"))
+    files.write_json_atomic({"settings": settings, "prompts": [p for p, _ in prompts], "results": relative},
+                            os.path.join(folder, "metrics.json"))
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["name", "step", *METRICS])
     for r in results:
         writer.writerow([r["name"], "" if r["step"] is None else r["step"],
                          *["" if r.get(m) is None else f"{r[m]:.6f}" for m in METRICS]])
-    common.write_text_atomic(table.getvalue(), os.path.join(folder, "metrics.csv"))
+    files.write_text_atomic(table.getvalue(), os.path.join(folder, "metrics.csv"))
 
 
 def embedded(path):
@@ -242,13 +226,167 @@ the toy scorer's subject fidelity (centred features, toy models only);
 the eval loss is the stable eval loss (lower is better).</p>
 <table><tr>{header}</tr>{rows}</table>
 <h2>Plots</h2>{figures or "<p>(no scores to plot)</p>"}
-<h2>Images</h2><p>Rows: the prompts below, in order. Columns: the seeds, the same for every model (a refiner's
-rows start with the image it refines).</p>
+<h2>Images</h2><p>Rows: the prompts below, in order (each row is labelled with its prompt). Columns: the seeds,
+the same for every model (a refiner's rows start with the image it refines).</p>
 <ol>{prompt_list}</ol>{grids}
 <h2>Settings</h2><table>{settings_rows}</table>
 </body></html>
 """
-    common.write_text_atomic(page, path)
+    files.write_text_atomic(page, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def image_scorer(args, real_paths, device):
+    """score(pictures, their scoring prompts) -> {"clip_t", "clip_i", "dino", "toy_subject"}, as asked: against the
+    real subject images, whose embeddings are computed once here. The models load before anything is cached, so
+    a refused one (pickle weights) stops the run with nothing written."""
+    scorer = toy = real = real_clip = real_dino = None
+    if args.clip_model != "none":
+        scorer = scores.Scorer(args.clip_model, None if args.dino_model == "none" else args.dino_model, device,
+                               args.allow_pickle)
+        real = [images.load_image(path) for path in real_paths]
+        real_clip = scorer.clip_images(real)
+        real_dino = scorer.dino_images(real) if scorer.dino is not None else None
+    if args.toy_scorer:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy"))
+        import toy_scorer
+
+        toy = toy_scorer.load_scorer(args.toy_scorer)
+        real = real or [images.load_image(path) for path in real_paths]
+
+    def score(pictures, score_prompts):
+        result = scorer.scores(pictures, score_prompts, real_clip, real_dino) if scorer is not None else {}
+        if toy is not None:
+            result["toy_subject"] = toy_scorer.subject_fidelity(toy, pictures, real)
+        return result
+
+    return score
+
+
+def eval_loss_examples(args, info, datasets, eval_entries, device):
+    """The stable eval loss's inputs, cached exactly as training caches them (so the numbers equal its log)."""
+    if not eval_entries:
+        print("no eval loss: the data has no eval dataset and --eval_split is 0")
+        return []
+    eval_entries, _ = caches.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
+    text_dir = data.text_cache_dir(datasets, args)
+    caches.build_text_cache([e.captions[0] for e in eval_entries], info, text_dir, device)
+    return scores.eval_examples(eval_entries, info, text_dir, models.refiner_conditioning(info, args))
+
+
+def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast, score, examples, noise_scheduler,
+                   out):
+    """One model's pictures (saved, and a grid), scores and eval loss: a metrics.json entry."""
+    name, step = target[0], target[1]
+    result = {"name": name, "step": step, "source": target[3]}
+    drawn = [generate for generate, _ in prompts]
+    with weights_of(pipe, target, info):
+        rows = render.render(pipe, drawn, args.num_images_per_prompt, args.validation_seed, options, sources,
+                             autocast, lambda p, seed: os.path.join(out, "images", name, f"p{p:02d}-seed{seed}.png"),
+                             desc=f"images ({name})")
+        width, height = rows[0][0].size
+        scale = min(1.0, GRID_THUMB / width)
+        cell = (max(1, round(width * scale)), max(1, round(height * scale)))
+        result["grid_path"] = os.path.join(out, "grids", f"{name}.png")
+        files.save_image_atomic(render.prompt_grid(rows, drawn, sources, cell=cell), result["grid_path"])
+        result.update(score([image for row in rows for image in row],
+                            [prompts[p][1] for p, row in enumerate(rows) for _ in row]))
+        if examples:
+            loss = scores.stable_eval_loss(pipe.unet, noise_scheduler, info.prediction_type, examples,
+                                           args.eval_timesteps, args.eval_seed, autocast,
+                                           models.timestep_range(info, args))
+            result["eval_loss"], result["eval_loss_per_timestep"] = loss["mean"], loss["per_timestep"]
+    return result
+
+
+def check_args(args):
+    args.checkpoints = args.checkpoints or args.output_dir
+    if not args.checkpoints:
+        raise SystemExit("--checkpoints: which training --output_dir to evaluate (or --config with its config.json)")
+    if not os.path.isdir(args.checkpoints):
+        raise SystemExit(f"--checkpoints {args.checkpoints}: no such folder (a training --output_dir)")
+    if args.num_images_per_prompt < 1:
+        raise SystemExit("--num_images_per_prompt must be 1 or more")
+    if not args.instance_prompt:
+        raise SystemExit("--instance_prompt (e.g. \"ohwx dog\") is needed: it fills {instance} in the prompts (and "
+                         "captions --instance_data_dir images; a data config's own captions are kept)")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
+    quantise.check_text_encoder_precisions(args)
+    if args.base_model_precision != "no_change":
+        print(f"note: the run trained on a {args.base_model_precision} base; evaluate.py loads it unquantised, so "
+              "its eval loss differs slightly from the training log")
+    args.output_dir = args.output_dir or args.checkpoints  # as in training: the cache root is OUTPUT_DIR/cache
+
+
+def main(argv=None):
+    from diffusers import DDPMScheduler
+
+    args = parse_args(argv)
+    check_args(args)
+    out = args.evaluation_dir or os.path.join(args.checkpoints, "evaluation")
+    targets = find_targets(args.checkpoints, args.only, args.weights)
+    prompts = read_prompts(args)
+
+    # --- Data: the subject's images (CLIP-I / DINO references) and the eval-loss images, planned as training did.
+    datasets, info, plans = data.prepare(args)
+    subject = data.subject_dataset(datasets)
+    real_paths = [e.path for e in plans[subject.id]]
+    eval_entries = data.eval_sets(datasets, plans, args.eval_split)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    score = image_scorer(args, real_paths, device)
+    examples = eval_loss_examples(args, info, datasets, eval_entries, device)
+    noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
+
+    # A refiner cannot draw from a prompt: it refines subject images (their captions as prompts), as in training.
+    sources = None
+    if info.spec.refines:
+        sources = render.refine_sources(plans[subject.id], args.num_images_per_prompt, args.validation_seed)
+        prompts = [scores.fill_prompt(caption, args.instance_prompt, args.class_prompt or args.instance_prompt)
+                   for caption, _ in sources]
+        print(f"warning: an SDXL refiner refines images: the prompts are ignored; {len(sources)} subject images are "
+              f"refined at strength {args.refiner_training_strength:g}, with their captions")
+    # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    tokenizers, text_encoders = models.load_text_encoders(info, device, dtype)
+    pipe = models.build_pipeline(info, models.load_component(info, "unet", dtype).to(device),
+                                 models.load_component(info, "vae").to(device), tokenizers, text_encoders)
+    pipe.set_progress_bar_config(disable=True)
+    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    resolution = args.image_resolution or images.round64(info.native_resolution)
+    options = render.drawing_options(info, args, args.num_inference_steps, args.guidance_scale, args.negative_prompt,
+                                     resolution)
+    os.makedirs(out, exist_ok=True)
+    settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
+                "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
+                "prompt_set": args.prompt_set, "subject_kind": args.subject_kind,
+                "num_images_per_prompt": args.num_images_per_prompt, "validation_seed": args.validation_seed,
+                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                "resolution": resolution, "mixed_precision": args.mixed_precision, "clip_model": args.clip_model,
+                "dino_model": args.dino_model, "toy_scorer": args.toy_scorer, "eval_images": len(examples),
+                "eval_timesteps": args.eval_timesteps, "eval_seed": args.eval_seed, "real_images": len(real_paths)}
+    print(f"evaluating {len(targets)} models x {len(prompts)} prompts x {1 if sources else args.num_images_per_prompt} "
+          "images")
+    results = []
+    for target in tqdm(targets, desc="models", unit="model"):
+        results.append(evaluate_model(args, target, pipe, info, prompts, sources, options, autocast, score, examples,
+                                      noise_scheduler, out))
+        write_metrics(out, settings, prompts, results)  # after every model: a crash later keeps what is done
+
+    # --- The plots and the page.
+    plots = write_plots(results, os.path.join(out, "plots"))
+    report = os.path.join(out, "report.html")
+    write_report(report, settings, results, prompts, plots)
+    widths = {m: max(11, len(LABELS[m]) + 2) for m in METRICS}
+    print(f"\n{'name':<16}{'step':>7}" + "".join(f"{LABELS[m]:>{widths[m]}}" for m in METRICS))
+    for r in results:
+        print(f"{r['name']:<16}{'' if r['step'] is None else r['step']:>7}"
+              + "".join(f"{'-' if r.get(m) is None else format(r[m], '.4f'):>{widths[m]}}" for m in METRICS))
+    print(f"\nreport: {report}")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -256,14 +394,12 @@ rows start with the image it refines).</p>
 
 
 def build_parser():
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_model_args(parser)
-    common.add_data_args(parser)
+    flags.add_model_args(parser)
+    flags.add_data_args(parser)
     parser.set_defaults(output_dir=None)
-    common.add_eval_args(parser)
-    common.add_refiner_args(parser)
+    flags.add_eval_args(parser)
+    flags.add_refiner_args(parser)
     group = parser.add_argument_group("what to evaluate")
     group.add_argument("--checkpoints", default=None, help="a training --output_dir: its checkpoint-N folders and "
                                                           "final output (default: --output_dir, e.g. from --config)")
@@ -297,149 +433,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    import train_dreambooth  # the training config.json works here too: its other keys are known, not typos
-
-    return common.parse_args_with_config(build_parser(), argv,
-                                         also_known=common.option_names(train_dreambooth.build_parser()))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The run
-
-
-def main(argv=None):
-    from diffusers import DDPMScheduler
-
-    args = parse_args(argv)
-    args.checkpoints = args.checkpoints or args.output_dir
-    if not args.checkpoints:
-        raise SystemExit("--checkpoints: which training --output_dir to evaluate (or --config with its config.json)")
-    if not os.path.isdir(args.checkpoints):
-        raise SystemExit(f"--checkpoints {args.checkpoints}: no such folder (a training --output_dir)")
-    if args.num_images_per_prompt < 1:
-        raise SystemExit("--num_images_per_prompt must be 1 or more")
-    if not args.instance_prompt:
-        raise SystemExit("--instance_prompt (e.g. \"ohwx dog\") is needed: it fills {instance} in the prompts (and "
-                         "captions --instance_data_dir images; a data config's own captions are kept)")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise SystemExit("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
-    if args.base_model_precision != "no_change":
-        print(f"note: the run trained on a {args.base_model_precision} base; evaluate.py loads it unquantised, so "
-              "its eval loss differs slightly from the training log")
-    args.output_dir = args.output_dir or args.checkpoints  # as in training: the cache root is OUTPUT_DIR/cache
-    out = args.evaluation_dir or os.path.join(args.checkpoints, "evaluation")
-    targets = find_targets(args.checkpoints, args.only, args.weights)
-    prompts = read_prompts(args)
-
-    # --- Data: the subject's images (CLIP-I / DINO references) and the eval-loss images, planned as training did.
-    datasets = common.load_datasets(args)
-    info = common.resolve_model(args)
-    for dataset in datasets:
-        dataset.resolution = dataset.resolution or info.native_resolution
-    plans = common.plan_datasets(datasets, common.crop_seed(args))
-    subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
-    real_paths = [e.path for e in plans[subject.id]]
-    eval_entries = common.eval_sets(datasets, plans, args.eval_split)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # The scorers load before anything is cached, so a refused model (pickle weights) has written nothing.
-    scorer = real_clip = real_dino = None
-    if args.clip_model != "none":
-        scorer = common.Scorer(args.clip_model, None if args.dino_model == "none" else args.dino_model, device,
-                               args.allow_pickle)
-        real = [common.load_image(path) for path in real_paths]
-        real_clip = scorer.clip_images(real)
-        real_dino = scorer.dino_images(real) if scorer.dino is not None else None
-    examples = []
-    if eval_entries:
-        eval_entries, _ = common.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
-        text_dir = common.text_cache_dir(datasets, args)
-        common.build_text_cache([e.captions[0] for e in eval_entries], info, text_dir, device)
-        examples = common.eval_examples(eval_entries, info, text_dir, common.refiner_conditioning(info, args))
-    else:
-        print("no eval loss: the data has no eval dataset and --eval_split is 0")
-    noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
-
-    toy = None
-    if args.toy_scorer:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy"))
-        import toy_scorer
-
-        toy = toy_scorer.load_scorer(args.toy_scorer)
-        real_toy = [common.load_image(path) for path in real_paths]
-
-    # A refiner cannot draw from a prompt: it refines subject images (their captions as prompts), as in training.
-    sources = None
-    if info.family == "sdxl-refiner":
-        sources = common.refine_sources(plans[subject.id], args.num_images_per_prompt, args.validation_seed)
-        prompts = [common.fill_prompt(caption, args.instance_prompt, args.class_prompt or args.instance_prompt)
-                   for caption, _ in sources]
-        print(f"warning: an SDXL refiner refines images: the prompts are ignored; {len(sources)} subject images are "
-              f"refined at strength {args.refiner_training_strength:g}, with their captions")
-    # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    tokenizers, text_encoders = common.load_text_encoders(info, device, dtype)
-    pipe = common.build_pipeline(info, common.load_component(info, "unet", dtype).to(device),
-                                 common.load_component(info, "vae").to(device), tokenizers, text_encoders)
-    pipe.set_progress_bar_config(disable=True)
-    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    resolution = args.image_resolution or common.round64(info.native_resolution)
-    per_prompt = 1 if sources else args.num_images_per_prompt
-    results = []
-    os.makedirs(out, exist_ok=True)
-    settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
-                "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
-                "prompt_set": args.prompt_set, "subject_kind": args.subject_kind,
-                "num_images_per_prompt": args.num_images_per_prompt, "validation_seed": args.validation_seed,
-                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                "resolution": resolution, "mixed_precision": args.mixed_precision, "clip_model": args.clip_model,
-                "dino_model": args.dino_model, "toy_scorer": args.toy_scorer, "eval_images": len(examples), "eval_timesteps": args.eval_timesteps,
-                "eval_seed": args.eval_seed, "real_images": len(real_paths)}
-    print(f"evaluating {len(targets)} models x {len(prompts)} prompts x {per_prompt} images")
-    for target in tqdm(targets, desc="models", unit="model"):
-        name, step = target[0], target[1]
-        result = {"name": name, "step": step, "source": target[3]}
-        with weights_of(pipe, target, info):
-            rows, images, score_prompts = [], [], []
-            jobs = [(p, i) for p in range(len(prompts)) for i in range(per_prompt)]
-            for p, i in tqdm(jobs, desc=f"images ({name})", unit="img", leave=False):
-                seed = args.validation_seed + i
-                call = common.pipeline_call(args, prompts[p][0], seed, args.num_inference_steps, args.guidance_scale,
-                                            args.negative_prompt, resolution, sources[p][1] if sources else None)
-                with torch.no_grad(), autocast():
-                    image = pipe(**call).images[0]
-                common.save_image_atomic(image, os.path.join(out, "images", name,
-                                                             f"p{p:02d}-seed{seed}.png"))
-                if i == 0:
-                    rows.append([sources[p][1]] if sources else [])  # a refiner's row starts with its source
-                rows[-1].append(image)
-                images.append(image)
-                score_prompts.append(prompts[p][1])
-            result["grid_path"] = os.path.join(out, "grids", f"{name}.png")
-            common.save_image_atomic(image_grid(rows), result["grid_path"])
-            if scorer is not None:
-                result.update(scorer.scores(images, score_prompts, real_clip, real_dino))
-            if toy is not None:
-                result["toy_subject"] = toy_scorer.subject_fidelity(toy, images, real_toy)
-            if examples:
-                loss = common.stable_eval_loss(pipe.unet, noise_scheduler, info.prediction_type, examples,
-                                               args.eval_timesteps, args.eval_seed, autocast,
-                                               common.timestep_range(info, args))
-                result["eval_loss"], result["eval_loss_per_timestep"] = loss["mean"], loss["per_timestep"]
-        results.append(result)
-        write_metrics(out, settings, prompts, results)  # after every model: a crash later keeps what is done
-
-    # --- The plots and the page.
-    plots = write_plots(results, os.path.join(out, "plots"))
-    report = os.path.join(out, "report.html")
-    write_report(report, settings, results, prompts, plots)
-
-    widths = {m: max(11, len(LABELS[m]) + 2) for m in METRICS}
-    print(f"\n{'name':<16}{'step':>7}" + "".join(f"{LABELS[m]:>{widths[m]}}" for m in METRICS))
-    for r in results:
-        print(f"{r['name']:<16}{'' if r['step'] is None else r['step']:>7}"
-              + "".join(f"{'-' if r.get(m) is None else format(r[m], '.4f'):>{widths[m]}}" for m in METRICS))
-    print(f"\nreport: {report}")
-    return results
+    # The training config.json works here too: its training keys are known, not typos.
+    return flags.parse_args_with_config(build_parser(), argv, also_known=flags.TRAINING_KEYS)
 
 
 if __name__ == "__main__":

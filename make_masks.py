@@ -27,20 +27,19 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from tqdm.auto import tqdm
 
-import common
-from common import str2bool
+from common import data, files, flags, images
 
 
 def mask_path_for(path, args):
     relpath = os.path.relpath(path, args.input_dir)
-    return common.confined(os.path.join(args.output_dir, os.path.splitext(relpath)[0] + ".png"), args.output_dir)
+    return files.confined(os.path.join(args.output_dir, os.path.splitext(relpath)[0] + ".png"), args.output_dir)
 
 
 def load_segmenter(args):
     from transformers import AutoProcessor, CLIPSegForImageSegmentation
 
     options = {"revision": args.revision, "local_files_only": args.local_files_only}
-    weights = common.safe_weights(args.model, args.allow_pickle)
+    weights = files.safe_weights(args.model, args.allow_pickle)
     try:
         processor = AutoProcessor.from_pretrained(args.model, **options)
         model = CLIPSegForImageSegmentation.from_pretrained(args.model, **options, **weights).to(args.device).eval()
@@ -71,7 +70,7 @@ def segment(images, prompts, processor, model, device):
 
 def alpha_mask(path):
     """The alpha channel of an image (upright), or None if it has none. ValueError if it cannot be read."""
-    common.image_size(path)  # empty files and decompression bombs are refused from the header
+    images.image_size(path)  # empty files and decompression bombs are refused from the header
     try:
         with Image.open(path) as image:
             image.load()
@@ -97,7 +96,7 @@ def feather(mask, pixels):
 def mask_fits(path, mask_path):
     """An existing mask counts as done only if it still has its image's size (the image may have been replaced)."""
     try:
-        return common.image_size(mask_path) == common.image_size(path)
+        return images.image_size(mask_path) == images.image_size(path)
     except ValueError:
         return False
 
@@ -105,11 +104,11 @@ def mask_fits(path, mask_path):
 def overlay(image_path, mask_path, size=160):
     """A thumbnail of the image with its mask overlaid: the subject as it is, the ignored part tinted red."""
     try:
-        image = common.load_image(image_path)
+        image = images.load_image(image_path)
     except ValueError:  # unreadable: a grey tile keeps the sheet's order
         return Image.new("RGB", (size, size), (128, 128, 128))
     image.thumbnail((size, size))
-    mask = common.load_mask(mask_path).resize(image.size, Image.BILINEAR)
+    mask = images.load_mask(mask_path).resize(image.size, Image.BILINEAR)
     return Image.composite(image, Image.blend(image, Image.new("RGB", image.size, (200, 0, 0)), 0.6), mask)
 
 
@@ -121,18 +120,16 @@ def parse_args(argv=None):
     parser.add_argument("--text_input", default=None, help="what to keep, e.g. 'person' or 'dog, leash' (OR-ed)")
     parser.add_argument("--model", default="CIDAS/clipseg-rd64-refined", help="CLIPSeg hub id or local folder")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--local_files_only", type=str2bool, nargs="?", const=True, default=False)
-    common.add_allow_pickle_arg(parser)
+    flags.add_bool(parser, "--local_files_only")
+    flags.add_allow_pickle_arg(parser)
     parser.add_argument("--threshold", type=float, default=0.4,
                         help="CLIPSeg probability above which a pixel is subject (raise it for tighter masks)")
     parser.add_argument("--mask_padding", type=int, default=0, help="grow the white area by this many pixels")
     parser.add_argument("--mask_blur", type=float, default=0, help="feather the edge over about this many pixels")
-    parser.add_argument("--invert_mask", type=str2bool, nargs="?", const=True, default=False,
-                        help="keep everything except what was found (e.g. --text_input background)")
+    flags.add_bool(parser, "--invert_mask", help="keep everything except what was found (e.g. --text_input background)")
     parser.add_argument("--on_empty", default="white", choices=["white", "skip", "error"],
                         help="nothing found: write a white mask (train on the whole image), write nothing, or stop")
-    parser.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
-                        help="remake masks that exist (otherwise they are kept, so a re-run resumes)")
+    flags.add_bool(parser, "--overwrite", help="remake masks that exist (otherwise they are kept, so a re-run resumes)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per CLIPSeg forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preview", default=None, help="write a contact sheet of every image with its mask (PNG)")
@@ -147,7 +144,7 @@ def main(argv=None):
                          "or use --method alpha for cut-out PNGs")
     if not os.path.isdir(args.input_dir):
         raise SystemExit(f"--input_dir {args.input_dir}: not a folder")
-    if common.folders_overlap(args.output_dir, args.input_dir):
+    if files.folders_overlap(args.output_dir, args.input_dir):
         raise SystemExit("--output_dir must be outside --input_dir (and the other way round): the masks would "
                          "become images")
     if args.mask_padding < 0 or args.mask_blur < 0 or args.batch_size < 1:
@@ -155,11 +152,11 @@ def main(argv=None):
     if args.preview and not args.preview.lower().endswith(".png"):
         raise SystemExit(f"--preview {args.preview}: give a .png file name")
 
-    common.remove_stale_temporaries(args.output_dir)  # a killed run's half-written masks
-    paths, problems = common.find_images(args.input_dir)
+    files.remove_stale_temporaries(args.output_dir)  # a killed run's half-written masks
+    paths, problems = data.find_images(args.input_dir)
     for path, reason in problems:
         print(f"skipped {path}: {reason}")
-    clashes = common.stem_clashes(paths, args.input_dir)
+    clashes = data.stem_clashes(paths, args.input_dir)
     if clashes:
         raise SystemExit("images that differ only in their extension would get the same mask file; rename one of "
                          "each:\n  " + "\n  ".join(", ".join(group) for group in clashes))
@@ -178,7 +175,7 @@ def main(argv=None):
         batch, loaded = [], []  # loaded: alpha channels (alpha) or RGB images (clipseg)
         for path in todo[start:start + args.batch_size]:
             try:
-                loaded.append(alpha_mask(path) if args.method == "alpha" else common.load_image(path))
+                loaded.append(alpha_mask(path) if args.method == "alpha" else images.load_image(path))
                 batch.append(path)
             except ValueError as err:
                 print(f"skipped {path}: {err}")
@@ -209,12 +206,12 @@ def main(argv=None):
                     print(f"no mask written for {path}: {why_empty} (--on_empty skip)")
                     continue
                 print(f"white mask written for {path}: {why_empty} (--on_empty white: the whole image is trained on)")
-                mask = np.full(common.image_size(path)[::-1] if mask is None else mask.shape, 255, np.uint8)
+                mask = np.full(images.image_size(path)[::-1] if mask is None else mask.shape, 255, np.uint8)
             if args.mask_padding:
                 mask = dilate(mask, args.mask_padding)
             if args.mask_blur:
                 mask = feather(mask, args.mask_blur)
-            common.save_image_atomic(Image.fromarray(mask), mask_path_for(path, args))
+            files.save_image_atomic(Image.fromarray(mask), mask_path_for(path, args))
             written += 1
 
     print(f"done: {written} masks written to {args.output_dir}, {len(kept)} kept, {unreadable} unreadable "
@@ -222,7 +219,7 @@ def main(argv=None):
     if args.preview:
         pairs = [(p, mask_path_for(p, args)) for p in paths if os.path.isfile(mask_path_for(p, args))]
         if pairs:
-            common.contact_sheet((overlay(*pair) for pair in pairs),
+            images.contact_sheet((overlay(*pair) for pair in pairs),
                                  [os.path.relpath(image, args.input_dir) for image, _ in pairs], args.preview)
             print(f"preview: {args.preview} ({len(pairs)} images with their masks)")
     return written

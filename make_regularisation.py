@@ -22,15 +22,11 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-import common
+from common import adapters, files, flags, images, models, quantise
 
 MANIFEST = ".regularisation.json"
 NAME = re.compile(r"(\d{6})-seed(\d+)\.(png|txt)")
 SHEET_LIMIT = 400  # images on the contact sheet (20 x 20 thumbnails); a sheet of thousands is unreadable anyway
-SCHEDULERS = {
-    "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
-}
 
 
 def file_stem(index, args):
@@ -59,8 +55,8 @@ def settings(args, info, prompts, width, height):
     """What determines the images: a folder only ever holds images made with one set of these."""
     lora = None
     if args.lora:
-        lora_file = args.lora if os.path.isfile(args.lora) else os.path.join(args.lora, "pytorch_lora_weights.safetensors")
-        lora = {"path": os.path.abspath(args.lora), "digest": common.sampled_digest(lora_file)}
+        lora_file = args.lora if os.path.isfile(args.lora) else os.path.join(args.lora, adapters.LORA_WEIGHTS_NAME)
+        lora = {"path": os.path.abspath(args.lora), "digest": files.sampled_digest(lora_file)}
     model = os.path.abspath(info.ref) if os.path.exists(info.ref) else info.ref  # ./m and /abs/m are one model
     return {"model": model, "family": info.family, "variant": args.variant, "prompts": prompts,
             "negative_prompt": args.negative_prompt, "num_inference_steps": args.num_inference_steps,
@@ -86,7 +82,7 @@ def check_folder(args, wanted):
     if not os.path.isfile(manifest):
         raise SystemExit(f"{args.output_dir} holds images but no {MANIFEST}, so their settings are unknown; "
                          "use an empty folder")
-    made = common.read_json(manifest)
+    made = files.read_json(manifest)
     changed = [key for key in wanted if made.get(key) != wanted[key]]
     if changed:
         details = "; ".join(f"{key}: {made.get(key)!r} there, {wanted[key]!r} now" for key in changed)
@@ -103,21 +99,19 @@ def check_folder(args, wanted):
 
 
 def load_generator_pipeline(args, info):
-    import diffusers
-
-    pipe = common.load_pipeline(info, args.device, {"fp32": torch.float32, "fp16": torch.float16,
+    pipe = models.load_pipeline(info, args.device, {"fp32": torch.float32, "fp16": torch.float16,
                                                     "bf16": torch.bfloat16}[args.dtype])
     if args.scheduler != "default":
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+        pipe.scheduler = models.sampler(args.scheduler, pipe.scheduler.config)
     if args.lora:
-        common.load_adapter(pipe, args.lora)
+        adapters.load_adapter(pipe, args.lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_model_args(parser)
+    flags.add_model_args(parser)
     parser.add_argument("--class_prompt", default=None, help="e.g. 'a photo of a man'")
     parser.add_argument("--class_prompts_file", default=None, help="varied, descriptive prompts, one per line (cycled)")
     parser.add_argument("--negative_prompt", default=None)
@@ -130,7 +124,7 @@ def parse_args(argv=None):
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=4, help="keep it when resuming for bit-identical images")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    parser.add_argument("--scheduler", default="default", choices=["default", *SCHEDULERS])
+    parser.add_argument("--scheduler", default="default", choices=["default", *models.SAMPLERS])
     parser.add_argument("--lora", default=None, help="generate with this LoRA applied (a file or an output folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32",
@@ -148,10 +142,9 @@ def main(argv=None):
     prompts = class_prompts(args)
     if args.num_images < 1 or args.batch_size < 1 or args.seed < 0:
         raise SystemExit("--num_images and --batch_size must be 1 or more, --seed 0 or more")
-    for i in (1, 2, 3):
-        common.check_precision(getattr(args, f"text_encoder_{i}_precision"), f"--text_encoder_{i}_precision")
-    info = common.resolve_model(args)
-    if info.family == "sdxl-refiner":
+    quantise.check_text_encoder_precisions(args)
+    info = models.resolve_model(args)
+    if info.spec.refines:
         raise SystemExit(f"{info.ref} is an SDXL refiner: it refines images and cannot draw class images from a "
                          "prompt. Make them with the SDXL base model (the refiner trains on the same folder).")
     width = args.width or args.resolution or info.native_resolution
@@ -161,11 +154,11 @@ def main(argv=None):
     wanted = settings(args, info, prompts, width, height)
     check_folder(args, wanted)
     os.makedirs(args.output_dir, exist_ok=True)
-    common.remove_stale_temporaries(args.output_dir)  # a killed run's half-written images
+    files.remove_stale_temporaries(args.output_dir)  # a killed run's half-written images
     manifest = os.path.join(args.output_dir, MANIFEST)
-    batching = common.read_json(manifest).get("batching") if os.path.isfile(manifest) else None
-    common.write_json_atomic({**wanted, "batching": batching or {"batch_size": args.batch_size, "dtype": args.dtype}},
-                             manifest)
+    batching = files.read_json(manifest).get("batching") if os.path.isfile(manifest) else None
+    files.write_json_atomic({**wanted, "batching": batching or {"batch_size": args.batch_size, "dtype": args.dtype}},
+                            manifest)
 
     missing = {i for i in range(args.num_images) if not is_done(i, args)}
     print(f"{args.output_dir}: {args.num_images - len(missing)} of {args.num_images} images exist; making {len(missing)}")
@@ -178,22 +171,22 @@ def main(argv=None):
             for start in starts:
                 indices = list(range(start, min(start + args.batch_size, args.num_images)))
                 with torch.no_grad():
-                    images = pipe(prompt=[prompts[i % len(prompts)] for i in indices],
-                                  negative_prompt=[args.negative_prompt] * len(indices) if args.negative_prompt else None,
-                                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                  width=width, height=height,
-                                  generator=[torch.Generator().manual_seed(args.seed + i) for i in indices]).images
-                for i, image in zip(indices, images):
+                    pictures = pipe(prompt=[prompts[i % len(prompts)] for i in indices],
+                                    negative_prompt=[args.negative_prompt] * len(indices) if args.negative_prompt else None,
+                                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                    width=width, height=height,
+                                    generator=[torch.Generator().manual_seed(args.seed + i) for i in indices]).images
+                for i, image in zip(indices, pictures):
                     if i in missing:
                         stem = file_stem(i, args)
-                        common.write_text_atomic(prompts[i % len(prompts)] + "\n", stem + ".txt")
-                        common.save_image_atomic(image, stem + ".png")
+                        files.write_text_atomic(prompts[i % len(prompts)] + "\n", stem + ".txt")
+                        files.save_image_atomic(image, stem + ".png")
                         bar.update(1)
 
     made = [file_stem(i, args) + ".png" for i in range(args.num_images)]
     if missing or not os.path.isfile(args.preview):
         shown = made[:SHEET_LIMIT]
-        common.contact_sheet((common.load_image(path) for path in shown), [os.path.basename(p) for p in shown],
+        images.contact_sheet((images.load_image(path) for path in shown), [os.path.basename(p) for p in shown],
                              args.preview)
         print(f"contact sheet: {args.preview}" + (f" (the first {SHEET_LIMIT} images)" if len(made) > SHEET_LIMIT else ""))
     print(f"done: {args.num_images} images in {args.output_dir}")

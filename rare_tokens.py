@@ -24,7 +24,7 @@ import re
 
 import torch
 
-import common
+from common import data, flags, images, models, scores
 
 BYTE_TOKENS = 512  # a CLIP vocabulary starts with 256 byte tokens and their 256 end-of-word forms, then the merges
 NEAREST = 5
@@ -58,8 +58,8 @@ class Vocabulary:
     """The model's tokenizers and text encoders, with its common words and their embeddings."""
 
     def __init__(self, args):
-        self.info = common.resolve_model(args)
-        self.tokenizers, self.encoders = common.load_text_encoders(self.info)
+        self.info = models.resolve_model(args)
+        self.tokenizers, self.encoders = models.load_text_encoders(self.info)
         ranked = whole_words(self.tokenizers[0])
         if not ranked:
             raise SystemExit(f"{args.pretrained_model_name_or_path}: its tokenizer has no CLIP-style byte-pair "
@@ -153,14 +153,14 @@ def rank_names(args):
     """Names (e.g. look-alike celebrities) by CLIP similarity of "a photo of NAME" to the subject's images."""
     with open(args.names, encoding="utf-8") as handle:
         names = [line.strip() for line in handle if line.strip()]
-    paths, problems = common.find_images(args.images)
+    paths, problems = data.find_images(args.images)
     if not names or not paths:
         raise SystemExit(f"--names {args.names} needs one name per line and --images {args.images} at least one image"
                          + (f" ({len(problems)} unreadable)" if problems else ""))
-    scorer = common.Scorer(args.clip_model, allow_pickle=args.allow_pickle)
-    images = scorer.clip_images([common.load_image(p) for p in paths])
+    scorer = scores.Scorer(args.clip_model, allow_pickle=args.allow_pickle)
+    pictures = scorer.clip_images([images.load_image(p) for p in paths])
     texts = scorer.clip_texts([args.name_template.format(name=name) for name in names])
-    similarity = (texts @ images.T).mean(1)
+    similarity = (texts @ pictures.T).mean(1)
     ranked = sorted(zip(names, similarity.tolist()), key=lambda item: -item[1])
     print(f"{'':>3} {'name':<30}{'CLIP similarity':>16}   ({len(paths)} images, \"{args.name_template}\")")
     for i, (name, value) in enumerate(ranked, 1):
@@ -174,7 +174,7 @@ def rank_names(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_model_args(parser)
+    flags.add_model_args(parser)
     parser.add_argument("--output_dir", default="output", help="where a single-file checkpoint is converted")
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--count", type=int, default=20, help="how many candidates to list")

@@ -1,31 +1,29 @@
-"""DreamBooth training: a LoRA (or a full fine-tune) of an SD 1.x / 2.x / SDXL UNet on one subject.
+"""DreamBooth training: a LoRA, a LyCORIS network or a full fine-tune of an SD 1.x / 2.x / SDXL UNet on one subject.
 
     python train_dreambooth.py --config config.json
     accelerate launch train_dreambooth.py --config config.json          # several GPUs (DDP)
     python train_dreambooth.py --pretrained_model_name_or_path MODEL --instance_data_dir subject/ \\
         --instance_prompt "a photo of ohwx dog" --output_dir output/ --max_train_steps 800
 
-Reads the base model (diffusers folder, hub id or single file), the data config (SPEC §3) and the caches
-(VAE latents and text embeddings; missing or stale ones are built first, exactly as cache_latents.py does).
-Writes to --output_dir:
-    pytorch_lora_weights.safetensors   the LoRA (diffusers format: pipe.load_lora_weights(output_dir))
-    model_index.json, unet/, ...        instead, with --model_type full: a complete diffusers pipeline
+Reads the base model (diffusers folder, hub id or single file), the data config and the caches (VAE latents and
+text embeddings; missing or stale ones are built first, exactly as cache_latents.py does). Writes to --output_dir:
+    pytorch_lora_weights.safetensors      the LoRA (diffusers format: pipe.load_lora_weights(output_dir))
+    model_index.json, unet/, ...          instead, with --model_type full: a complete diffusers pipeline
     pytorch_lora_weights_ema.safetensors  with --use_ema: the averaged weights (ema/ for a full fine-tune)
-    checkpoint-STEP/                    resumable state every --checkpointing_steps
-    validation/step-STEP/               validation images (one PNG each, plus grid.png)
-    logs/train_log.jsonl                one JSON line per step (loss, lr, time); TensorBoard too when installed
+    checkpoint-STEP/                      resumable state every --checkpointing_steps
+    validation/step-STEP/                 validation images (one PNG each, plus grid.png)
+    logs/train_log.jsonl                  one JSON line per step (loss, lr, time); TensorBoard too when installed
 
-The training loop is one flat block near the end of main(); each feature (noise offset, rollouts, prior loss,
-min-SNR, clipping, EMA, checkpoints, validation) is one commented block in it.
+Reading order: the training maths (the batch stream, the masked loss, min-SNR, rollouts, EMA), validation, then
+train(): a few named set-up steps and the loop, one optimiser step per iteration, in which every feature is one
+commented block. The set-up steps follow train(); the flags come last. Loading, caches, adapters and
+checkpoints live in common/ (common/__init__.py lists what is where).
 """
 
 import contextlib
-import json
-import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -33,31 +31,14 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-import common
-import webhooks
-from common import STATE_FILE, list_checkpoints, str2bool
+from common import adapters, caches, checkpoints, data, files, flags, images, models, quantise, render, scores, webhooks
 
-LORA_TARGETS = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
-            "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
-}
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"  # kohya layout: ComfyUI, A1111, diffusers
-LYCORIS_PRESET_ATTRIBUTES = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
-                             "NAME_ALGO_MAP", "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
-LYCORIS_PRESET_NAME = "dreambooth-config"
-EMA_SUFFIX = "_ema"  # pytorch_lora_weights_ema.safetensors (LoRA / LyCORIS) and ema/ (a full fine-tune's pipeline)
-EMA_CHECKPOINT_FILE = "ema.safetensors"
-PREVIEW_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl",  # Tiny AEs
-                "sdxl-refiner": "madebyollin/taesdxl"}
-ROLLOUT_SAMPLERS = {"unipc": "UniPCMultistepScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
-                    "dpm": "DPMSolverMultistepScheduler"}
+ROLLOUT_SAMPLERS = ("unipc", "euler", "ddim", "dpm")  # models.SAMPLERS that step deterministically
+STEP_TOTALS = ("instance_loss", "instance_batches", "prior_loss", "prior_batches", "rollout_forwards")  # for the log
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Helpers
+# The training maths
 
 
 class BatchSampler:
@@ -88,6 +69,13 @@ class BatchSampler:
         return sum(math.ceil(len(members) * (d.repeats + 1) / self.batch_size)
                    for d in self.datasets for members in self.buckets(d).values())
 
+    def oversubscribed(self):
+        """A notice for each bucket with fewer images (times repeats + 1) than the batch size."""
+        return [f"notice: bucket {width}x{height} of dataset {dataset.id!r} holds {len(members)} image(s), fewer than "
+                f"the batch size {self.batch_size}: its batches repeat images (oversubscribed) rather than dropping them"
+                for dataset in self.datasets for (width, height), members in self.buckets(dataset).items()
+                if len(members) * (dataset.repeats + 1) < self.batch_size]
+
     def epoch_batches(self, dataset):
         batches = []
         for members in self.buckets(dataset).values():
@@ -102,6 +90,7 @@ class BatchSampler:
         return batches
 
     def next(self):
+        """The next batch: [(ImageEntry, the caption drawn for it)], all of one dataset and one bucket."""
         dataset = self.rng.choices(self.datasets, weights=self.weights)[0]
         if not self.queues[dataset.id]:
             self.queues[dataset.id] = self.epoch_batches(dataset)
@@ -111,17 +100,6 @@ class BatchSampler:
         return [(entry, self.rng.choice(entry.captions)) for entry in batch]
 
 
-def oversubscription_notices(sampler):
-    notes = []
-    for dataset in sampler.datasets:
-        for (width, height), members in sampler.buckets(dataset).items():
-            if len(members) * (dataset.repeats + 1) < sampler.batch_size:
-                notes.append(f"notice: bucket {width}x{height} of dataset {dataset.id!r} holds {len(members)} image(s), "
-                             f"fewer than the batch size {sampler.batch_size}: its batches repeat images "
-                             "(oversubscribed) rather than dropping them")
-    return notes
-
-
 def batch_generator(seed, batch_index):
     """A fresh generator per batch of the stream: noise, timesteps and latent samples depend only on the seed and
     the batch's place in the stream, so a resumed run draws what the uninterrupted run drew, and N processes with
@@ -129,39 +107,22 @@ def batch_generator(seed, batch_index):
     return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) % (2 ** 63))
 
 
-@contextlib.contextmanager
-def adapter_disabled(model):
-    """The base model for the duration of the block: the adapter is switched off (peft: disable_adapters; LyCORIS:
-    multiplier 0), and on again afterwards, also when the block raises (a prior pass must never leak)."""
-    network = getattr(model, "lycoris", None)
-    multiplier = network.multiplier if network is not None else None
-    if network is not None:
-        network.set_multiplier(0.0)
-    else:
-        model.disable_adapters()
-    try:
-        yield model
-    finally:
-        if network is not None:
-            network.set_multiplier(multiplier)
-        else:
-            model.enable_adapters()
-
-
-def epoch_mix(sampler):
-    """(instance samples, regularisation samples) per epoch, and the instance share of the batches drawn."""
-    counts = {True: 0, False: 0}
-    shares = {True: 0.0, False: 0.0}
-    for dataset, weight in zip(sampler.datasets, sampler.weights):
-        counts[dataset.is_regularisation_data] += len(sampler.plans[dataset.id]) * (dataset.repeats + 1)
-        shares[dataset.is_regularisation_data] += weight
-    return counts[False], counts[True], shares[False] / sum(shares.values())
+def sample_latents(batch, generator, shift, scaling):
+    """A batch's latents, each drawn from its image's cached VAE distribution (mean + std * N(0, 1), as
+    vae.encode().latent_dist.sample() would), in the UNet's scale; and their masks (B, 1, h, w), or None."""
+    latents, masks = [], []
+    for entry, _ in batch:
+        cached = files.load_tensors(entry.cache_path)
+        latents.append(cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))
+        masks.append(cached.get("mask"))
+    return (torch.stack(latents) - shift) * scaling, torch.stack(masks) if masks[0] is not None else None
 
 
 def masked_mse(pred, target, mask=None, normalize=True):
     """Per-sample mean squared error. With a mask (B, 1, h, w; 1 = train, 0 = ignore, between = partial weight)
     each element's error is weighted by the mask; `normalize` divides by the mask's mean, so the loss is the mean
-    error over the masked area and a small subject does not shrink the learning rate."""
+    error over the masked area and a small subject does not shrink the learning rate:
+        mean(m * e^2) / mean(m) = sum(m * e^2) / sum(m), the mask-weighted mean of e^2."""
     error = (pred.float() - target.float()) ** 2
     if mask is None:
         return error.mean(dim=(1, 2, 3))
@@ -172,7 +133,10 @@ def masked_mse(pred, target, mask=None, normalize=True):
 
 
 def min_snr_weights(noise_scheduler, timesteps, gamma, prediction_type):
-    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ) / SNR for ε targets, min(SNR, γ) / (SNR + 1) for v."""
+    """Min-SNR-γ loss weights (Hang et al. 2023): each sample's loss as if it were an x0 loss weighted min(SNR, γ).
+    With SNR = abar / (1 - abar), an ε error is sqrt(SNR) times the x0 error it implies, so the ε loss is
+    SNR x the x0 loss: weight min(SNR, γ) / SNR. A v loss is (SNR + 1) x the x0 loss: weight
+    min(SNR, γ) / (SNR + 1)."""
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
     clipped = torch.clamp(snr, max=gamma)
@@ -191,15 +155,13 @@ def rollout_probability(args, step):
 def rollout_sampler(name, scheduler_config, device="cpu"):
     """A fresh diffusers sampler for one rollout (multistep samplers keep per-run state), with one inference step
     per training timestep: its schedule is 999, 998, ..., 0, so k steps from t+k end exactly at t."""
-    import diffusers
-
-    sampler = getattr(diffusers, ROLLOUT_SAMPLERS[name]).from_config(scheduler_config, timestep_spacing="trailing")
+    sampler = models.sampler(name, scheduler_config, timestep_spacing="trailing")
     sampler.set_timesteps(scheduler_config.num_train_timesteps, device=device)
     return sampler
 
 
 @torch.no_grad()
-def rollout(model, sampler, clean, noise, start, steps, prompt_embeds, added_cond, weight_dtype):
+def rollout(model, sampler, clean, noise, start, steps, cond, weight_dtype):
     """Scheduled sampling for one sample: noise the clean latent to timestep `start`, then run `steps` steps of
     the sampler with the model's own predictions, down to timestep start - steps. Returns that latent in the
     form the UNet is trained on (the variance-preserving x_t; Euler samples in its own scaled space)."""
@@ -207,25 +169,52 @@ def rollout(model, sampler, clean, noise, start, steps, prompt_embeds, added_con
     x = sampler.add_noise(clean, noise, sampler.timesteps[index:index + 1])
     for timestep in sampler.timesteps[index:index + steps]:
         model_input = sampler.scale_model_input(x, timestep)
-        prediction = model(model_input.to(weight_dtype), timestep, prompt_embeds.to(weight_dtype),
-                           added_cond_kwargs=added_cond).sample
+        prediction = model(model_input.to(weight_dtype), timestep, **cond).sample
         x = sampler.step(prediction.float(), timestep, x).prev_sample
     return sampler.scale_model_input(x, sampler.timesteps[index + steps])
 
 
 def implied_noise(noise_scheduler, clean, noisy, timesteps):
-    """The noise that puts `clean` at `noisy` in the forward process: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t).
-    As a target it makes a rolled-out x_t imply the true clean latent (for v: v = sqrt(abar) eps - sqrt(1-abar) x0
-    with this eps)."""
+    """The noise that puts `clean` at `noisy` in the forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+    solved for eps: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t). As a target it makes a rolled-out x_t imply the
+    true clean latent (for v: v = sqrt(abar) eps - sqrt(1-abar) x0 with this eps)."""
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean.device)[timesteps].float().view(-1, 1, 1, 1)
     return (noisy - alphas_cumprod.sqrt() * clean) / (1 - alphas_cumprod).sqrt()
+
+
+def roll_out(args, step, model, noise_scheduler, latents, noise, noisy_latents, timesteps, cond, generator,
+             autocast, weight_dtype):
+    """Scheduled sampling for a batch, in place: each sample chosen with rollout_probability(step) gets as its x_t
+    the model's own k-step rollout from t + k (k ~ U{1..K}; current weights, eval mode, no gradient) and, with the
+    recomputed target, the noise that this x_t implies for its true clean latent: the model learns to steer its
+    own drift back rather than to expect perfect inputs. Returns the extra forward passes spent."""
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    chosen = torch.rand(len(latents), generator=generator) < rollout_probability(args, step)
+    offsets = torch.randint(1, args.scheduled_sampling_max_step_offset + 1, (len(latents),), generator=generator)
+    rolled, forwards = [], 0
+    model.eval()  # sampling, as at inference: no dropout
+    for i in chosen.nonzero().flatten().tolist():
+        k = min(int(offsets[i]), num_timesteps - 1 - int(timesteps[i]))  # capped at the last timestep
+        if k == 0:
+            continue
+        sampler = rollout_sampler(args.scheduled_sampling_sampler, noise_scheduler.config, latents.device)
+        own = models.map_conditioning(lambda tensor: tensor[i:i + 1], cond)
+        with autocast():
+            noisy_latents[i] = rollout(model, sampler, latents[i:i + 1], noise[i:i + 1], int(timesteps[i]) + k, k,
+                                       own, weight_dtype)[0]
+        rolled.append(i)
+        forwards += k
+    model.train()
+    if rolled and args.scheduled_sampling_target == "recomputed":
+        noise[rolled] = implied_noise(noise_scheduler, latents[rolled], noisy_latents[rolled], timesteps[rolled])
+    return forwards
 
 
 class EMA:
     """An exponential moving average of the trainable parameters, kept in fp32 on `device` (the CPU by default:
     system memory, not VRAM). Each update: shadow = d * shadow + (1 - d) * param, with d = --ema_decay, or with
-    warm-up d = min(ema_decay, (1 + s) / (10 + s)) where s counts the updates made before (early averages forget
-    the random start quickly)."""
+    warm-up d = min(ema_decay, (1 + s) / (10 + s)) where s counts the updates made before (the num_updates
+    schedule of TensorFlow's ExponentialMovingAverage: early averages forget the random start quickly)."""
 
     def __init__(self, parameters, decay, warmup, device):
         self.decay, self.warmup = decay, warmup
@@ -242,7 +231,7 @@ class EMA:
         decay = self.current_decay()
         for name, param in parameters.items():
             shadow = self.shadow[name]
-            shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1 - decay)
+            shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1 - decay)  # shadow += (1-d)(param-shadow)
         self.updates += 1
         return decay
 
@@ -262,419 +251,544 @@ class EMA:
                     param.copy_(raw[name])
 
 
-def add_lora(unet, args):
-    from peft import LoraConfig
-
-    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
-                        init_lora_weights=True if args.lora_init == "default" else args.lora_init,
-                        target_modules=LORA_TARGETS[args.lora_target])
-    unet.add_adapter(config)
-    return config
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation
 
 
-def read_lycoris_config(path):
-    config = common.read_json(path, "--lycoris_config")
-    if not isinstance(config, dict) or "algo" not in config:
-        raise SystemExit(f"{path}: a LyCORIS config is a JSON object with at least \"algo\" (lora, locon, loha, "
-                         "lokr, ...), e.g. {\"algo\": \"lokr\", \"linear_dim\": 10000, \"linear_alpha\": 1, "
-                         "\"factor\": 16, \"apply_preset\": {\"target_module\": [\"Attention\"]}}")
-    return config
-
-
-def add_lycoris(unet, config, source):
-    """A LyCORIS network on the UNet, from a config in the format practitioners use (algo, multiplier, linear_dim,
-    linear_alpha, factor, apply_preset, and any other create_lycoris option).
-
-    lycoris-lora keeps its preset (which modules to adapt) in class attributes, i.e. process-wide state. It is set
-    for this network only and restored afterwards, so a second run in the same process starts clean."""
-    from lycoris import LycorisNetwork, create_lycoris
-    from lycoris.config import PRESET
-    from lycoris.logging import logger
-
-    logger.setLevel(logging.WARNING)  # its per-module INFO lines drown the run's own output
-
-    saved = {name: getattr(LycorisNetwork, name) for name in LYCORIS_PRESET_ATTRIBUTES}
-    options = {k: v for k, v in config.items() if k not in ("multiplier", "linear_dim", "linear_alpha", "apply_preset")}
-    if "apply_preset" in config:  # create_lycoris applies a named preset itself, so ours gets a name for the call
-        PRESET[LYCORIS_PRESET_NAME] = config["apply_preset"]
-        options["preset"] = LYCORIS_PRESET_NAME
-    try:
-        network = create_lycoris(unet, config.get("multiplier", 1.0), config.get("linear_dim", 4),
-                                 config.get("linear_alpha", 1), **options)
-    except (KeyError, ValueError, TypeError) as err:
-        raise SystemExit(f"{source}: lycoris-lora refused this config: {err}") from None
-    finally:
-        for name, value in saved.items():
-            setattr(LycorisNetwork, name, value)
-        PRESET.pop(LYCORIS_PRESET_NAME, None)
-    if not network.loras:
-        raise SystemExit(f"{source}: the preset matched no module of this UNet; check apply_preset's target_module "
-                         "(e.g. \"Attention\", \"FeedForward\", \"ResnetBlock2D\")")
-    network.apply_to()
-    unet.add_module("lycoris", network)  # a child of the UNet: DDP, checkpoints and dtype casts all see it
-    return network
-
-
-def trainable_parameters(model):
-    return {name: param for name, param in model.named_parameters() if param.requires_grad}
-
-
-def run_metadata(args, info, datasets, step):
-    """What a person wants to know about an adapter file later, as safetensors metadata (strings)."""
-    prompts = sorted({p for d in datasets if d.trains and not d.is_regularisation_data and d.instance_prompt
-                      for p in common.as_list(d.instance_prompt)})
-    return {"base_model": str(info.ref), "family": info.family, "prediction_type": info.prediction_type,
-            "base_model_precision": args.base_model_precision, "instance_prompts": json.dumps(prompts),
-            "step": str(step)}
-
-
-def peft_metadata(config):
-    """diffusers reads the LoRA's config from this key (so an alpha other than the rank survives reloading)."""
-    adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
-    return {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str)}
-
-
-def lora_matrices(unet):
-    """(module name, "down" | "up", fp32 tensor) for each matrix of the UNet's peft LoRA (peft's A is down, B up)."""
-    from peft.utils import get_peft_model_state_dict
-
-    for key, value in get_peft_model_state_dict(unet).items():  # "<module>.lora_A.weight" / "<module>.lora_B.weight"
-        module, kind = key.rsplit(".lora_", 1)
-        yield module, "down" if kind.startswith("A") else "up", value.float()
-
-
-def save_lora(unet, path, metadata):
-    """The UNet's peft LoRA in diffusers' format: keys 'unet.<module>.lora.down.weight' / '.lora.up.weight', for
-    load_lora_weights. Every key is renamed here, not with diffusers' convert_state_dict_to_diffusers: that one
-    renames attention layers only, and load_lora_weights judges the whole file's format by its first key, so a
-    file that mixes the two (conv or time-embedding LoRAs first, --lora_target all) loses its attention LoRAs."""
-    state = {f"unet.{module}.lora.{kind}.weight": value for module, kind, value in lora_matrices(unet)}
-    common.save_safetensors_atomic(state, path, metadata)
-
-
-def kohya_lora(unet, alpha):
-    """The peft LoRA in the kohya layout (lora_unet_<module>.lora_down/lora_up/alpha) that ComfyUI, A1111 and
-    diffusers' load_lora_weights all read."""
-    state = {}
-    for module, kind, value in lora_matrices(unet):
-        name = "lora_unet_" + module.replace(".", "_")
-        state[f"{name}.lora_{kind}.weight"] = value
-        state[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return state
-
-
-def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, folder, suffix="",
-                 extra_metadata=None):
-    """Write the trained adapter into `folder`: diffusers-format LoRA (and --lora_format comfyui: the kohya layout
-    too), or the LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load).
-    `suffix` names a variant: "_ema" writes pytorch_lora_weights_ema.safetensors (and ..._ema_comfyui)."""
-    metadata = {**run_metadata(args, info, datasets, step), **(extra_metadata or {})}
-    path = os.path.join(folder, LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors"))
-    kohya_path = os.path.join(folder, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
-    network = getattr(unet, "lycoris", None)
-    if network is None:
-        save_lora(unet, path, {**metadata, **peft_metadata(lora_config), "lora_rank": str(args.lora_rank),
-                               "lora_alpha": str(args.lora_alpha or args.lora_rank), "lora_target": args.lora_target})
-        if args.lora_format == "comfyui":
-            common.save_safetensors_atomic(kohya_lora(unet, args.lora_alpha or args.lora_rank), kohya_path, metadata)
-        return path
-    state = {key: value.float() for key, value in network.state_dict().items()}
-    common.save_safetensors_atomic(state, path, {**metadata, "lycoris_config": json.dumps(lycoris_config)})
-    common.write_json_atomic(lycoris_config, os.path.join(folder, "lycoris_config.json"))
-    # lora/locon tensors are kohya's own under another prefix; anything else (loha, lokr, DoRA, scalars, a
-    # module_algo_map that mixes algorithms) has no kohya form, and only LyCORIS's loader reads it.
-    if all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in state):
-        multiplier = lycoris_config.get("multiplier", 1.0)  # kohya has no multiplier: it goes into alpha
-        common.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value * multiplier
-                                        if key.endswith(".alpha") else value for key, value in state.items()},
-                                       kohya_path, metadata)
-    elif not suffix and folder == args.output_dir:
-        print(f"note: no {KOHYA_WEIGHTS_NAME}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads "
-              "them)")
-    return path
-
-
-def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed, ema=None,
-                    save_outputs=None, skipped_nan=0):
-    """Write checkpoint-STEP atomically: everything goes into a hidden temporary folder, the state file last,
-    then one rename. A run killed at any moment leaves either the whole checkpoint or none. `save_outputs(folder)`
-    adds the adapter files, so a checkpoint loads (and evaluates) exactly like a final output."""
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(args.output_dir, f".checkpoint-{step}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    try:
-        # Each process keeps its own RNG state (dropout draws differ per rank).
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, os.path.join(tmp, f"rng_{accelerator.process_index}.pt"))
-        if accelerator.is_main_process:
-            weights = trainable_parameters(accelerator.unwrap_model(unet))
-            common.save_safetensors_atomic(weights, os.path.join(tmp, "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-            if ema is not None:
-                common.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
-            if save_outputs is not None:
-                save_outputs(tmp, step)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for name in os.listdir(tmp):
-                with open(os.path.join(tmp, name), "rb") as handle:
-                    os.fsync(handle.fileno())
-            common.write_json_atomic({
-                "step": step, "batches_drawn": sampler.drawn, "seed": seed,
-                "train_batch_size": args.train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "num_processes": accelerator.num_processes, "model_type": args.model_type,
-                "ema_updates": ema.updates if ema is not None else None,
-                "skipped_nan_batches": skipped_nan,  # --skip_nan_steps counts over the whole run, resumes included
-            }, os.path.join(tmp, STATE_FILE))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-    except BaseException as err:  # a full disk, a write error, an interrupt: the temporary folder goes, older
-        shutil.rmtree(tmp, ignore_errors=True)  # checkpoints stay as they are
-        full = isinstance(err, common.DiskFull)
-        if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and not full):
-            raise
-        reason = (f"the disk is full while writing {os.path.basename(err.path)}" if full
-                  else f"{type(err).__name__}: {err}")
-        raise SystemExit(f"could not write checkpoint {final} ({reason}); nothing of it was kept and the earlier "
-                         "checkpoints are intact. Free some disk space and rerun with --resume_from_checkpoint "
-                         "latest.") from None
-    # Rotation: keep the newest --checkpoints_total_limit checkpoints.
-    if accelerator.is_main_process and args.checkpoints_total_limit:
-        for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_state(path):
-    """A checkpoint's optimiser / schedule / RNG file: plain tensors and numbers only (weights_only), so a
-    tampered file cannot run code on load; anything else is refused, naming the file."""
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as err:  # UnpicklingError for a foreign object, RuntimeError / EOFError for a damaged file
-        raise SystemExit(f"{path}: not a training state file this script wrote ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]}); it is damaged or was replaced. Resume from another "
-                         "checkpoint, or delete this one.") from None
-
-
-def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
-    """Restore weights, optimizer, lr schedule, RNG and the EMA; returns the checkpoint's training_state.json."""
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
-        state = json.load(handle)
+def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scoring=None, hooks=None, preview_vae=None,
+                   sources=None):
+    """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable)
+    into validation/step-STEP/ with a grid (a row per prompt, a column per seed). With an EMA, --validation_ema
+    picks the raw weights, the EMA weights, or both side by side. With `scoring` (--evaluation_type clip: the
+    Scorer and the subject's CLIP embeddings) the images are scored: returns {"validation/clip_t": ...} (with
+    "/ema" variants), else {}. Webhooks get each prompt's images, and with `preview_vae` previews while they are
+    drawn. A refiner refines `sources` (render.refine_sources) instead; its rows start with each source."""
     model = accelerator.unwrap_model(unet)
-    weights = common.load_tensors(os.path.join(path, "trainable.safetensors"))
-    missing = set(trainable_parameters(model)) - set(weights)
-    if missing:
-        raise SystemExit(f"{path} does not match this run's trainable weights (missing e.g. {sorted(missing)[0]}); "
-                         "was it written with other --model_type / --lora_* settings?")
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(load_state(os.path.join(path, "optimizer.pt")))
-    lr_scheduler.load_state_dict(load_state(os.path.join(path, "scheduler.pt")))
-    if accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
-        accelerator.scaler.load_state_dict(load_state(os.path.join(path, "scaler.pt")))
-    rng_file = os.path.join(path, f"rng_{accelerator.process_index}.pt")
-    if os.path.isfile(rng_file):
-        rng = load_state(rng_file)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    ema_file = os.path.join(path, EMA_CHECKPOINT_FILE)
-    if ema is not None and os.path.isfile(ema_file):
-        for name, value in common.load_tensors(ema_file).items():
-            ema.shadow[name].copy_(value)
-        ema.updates = state["ema_updates"]
-    elif ema is not None:
-        print(f"warning: {path} holds no EMA (the run had no --use_ema); the average starts from the resumed weights")
-        with torch.no_grad():
-            for name, param in trainable_parameters(model).items():
-                ema.shadow[name].copy_(param)
-        ema.updates = 0
-    return state
-
-
-def resume_checkpoint_path(args):
-    """The checkpoint --resume_from_checkpoint names (latest: the newest complete one), or None to start fresh."""
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting fresh")
-            return None
-        return found[-1]
-    path = args.resume_from_checkpoint
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise SystemExit(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (no {STATE_FILE})")
-    return path
-
-
-def image_grid(images, columns, labels=()):
-    """Images in rows of `columns`; `labels` (optional) head equal groups of columns, e.g. ("raw", "EMA")."""
-    from PIL import Image, ImageDraw
-
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    top = 14 if labels else 0
-    grid = Image.new("RGB", (columns * width, rows * height + top), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height + top))
-    draw = ImageDraw.Draw(grid)
-    for i, label in enumerate(labels):
-        draw.text((i * columns // len(labels) * width + 3, 1), label, fill="black")
-    return grid
-
-
-@torch.no_grad()
-def decode_preview(preview_vae, latents):
-    """A quick picture of in-progress latents: the Tiny AutoEncoder decodes the pipeline's (scaled) latents as they
-    are, in milliseconds, where the full VAE would take seconds."""
-    from PIL import Image
-
-    image = preview_vae.decode(latents[:1].to(preview_vae.device, preview_vae.dtype)).sample[0]
-    return Image.fromarray(((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-def preview_sender(hooks, preview_vae, every, step, prompt, seed):
-    """A callback_on_step_end that sends a preview every `every` denoising steps and at the last one."""
-    def callback(pipe, index, timestep, tensors):
-        done, total = index + 1, pipe.num_timesteps  # the steps this call runs (img2img runs only the last ones)
-        if done % every == 0 or done == total:
-            hooks.send("preview_image", f"{prompt} (denoising step {done}/{total})", step=step,
-                       images=[decode_preview(preview_vae, tensors["latents"])], prompt=prompt, seed=seed,
-                       denoising_step=done)
-        return tensors
-    return callback
-
-
-def run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, step, ema=None, scoring=None,
-                   hooks=None, preview_vae=None, sources=None):
-    """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable).
-    With an EMA, --validation_ema picks the raw weights, the EMA weights, or both side by side in the grid.
-    With `scoring` (--evaluation_type clip: the Scorer and the subject's CLIP embeddings) the images are scored;
-    returns {"validation/clip_t": ..., "validation/clip_i": ...} (with "/ema" variants), else {}.
-    Webhooks get each prompt's images, and with `preview_vae` previews while they are generated.
-    A refiner refines `sources` ([(caption, image)]: common.refine_sources) at --refiner_training_strength instead;
-    its grid shows each source beside its refinement."""
-    model = accelerator.unwrap_model(unet)
+    vae, tokenizers, text_encoders = frozen
     for part in (vae, *text_encoders):  # no-op unless --offload_frozen left them in system memory
         part.to(accelerator.device)
-    pipe = common.build_pipeline(info, model, vae, tokenizers, text_encoders)
+    pipe = models.build_pipeline(info, model, vae, tokenizers, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
-    os.makedirs(folder, exist_ok=True)
-    resolution = int(args.validation_resolution or common.round64(info.native_resolution))
+    resolution = int(args.validation_resolution or images.round64(info.native_resolution))
+    options = render.drawing_options(info, args, args.validation_num_inference_steps, args.validation_guidance_scale,
+                                     args.validation_negative_prompt, resolution)
+    # Prompts may hold {instance} / {class}; CLIP-T scores against the class in place of the instance.
+    instance = args.validation_instance or ""
+    prompts = [scores.fill_prompt(text, instance, args.validation_class or instance)
+               for text in ([caption for caption, _ in sources] if sources else args.validation_prompt)]
+    drawn = [generate for generate, _ in prompts]
     variants = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[args.validation_ema if ema else "raw"]
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
-    # Prompts may hold {instance} / {class}; CLIP-T scores against the class in place of the instance.
-    texts = [caption for caption, _ in sources] if sources else args.validation_prompt
-    prompts = [common.fill_prompt(p, args.validation_instance or "", args.validation_class or args.validation_instance
-                                  or "") for p in texts]
-    per_prompt = 1 if sources else args.num_validation_images
-    grid_rows = {p: [sources[p][1]] if sources else [] for p in range(len(prompts))}
-    scores = {}
+    rows, results = [[] for _ in prompts], {}
     for variant in variants:
-        made = {p: [] for p in range(len(prompts))}
-        jobs = [(p, i) for p in range(len(prompts)) for i in range(per_prompt)]
-        weights = ema.applied(trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
+        suffix = adapters.EMA_SUFFIX if variant == "ema" else ""
+
+        def path_for(p, seed):
+            return os.path.join(folder, f"prompt{p:02d}-seed{seed}{suffix}.png")
+
+        def preview_for(p, seed):
+            return render.preview_sender(hooks, preview_vae, args.validation_preview_steps, step, drawn[p], seed)
+
+        weights = ema.applied(adapters.trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
+        previews = preview_for if preview_vae is not None and hooks is not None else None
         with weights:
-            for p, i in tqdm(jobs, desc=f"validation images (step {step}, {variant})", unit="img", leave=False):
-                seed = args.validation_seed + i
-                preview = None
-                if preview_vae is not None and hooks is not None:
-                    preview = preview_sender(hooks, preview_vae, args.validation_preview_steps, step, prompts[p][0],
-                                             seed)
-                call = common.pipeline_call(args, prompts[p][0], seed, args.validation_num_inference_steps,
-                                            args.validation_guidance_scale, args.validation_negative_prompt,
-                                            resolution, sources[p][1] if sources else None)
-                with torch.no_grad(), accelerator.autocast():
-                    image = pipe(**call, callback_on_step_end=preview,
-                                 callback_on_step_end_tensor_inputs=["latents"]).images[0]
-                name = f"prompt{p:02d}-seed{seed}" + (EMA_SUFFIX if variant == "ema" else "")
-                common.save_image_atomic(image, os.path.join(folder, f"{name}.png"))
-                made[p].append(image)
-        for p, images in made.items():
-            grid_rows[p] += images
+            made = render.render(pipe, drawn, args.num_validation_images, args.validation_seed, options, sources,
+                                 accelerator.autocast, path_for, previews, f"validation images (step {step}, {variant})")
+        for p, pictures in enumerate(made):
+            rows[p] += pictures
             if hooks is not None:
-                hooks.send("validation_image", prompts[p][0] + (" (EMA weights)" if variant == "ema" else ""),
-                           step=step, images=images, prompt=prompts[p][0], weights=variant)
+                hooks.send("validation_image", drawn[p] + (" (EMA weights)" if variant == "ema" else ""), step=step,
+                           images=pictures, prompt=drawn[p], weights=variant)
         if scoring is not None:
             scorer, real_clip = scoring
-            values = scorer.scores([image for p in made for image in made[p]],
-                                   [prompts[p][1] for p in made for _ in made[p]], real_clip)
-            tag = "/ema" if variant == "ema" else ""
-            scores.update({f"validation/{k}{tag}": v for k, v in values.items()})
+            values = scorer.scores([image for row in made for image in row],
+                                   [prompts[p][1] for p, row in enumerate(made) for _ in row], real_clip)
+            results.update({f"validation/{k}{'/ema' if variant == 'ema' else ''}": v for k, v in values.items()})
     labels = [{"raw": "raw", "ema": "EMA"}[v] for v in variants] if len(variants) > 1 or sources else []
-    if sources:
-        labels = ["source", *labels]
-    common.save_image_atomic(image_grid([image for p in grid_rows for image in grid_rows[p]], len(grid_rows[0]),
-                                        labels), os.path.join(folder, "grid.png"))
-    common.write_text_atomic("\n".join(generate for generate, _ in prompts) + "\n", os.path.join(folder, "prompts.txt"))
+    grid = render.prompt_grid(rows, drawn, sources, ["source", *labels] if sources else labels)
+    files.save_image_atomic(grid, os.path.join(folder, "grid.png"))
+    files.write_text_atomic("\n".join(drawn) + "\n", os.path.join(folder, "prompts.txt"))
     model.train(was_training)
     if args.offload_frozen:
         for part in (vae, *text_encoders):
             part.to("cpu")
-    return scores
+    return results
 
 
-def save_full_pipeline(info, unet, vae, tokenizers, text_encoders, output_dir):
-    """A full fine-tune as a complete diffusers pipeline in output_dir, moved into place file by file with
-    model_index.json last, so the folder only looks like a model once it is one."""
-    pipe = common.build_pipeline(info, unet, vae, tokenizers, text_encoders)
-    tmp = os.path.join(output_dir, ".pipeline.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    index = os.path.join(output_dir, "model_index.json")
-    if os.path.exists(index):  # an earlier pipeline here stops being a model while its parts are replaced
-        os.remove(index)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "model_index.json"):
-        target = os.path.join(output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        common.fault_point("write")
-        os.replace(os.path.join(tmp, name), target)
-    os.rmdir(tmp)
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
 
 
-class JsonlLog:
-    """One JSON object per line; TensorBoard scalars too when tensorboard is installed.
+def train(args, hooks):
+    """Set-up in named steps (each defined below), the training loop, the final save."""
+    accelerator = start_accelerator(args)
+    say, device = accelerator.print, accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    datasets, info, plans, eval_entries, seed, resume_path = plan_data(args, accelerator)
+    text_embeds, eval_examples = build_caches(args, accelerator, info, datasets, plans, eval_entries)
+    unet, noise_scheduler, weight_dtype, lora_config = load_model(args, info, device, say)
+    frozen = load_frozen_parts(args, info, device, weight_dtype)  # VAE + text encoders: validation, a full save
+    optimizer = make_optimiser(args, unet)
+    sampler, batches_per_epoch, max_train_steps, lr_scheduler = plan_steps(args, datasets, plans, seed, world,
+                                                                           optimizer, say)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unwrapped = accelerator.unwrap_model(unet)
+    trainable = adapters.trainable_parameters(unwrapped)
+    params = list(trainable.values())
+    ema = make_ema(args, accelerator, trainable, device, say)
+    validate = validation_round(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks)
+    save_outputs = output_writer(args, info, datasets, unwrapped, lora_config, ema, trainable)
+    first_step, skipped_nan = checkpoints.resume(args, accelerator, resume_path, unet, optimizer, lr_scheduler,
+                                                 ema, sampler)
+    log = checkpoints.JsonlLog(os.path.join(args.output_dir, "logs"), first_step if resume_path else None) \
+        if accelerator.is_main_process else None
+    eval_loss = eval_loss_function(args, info, accelerator, unwrapped, noise_scheduler, eval_examples, ema, trainable)
+    if eval_loss is not None and first_step == 0:  # the starting point, for the curve
+        log.log(0, eval_loss())
+    if hooks is not None:
+        hooks.send("training_started", f"training {describe(args)} on {info.ref}: steps {first_step} to "
+                   f"{max_train_steps}", step=first_step, max_train_steps=max_train_steps)
+    bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step",
+               disable=not accelerator.is_main_process)
+    shift, scaling = models.latent_scaling(info)
+    timestep_high = models.timestep_range(info, args)  # the refiner trains on its low-noise end only
+    aesthetic_score = models.refiner_conditioning(info, args)
 
-    The log is the run's record, so it must read like an uninterrupted run's: a resumed run (`resumed_at` = the
-    checkpoint's step) keeps the lines up to that step and drops the rest (steps it will redo, and a line a kill
-    cut in half); a run that starts afresh starts an empty log."""
+    # --- The training loop: one optimiser step per iteration.
+    for step in range(first_step, max_train_steps):
+        started = time.perf_counter()
+        loss_sum, totals = 0.0, dict.fromkeys(STEP_TOTALS, 0.0)
+        for micro in range(args.gradient_accumulation_steps):
+            # Every process replays the whole batch stream and takes its own share of it.
+            batch_index = (step * args.gradient_accumulation_steps + micro) * world + rank
+            batch = [sampler.next() for _ in range(world)][rank]
+            generator = batch_generator(seed, batch_index)
 
-    def __init__(self, folder, resumed_at=None):
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "train_log.jsonl")
-        kept = common.read_log(path, until_step=resumed_at) if resumed_at is not None else []
-        common.write_text_atomic("".join(json.dumps(record) + "\n" for record in kept), path)
-        self.handle = open(path, "a", encoding="utf-8")
+            # Inputs from the caches: a latent drawn from its image's VAE distribution, its mask (masked loss: cut
+            # with its image and averaged onto the latent grid when cached), the caption's embeddings (and SDXL's
+            # pooled text and size / crop / aesthetic time ids).
+            latents, masks = sample_latents(batch, generator, shift, scaling)
+            cond = models.conditioning(info, [text_embeds[caption] for _, caption in batch],
+                                       [entry.transform for entry, _ in batch], aesthetic_score)
+            cond = models.conditioning_on(cond, device, weight_dtype)
+
+            # Noise and timesteps (uniform over the schedule), and the forward process's x_t.
+            noise = torch.randn(latents.shape, generator=generator)
+            if args.noise_offset:  # a per-channel constant shift teaches the model to move the mean brightness
+                noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+            timesteps = torch.randint(0, timestep_high, (latents.shape[0],), generator=generator)
+            latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+            masks = masks.to(device) if masks is not None else None
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+            # Scheduled sampling (rollouts): with the ramped probability, a sample's x_t is the model's own k-step
+            # rollout from t + k instead, and (recomputed target) its noise the one that x_t implies for x0.
+            if args.scheduled_sampling_max_step_offset:
+                totals["rollout_forwards"] += roll_out(args, step, unwrapped, noise_scheduler, latents, noise,
+                                                       noisy_latents, timesteps, cond, generator,
+                                                       accelerator.autocast, weight_dtype)
+            target = models.training_target(noise_scheduler, info.prediction_type, latents, noise, timesteps)
+            noisy_latents = noisy_latents.to(weight_dtype)
+
+            # Prior preservation: a batch comes from one dataset, so it is all instance or all regularisation. A
+            # regularisation batch's loss is weighted by --prior_loss_weight; with the base_model target it learns
+            # the frozen base model's own prediction on the same x_t, timestep and caption (adapter off, no grad).
+            is_prior = batch[0][0].is_regularisation
+            loss_weight = args.prior_loss_weight if is_prior else 1.0
+            if is_prior and args.prior_loss_target == "base_model":
+                with torch.no_grad(), adapters.adapter_disabled(unwrapped), accelerator.autocast():
+                    target = unwrapped(noisy_latents, timesteps, **cond).sample
+
+            # Forward and loss. Gradients are synchronised across processes on the last micro-step only. Per
+            # sample: the mean squared error over its mask (masked loss; over the whole latent without one), with
+            # --snr_gamma weighted by its own timestep's SNR (min-SNR); then the batch's prior weight.
+            last_micro = micro == args.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
+                with accelerator.autocast():
+                    pred = unet(noisy_latents, timesteps, **cond).sample
+                loss_per_sample = masked_mse(pred, target, masks, args.masked_loss_normalize)
+                if args.snr_gamma:
+                    loss_per_sample = loss_per_sample * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma,
+                                                                        info.prediction_type)
+                unweighted = loss_per_sample.mean()
+                loss = unweighted * loss_weight
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+            loss_sum += loss.detach() / args.gradient_accumulation_steps
+            kind = "prior" if is_prior else "instance"
+            totals[f"{kind}_loss"] += unweighted.item()
+            totals[f"{kind}_batches"] += 1
+        files.fault_point("backward")
+
+        # The update, unless a loss (any process's) is NaN or infinite: then this batch's gradients are poisoned
+        # and dropped, up to --skip_nan_steps times over the run; once more stops it (the weights untouched).
+        mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
+        done = step + 1
+        if math.isfinite(mean_loss):
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+        else:
+            skipped_nan = drop_poisoned_batch(args, optimizer, lr_scheduler, mean_loss, done, skipped_nan, say)
+
+        # EMA: fold the new weights into the moving average every --ema_update_interval steps.
+        ema_decay = ema.update(trainable) if ema is not None and done % args.ema_update_interval == 0 else None
+
+        # Log, with the stable eval loss every --eval_steps_interval steps and at the end.
+        evaluation = {}
+        if eval_loss is not None and (done % args.eval_steps_interval == 0 or done == max_train_steps):
+            evaluation = eval_loss()
+        summed = accelerator.reduce(torch.tensor(list(totals.values()), device=device), reduction="sum")
+        totals = dict(zip(STEP_TOTALS, summed.tolist()))
+        if log is not None:
+            record = step_record(args, step, mean_loss, lr_scheduler.get_last_lr()[0], time.perf_counter() - started,
+                                 sampler.drawn / batches_per_epoch, totals, ema_decay, skipped_nan)
+            log.log(done, {**record, **evaluation})
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        bar.update(1)
+        files.fault_point("step")
+
+        # Checkpoint every --checkpointing_steps (not at the very end: the final save follows).
+        if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < max_train_steps:
+            path = checkpoints.save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed,
+                                               ema, save_outputs if args.model_type == "lora" else None, skipped_nan)
+            say(f"\nsaved {path}")
+            if hooks is not None:
+                hooks.send("checkpoint_saved", f"checkpoint at step {done}: {path}", step=done, path=path)
+
+        # Validation images every --validation_steps.
+        if args.validation_prompt and done % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                validate(done, log)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    save_final(args, info, accelerator, unwrapped, frozen, ema, trainable, save_outputs, validate, log, hooks,
+               max_train_steps)
+    return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed, "ema": ema}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The set-up steps and the end of the run, in the order train() calls them
+
+
+def start_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # cpu=True where there is no GPU: then `torchrun --nproc_per_node N` starts N CPU processes (gloo DDP).
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    # LyCORIS module dropout skips whole modules in some steps: DDP must expect parameters without gradients.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool((args.lycoris or {}).get("module_dropout")))
+    return Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu, kwargs_handlers=[ddp])
+
+
+def plan_data(args, accelerator):
+    """The data config, the model's configs and every image's plan (headers only: no weights load before every
+    input is checked), the seed, the eval-loss images and the checkpoint to resume from."""
+    from accelerate.utils import set_seed
+
+    say = accelerator.print
+    datasets, info, plans = data.prepare(args, print_fn=say)
+    if accelerator.is_main_process:
+        data.announce_pending_features(datasets)
+        files.remove_stale_temporaries(args.output_dir)  # what a killed run left half-written is never trusted
+    resume_path = checkpoints.resume_checkpoint_path(args) if args.resume_from_checkpoint else None
+    seed = args.seed
+    if seed is None:  # an unseeded run still resumes exactly: the seed it drew is stored in every checkpoint
+        seed = files.read_json(os.path.join(resume_path, checkpoints.STATE_FILE))["seed"] if resume_path \
+            else random.randrange(2 ** 31)
+        say(f"seed: {seed} (pass --seed to choose it)")
+    set_seed(seed)
+    eval_entries = data.eval_sets(datasets, plans, args.eval_split)  # removes --eval_split images from training
+    if not args.eval_steps_interval:
+        eval_entries = []
+    elif not eval_entries:
+        raise SystemExit("--eval_steps_interval needs images to measure on: an eval dataset in the data config "
+                         "(\"dataset_type\": \"eval\") or --eval_split N")
+    say(f"model: {info.ref} ({info.family}, {info.prediction_type}); datasets: "
+        + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
+    if info.spec.refines:
+        say(f"SDXL refiner: text encoder 2 only, timesteps 0-{models.timestep_range(info, args) - 1} "
+            f"(--refiner_training_strength {args.refiner_training_strength:g}), aesthetic score "
+            f"{args.data_aesthetic_score:g}")
+    return datasets, info, plans, eval_entries, seed, resume_path
+
+
+def build_caches(args, accelerator, info, datasets, plans, eval_entries):
+    """Missing or stale caches, built by the main process while the others wait (images that fail to decode are
+    dropped from the plans); then every caption's embeddings, and the eval loss's examples (main process)."""
+    train_datasets = [d for d in datasets if d.trains]
+    text_dir = data.text_cache_dir(datasets, args)
+    if accelerator.is_main_process:
+        for dataset in train_datasets:
+            plans[dataset.id], _ = caches.build_vae_cache(plans[dataset.id], info, accelerator.device,
+                                                          args.vae_batch_size)
+        if eval_entries:
+            eval_entries, _ = caches.build_vae_cache(eval_entries, info, accelerator.device, args.vae_batch_size)
+        captions = [c for d in train_datasets for e in plans[d.id] for c in e.captions]
+        caches.build_text_cache(captions + [e.captions[0] for e in eval_entries], info, text_dir, accelerator.device)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # images that failed to decode on the main process have no cache: drop them
+        for dataset in train_datasets:
+            plans[dataset.id] = [e for e in plans[dataset.id] if os.path.isfile(e.cache_path)]
+    text_embeds = caches.load_text_embeddings([c for d in train_datasets for e in plans[d.id] for c in e.captions],
+                                              info, text_dir)
+    eval_examples = scores.eval_examples(eval_entries, info, text_dir, models.refiner_conditioning(info, args)) \
+        if accelerator.is_main_process and eval_entries else []
+    return text_embeds, eval_examples
+
+
+def load_model(args, info, device, say):
+    """The UNet, frozen in the compute precision (quantised with --base_model_precision) with an fp32 adapter on
+    top, or whole in fp32 for a full fine-tune; and the noise schedule it was trained with."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
+
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    unet = models.load_component(info, "unet", weight_dtype if args.model_type == "lora" else torch.float32)
+    quantise.quantize_model(unet, args.base_model_precision, weight_dtype)  # load -> quantise -> freeze -> adapter
+    unet.to(device).requires_grad_(args.model_type == "full")
+    lora_config = None
+    if args.model_type == "lora":
+        if args.lora_type == "lycoris":
+            adapters.add_lycoris(unet, args.lycoris, args.lycoris_config).to(device)
+        else:
+            lora_config = adapters.add_lora(unet, args)
+        cast_training_params(unet, torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    say(f"training {count:,} parameters ({describe(args)}; base weights: {args.base_model_precision})")
+    return unet, DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler"), weight_dtype, lora_config
+
+
+def describe(args):
+    if args.model_type == "full":
+        return "the whole UNet"
+    return f"LyCORIS {args.lycoris['algo']}" if args.lora_type == "lycoris" else f"LoRA rank {args.lora_rank}"
+
+
+def load_frozen_parts(args, info, device, weight_dtype):
+    """(VAE, tokenizers, text encoders) when validation renders images or a full fine-tune saves a whole
+    pipeline; else None. With --offload_frozen they wait in system memory and visit the GPU only to render."""
+    if not (args.validation_prompt or args.model_type == "full"):
+        return None
+    frozen_device = "cpu" if args.offload_frozen else device
+    vae = models.load_component(info, "vae").to(frozen_device)
+    tokenizers, text_encoders = models.load_text_encoders(info, frozen_device, weight_dtype)
+    return vae, tokenizers, text_encoders
+
+
+def make_optimiser(args, unet):
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(adapters.trainable_parameters(unet).values(), lr=args.learning_rate,
+                           betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                           eps=args.adam_epsilon)
+
+
+def plan_steps(args, datasets, plans, seed, world, optimizer, say):
+    """The batch stream, the length of the run and its lr schedule; what the mix of data will be."""
+    from diffusers.optimization import get_scheduler
+
+    sampler = BatchSampler(datasets, plans, args.train_batch_size, seed, args.data_sampling)
+    for note in sampler.oversubscribed():
+        say(note)
+    report_mix(args, sampler, say)
+    batches_per_epoch = sampler.batches_per_epoch()
+    steps_per_epoch = max(1, math.ceil(math.ceil(batches_per_epoch / world) / args.gradient_accumulation_steps))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    # The lr schedule is stepped by hand once per optimiser step (not through accelerate, which steps it once per
+    # process), so its length is simply max_train_steps.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
+    say(f"{max_train_steps} steps: batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} x "
+        f"{world} process(es); {steps_per_epoch} steps per epoch")
+    if args.scheduled_sampling_max_step_offset:
+        say(f"scheduled sampling: up to {args.scheduled_sampling_max_step_offset} {args.scheduled_sampling_sampler} "
+            f"steps per rolled-out sample (extra forward passes), probability 0 -> "
+            f"{args.scheduled_sampling_probability:g} over {args.scheduled_sampling_ramp_steps} steps, "
+            f"{args.scheduled_sampling_target} target")
+    return sampler, batches_per_epoch, max_train_steps, lr_scheduler
+
+
+def report_mix(args, sampler, say):
+    """With regularisation data: how many samples of each kind an epoch holds, and a warning when under half the
+    batches show the subject."""
+    counts, shares = {True: 0, False: 0}, {True: 0.0, False: 0.0}
+    for dataset, weight in zip(sampler.datasets, sampler.weights):
+        counts[dataset.is_regularisation_data] += len(sampler.plans[dataset.id]) * (dataset.repeats + 1)
+        shares[dataset.is_regularisation_data] += weight
+    if not counts[True]:
+        return
+    instance_share = shares[False] / sum(shares.values())
+    say(f"an epoch holds {counts[False]} instance and {counts[True]} regularisation samples; {instance_share:.0%} of "
+        f"batches are instance batches (prior loss: {args.prior_loss_target} target, weight "
+        f"{args.prior_loss_weight:g})")
+    if instance_share < 0.5:
+        fix = "raise the subject's repeats (or its probability)" if args.data_sampling == "auto" else \
+            "raise the subject's probability (with --data_sampling uniform, repeats do not change the mix)"
+        say(f"warning: only {instance_share:.0%} of batches show the subject; the usual advice is at least half "
+            f"(e.g. 10 photos beside 1000 class images want repeats >= 100): {fix}")
+
+
+def make_ema(args, accelerator, trainable, device, say):
+    """With --use_ema, a shadow copy of the trainable weights, kept by the main process (every process holds the
+    same weights)."""
+    if not (args.use_ema and accelerator.is_main_process):
+        return None
+    say(f"EMA of the trained weights: decay {args.ema_decay}{' with warm-up' if args.ema_warmup else ''}, every "
+        f"{args.ema_update_interval} step(s), kept on {args.ema_device}")
+    return EMA(trainable, args.ema_decay, args.ema_warmup, "cpu" if args.ema_device == "cpu" else device)
+
+
+def validation_round(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks):
+    """validate(step, log), for the main process: a run_validation round, its scores (--evaluation_type clip) into
+    the log. Loads what it needs once: the CLIP scorer, a refiner's source images, the preview Tiny AutoEncoder."""
+    if not (args.validation_prompt and accelerator.is_main_process):
+        return None
+    device, scoring, sources, preview_vae = accelerator.device, None, None, None
+    subject = data.subject_dataset(datasets)
+    if args.evaluation_type == "clip":  # validation images scored against their prompts and the subject's photos
+        scorer = scores.Scorer(args.clip_model, device=device, allow_pickle=args.allow_pickle)
+        scoring = scorer, scorer.clip_images([images.load_image(e.path) for e in plans[subject.id]])
+    if info.spec.refines:  # a refiner cannot draw from a prompt: it refines subject images, captions as prompts
+        accelerator.print(f"warning: a refiner refines images, so --validation_prompt is ignored: validation "
+                          f"refines {args.num_validation_images} subject image(s) at strength "
+                          f"{args.refiner_training_strength:g}")
+        sources = render.refine_sources(plans[subject.id], args.num_validation_images, args.validation_seed)
+    if args.validation_preview:  # a Tiny AutoEncoder turns in-progress latents into pictures for the webhooks
+        from diffusers import AutoencoderTiny
+
+        reference = args.preview_vae or info.spec.preview_vae
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            preview_vae = AutoencoderTiny.from_pretrained(reference, **files.safe_weights(reference, args.allow_pickle))
+            preview_vae = preview_vae.to(device).eval()
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--preview_vae {reference}: cannot load a Tiny AutoEncoder there ({err}); pass a local "
+                             "folder or a hub id (madebyollin/taesd, madebyollin/taesdxl)") from None
 
-            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
-        except ImportError:
-            self.tensorboard = None
+    def validate(step, log):
+        values = run_validation(args, info, accelerator, unet, frozen, step, ema, scoring, hooks, preview_vae, sources)
+        if values:
+            log.log(step, values)
 
-    def log(self, step, values):
-        self.handle.write(json.dumps({"step": step, **values}) + "\n")
-        self.handle.flush()
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, step)
+    return validate
 
-    def close(self):
-        self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+
+def output_writer(args, info, datasets, model, lora_config, ema, trainable):
+    """save_outputs(folder, step): the adapter file(s) in `folder` (a checkpoint or the output), the raw weights
+    and with --use_ema the average beside them."""
+    def save_outputs(folder, step):
+        path = adapters.save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder)
+        if ema is not None:
+            with ema.applied(trainable):
+                adapters.save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder,
+                                      adapters.EMA_SUFFIX, {"weights": "ema", "ema_decay": str(args.ema_decay),
+                                                            "ema_updates": str(ema.updates)})
+        return path
+    return save_outputs
+
+
+def eval_loss_function(args, info, accelerator, model, noise_scheduler, examples, ema, trainable):
+    """eval_loss() -> the log's eval_loss, eval_loss_per_timestep (and eval_loss/ema): scores.stable_eval_loss, the
+    function evaluate.py runs, so the numbers agree. None without eval images (and on other processes)."""
+    if not examples:
+        return None
+
+    def loss():
+        return scores.stable_eval_loss(model, noise_scheduler, info.prediction_type, examples, args.eval_timesteps,
+                                       args.eval_seed, accelerator.autocast, models.timestep_range(info, args))
+
+    def eval_loss():
+        raw = loss()
+        record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
+        if ema is not None:
+            with ema.applied(trainable):
+                record["eval_loss/ema"] = loss()["mean"]
+        return record
+
+    return eval_loss
+
+
+def drop_poisoned_batch(args, optimizer, lr_scheduler, loss, step, skipped, say):
+    """A NaN or infinite loss: its gradients are dropped and the step still counts (so the data order and the
+    schedule stay the run's); past --skip_nan_steps such batches the run stops, naming the last good checkpoint.
+    Returns the new count of skipped batches."""
+    optimizer.zero_grad(set_to_none=True)
+    skipped += 1
+    if skipped > args.skip_nan_steps:
+        latest = checkpoints.list_checkpoints(args.output_dir)
+        raise SystemExit(
+            f"loss became {loss} at step {step}; stopping"
+            + (f" ({skipped - 1} bad batches skipped before)" if args.skip_nan_steps else "")
+            + f". Last good checkpoint: {latest[-1] if latest else 'none'}. Try a lower --learning_rate, "
+            "--mixed_precision no, or --skip_nan_steps N to drop up to N bad batches.")
+    say(f"\nloss became {loss} at step {step}: batch skipped ({skipped} of at most {args.skip_nan_steps})")
+    with warnings.catch_warnings():  # a scheduler step with no optimiser step yet is what we mean here
+        warnings.simplefilter("ignore", UserWarning)
+        lr_scheduler.step()
+    return skipped
+
+
+def step_record(args, step, loss, lr, step_time, epoch, totals, ema_decay, skipped_nan):
+    """One line of train_log.jsonl (without its step)."""
+    record = {"loss": loss, "lr": lr, "step_time": step_time, "epoch": epoch}
+    if totals["instance_batches"]:
+        record["loss/instance"] = totals["instance_loss"] / totals["instance_batches"]
+    if totals["prior_batches"]:  # before --prior_loss_weight
+        record["loss/prior"] = totals["prior_loss"] / totals["prior_batches"]
+    if args.scheduled_sampling_max_step_offset:  # extra UNet passes (per sample) spent on rollouts
+        record["rollout_forwards"] = int(totals["rollout_forwards"])
+        record["rollout_probability"] = rollout_probability(args, step)
+    if ema_decay is not None:
+        record["ema_decay"] = ema_decay
+    if skipped_nan:
+        record["skipped_nan_batches"] = skipped_nan
+    return record
+
+
+def save_final(args, info, accelerator, model, frozen, ema, trainable, save_outputs, validate, log, hooks, steps):
+    """The trained adapter (or a full fine-tune's whole pipeline, and its EMA as ema/), a last validation round if
+    the last step had none, and the end of the log."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.model_type == "lora":
+            path = save_outputs(args.output_dir, steps)
+        else:
+            path = args.output_dir
+            vae, tokenizers, text_encoders = frozen
+            vae, text_encoders = vae.to(torch.float32), [e.to(torch.float32) for e in text_encoders]
+            checkpoints.save_full_pipeline(info, model.to(torch.float32), vae, tokenizers, text_encoders, path)
+            if ema is not None:  # the average beside the raw weights, loadable the same way
+                with ema.applied(trainable):
+                    checkpoints.save_full_pipeline(info, model, vae, tokenizers, text_encoders,
+                                                   os.path.join(path, adapters.EMA_SUFFIX[1:]))
+        if args.validation_prompt and steps % args.validation_steps != 0:
+            validate(steps, log)
+        log.close()
+        accelerator.print(f"saved {path}")
+        if hooks is not None:
+            hooks.send("training_finished", f"finished {steps} steps; saved {path}", step=steps, path=path)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Shut the process group down while Python runs normally: left to the interpreter's exit, freeing the DDP
+        # reducer joins gloo's worker threads while holding the GIL one of them waits for (an exit that hangs).
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags
 
 
 def check_args(args):
@@ -703,10 +817,9 @@ def check_args(args):
     if args.lora_type == "lycoris" and not args.lycoris_config:
         raise SystemExit("--lora_type lycoris needs --lycoris_config FILE.json (e.g. {\"algo\": \"lokr\", "
                          "\"linear_dim\": 10000, \"linear_alpha\": 1, \"factor\": 16})")
-    args.lycoris = read_lycoris_config(args.lycoris_config) if args.lora_type == "lycoris" else None
-    common.check_precision(args.base_model_precision, "--base_model_precision")
-    for i in (1, 2, 3):
-        common.check_precision(getattr(args, f"text_encoder_{i}_precision"), f"--text_encoder_{i}_precision")
+    args.lycoris = adapters.read_lycoris_config(args.lycoris_config) if args.lora_type == "lycoris" else None
+    quantise.check_precision(args.base_model_precision, "--base_model_precision")
+    quantise.check_text_encoder_precisions(args)
     if args.prior_loss_target == "base_model" and args.model_type == "full":
         raise SystemExit("--prior_loss_target base_model needs an adapter to switch off; a full fine-tune has none: "
                          "use --prior_loss_target dataset")
@@ -723,9 +836,9 @@ def check_args(args):
                          "--validation_prompt and --webhook_config")
     # A scoring or preview model with only pickle weights is refused now, not once the caches are built.
     if args.evaluation_type == "clip" and args.validation_prompt:
-        common.safe_weights(args.clip_model, args.allow_pickle)
+        files.safe_weights(args.clip_model, args.allow_pickle)
     if args.validation_preview and args.preview_vae:
-        common.safe_weights(args.preview_vae, args.allow_pickle)
+        files.safe_weights(args.preview_vae, args.allow_pickle)
     if not 0 < args.refiner_training_strength <= 1:
         raise SystemExit("--refiner_training_strength must lie in (0, 1] (the share of the schedule, e.g. 0.2)")
     if args.validation_preview_steps < 1:
@@ -737,16 +850,12 @@ def check_args(args):
         raise SystemExit(f"--validation_ema {args.validation_ema} renders the EMA weights: add --use_ema")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Flags
-
-
 def build_parser():
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_model_args(parser)
-    common.add_data_args(parser)
+    flags.add_model_args(parser)
+    flags.add_data_args(parser)
     parser.add_argument("--train_batch_size", type=int, default=1)
     parser.add_argument("--data_sampling", default="auto", choices=["auto", "uniform"],
                         help="auto: datasets drawn by probability x images x (repeats+1); uniform: by probability")
@@ -758,14 +867,14 @@ def build_parser():
     group.add_argument("--lycoris_config", default=None, help="LyCORIS config JSON (algo, dims, factor, apply_preset)")
     group.add_argument("--lora_format", default="diffusers", choices=["diffusers", "comfyui"],
                        help="comfyui: also write the kohya key layout (pytorch_lora_weights_comfyui.safetensors)")
-    group.add_argument("--base_model_precision", default="no_change", choices=common.PRECISIONS,
+    group.add_argument("--base_model_precision", default="no_change", choices=quantise.PRECISIONS,
                        help="quantise the frozen UNet (LoRA/LyCORIS only); int8-quanto is the recommended one")
-    group.add_argument("--offload_frozen", type=str2bool, nargs="?", const=True, default=False,
-                       help="keep the VAE and text encoders in system memory between validations (GPU memory)")
+    flags.add_bool(group, "--offload_frozen",
+                   help="keep the VAE and text encoders in system memory between validations (GPU memory)")
     group.add_argument("--lora_rank", type=int, default=16)
     group.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1.0)")
     group.add_argument("--lora_dropout", type=float, default=0.0)
-    group.add_argument("--lora_target", default="attention", choices=list(LORA_TARGETS))
+    group.add_argument("--lora_target", default="attention", choices=list(adapters.LORA_TARGETS))
     group.add_argument("--lora_init", default="gaussian", choices=["gaussian", "default"],
                        help="init of the A matrices (B starts at zero either way, so step 0 is the base model)")
 
@@ -781,20 +890,21 @@ def build_parser():
     group.add_argument("--num_train_epochs", type=int, default=1)
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--skip_nan_steps", type=int, default=0,
-                       help="drop up to N batches whose loss is NaN or infinite (default 0: the first one stops the run)")
+                       help="drop up to N batches whose loss is NaN or infinite (default 0: the first one stops "
+                            "the run)")
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
-    group.add_argument("--use_8bit_adam", type=str2bool, nargs="?", const=True, default=False)
+    flags.add_bool(group, "--use_8bit_adam")
     group.add_argument("--adam_beta1", type=float, default=0.9)
     group.add_argument("--adam_beta2", type=float, default=0.999)
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-8)
     group.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
                        help="compute precision; trainable weights stay fp32")
-    group.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False)
+    flags.add_bool(group, "--gradient_checkpointing")
     group.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's value")
     group.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.05-0.1: darker darks, brighter lights")
-    group.add_argument("--masked_loss_normalize", type=str2bool, nargs="?", const=True, default=True,
-                       help="divide the masked loss by the mask's mean (false: the plain product)")
+    flags.add_bool(group, "--masked_loss_normalize", default=True,
+                   help="divide the masked loss by the mask's mean (false: the plain product)")
     group.add_argument("--prior_loss_target", default=None, choices=["base_model", "dataset"],
                        help="regularisation batches learn the base model's own prediction (base_model; default for "
                             "adapters) or the class image (dataset: classic DreamBooth; the only choice for full)")
@@ -807,22 +917,22 @@ def build_parser():
                        help="share of samples rolled out once the ramp is done")
     group.add_argument("--scheduled_sampling_ramp_steps", type=int, default=0,
                        help="the probability rises linearly from 0 over this many steps (0: full from the start)")
-    group.add_argument("--scheduled_sampling_sampler", default="unipc", choices=list(ROLLOUT_SAMPLERS))
+    group.add_argument("--scheduled_sampling_sampler", default="unipc", choices=ROLLOUT_SAMPLERS)
     group.add_argument("--scheduled_sampling_target", default="recomputed", choices=["recomputed", "original"],
                        help="recomputed: the target implies the true clean latent from the rolled-out x_t; "
                             "original: the clean trajectory's target")
 
     group = parser.add_argument_group("EMA: a moving average of the trained weights, saved beside them")
-    group.add_argument("--use_ema", type=str2bool, nargs="?", const=True, default=False)
+    flags.add_bool(group, "--use_ema")
     group.add_argument("--ema_decay", type=float, default=0.999)
     group.add_argument("--ema_update_interval", type=int, default=1, help="update the average every N steps")
     group.add_argument("--ema_device", default="cpu", choices=["cpu", "accelerator"],
                        help="cpu: the average lives in system memory, not on the GPU")
-    group.add_argument("--ema_warmup", type=str2bool, nargs="?", const=True, default=False,
-                       help="decay min(ema_decay, (1+s)/(10+s)) after s updates: the average leaves the start fast")
+    flags.add_bool(group, "--ema_warmup",
+                   help="decay min(ema_decay, (1+s)/(10+s)) after s updates: the average leaves the start fast")
 
-    common.add_eval_args(parser)
-    common.add_refiner_args(parser)
+    flags.add_eval_args(parser)
+    flags.add_refiner_args(parser)
     parser.add_argument("--eval_steps_interval", type=int, default=0,
                         help="log the stable eval loss every N steps (eval datasets and/or --eval_split images)")
 
@@ -847,460 +957,21 @@ def build_parser():
     group.add_argument("--evaluation_type", default="none", choices=["none", "clip"],
                        help="clip: score validation images (CLIP-T, CLIP-I against the subject) into the log")
     group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="for --evaluation_type clip")
-    group.add_argument("--validation_preview", type=str2bool, nargs="?", const=True, default=False,
-                       help="send in-progress pictures of validation images to the webhooks (Tiny AutoEncoder)")
+    flags.add_bool(group, "--validation_preview",
+                   help="send in-progress pictures of validation images to the webhooks (Tiny AutoEncoder)")
     group.add_argument("--validation_preview_steps", type=int, default=5, help="a preview every N denoising steps")
     group.add_argument("--preview_vae", default=None,
                        help="Tiny AutoEncoder (default madebyollin/taesd; madebyollin/taesdxl for SDXL)")
     group.add_argument("--webhook_config", default=None,
                        help="JSON: raw and/or discord webhooks for start, checkpoints, validation images, previews, "
-                            "the end and errors (see webhooks.py)")
+                            "the end and errors (see common/webhooks.py)")
     group.add_argument("--validation_ema", default=None, choices=["raw", "ema", "both"],
                        help="with --use_ema, which weights validation renders (default both, side by side)")
     return parser
 
 
 def parse_args(argv=None):
-    return common.parse_args_with_config(build_parser(), argv)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The run
-
-
-def train(args, hooks):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-
-    # cpu=True where there is no GPU: then `torchrun --nproc_per_node N` starts N CPU processes (gloo DDP).
-    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    # LyCORIS module dropout skips whole modules in some steps: DDP must expect parameters without gradients.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool((args.lycoris or {}).get("module_dropout")))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu, kwargs_handlers=[ddp])
-    say = accelerator.print
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-
-    # --- Data config and model configs: every input is checked before any weights are loaded.
-    datasets = common.load_datasets(args)
-    if accelerator.is_main_process:
-        common.announce_pending_features(datasets)
-    info = common.resolve_model(args)
-    for dataset in datasets:
-        dataset.resolution = dataset.resolution or info.native_resolution
-    if accelerator.is_main_process:  # what a killed run left half-written (never trusted) goes first
-        common.remove_stale_temporaries(args.output_dir)
-    resume_path = resume_checkpoint_path(args) if args.resume_from_checkpoint else None
-    seed = args.seed
-    if seed is None:  # an unseeded run still resumes exactly: the seed it drew is stored in every checkpoint
-        seed = common.read_json(os.path.join(resume_path, STATE_FILE))["seed"] if resume_path else random.randrange(2 ** 31)
-        say(f"seed: {seed} (pass --seed to choose it)")
-    set_seed(seed)
-    plans = common.plan_datasets(datasets, common.crop_seed(args), print_fn=say)
-    eval_entries = common.eval_sets(datasets, plans, args.eval_split)  # removes --eval_split images from training
-    if not args.eval_steps_interval:
-        eval_entries = []
-    elif not eval_entries:
-        raise SystemExit("--eval_steps_interval needs images to measure on: an eval dataset in the data config "
-                         "(\"dataset_type\": \"eval\") or --eval_split N")
-    say(f"model: {info.ref} ({info.family}, {info.prediction_type}); datasets: "
-        + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
-
-    # --- Caches: the main process builds what is missing, the others wait and then read.
-    train_datasets = [d for d in datasets if d.trains]
-    text_dir = common.text_cache_dir(datasets, args)
-    if accelerator.is_main_process:
-        for dataset in train_datasets:
-            plans[dataset.id], _ = common.build_vae_cache(plans[dataset.id], info, device, args.vae_batch_size)
-        if eval_entries:
-            eval_entries, _ = common.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
-        captions = [c for d in train_datasets for e in plans[d.id] for c in e.captions]
-        captions += [e.captions[0] for e in eval_entries]
-        common.build_text_cache(captions, info, text_dir, device)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:  # images that failed to decode on the main process have no cache: drop them
-        for dataset in train_datasets:
-            plans[dataset.id] = [e for e in plans[dataset.id] if os.path.isfile(e.cache_path)]
-    text_identity = common.text_encoder_identity(info)
-    text_embeds = {}
-    for dataset in train_datasets:
-        for entry in plans[dataset.id]:
-            for caption in entry.captions:
-                if caption not in text_embeds:
-                    text_embeds[caption] = common.load_tensors(common.text_cache_path(text_dir, caption, text_identity))
-    shift, scaling = common.latent_scaling(info)
-
-    # --- Models. Frozen weights in the compute precision, trainable ones in fp32.
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    unet = common.load_component(info, "unet", weight_dtype if args.model_type == "lora" else torch.float32)
-    common.quantize_model(unet, args.base_model_precision, weight_dtype)  # load -> quantise -> freeze -> adapter
-    unet.to(device).requires_grad_(args.model_type == "full")
-    lora_config = lycoris_config = None
-    if args.model_type == "lora" and args.lora_type == "lycoris":
-        lycoris_config = args.lycoris
-        add_lycoris(unet, lycoris_config, args.lycoris_config).to(device)
-        cast_training_params(unet, torch.float32)
-    elif args.model_type == "lora":
-        lora_config = add_lora(unet, args)
-        cast_training_params(unet, torch.float32)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
-    vae = tokenizers = text_encoders = None
-    if args.validation_prompt or args.model_type == "full":  # validation renders images; a full save needs them all
-        # Low memory: with --offload_frozen they wait in system memory and visit the GPU only to render.
-        frozen_device = "cpu" if args.offload_frozen else device
-        vae = common.load_component(info, "vae").to(frozen_device)
-        tokenizers, text_encoders = common.load_text_encoders(info, frozen_device, weight_dtype)
-
-    params = list(trainable_parameters(unet).values())
-    kind = "the whole UNet" if args.model_type == "full" else \
-        f"LyCORIS {lycoris_config['algo']}" if lycoris_config else f"LoRA rank {args.lora_rank}"
-    say(f"training {sum(p.numel() for p in params):,} parameters ({kind}; base weights: {args.base_model_precision})")
-    if args.use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-
-    # --- Batches and the length of the run.
-    sampler = BatchSampler(datasets, plans, args.train_batch_size, seed, args.data_sampling)
-    for note in oversubscription_notices(sampler):
-        say(note)
-    instance_count, prior_count, instance_share = epoch_mix(sampler)
-    if prior_count:
-        say(f"an epoch holds {instance_count} instance and {prior_count} regularisation samples; "
-            f"{instance_share:.0%} of batches are instance batches (prior loss: {args.prior_loss_target} target, "
-            f"weight {args.prior_loss_weight:g})")
-        if instance_share < 0.5:
-            fix = "raise the subject's repeats (or its probability)" if args.data_sampling == "auto" else \
-                "raise the subject's probability (with --data_sampling uniform, repeats do not change the mix)"
-            say(f"warning: only {instance_share:.0%} of batches show the subject; the usual advice is at least half "
-                f"(e.g. 10 photos beside 1000 class images want repeats >= 100): {fix}")
-    batches_per_epoch = sampler.batches_per_epoch()
-    micro_per_epoch = math.ceil(batches_per_epoch / world)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # The lr schedule is stepped by hand once per optimiser step (not through accelerate, which steps it once
-    # per process), so its length is simply max_train_steps.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    unwrapped = accelerator.unwrap_model(unet)
-    trainable = trainable_parameters(unwrapped)
-
-    # EMA: a shadow copy of the trainable weights, kept by the main process (every process holds the same weights).
-    ema = None
-    if args.use_ema and accelerator.is_main_process:
-        ema = EMA(trainable, args.ema_decay, args.ema_warmup, "cpu" if args.ema_device == "cpu" else device)
-        say(f"EMA of the trained weights: decay {args.ema_decay}{' with warm-up' if args.ema_warmup else ''}, every "
-            f"{args.ema_update_interval} step(s), kept on {args.ema_device}")
-    if args.scheduled_sampling_max_step_offset:
-        say(f"scheduled sampling: up to {args.scheduled_sampling_max_step_offset} {args.scheduled_sampling_sampler} "
-            f"steps per rolled-out sample (extra forward passes), probability 0 -> "
-            f"{args.scheduled_sampling_probability:g} over {args.scheduled_sampling_ramp_steps} steps, "
-            f"{args.scheduled_sampling_target} target")
-
-    # --evaluation_type clip: validation images are scored against their prompts and the subject's photos.
-    scoring = None
-    if args.evaluation_type == "clip" and args.validation_prompt and accelerator.is_main_process:
-        scorer = common.Scorer(args.clip_model, device=device, allow_pickle=args.allow_pickle)
-        subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
-        scoring = scorer, scorer.clip_images([common.load_image(e.path) for e in plans[subject.id]])
-
-    # An SDXL refiner cannot draw from a prompt: its validation refines subject images (their captions as prompts).
-    sources = None
-    if info.family == "sdxl-refiner":
-        say(f"SDXL refiner: text encoder 2 only, timesteps 0-{common.timestep_range(info, args) - 1} "
-            f"(--refiner_training_strength {args.refiner_training_strength:g}), aesthetic score "
-            f"{args.data_aesthetic_score:g}")
-        if args.validation_prompt and accelerator.is_main_process:
-            say(f"warning: a refiner refines images, so --validation_prompt is ignored: validation refines "
-                f"{args.num_validation_images} subject image(s) at strength {args.refiner_training_strength:g}")
-            subject = next(d for d in datasets if d.trains and not d.is_regularisation_data)
-            sources = common.refine_sources(plans[subject.id], args.num_validation_images, args.validation_seed)
-
-    # --validation_preview: a Tiny AutoEncoder turns in-progress latents into pictures for the webhooks.
-    preview_vae = None
-    if args.validation_preview and accelerator.is_main_process:
-        from diffusers import AutoencoderTiny
-
-        reference = args.preview_vae or PREVIEW_VAES[info.family]
-        try:
-            weights = common.safe_weights(reference, args.allow_pickle)
-            preview_vae = AutoencoderTiny.from_pretrained(reference, **weights).to(device).eval()
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"--preview_vae {reference}: cannot load a Tiny AutoEncoder there ({err}); pass a local "
-                             "folder or a hub id (madebyollin/taesd, madebyollin/taesdxl)") from None
-
-    def save_adapters(folder, step):
-        """The adapter file(s) in `folder`: the raw weights, and with --use_ema the average beside them."""
-        path = save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, step, folder)
-        if ema is not None:
-            with ema.applied(trainable):
-                save_adapter(args, info, datasets, unwrapped, lora_config, lycoris_config, step, folder, EMA_SUFFIX,
-                             {"weights": "ema", "ema_decay": str(args.ema_decay), "ema_updates": str(ema.updates)})
-        return path
-
-    first_step, skipped_nan = 0, 0
-    if resume_path:
-        state = load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler, ema)
-        first_step, skipped_nan = state["step"], state.get("skipped_nan_batches", 0)
-        for key in ("train_batch_size", "gradient_accumulation_steps", "num_processes"):
-            current = accelerator.num_processes if key == "num_processes" else getattr(args, key)
-            if state.get(key) != current:
-                say(f"warning: {key} was {state.get(key)} in {resume_path}, now {current}: the data order will differ "
-                    "from an uninterrupted run")
-        for _ in range(state["batches_drawn"]):  # replay the batch stream up to the checkpoint
-            sampler.next()
-        say(f"resumed from {resume_path} at step {first_step}")
-
-    log = JsonlLog(os.path.join(args.output_dir, "logs"), first_step if resume_path else None) \
-        if accelerator.is_main_process else None
-    eval_examples = common.eval_examples(eval_entries, info, text_dir, common.refiner_conditioning(info, args)) \
-        if accelerator.is_main_process else []
-
-    def evaluate_loss():
-        """The stable eval loss of the current weights (and of the EMA): common.stable_eval_loss, the function
-        evaluate.py runs, so the numbers agree."""
-        def loss():
-            return common.stable_eval_loss(unwrapped, noise_scheduler, info.prediction_type, eval_examples,
-                                           args.eval_timesteps, args.eval_seed, accelerator.autocast,
-                                           common.timestep_range(info, args))
-        raw = loss()
-        record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
-        if ema is not None:
-            with ema.applied(trainable):
-                record["eval_loss/ema"] = loss()["mean"]
-        return record
-
-    if eval_examples and first_step == 0:  # the starting point, for the curve
-        log.log(0, evaluate_loss())
-    say(f"{max_train_steps} steps: batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} x "
-        f"{world} process(es); {steps_per_epoch} steps per epoch")
-    if hooks is not None:
-        hooks.send("training_started", f"training {kind} on {info.ref}: steps {first_step} to {max_train_steps}",
-                   step=first_step, max_train_steps=max_train_steps)
-    bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step",
-               disable=not accelerator.is_main_process)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    timestep_high = common.timestep_range(info, args)  # the refiner trains on its low-noise end only
-    aesthetic_score = common.refiner_conditioning(info, args)
-
-    # --- The training loop: one optimiser step per iteration.
-    for step in range(first_step, max_train_steps):
-        started = time.perf_counter()
-        loss_sum = 0.0
-        # For the log: instance loss, instance batches, prior loss, prior batches, rollout forward passes.
-        sums = torch.zeros(5)
-        for micro in range(args.gradient_accumulation_steps):
-            # Every process replays the whole batch stream and takes its own share of it.
-            batch_index = (step * args.gradient_accumulation_steps + micro) * world + rank
-            batch = [sampler.next() for _ in range(world)][rank]
-            generator = batch_generator(seed, batch_index)
-
-            # Inputs from the caches: a latent drawn from the cached VAE distribution, the caption's embeddings.
-            latents, masks = [], []
-            for entry, _ in batch:
-                cached = common.load_tensors(entry.cache_path)
-                latents.append(cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))
-                masks.append(cached.get("mask"))
-            latents = (torch.stack(latents) - shift) * scaling
-            # Masked loss: the mask was cropped with its image and averaged onto the latent grid when cached.
-            masks = torch.stack(masks).to(device) if masks[0] is not None else None
-            prompt_embeds = torch.stack([text_embeds[caption]["prompt_embeds"] for _, caption in batch])
-            added_cond = None
-            if info.family.startswith("sdxl"):  # micro-conditioning: pooled text + sizes and crop (+ aesthetics)
-                added_cond = {
-                    "text_embeds": torch.stack([text_embeds[c]["pooled_prompt_embeds"] for _, c in batch]).to(device),
-                    "time_ids": torch.stack([common.sdxl_time_ids(e.transform, aesthetic_score)
-                                             for e, _ in batch]).to(device),
-                }
-
-            # Noise and timesteps (uniform over the schedule).
-            noise = torch.randn(latents.shape, generator=generator)
-            if args.noise_offset:  # a per-channel constant shift teaches the model to move the mean brightness
-                noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-            timesteps = torch.randint(0, timestep_high, (latents.shape[0],), generator=generator)
-            latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-
-            # Scheduled sampling (rollouts): with the ramped probability, a sample's x_t is the model's own k-step
-            # rollout from t+k (current weights, no gradient) instead of the forward process's. The recomputed
-            # target is the noise that this x_t implies for the true clean latent: the model learns to steer its
-            # own drift back rather than to expect perfect inputs.
-            if args.scheduled_sampling_max_step_offset:
-                chosen = torch.rand(len(batch), generator=generator) < rollout_probability(args, step)
-                offsets = torch.randint(1, args.scheduled_sampling_max_step_offset + 1, (len(batch),),
-                                        generator=generator)
-                rolled = []
-                unwrapped.eval()  # sampling, as at inference: no dropout
-                for i in chosen.nonzero().flatten().tolist():
-                    k = min(int(offsets[i]), num_timesteps - 1 - int(timesteps[i]))  # capped at the last timestep
-                    if k == 0:
-                        continue
-                    cond = {key: value[i:i + 1] for key, value in added_cond.items()} if added_cond else None
-                    sampler_i = rollout_sampler(args.scheduled_sampling_sampler, noise_scheduler.config, device)
-                    with accelerator.autocast():
-                        noisy_latents[i] = rollout(unwrapped, sampler_i, latents[i:i + 1], noise[i:i + 1],
-                                                   int(timesteps[i]) + k, k, prompt_embeds[i:i + 1].to(device), cond,
-                                                   weight_dtype)[0]
-                    rolled.append(i)
-                    sums[4] += k
-                unwrapped.train()
-                if rolled and args.scheduled_sampling_target == "recomputed":
-                    noise[rolled] = implied_noise(noise_scheduler, latents[rolled], noisy_latents[rolled],
-                                                  timesteps[rolled])
-
-            if info.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            model_inputs = (noisy_latents.to(weight_dtype), timesteps, prompt_embeds.to(device, weight_dtype))
-
-            # Prior preservation: a batch comes from one dataset, so it is all instance or all regularisation.
-            # With the base_model target, a regularisation batch learns the frozen base model's own prediction on
-            # the same noisy latent, timestep and caption (adapter switched off, no gradient).
-            is_prior = batch[0][0].is_regularisation
-            if is_prior and args.prior_loss_target == "base_model":
-                with torch.no_grad(), adapter_disabled(unwrapped), accelerator.autocast():
-                    target = unwrapped(*model_inputs, added_cond_kwargs=added_cond).sample
-
-            # Forward and loss. Gradients are synchronised across processes on the last micro-step only.
-            last_micro = micro == args.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
-                with accelerator.autocast():
-                    pred = unet(*model_inputs, added_cond_kwargs=added_cond).sample
-                loss_per_sample = masked_mse(pred, target, masks, args.masked_loss_normalize)
-
-                # Min-SNR weighting: each sample weighted by its own timestep's SNR.
-                if args.snr_gamma:
-                    loss_per_sample = loss_per_sample * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma,
-                                                                        info.prediction_type)
-                unweighted = loss_per_sample.mean()
-                loss = unweighted * (args.prior_loss_weight if is_prior else 1.0)
-                accelerator.backward(loss / args.gradient_accumulation_steps)
-            loss_sum += loss.detach() / args.gradient_accumulation_steps
-            sums[:4] += torch.tensor([0, 0, unweighted.item(), 1] if is_prior else [unweighted.item(), 1, 0, 0])
-
-        common.fault_point("backward")
-
-        # A NaN or infinite loss (any process's) means this batch's gradients are poisoned: the update is not
-        # applied. Up to --skip_nan_steps such batches are dropped (the step still counts, so the data order and
-        # the schedule stay those of the run); one more stops the run, the weights untouched by it and the last
-        # checkpoint on disk intact.
-        mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
-        done = step + 1
-        if not math.isfinite(mean_loss):
-            optimizer.zero_grad(set_to_none=True)
-            skipped_nan += 1
-            if skipped_nan > args.skip_nan_steps:
-                latest = list_checkpoints(args.output_dir)
-                raise SystemExit(
-                    f"loss became {mean_loss} at step {done}; stopping"
-                    + (f" ({skipped_nan - 1} bad batches skipped before)" if args.skip_nan_steps else "")
-                    + f". Last good checkpoint: {latest[-1] if latest else 'none'}. Try a lower --learning_rate, "
-                    "--mixed_precision no, or --skip_nan_steps N to drop up to N bad batches.")
-            say(f"\nloss became {mean_loss} at step {done}: batch skipped ({skipped_nan} of at most "
-                f"{args.skip_nan_steps})")
-            with warnings.catch_warnings():  # a scheduler step with no optimiser step yet is what we mean here
-                warnings.simplefilter("ignore", UserWarning)
-                lr_scheduler.step()
-        else:
-            # Clip, step.
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
-
-        # EMA: fold the new weights into the moving average every --ema_update_interval steps.
-        ema_decay = None
-        if ema is not None and done % args.ema_update_interval == 0:
-            ema_decay = ema.update(trainable)
-
-        # Stable eval loss every --eval_steps_interval steps, and at the end (main process).
-        evaluation = {}
-        if eval_examples and (done % args.eval_steps_interval == 0 or done == max_train_steps):
-            evaluation = evaluate_loss()
-
-        # Log.
-        sums = accelerator.reduce(sums.to(device), reduction="sum").cpu()
-        step_time = time.perf_counter() - started
-        if log is not None:
-            record = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
-                      "epoch": sampler.drawn / batches_per_epoch}
-            if sums[1]:
-                record["loss/instance"] = (sums[0] / sums[1]).item()
-            if sums[3]:  # before --prior_loss_weight
-                record["loss/prior"] = (sums[2] / sums[3]).item()
-            if args.scheduled_sampling_max_step_offset:  # extra UNet passes (per sample) spent on rollouts
-                record["rollout_forwards"] = int(sums[4])
-                record["rollout_probability"] = rollout_probability(args, step)
-            if ema_decay is not None:
-                record["ema_decay"] = ema_decay
-            if skipped_nan:
-                record["skipped_nan_batches"] = skipped_nan
-            record.update(evaluation)
-            log.log(done, record)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        bar.update(1)
-        common.fault_point("step")
-
-        # Checkpoint every --checkpointing_steps (not at the very end: the final save follows).
-        if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < max_train_steps:
-            path = save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed, ema,
-                                   save_adapters if args.model_type == "lora" else None, skipped_nan)
-            say(f"\nsaved {path}")
-            if hooks is not None:
-                hooks.send("checkpoint_saved", f"checkpoint at step {done}: {path}", step=done, path=path)
-
-        # Validation images every --validation_steps.
-        if args.validation_prompt and done % args.validation_steps == 0:
-            if accelerator.is_main_process:
-                scores = run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, done, ema,
-                                        scoring, hooks, preview_vae, sources)
-                if scores:
-                    log.log(done, scores)
-            accelerator.wait_for_everyone()
-    bar.close()
-
-    # --- Final save.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if args.model_type == "lora":
-            path = save_adapters(args.output_dir, max_train_steps)
-        else:
-            path = args.output_dir
-            vae, text_encoders = vae.to(torch.float32), [e.to(torch.float32) for e in text_encoders]
-            save_full_pipeline(info, unwrapped.to(torch.float32), vae, tokenizers, text_encoders, args.output_dir)
-            if ema is not None:  # the average beside the raw weights, loadable the same way
-                with ema.applied(trainable):
-                    save_full_pipeline(info, unwrapped, vae, tokenizers, text_encoders,
-                                       os.path.join(args.output_dir, EMA_SUFFIX[1:]))
-        if args.validation_prompt and max_train_steps % args.validation_steps != 0:
-            scores = run_validation(args, info, accelerator, unet, vae, tokenizers, text_encoders, max_train_steps,
-                                    ema, scoring, hooks, preview_vae, sources)
-            if scores:
-                log.log(max_train_steps, scores)
-        log.close()
-        say(f"saved {path}")
-        if hooks is not None:
-            hooks.send("training_finished", f"finished {max_train_steps} steps; saved {path}", step=max_train_steps,
-                       path=path)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        # Shut the process group down while Python runs normally: left to the interpreter's exit, freeing the DDP
-        # reducer joins gloo's worker threads while holding the GIL one of them waits for (an exit that hangs).
-        torch.distributed.destroy_process_group()
-    return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed, "ema": ema}
+    return flags.parse_args_with_config(build_parser(), argv)
 
 
 def main(argv=None):

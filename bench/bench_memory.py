@@ -14,8 +14,8 @@ The runs, one small SD-shaped UNet for all (bench_train.build_model: UNet2DCondi
 
 What it measures:
     1. Bytes held by the frozen base weights, in this process: the UNet loaded and quantised exactly as
-       train_dreambooth.py does it (common.load_component(info, "unet", weight_dtype), then
-       common.quantize_model(unet, precision, weight_dtype)). The real storage is counted: every parameter and
+       train_dreambooth.py does it (models.load_component(info, "unet", weight_dtype), then
+       quantise.quantize_model(unet, precision, weight_dtype)). The real storage is counted: every parameter and
        buffer is walked down to plain tensors (optimum-quanto's WeightQBytesTensor / WeightQBitsTensor through
        __tensor_flatten__, recursively: int8/fp8 data, scale, int4 shift, the PackedTensor's uint8 data;
        bitsandbytes' Params4bit: its packed uint8 data plus its quant_state's absmax, code, offset and, nested,
@@ -183,11 +183,11 @@ def measure_base(info, precision, mixed, sample, reference_output):
     """Load and quantise the UNet as train_dreambooth.py does; count its bytes; one forward pass."""
     import torch
 
-    import common
+    from common import models, quantise
 
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16}[mixed]
-    unet = common.load_component(info, "unet", weight_dtype)  # train_dreambooth.py: the same two calls
-    common.quantize_model(unet, precision, weight_dtype)
+    unet = models.load_component(info, "unet", weight_dtype)  # train_dreambooth.py: the same two calls
+    quantise.quantize_model(unet, precision, weight_dtype)
     unet.requires_grad_(False).eval()
 
     total = storage_bytes([*unet.parameters(), *unet.buffers()])
@@ -406,7 +406,7 @@ def main(argv=None):
             handle.write(log.getvalue())
         print(f"caches built in {time.perf_counter() - t0:.1f} s", flush=True)
 
-        print("1. bytes of the frozen base weights (load + common.quantize_model, as in training):", flush=True)
+        print("1. bytes of the frozen base weights (load + quantise.quantize_model, as in training):", flush=True)
         sizes = bench_bytes(paths, args)
 
         print(f"2. training: train_dreambooth.py, {args.steps} steps per run, one run at a time:", flush=True)

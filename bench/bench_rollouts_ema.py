@@ -7,7 +7,7 @@ Builds bench_train's small SD-shaped random model (6.9 M-parameter UNet) and syn
 the same LoRA twice with train_dreambooth.main, identical except for the rollout flags: once plain, once with
 --scheduled_sampling_max_step_offset K (probability ramped from 0 over --ramp steps). Both runs keep an EMA
 (--ema_decay with warm-up) and write a checkpoint every --every steps. Each checkpoint's raw and EMA weights are
-scored with common.stable_eval_loss (8 fixed timesteps, fixed noise) on the training images and on held-out
+scored with scores.stable_eval_loss (8 fixed timesteps, fixed noise) on the training images and on held-out
 images of the same subject, and the table prints all four columns per step with the wall time of each run.
 
 A random model cannot draw anything, so these numbers say how the options move the denoising loss, not whether
@@ -47,19 +47,19 @@ def parse_args(argv=None):
 
 def cached_examples(model, folder, output_dir, resolution):
     """stable_eval_loss inputs for a folder of images (cached exactly as training caches them)."""
-    import common
+    from common import caches, data, models, scores
     import train_dreambooth
 
     args = train_dreambooth.parse_args(["--pretrained_model_name_or_path", model, "--instance_data_dir", folder,
                                         "--instance_prompt", PROMPT, "--output_dir", output_dir, "--resolution",
                                         str(resolution), "--seed", "0"])
-    datasets = common.load_datasets(args)
-    info = common.resolve_model(args)
-    plans = common.plan_datasets(datasets, common.crop_seed(args), print_fn=lambda *a: None)
-    entries, _ = common.build_vae_cache(plans[datasets[0].id], info, print_fn=lambda *a: None)
-    text_dir = common.text_cache_dir(datasets, args)
-    common.build_text_cache([c for e in entries for c in e.captions], info, text_dir, print_fn=lambda *a: None)
-    return common.eval_examples(entries, info, text_dir), info
+    datasets = data.load_datasets(args)
+    info = models.resolve_model(args)
+    plans = data.plan_datasets(datasets, data.crop_seed(args), print_fn=lambda *a: None)
+    entries, _ = caches.build_vae_cache(plans[datasets[0].id], info, print_fn=lambda *a: None)
+    text_dir = data.text_cache_dir(datasets, args)
+    caches.build_text_cache([c for e in entries for c in e.captions], info, text_dir, print_fn=lambda *a: None)
+    return scores.eval_examples(entries, info, text_dir), info
 
 
 def main(argv=None):
@@ -70,7 +70,7 @@ def main(argv=None):
     from safetensors.torch import load_file
 
     import bench_train
-    import common
+    from common import adapters, checkpoints, scores
     import make_demo
     import train_dreambooth
 
@@ -92,7 +92,7 @@ def main(argv=None):
                                           "--scheduled_sampling_probability", args.probability,
                                           "--scheduled_sampling_ramp_steps", args.ramp,
                                           "--scheduled_sampling_sampler", args.sampler]}
-    scores, wall = {}, {}
+    losses, wall = {}, {}
     for name, extra in variants.items():
         out = os.path.join(work, name)
         argv = ["--pretrained_model_name_or_path", model, "--instance_data_dir", subject, "--instance_prompt", PROMPT,
@@ -106,7 +106,7 @@ def main(argv=None):
             result = train_dreambooth.main([str(a) for a in argv])
         wall[name] = time.perf_counter() - started
         unet = result["unet"]
-        trainable = train_dreambooth.trainable_parameters(unet)
+        trainable = adapters.trainable_parameters(unet)
         final = {k: v.detach().clone() for k, v in trainable.items()}
         for step in range(0, args.steps + 1, args.every):
             if step == 0:  # the base model: the adapter switched off
@@ -116,23 +116,23 @@ def main(argv=None):
             else:
                 folder = os.path.join(out, f"checkpoint-{step}")
                 weights = {"raw": load_file(os.path.join(folder, "trainable.safetensors")),
-                           "ema": load_file(os.path.join(folder, train_dreambooth.EMA_CHECKPOINT_FILE))}
+                           "ema": load_file(os.path.join(folder, checkpoints.EMA_CHECKPOINT_FILE))}
             for kind, state in weights.items():
                 for set_name, examples in sets.items():
                     if state is None:
-                        with train_dreambooth.adapter_disabled(unet):
-                            loss = common.stable_eval_loss(unet, scheduler, "epsilon", examples)["mean"]
+                        with adapters.adapter_disabled(unet):
+                            loss = scores.stable_eval_loss(unet, scheduler, "epsilon", examples)["mean"]
                     else:
                         unet.load_state_dict(state, strict=False)
-                        loss = common.stable_eval_loss(unet, scheduler, "epsilon", examples)["mean"]
-                    scores[name, kind, set_name, step] = loss
+                        loss = scores.stable_eval_loss(unet, scheduler, "epsilon", examples)["mean"]
+                    losses[name, kind, set_name, step] = loss
 
     columns = [(n, k) for n in variants for k in ("raw", "ema")]
     for set_name in sets:
         print(f"\nstable eval loss on the {set_name} images ({len(sets[set_name])}), 8 fixed timesteps; lower is better")
         print(f"{'step':>6} " + " ".join(f"{n + ' ' + k:>14}" for n, k in columns))
         for step in range(0, args.steps + 1, args.every):
-            print(f"{step:>6} " + " ".join(f"{scores[n, k, set_name, step]:>14.5f}" for n, k in columns))
+            print(f"{step:>6} " + " ".join(f"{losses[n, k, set_name, step]:>14.5f}" for n, k in columns))
     print("\nwall time: " + ", ".join(f"{n} {wall[n]:.1f} s" for n in variants)
           + f" (rollouts / plain: {wall['rollouts'] / wall['plain']:.2f}x)")
     print(f"work folder: {work}")

@@ -5,7 +5,7 @@
 
 For each size, on a tiny SD-shaped model (examples/make_demo.py) and synthetic pictures of three shapes (square,
 portrait, landscape: three buckets):
-  discovery   finding, reading the headers of and bucketing every picture (common.load_datasets + plan_datasets)
+  discovery   finding, reading the headers of and bucketing every picture (data.load_datasets + plan_datasets)
   cache       cache_latents.py in a fresh process: wall time (with start-up), pictures per second once the
               first latent is written (cache files counted every 0.2 s), its peak resident memory, kB on disk
               per picture
@@ -78,13 +78,13 @@ def flags(model, data, work):
 
 
 def discovery_seconds(argv):
-    import common
+    from common import data
     import train_dreambooth
 
     args = train_dreambooth.parse_args(argv)
     started = time.perf_counter()
-    datasets = common.load_datasets(args)
-    plans = common.plan_datasets(datasets, common.crop_seed(args), print_fn=lambda *a: None)
+    datasets = data.load_datasets(args)
+    plans = data.plan_datasets(datasets, data.crop_seed(args), print_fn=lambda *a: None)
     seconds = time.perf_counter() - started
     buckets = {e.bucket for p in plans.values() for e in p}
     return seconds, sum(len(p) for p in plans.values()), len(buckets)

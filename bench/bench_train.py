@@ -13,7 +13,7 @@ What it builds (under --out, default a temporary folder; bench/out/ is git-ignor
               image lands in one bucket and the trainer and the bare loop see the same tensor shapes
 
 What it measures, in this order:
-    1. caching: cache_latents.main() on an empty cache, with common.build_vae_cache timed (the VAE load inside
+    1. caching: cache_latents.main() on an empty cache, with caches.build_vae_cache timed (the VAE load inside
        it is timed separately and subtracted: what is left is fingerprinting, decode, encode and writing the
        cache files) -> images/s, against a bare loop of vae.encode on random tensors of the same shape and the
        same batch size (--vae_batch_size, the scripts' default 4), same VAE, after one warm-up batch. Both run
@@ -57,7 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # train_dreambooth.LORA_TARGETS["attention"], the default
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # adapters.LORA_TARGETS["attention"], the default
 PROMPT = "a photo of ohwx toy"
 SEED = 0
 
@@ -133,11 +133,11 @@ def make_images(folder, count, resolution):
 
 
 def model_info(folder):
-    import common
+    from common import models
 
     ns = argparse.Namespace(pretrained_model_name_or_path=folder, revision=None, variant=None, local_files_only=True,
                             single_file_config=None, cache_dir=None, output_dir=folder)
-    return common.resolve_model(ns)
+    return models.resolve_model(ns)
 
 
 def common_flags(paths, args):
@@ -166,19 +166,19 @@ def bench_cache(paths, args):
     import torch
 
     import cache_latents
-    import common
+    from common import caches, models
 
     info = model_info(paths["model"])
     size = args.resolution
     batches = [min(args.vae_batch_size, args.images - s) for s in range(0, args.images, args.vae_batch_size)]
     # The bare loop's VAE is loaded the same way build_vae_cache loads its own.
-    vae = common.load_component(info, "vae").eval()
+    vae = models.load_component(info, "vae").eval()
     generator = torch.Generator().manual_seed(SEED)
     with torch.no_grad():  # warm-up, not timed (one-time kernel setup in this process, which both sides share)
         vae.encode(torch.rand(batches[0], 3, size, size, generator=generator) * 2 - 1)
 
     timings = {"build": 0.0, "load": 0.0, "encoded": 0}
-    real_build, real_load = common.build_vae_cache, common.load_component
+    real_build, real_load = caches.build_vae_cache, models.load_component
 
     def timed_build(*a, **k):
         t0 = time.perf_counter()
@@ -208,14 +208,14 @@ def bench_cache(paths, args):
         # cache_latents.py on an empty cache (the text cache is rebuilt too, outside the timed build_vae_cache).
         shutil.rmtree(paths["cache"], ignore_errors=True)
         timings.update(build=0.0, load=0.0, encoded=0)
-        common.build_vae_cache, common.load_component = timed_build, timed_load
+        caches.build_vae_cache, models.load_component = timed_build, timed_load
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 t0 = time.perf_counter()
                 cache_latents.main(common_flags(paths, args) + ["--output_dir", paths["cache"], "--device", "cpu"])
                 script_seconds = time.perf_counter() - t0
         finally:
-            common.build_vae_cache, common.load_component = real_build, real_load
+            caches.build_vae_cache, models.load_component = real_build, real_load
         if timings["encoded"] != args.images:
             with open(os.path.join(paths["root"], "cache_latents.log"), "w", encoding="utf-8") as handle:
                 handle.write(log.getvalue())
@@ -261,10 +261,10 @@ def bare_child(args):
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    import common
+    from common import models
 
     info = model_info(args.out_model)
-    unet = common.load_component(info, "unet", torch.float32)
+    unet = models.load_component(info, "unet", torch.float32)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, lora_dropout=0.0,
                                 init_lora_weights="gaussian", target_modules=LORA_TARGETS))
@@ -355,7 +355,7 @@ PROFILE_ROWS = [  # (label, file suffix, function name): functions called inside
     ("clip_grad_norm_ (--max_grad_norm 1.0)", "accelerator.py", "clip_grad_norm_"),
     ("zero_grad", "optimizer.py", "zero_grad"),
     ("lr_scheduler.step", "lr_scheduler.py", "step"),
-    ("common.load_tensors (cache file reads)", "common.py", "load_tensors"),
+    ("files.load_tensors (cache file reads)", "files.py", "load_tensors"),
     ("torch.stack", "~", "<built-in method torch.stack>"),
     ("torch.randn", "~", "<built-in method torch.randn>"),
     ("sampler.next (BatchSampler)", "train_dreambooth.py", "next"),
@@ -363,7 +363,7 @@ PROFILE_ROWS = [  # (label, file suffix, function name): functions called inside
     ("noise_scheduler.add_noise", "scheduling_ddpm.py", "add_noise"),
     ("accelerator.reduce", "accelerator.py", "reduce"),
     ("tensor.item", "~", "<method 'item' of 'torch._C.TensorBase' objects>"),
-    ("JsonlLog.log (outside step_time)", "train_dreambooth.py", "log"),
+    ("JsonlLog.log (outside step_time)", "checkpoints.py", "log"),
     ("tqdm set_postfix + update (outside step_time)", "std.py", "set_postfix"),
     ("", "std.py", "update"),
 ]

@@ -108,13 +108,13 @@ def parse_args(argv=None):
 
 def write_pictures(work, subject, count):
     """Training pictures + masks, and 4 held-out pictures of the same subject (for the eval loss)."""
-    import common
+    from common import files
 
     for folder, seed, n in (("subject", 0, count), ("held_out", 1, 4)):
         for i, (image, mask, _) in enumerate(make_toy_data.subject_samples(subject, n, seed)):
-            common.save_image_atomic(image, os.path.join(work, folder, f"{i:02d}.png"))
+            files.save_image_atomic(image, os.path.join(work, folder, f"{i:02d}.png"))
             if folder == "subject":
-                common.save_image_atomic(mask, os.path.join(work, "masks", f"{i:02d}.png"))
+                files.save_image_atomic(mask, os.path.join(work, "masks", f"{i:02d}.png"))
 
 
 def data_config(work, regularisation, masks, class_dir):
@@ -177,18 +177,18 @@ def train_variant(args, work, name, class_dir):
 
 def load_variant(model, output=None, full=False, ema=False):
     """The base model, a LoRA / LyCORIS output on it, or a full fine-tune; `ema`: the run's averaged weights."""
-    import common
-    import train_dreambooth
     from diffusers import StableDiffusionPipeline
+
+    from common import adapters
 
     if full:
         pipe = StableDiffusionPipeline.from_pretrained(os.path.join(output, "ema") if ema else output)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(model)
     if output and not full:
-        suffix = train_dreambooth.EMA_SUFFIX if ema else ""
-        name = train_dreambooth.LORA_WEIGHTS_NAME.replace(".safetensors", suffix + ".safetensors")
-        common.load_adapter(pipe, os.path.join(output, name))
+        suffix = adapters.EMA_SUFFIX if ema else ""
+        name = adapters.LORA_WEIGHTS_NAME.replace(".safetensors", suffix + ".safetensors")
+        adapters.load_adapter(pipe, os.path.join(output, name))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -247,8 +247,8 @@ def table(rows):
     return "\n".join(lines)
 
 
-def write_report(path, args, per_subject, images, reals, ceilings):
-    import common
+def write_report(path, args, per_subject, pictures, reals, ceilings):
+    from common import files, images
     import evaluate
 
     folder = os.path.dirname(path)
@@ -256,18 +256,18 @@ def write_report(path, args, per_subject, images, reals, ceilings):
     for subject, rows in per_subject.items():
         asked = subject_prompts(subject)
         sheet = os.path.join(folder, "images", f"subject{subject}_real.png")
-        common.contact_sheet(reals[subject], [f"real {i}" for i in range(len(reals[subject]))], sheet, thumb=96)
+        images.contact_sheet(reals[subject], [f"real {i}" for i in range(len(reals[subject]))], sheet, thumb=96)
         sections.append(f"<h2>Subject {subject}: {html.escape(' / '.join(make_toy_data.SUBJECTS[subject]))}</h2>"
                         f"<p>Real pictures against each other: subject fidelity {ceilings[subject]:.3f}.</p>"
                         f"<pre>{html.escape(table(rows))}</pre>"
                         f'<h3>The training pictures</h3><img src="{evaluate.embedded(sheet)}">')
-        for name, drawn in images[subject].items():
+        for name, drawn in pictures[subject].items():
             slug = f"subject{subject}_" + SHORT.get(name, name).replace(" ", "_")
             subject_sheet = os.path.join(folder, "images", f"{slug}_subject.png")
-            common.contact_sheet(drawn["subject"], [p for p, _ in asked for _ in range(args.seeds)], subject_sheet,
+            images.contact_sheet(drawn["subject"], [p for p, _ in asked for _ in range(args.seeds)], subject_sheet,
                                  thumb=96)
             prior_sheet = os.path.join(folder, "images", f"{slug}_prior.png")
-            common.contact_sheet(drawn["prior"], PRIOR_PROMPTS, prior_sheet, thumb=96)
+            images.contact_sheet(drawn["prior"], PRIOR_PROMPTS, prior_sheet, thumb=96)
             r = rows[name]
             sections.append(f"<h3>{html.escape(name)}</h3><p>subject {r['subject']:.3f}, prompt {r['prompt']:.2f}, "
                             f"drift {r['drift']:.3f}, world {r['world']:.2f}</p>"
@@ -287,7 +287,7 @@ model's seeds (prior drift compares them).</p>
 {"".join(sections)}
 </body></html>
 """
-    common.write_text_atomic(page, path)
+    files.write_text_atomic(page, path)
 
 
 def main(argv=None):

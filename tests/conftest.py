@@ -47,29 +47,29 @@ def write_json(path, obj):
     return str(path)
 
 
-def first_batches_are_prior_then_mixed(data, seed, steps):
+def first_batches_are_prior_then_mixed(data_config, seed, steps):
     """True when, for this seed, the batch stream starts with a regularisation batch and has another one after
     the first instance batch (so a test sees the prior loss both at step 0 and once the adapter has learned)."""
-    import common
+    from common import data
     import train_dreambooth
 
-    args = train_dreambooth.parse_args(["--data_backend_config", data])
-    datasets = common.load_datasets(args)
-    plans = common.plan_datasets(datasets, seed)
+    args = train_dreambooth.parse_args(["--data_backend_config", data_config])
+    datasets = data.load_datasets(args)
+    plans = data.plan_datasets(datasets, seed)
     sampler = train_dreambooth.BatchSampler(datasets, plans, 1, seed)
     kinds = [sampler.next()[0][0].is_regularisation for _ in range(steps)]
     return kinds[0] and False in kinds and True in kinds[kinds.index(False):]
 
 
 def model_info(path, **overrides):
-    """common.resolve_model for a local model folder, with the flags a script would pass."""
+    """models.resolve_model for a local model folder, with the flags a script would pass."""
     import argparse
 
-    import common
+    from common import models
 
     values = dict(pretrained_model_name_or_path=str(path), output_dir="unused", cache_dir=None, variant=None,
                   revision=None, local_files_only=True, single_file_config=None)
-    return common.resolve_model(argparse.Namespace(**{**values, **overrides}))
+    return models.resolve_model(argparse.Namespace(**{**values, **overrides}))
 
 
 def unet_inputs(unet, family, seed=0, size=8):

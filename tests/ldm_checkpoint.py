@@ -1,6 +1,6 @@
 """Write a diffusers SD 1.x / SDXL pipeline as one original-format (LDM / "A1111") .safetensors checkpoint.
 
-The tests need a single-file checkpoint to load through common.resolve_model -> diffusers' from_single_file, and
+The tests need a single-file checkpoint to load through models.resolve_model -> diffusers' from_single_file, and
 nothing may be downloaded, so the tiny random models are written out in the original key layout here. The mapping
 is the inverse of diffusers' own converters in diffusers/loaders/single_file_utils.py:
 

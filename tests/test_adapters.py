@@ -1,4 +1,4 @@
-"""LyCORIS adapters, the kohya/ComfyUI layout and quantised base models (SPEC §5, §9)."""
+"""LyCORIS adapters, the kohya/ComfyUI layout and quantised base models."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import torch
 from conftest import model_info, predict, unet_inputs, first_batches_are_prior_then_mixed, train_argv, write_json
 from safetensors import safe_open
 
-import common
+from common import adapters, files, models, quantise
 import train_dreambooth
 
 ALGOS = {
@@ -40,26 +40,26 @@ def test_lycoris_adapter_reloads_and_reproduces_the_trained_prediction(tiny_mode
     base = predict(fresh_pipeline(family, model).unet, inputs)
     assert (trained - base).abs().max() > 1e-4  # it learned something
 
-    saved = str(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME)
+    saved = str(tmp_path / "out" / adapters.LORA_WEIGHTS_NAME)
     with safe_open(saved, "pt") as handle:
         assert json.loads(handle.metadata()["lycoris_config"])["algo"] == algo
         assert all(key.startswith("lycoris_") for key in handle.keys())
     assert json.load(open(tmp_path / "out" / "lycoris_config.json"))["algo"] == algo
-    pipe = common.load_adapter(fresh_pipeline(family, model), str(tmp_path / "out"))  # LyCORIS's own loader
+    pipe = adapters.load_adapter(fresh_pipeline(family, model), str(tmp_path / "out"))  # LyCORIS's own loader
     assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
 
-    kohya = tmp_path / "out" / train_dreambooth.KOHYA_WEIGHTS_NAME
+    kohya = tmp_path / "out" / adapters.KOHYA_WEIGHTS_NAME
     assert kohya.exists() == (algo in ("lora", "locon"))
     if kohya.exists():  # lora and locon also load in stock diffusers (and ComfyUI) from the kohya layout
         pipe = fresh_pipeline(family, model)
-        pipe.load_lora_weights(str(tmp_path / "out"), weight_name=train_dreambooth.KOHYA_WEIGHTS_NAME)
+        pipe.load_lora_weights(str(tmp_path / "out"), weight_name=adapters.KOHYA_WEIGHTS_NAME)
         assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
 
 
 def test_lycoris_presets_do_not_leak_into_the_next_run(tiny_model, subject_dir, tmp_path):
     from lycoris import LycorisNetwork
 
-    before = {name: getattr(LycorisNetwork, name) for name in train_dreambooth.LYCORIS_PRESET_ATTRIBUTES}
+    before = {name: getattr(LycorisNetwork, name) for name in adapters.LYCORIS_PRESET_ATTRIBUTES}
     config = write_json(tmp_path / "attention.json", {**ALGOS["lora"], "apply_preset": {"target_module": ["Attention"]}})
     first = train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "a", "--lora_type", "lycoris",
                                              "--lycoris_config", config, "--max_train_steps", "1"))
@@ -92,7 +92,7 @@ def test_lycoris_prior_target_is_the_base_model_and_resume_is_exact(tiny_model, 
     # Switched off, the trained network gives exactly the base model; on, something else.
     inputs = unet_inputs(whole["unet"], "sd1")
     base = predict(fresh_pipeline("sd1", model).unet, inputs)
-    with train_dreambooth.adapter_disabled(whole["unet"]):
+    with adapters.adapter_disabled(whole["unet"]):
         assert torch.allclose(predict(whole["unet"], inputs), base, atol=1e-6)
     assert (predict(whole["unet"], inputs) - base).abs().max() > 1e-5
     # Resume from the step-2 checkpoint: the same final weights as the uninterrupted run.
@@ -101,7 +101,7 @@ def test_lycoris_prior_target_is_the_base_model_and_resume_is_exact(tiny_model, 
     os.rename(tmp_path / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     resumed = train_dreambooth.main(argv + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
                                             "latest"])
-    a, b = (train_dreambooth.trainable_parameters(r["unet"]) for r in (whole, resumed))
+    a, b = (adapters.trainable_parameters(r["unet"]) for r in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -113,10 +113,10 @@ def test_lycoris_multiplier_survives_reloading_and_mixed_algorithms_get_no_kohya
                                               "--lycoris_config", config, "--learning_rate", "5e-3"))
     inputs = unet_inputs(result["unet"], "sd1")
     trained = predict(result["unet"], inputs)
-    pipe = common.load_adapter(fresh_pipeline("sd1", model), str(tmp_path / "half"))
+    pipe = adapters.load_adapter(fresh_pipeline("sd1", model), str(tmp_path / "half"))
     assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
     pipe = fresh_pipeline("sd1", model)  # kohya has no multiplier: it is folded into alpha
-    pipe.load_lora_weights(str(tmp_path / "half"), weight_name=train_dreambooth.KOHYA_WEIGHTS_NAME)
+    pipe.load_lora_weights(str(tmp_path / "half"), weight_name=adapters.KOHYA_WEIGHTS_NAME)
     assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
 
     mixed = write_json(tmp_path / "mixed.json", {**ALGOS["lora"], "apply_preset": {
@@ -124,7 +124,7 @@ def test_lycoris_multiplier_survives_reloading_and_mixed_algorithms_get_no_kohya
     train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "mixed", "--lora_type", "lycoris",
                                      "--lycoris_config", mixed, "--max_train_steps", "1"))
     assert "have no kohya form" in capsys.readouterr().out
-    assert not (tmp_path / "mixed" / train_dreambooth.KOHYA_WEIGHTS_NAME).exists()
+    assert not (tmp_path / "mixed" / adapters.KOHYA_WEIGHTS_NAME).exists()
 
 
 @pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
@@ -134,7 +134,7 @@ def test_lycoris_trains_on_a_quantised_base_and_loads_unquantised(tiny_model, su
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_type", "lycoris",
                                               "--lycoris_config", config, "--base_model_precision", precision,
                                               "--learning_rate", "5e-3"))
-    pipe = common.load_adapter(fresh_pipeline("sd1", model), str(tmp_path / "out"))
+    pipe = adapters.load_adapter(fresh_pipeline("sd1", model), str(tmp_path / "out"))
     trained = dict(result["unet"].lycoris.named_parameters())  # the learned weights (alpha buffers aside: a
     loaded = dict(pipe.unet.lycoris.named_parameters())        # full-matrix LoKr ignores them)
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k].float()) for k in trained)
@@ -157,12 +157,12 @@ def test_comfyui_format_of_a_peft_lora_loads_in_diffusers(tiny_model, subject_di
     model = tiny_model("sdxl")
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_format", "comfyui",
                                               "--lora_alpha", "2", "--lora_target", "all"))
-    with safe_open(str(tmp_path / "out" / train_dreambooth.KOHYA_WEIGHTS_NAME), "pt") as handle:
+    with safe_open(str(tmp_path / "out" / adapters.KOHYA_WEIGHTS_NAME), "pt") as handle:
         keys = list(handle.keys())
     assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
     inputs = unet_inputs(result["unet"], "sdxl")
     pipe = fresh_pipeline("sdxl", model)
-    pipe.load_lora_weights(str(tmp_path / "out"), weight_name=train_dreambooth.KOHYA_WEIGHTS_NAME)
+    pipe.load_lora_weights(str(tmp_path / "out"), weight_name=adapters.KOHYA_WEIGHTS_NAME)
     assert torch.allclose(predict(pipe.unet, inputs), predict(result["unet"], inputs), atol=1e-5)
 
 
@@ -178,10 +178,10 @@ def test_lora_on_a_quantised_unet_learns_a_fixed_batch(tiny_model, precision):
     import argparse
 
     info = model_info(tiny_model("sd1"))
-    unet = common.quantize_model(common.load_component(info, "unet"), precision)
+    unet = quantise.quantize_model(models.load_component(info, "unet"), precision)
     assert not any(p.requires_grad for p in unet.parameters())
-    train_dreambooth.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
-                                                       lora_init="default", lora_target="attention_ff"))
+    adapters.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
+                                               lora_init="default", lora_target="attention_ff"))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     inputs = unet_inputs(unet, "sd1")
@@ -203,7 +203,7 @@ def test_adapter_trained_on_a_quantised_base_loads_unquantised_and_resumes_exact
     argv = train_argv(model, subject_dir, tmp_path / "whole", "--base_model_precision", precision,
                       "--checkpointing_steps", "2")
     whole = train_dreambooth.main(argv)
-    trained = train_dreambooth.trainable_parameters(whole["unet"])
+    trained = adapters.trainable_parameters(whole["unet"])
     # The adapter is saved under the ordinary layer names: a normal pipeline loads every tensor of it.
     pipe = fresh_pipeline("sd1", model)
     pipe.load_lora_weights(str(tmp_path / "whole"))
@@ -215,7 +215,7 @@ def test_adapter_trained_on_a_quantised_base_loads_unquantised_and_resumes_exact
     os.rename(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     resumed = train_dreambooth.main(argv[:argv.index("--output_dir")] + ["--output_dir", str(tmp_path / "resumed")]
                                     + argv[argv.index("--output_dir") + 2:] + ["--resume_from_checkpoint", "latest"])
-    again = train_dreambooth.trainable_parameters(resumed["unet"])
+    again = adapters.trainable_parameters(resumed["unet"])
     assert all(torch.allclose(again[k], trained[k], atol=1e-6) for k in trained)
 
 
@@ -239,7 +239,7 @@ def test_a_quantised_text_encoder_makes_its_own_text_cache(tiny_model, subject_d
             "--instance_prompt", "a photo of ohwx toy", "--output_dir", str(tmp_path / "out"), "--resolution", "64"]
     cache_latents.main(argv)
     cache_latents.main(argv + ["--text_encoder_1_precision", "int8-quanto"])
-    files = sorted(os.listdir(tmp_path / "out" / "cache" / "text"))
-    assert len(files) == 2  # one embedding per (caption, encoder identity): the int8 encoder's is its own
-    plain, quantised = (common.load_tensors(str(tmp_path / "out" / "cache" / "text" / f))["prompt_embeds"] for f in files)
+    names = sorted(os.listdir(tmp_path / "out" / "cache" / "text"))
+    assert len(names) == 2  # one embedding per (caption, encoder identity): the int8 encoder's is its own
+    plain, quantised = (files.load_tensors(str(tmp_path / "out" / "cache" / "text" / f))["prompt_embeds"] for f in names)
     assert 0 < (plain - quantised).abs().max() < 0.5

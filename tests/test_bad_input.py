@@ -17,7 +17,7 @@ import pytest
 from conftest import train_argv, write_json
 from PIL import Image, ImageFile
 
-import common
+from common import adapters, caches, data, images, models
 import make_demo
 import train_dreambooth
 
@@ -85,7 +85,7 @@ def dataset(folder, tmp_path, **overrides):
                   instance_prompt="a photo of ohwx toy", resolution=64, resolution_type="pixel_area",
                   cache_dir_vae=str(tmp_path / "vae"))
     values.update(overrides)
-    return common.Dataset(**values)
+    return data.Dataset(**values)
 
 
 def skip_reasons(skipped):
@@ -128,7 +128,7 @@ def forbid_model_loading(monkeypatch):
     def refuse(info, subfolder, *args, **kwargs):
         raise AssertionError(f"{subfolder} of {info.ref} was loaded")
 
-    monkeypatch.setattr(common, "load_component", refuse)
+    monkeypatch.setattr(models, "load_component", refuse)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,17 +138,17 @@ def forbid_model_loading(monkeypatch):
 def test_truncated_jpeg_passes_the_header_plan_but_fails_to_decode_clearly(tmp_path):
     save(noise_image(), tmp_path / "data" / "good.png")
     broken = truncated(tmp_path / "data" / "cut.jpg", "JPEG")
-    entries, skipped = common.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
+    entries, skipped = data.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
     assert sorted(os.path.basename(e.path) for e in entries) == ["cut.jpg", "good.png"] and skipped == []
     with pytest.raises(ValueError) as excinfo:
-        common.load_image(broken)
+        images.load_image(broken)
     assert "truncated" in str(excinfo.value) and "re-export or remove it" in str(excinfo.value)
 
 
 def test_truncated_png_passes_the_header_only_plan(tmp_path):
     save(noise_image(), tmp_path / "data" / "good.png")
     truncated(tmp_path / "data" / "cut.png", "PNG")
-    entries, skipped = common.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
+    entries, skipped = data.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
     assert skipped == []
     assert sorted(os.path.basename(e.path) for e in entries) == ["cut.png", "good.png"]
 
@@ -156,23 +156,23 @@ def test_truncated_png_passes_the_header_only_plan(tmp_path):
 def test_truncated_png_fails_to_decode_with_a_message_saying_truncated(tmp_path):
     broken = truncated(tmp_path / "cut.png", "PNG")
     with pytest.raises(ValueError, match="truncated"):
-        common.load_image(broken)
+        images.load_image(broken)
 
 
 def test_build_vae_cache_skips_truncated_images_and_caches_the_rest(tiny_model, tmp_path):
-    data = tmp_path / "data"
-    good = [save(noise_image(seed=i), data / f"good_{i}.png") for i in range(2)]
-    cut_jpeg = truncated(data / "cut.jpg", "JPEG")  # the header plan keeps it
-    cut_png = save(noise_image(seed=9), data / "cut.png")  # cut after planning: header and data were fine then
-    entries, skipped = common.plan_dataset(dataset(data, tmp_path), seed=0)
+    data_dir = tmp_path / "data"
+    good = [save(noise_image(seed=i), data_dir / f"good_{i}.png") for i in range(2)]
+    cut_jpeg = truncated(data_dir / "cut.jpg", "JPEG")  # the header plan keeps it
+    cut_png = save(noise_image(seed=9), data_dir / "cut.png")  # cut after planning: header and data were fine then
+    entries, skipped = data.plan_dataset(dataset(data_dir, tmp_path), seed=0)
     assert len(entries) == 4 and skipped == []
     with open(cut_png, "rb") as handle:
         whole = handle.read()
     write_bytes(cut_png, whole[:len(whole) // 2])
 
-    info = common.resolve_model(model_args(tiny_model("sd1"), tmp_path))
+    info = models.resolve_model(model_args(tiny_model("sd1"), tmp_path))
     printed = []
-    kept, written = common.build_vae_cache(entries, info, batch_size=4, print_fn=printed.append)
+    kept, written = caches.build_vae_cache(entries, info, batch_size=4, print_fn=printed.append)
 
     assert sorted(e.path for e in kept) == sorted(good) and written == 2
     for path in (cut_jpeg, cut_png):
@@ -186,21 +186,21 @@ def test_build_vae_cache_skips_truncated_images_and_caches_the_rest(tiny_model, 
 def test_zero_byte_file_is_reported_as_an_empty_file(tmp_path):
     save(noise_image(), tmp_path / "data" / "good.png")
     empty = write_bytes(tmp_path / "data" / "empty.png", b"")
-    entries, skipped = common.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
+    entries, skipped = data.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
     assert [os.path.basename(e.path) for e in entries] == ["good.png"]
     assert skipped == [(empty, "empty file (0 bytes)")]
     with pytest.raises(ValueError, match=r"empty file \(0 bytes\)"):
-        common.load_image(empty)
+        images.load_image(empty)
 
 
 def test_text_file_named_png_is_reported_as_not_an_image(tmp_path):
     save(noise_image(), tmp_path / "data" / "good.png")
     fake = write_bytes(tmp_path / "data" / "notes.png", b"this is a shopping list, not a picture\n")
-    entries, skipped = common.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
+    entries, skipped = data.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
     assert [os.path.basename(e.path) for e in entries] == ["good.png"]
     assert [path for path, _ in skipped] == [fake] and "not an image" in skipped[0][1]
     with pytest.raises(ValueError, match="not an image"):
-        common.load_image(fake)
+        images.load_image(fake)
 
 
 @pytest.mark.parametrize("ext", BOMBS)
@@ -209,9 +209,9 @@ def test_decompression_bomb_is_refused_by_its_header_size_before_decoding(tmp_pa
     assert os.path.getsize(bomb) < 1000  # 400 MP promised by a file of a few hundred bytes
     started = time.perf_counter()
     with pytest.raises(ValueError) as excinfo:
-        common.image_size(bomb)
+        images.image_size(bomb)
     with pytest.raises(ValueError):
-        common.load_image(bomb)
+        images.load_image(bomb)
     assert time.perf_counter() - started < 1.0
     assert "limit" in str(excinfo.value) and "refused before decoding" in str(excinfo.value)
 
@@ -221,7 +221,7 @@ def test_decompression_bomb_is_skipped_by_the_plan_and_the_good_image_kept(tmp_p
     save(noise_image(), tmp_path / "data" / "good.png")
     BOMBS[ext](tmp_path / "data" / f"bomb.{ext}", 20000, 20000)
     started = time.perf_counter()
-    entries, skipped = common.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
+    entries, skipped = data.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
     assert time.perf_counter() - started < 1.0
     assert [os.path.basename(e.path) for e in entries] == ["good.png"]
     reason = skip_reasons(skipped)[f"bomb.{ext}"]
@@ -234,7 +234,7 @@ def test_decompression_bomb_is_refused_by_our_own_check_when_pils_guard_is_off(t
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     bomb = BOMBS[ext](tmp_path / f"bomb.{ext}", 20000, 20000)
     with pytest.raises(ValueError) as excinfo:
-        common.image_size(bomb)
+        images.image_size(bomb)
     message = str(excinfo.value)
     assert "20000x20000" in message and "400 MP" in message and "limit" in message and "downscale" in message
 
@@ -242,15 +242,15 @@ def test_decompression_bomb_is_refused_by_our_own_check_when_pils_guard_is_off(t
 def test_one_pixel_image_is_too_small(tmp_path):
     save(noise_image(), tmp_path / "data" / "good.png")
     save(Image.new("RGB", (1, 1), RED), tmp_path / "data" / "dot.png")
-    entries, skipped = common.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
+    entries, skipped = data.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
     assert [os.path.basename(e.path) for e in entries] == ["good.png"]
-    assert skip_reasons(skipped) == {"dot.png": f"1x1 is too small to train on (under {common.MIN_IMAGE_EDGE} px)"}
+    assert skip_reasons(skipped) == {"dot.png": f"1x1 is too small to train on (under {images.MIN_IMAGE_EDGE} px)"}
 
 
 def test_image_below_minimum_image_size_names_its_size_and_the_limit(tmp_path):
     save(noise_image(128, 128), tmp_path / "data" / "big.png")
     save(noise_image(48, 40), tmp_path / "data" / "small.png")
-    entries, skipped = common.plan_dataset(dataset(tmp_path / "data", tmp_path, minimum_image_size=100), seed=0)
+    entries, skipped = data.plan_dataset(dataset(tmp_path / "data", tmp_path, minimum_image_size=100), seed=0)
     assert [os.path.basename(e.path) for e in entries] == ["big.png"]
     reason = skip_reasons(skipped)["small.png"]
     assert "48x40" in reason and "minimum_image_size 100" in reason
@@ -267,7 +267,7 @@ def pixel(image, x, y):
 def test_cmyk_jpeg_becomes_rgb_with_the_right_colours(tmp_path):
     path = save(Image.new("CMYK", (32, 32), (255, 0, 0, 0)), tmp_path / "cyan.jpg", "JPEG", quality=100)
     assert Image.open(path).mode == "CMYK"
-    image = common.load_image(path)
+    image = images.load_image(path)
     assert image.mode == "RGB" and image.size == (32, 32)
     assert np.abs(pixel(image, 16, 16) - (0, 255, 255)).max() <= 3
 
@@ -277,7 +277,7 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     values[16:] = 32768
     path = save(Image.fromarray(values), tmp_path / "gray16.png")
     assert Image.open(path).mode == "I;16"
-    image = common.load_image(path)
+    image = images.load_image(path)
     assert image.mode == "RGB"
     assert tuple(pixel(image, 0, 0)) == (255, 255, 255)
     assert all(abs(v - 128) <= 1 for v in pixel(image, 0, 31))  # 32768 / 65535 of full scale, not clipped to 255
@@ -288,7 +288,7 @@ def test_dark_16_bit_png_stays_dark(tmp_path):
     values[16:] = 0
     path = save(Image.fromarray(values), tmp_path / "dark16.png")
     assert Image.open(path).mode == "I;16"
-    image = common.load_image(path)
+    image = images.load_image(path)
     assert tuple(pixel(image, 0, 0)) == (1, 1, 1) and tuple(pixel(image, 0, 31)) == (0, 0, 0)
 
 
@@ -298,7 +298,7 @@ def test_palette_png_with_transparency_is_composited_on_white(tmp_path):
     image.paste(1, (16, 0, 32, 16))  # right half: index 1, the transparent one
     path = save(image, tmp_path / "palette.png", transparency=1)
     assert Image.open(path).mode == "P"
-    loaded = common.load_image(path)
+    loaded = images.load_image(path)
     assert loaded.mode == "RGB"
     assert tuple(pixel(loaded, 4, 8)) == RED and tuple(pixel(loaded, 28, 8)) == WHITE
 
@@ -306,7 +306,7 @@ def test_palette_png_with_transparency_is_composited_on_white(tmp_path):
 def test_grayscale_becomes_rgb_with_equal_channels(tmp_path):
     gradient = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (16, 1))
     path = save(Image.fromarray(gradient, mode="L"), tmp_path / "gray.png")
-    loaded = np.asarray(common.load_image(path))
+    loaded = np.asarray(images.load_image(path))
     assert loaded.shape == (16, 32, 3)
     assert all((loaded[..., channel] == gradient).all() for channel in range(3))
 
@@ -316,7 +316,7 @@ def test_fully_transparent_pixels_become_white(tmp_path, mode, colour):
     image = Image.new(mode, (16, 16), colour)
     half = (0, 0, 0, 128) if mode == "RGBA" else (0, 128)
     image.paste(half, (0, 8, 16, 16))  # bottom half: half-transparent black
-    loaded = common.load_image(save(image, tmp_path / "alpha.png"))
+    loaded = images.load_image(save(image, tmp_path / "alpha.png"))
     assert loaded.mode == "RGB"
     assert tuple(pixel(loaded, 8, 2)) == WHITE
     assert all(abs(v - 127) <= 1 for v in pixel(loaded, 8, 12))  # composited, not just alpha dropped
@@ -326,7 +326,7 @@ def test_rgb_png_with_a_transparent_colour_key_is_composited_on_white(tmp_path):
     image = Image.new("RGB", (16, 16), (10, 20, 30))
     image.paste(RED, (0, 8, 16, 16))
     path = save(image, tmp_path / "keyed.png", transparency=(10, 20, 30))
-    loaded = common.load_image(path)
+    loaded = images.load_image(path)
     assert tuple(pixel(loaded, 8, 2)) == WHITE and tuple(pixel(loaded, 8, 12)) == RED
 
 
@@ -359,21 +359,21 @@ def test_every_exif_orientation_comes_out_upright_pixel_for_pixel(tmp_path, orie
     stored = np.ascontiguousarray(STORED_UNDER_ORIENTATION[orientation](upright))
     assert stored.shape != upright.shape or (stored != upright).any()
     exif = Image.Exif()
-    exif[common.EXIF_ORIENTATION] = orientation
+    exif[images.EXIF_ORIENTATION] = orientation
     params = dict(quality=95, subsampling=0) if fmt == "JPEG" else {}
     path = save(Image.fromarray(stored), tmp_path / f"turned.{fmt.lower()}", fmt, exif=exif, **params)
     assert Image.open(path).size == (stored.shape[1], stored.shape[0])
-    assert common.image_size(path) == (48, 32)  # from the header, upright
-    loaded = np.asarray(common.load_image(path), dtype=int)
+    assert images.image_size(path) == (48, 32)  # from the header, upright
+    loaded = np.asarray(images.load_image(path), dtype=int)
     assert loaded.shape == upright.shape
     assert np.abs(loaded - upright).max() <= tolerance
 
 
 def test_exif_rotated_portrait_lands_in_a_portrait_bucket(tmp_path):
     exif = Image.Exif()
-    exif[common.EXIF_ORIENTATION] = 6
+    exif[images.EXIF_ORIENTATION] = 6
     save(noise_image(128, 64), tmp_path / "data" / "phone.jpg", "JPEG", exif=exif)
-    [entry], _ = common.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
+    [entry], _ = data.plan_dataset(dataset(tmp_path / "data", tmp_path), seed=0)
     assert entry.transform["original_size"] == [64, 128]
     width, height = entry.bucket
     assert height > width
@@ -384,62 +384,62 @@ def test_exif_rotated_portrait_lands_in_a_portrait_bucket(tmp_path):
 
 
 def test_symlink_loop_is_reported_and_the_good_images_are_still_found(tmp_path):
-    data = tmp_path / "data"
-    good = [save(noise_image(), data / "a.png"), save(noise_image(), data / "sub" / "b.png")]
-    os.symlink(str(data), str(data / "sub" / "loop"))  # data/sub/loop -> data: an endless tree if followed
+    data_dir = tmp_path / "data"
+    good = [save(noise_image(), data_dir / "a.png"), save(noise_image(), data_dir / "sub" / "b.png")]
+    os.symlink(str(data_dir), str(data_dir / "sub" / "loop"))  # data_dir/sub/loop -> data_dir: an endless tree if followed
     started = time.perf_counter()
-    found, problems = common.find_images(str(data))
+    found, problems = data.find_images(str(data_dir))
     assert time.perf_counter() - started < 1.0
     assert found == good
-    assert [path for path, _ in problems] == [str(data / "sub" / "loop")]
+    assert [path for path, _ in problems] == [str(data_dir / "sub" / "loop")]
     assert "symlink loop" in problems[0][1] and "not followed" in problems[0][1]
     # The plan reports the loop among its skipped items and keeps both images.
-    entries, skipped = common.plan_dataset(dataset(data, tmp_path), seed=0)
+    entries, skipped = data.plan_dataset(dataset(data_dir, tmp_path), seed=0)
     assert [e.path for e in entries] == good and skipped == problems
 
 
 def test_dangling_symlink_named_like_an_image_is_skipped_not_a_crash(tmp_path):
-    data = tmp_path / "data"
-    save(noise_image(), data / "good.png")
-    os.symlink(str(tmp_path / "deleted.png"), str(data / "gone.png"))
-    entries, skipped = common.plan_dataset(dataset(data, tmp_path), seed=0)
+    data_dir = tmp_path / "data"
+    save(noise_image(), data_dir / "good.png")
+    os.symlink(str(tmp_path / "deleted.png"), str(data_dir / "gone.png"))
+    entries, skipped = data.plan_dataset(dataset(data_dir, tmp_path), seed=0)
     assert [os.path.basename(e.path) for e in entries] == ["good.png"]
     assert list(skip_reasons(skipped)) == ["gone.png"]
 
 
 def test_unicode_and_space_file_names_are_found_planned_and_decoded(tmp_path):
-    data = tmp_path / "data"
+    data_dir = tmp_path / "data"
     names = ["café ü 写真.png", "my dog photo 01.jpg", "ohwx (2).webp"]
     for name in names:
-        save(noise_image(), data / name)
-    found, problems = common.find_images(str(data))
+        save(noise_image(), data_dir / name)
+    found, problems = data.find_images(str(data_dir))
     assert sorted(os.path.basename(p) for p in found) == sorted(names) and problems == []
-    entries, skipped = common.plan_dataset(dataset(data, tmp_path, caption_strategy="filename"), seed=0)
+    entries, skipped = data.plan_dataset(dataset(data_dir, tmp_path, caption_strategy="filename"), seed=0)
     assert skipped == []
     assert {e.relpath: e.captions for e in entries} == {
         "café ü 写真.png": ["café ü 写真"], "my dog photo 01.jpg": ["my dog photo"], "ohwx (2).webp": ["ohwx"]}
     for entry in entries:
-        assert common.load_image(entry.path).size == (64, 64)
+        assert images.load_image(entry.path).size == (64, 64)
         assert entry.cache_path.startswith(str(tmp_path / "vae")) and entry.relpath in entry.cache_path
 
 
 def test_uppercase_extensions_are_found(tmp_path):
-    data = tmp_path / "data"
+    data_dir = tmp_path / "data"
     names = ["A.JPG", "B.PNG", "C.JpEg", "D.WEBP", "e.Bmp"]
     for name in names:
-        save(noise_image(), data / name)
-    write_bytes(data / "README.TXT", b"not an image")
-    found, _ = common.find_images(str(data))
+        save(noise_image(), data_dir / name)
+    write_bytes(data_dir / "README.TXT", b"not an image")
+    found, _ = data.find_images(str(data_dir))
     assert sorted(os.path.basename(p) for p in found) == sorted(names)
 
 
 def test_hidden_files_and_folders_are_ignored(tmp_path):
-    data = tmp_path / "data"
-    visible = save(noise_image(), data / "visible.png")
-    save(noise_image(), data / ".hidden.png")
-    write_bytes(data / "._visible.png", b"\x00\x05\x16\x07 AppleDouble junk")
-    save(noise_image(), data / ".thumbnails" / "thumb.png")
-    found, problems = common.find_images(str(data))
+    data_dir = tmp_path / "data"
+    visible = save(noise_image(), data_dir / "visible.png")
+    save(noise_image(), data_dir / ".hidden.png")
+    write_bytes(data_dir / "._visible.png", b"\x00\x05\x16\x07 AppleDouble junk")
+    save(noise_image(), data_dir / ".thumbnails" / "thumb.png")
+    found, problems = data.find_images(str(data_dir))
     assert found == [visible] and problems == []
 
 
@@ -448,16 +448,16 @@ def test_hidden_files_and_folders_are_ignored(tmp_path):
 
 
 def test_missing_caption_files_are_all_listed(tmp_path):
-    data = tmp_path / "data"
+    data_dir = tmp_path / "data"
     for name in ("one", "two", "three"):
-        save(noise_image(), data / f"{name}.png")
-    (data / "two.txt").write_text("a photo of ohwx toy", encoding="utf-8")
+        save(noise_image(), data_dir / f"{name}.png")
+    (data_dir / "two.txt").write_text("a photo of ohwx toy", encoding="utf-8")
     with pytest.raises(SystemExit) as excinfo:
-        common.plan_dataset(dataset(data, tmp_path, caption_strategy="textfile", instance_prompt=None), seed=0)
+        data.plan_dataset(dataset(data_dir, tmp_path, caption_strategy="textfile", instance_prompt=None), seed=0)
     message = exit_text(excinfo)
     assert "'subject'" in message and "2 caption file(s) are missing" in message
-    assert str(data / "one.txt") in message and str(data / "three.txt") in message
-    assert str(data / "two.txt") not in message
+    assert str(data_dir / "one.txt") in message and str(data_dir / "three.txt") in message
+    assert str(data_dir / "two.txt") not in message
     assert "write them or change the strategy" in message
 
 
@@ -486,9 +486,9 @@ def test_missing_caption_files_stop_the_scripts_before_any_model_work_leaving_no
                                           ("a photo of ohwx (2).png", "a photo of ohwx"),
                                           ("ohwx_dog_03 (2).jpg", "ohwx dog")])
 def test_filename_captions_drop_underscores_and_numbering(tmp_path, name, caption):
-    assert common.caption_from_filename(name) == caption
+    assert data.caption_from_filename(name) == caption
     save(noise_image(), tmp_path / "data" / name)
-    [entry], _ = common.plan_dataset(dataset(tmp_path / "data", tmp_path, caption_strategy="filename"), seed=0)
+    [entry], _ = data.plan_dataset(dataset(tmp_path / "data", tmp_path, caption_strategy="filename"), seed=0)
     assert entry.captions == [caption]
 
 
@@ -505,7 +505,7 @@ def images_dir(tmp_path):
 
 def load_error(tmp_path, config):
     with pytest.raises(SystemExit) as excinfo:
-        common.load_datasets(data_args(tmp_path, config))
+        data.load_datasets(data_args(tmp_path, config))
     message = exit_text(excinfo)
     assert str(config) in message
     return message
@@ -567,16 +567,16 @@ def test_conditioning_data_pointing_at_an_unknown_id_is_refused(tmp_path, images
 
 
 def test_dataset_whose_images_are_all_skipped_is_an_error(tmp_path):
-    data = tmp_path / "data"
+    data_dir = tmp_path / "data"
     for i in range(3):
-        save(noise_image(8, 8, seed=i), data / f"tiny_{i}.png")
+        save(noise_image(8, 8, seed=i), data_dir / f"tiny_{i}.png")
     printed = []
     with pytest.raises(SystemExit) as excinfo:
-        common.plan_datasets([dataset(data, tmp_path)], seed=0, print_fn=printed.append)
+        data.plan_datasets([dataset(data_dir, tmp_path)], seed=0, print_fn=printed.append)
     message = exit_text(excinfo)
-    assert "'subject'" in message and str(data) in message and "all 3 were skipped" in message
-    assert sorted(printed) == [f"skipped {data / f'tiny_{i}.png'}: 8x8 is too small to train on "
-                               f"(under {common.MIN_IMAGE_EDGE} px)" for i in range(3)]
+    assert "'subject'" in message and str(data_dir) in message and "all 3 were skipped" in message
+    assert sorted(printed) == [f"skipped {data_dir / f'tiny_{i}.png'}: 8x8 is too small to train on "
+                               f"(under {images.MIN_IMAGE_EDGE} px)" for i in range(3)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -588,7 +588,7 @@ def test_folder_without_model_index_is_refused(tmp_path):
     (folder / "unet").mkdir(parents=True)
     (folder / "unet" / "config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(SystemExit) as excinfo:
-        common.resolve_model(model_args(folder, tmp_path))
+        models.resolve_model(model_args(folder, tmp_path))
     message = exit_text(excinfo)
     assert str(folder) in message and "model_index.json" in message and "Point at the folder" in message
 
@@ -596,7 +596,7 @@ def test_folder_without_model_index_is_refused(tmp_path):
 def test_model_path_that_does_not_exist_is_refused(tmp_path):
     missing = tmp_path / "models" / "sd15"
     with pytest.raises(SystemExit) as excinfo:
-        common.resolve_model(model_args(missing, tmp_path))
+        models.resolve_model(model_args(missing, tmp_path))
     assert str(missing) in exit_text(excinfo) and "no such folder or file" in exit_text(excinfo)
 
 
@@ -664,7 +664,7 @@ def test_training_skips_broken_files_and_still_saves_the_lora(tiny_model, tmp_pa
         assert f"skipped {path}: " in printed
     assert "truncated" in printed and "empty file" in printed and "not an image" in printed
     assert result["steps"] == 2
-    assert os.path.getsize(out / train_dreambooth.LORA_WEIGHTS_NAME) > 0
+    assert os.path.getsize(out / adapters.LORA_WEIGHTS_NAME) > 0
     latents = [p for p in all_files(out / "cache" / "vae") if p.endswith(".safetensors")]
     assert sorted(os.path.basename(p).split("-")[0] for p in latents) == [f"good_{i}.png" for i in range(4)]
     assert not any(".tmp" in p for p in all_files(out))
@@ -679,7 +679,7 @@ def test_bucket_smaller_than_the_batch_is_oversubscribed_and_still_trains(tiny_m
     assert len(notices) == 2
     assert any("bucket 128x256" in n and "holds 2 image(s)" in n for n in notices)
     assert any("bucket 256x128" in n and "holds 2 image(s)" in n for n in notices)
-    assert result["steps"] == 2 and os.path.isfile(out / train_dreambooth.LORA_WEIGHTS_NAME)
+    assert result["steps"] == 2 and os.path.isfile(out / adapters.LORA_WEIGHTS_NAME)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -690,7 +690,7 @@ def build_corpus(data, masks):
     """Every kind of awkward file in one folder, and a white mask for each (one of the wrong size).
     Returns ({name: reason a skipped file must be given}, [names that must be cached])."""
     exif = Image.Exif()
-    exif[common.EXIF_ORIENTATION] = 6
+    exif[images.EXIF_ORIENTATION] = 6
     palette = Image.new("P", (64, 64), 0)
     palette.putpalette(list(RED) + list(BLUE) + [0] * (256 * 3 - 6))
     palette.paste(1, (32, 0, 64, 64))
@@ -752,5 +752,5 @@ def test_the_bad_input_corpus_is_reported_file_by_file_and_the_good_files_train(
     assert height > width  # EXIF-rotated: upright, in a portrait bucket
 
     result = train_dreambooth.main(argv + ["--max_train_steps", "2", "--train_batch_size", "1", "--seed", "0"])
-    assert result["steps"] == 2 and os.path.isfile(out / train_dreambooth.LORA_WEIGHTS_NAME)
+    assert result["steps"] == 2 and os.path.isfile(out / adapters.LORA_WEIGHTS_NAME)
     assert "nothing to encode" in capsys.readouterr().out  # training reused the cache the script built

@@ -1,4 +1,4 @@
-"""Aspect buckets, resize/crop plans and the batch sampler (SPEC §3), on hand-built datasets: no files, no models."""
+"""Aspect buckets, resize/crop plans and the batch sampler, on hand-built datasets: no files, no models."""
 
 import itertools
 import math
@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common
-import train_dreambooth
+from common import data, images
 from train_dreambooth import BatchSampler
 
 
 def dataset(resolution=512, resolution_type="pixel_area", **kwargs):
-    return common.Dataset(id=kwargs.pop("id", "ds"), resolution=resolution, resolution_type=resolution_type, **kwargs)
+    return data.Dataset(id=kwargs.pop("id", "ds"), resolution=resolution, resolution_type=resolution_type, **kwargs)
 
 
 def random_sizes(count, seed=0, max_aspect=3.0):
@@ -36,9 +35,9 @@ ALL_KINDS = [("pixel", 512), ("pixel", 700), ("area", 1.0), ("area", 0.25), ("pi
 
 
 def test_size_measure_uses_the_unit_of_the_resolution_type():
-    assert common.size_measure(1200, 800, "pixel") == 800
-    assert common.size_measure(1200, 800, "area") == pytest.approx(0.96)
-    assert common.size_measure(1200, 800, "pixel_area") == pytest.approx(math.sqrt(960_000))
+    assert images.size_measure(1200, 800, "pixel") == 800
+    assert images.size_measure(1200, 800, "area") == pytest.approx(0.96)
+    assert images.size_measure(1200, 800, "pixel_area") == pytest.approx(math.sqrt(960_000))
 
 
 @pytest.mark.parametrize("crop, crop_aspect", [(False, "square"), (True, "square"), (True, "preserve")])
@@ -46,7 +45,7 @@ def test_size_measure_uses_the_unit_of_the_resolution_type():
 def test_every_bucket_side_is_a_multiple_of_64(kind, resolution, crop, crop_aspect):
     ds = dataset(resolution, kind, crop=crop, crop_aspect=crop_aspect)
     for width, height in random_sizes(300, seed=ALL_KINDS.index((kind, resolution)), max_aspect=8):
-        bucket_w, bucket_h = common.bucket_for(width, height, ds)
+        bucket_w, bucket_h = images.bucket_for(width, height, ds)
         assert bucket_w % 64 == 0 and bucket_h % 64 == 0 and bucket_w >= 64 and bucket_h >= 64, (width, height)
 
 
@@ -54,7 +53,7 @@ def test_every_bucket_side_is_a_multiple_of_64(kind, resolution, crop, crop_aspe
 def test_pixel_bucket_shorter_edge_is_the_rounded_resolution(resolution, expected_edge):
     ds = dataset(resolution, "pixel")
     for width, height in random_sizes(300, seed=resolution):
-        bucket = common.bucket_for(width, height, ds)
+        bucket = images.bucket_for(width, height, ds)
         assert min(bucket) == expected_edge, (width, height, bucket)
         # The longer side follows the aspect, within the rounding to 64.
         scale = expected_edge / min(width, height)
@@ -65,23 +64,23 @@ def test_pixel_bucket_shorter_edge_is_the_rounded_resolution(resolution, expecte
 def test_area_bucket_has_about_the_requested_megapixels(megapixels):
     ds = dataset(megapixels, "area")
     for width, height in random_sizes(300, seed=int(megapixels * 10)):
-        bucket_w, bucket_h = common.bucket_for(width, height, ds)
+        bucket_w, bucket_h = images.bucket_for(width, height, ds)
         assert abs(bucket_w * bucket_h / (megapixels * 1e6) - 1) < 0.15, (width, height, bucket_w, bucket_h)
 
 
 def test_pixel_area_1024_means_1_048576_megapixels():
     ds = dataset(1024, "pixel_area")
     for width, height in random_sizes(300, seed=5):
-        bucket_w, bucket_h = common.bucket_for(width, height, ds)
+        bucket_w, bucket_h = images.bucket_for(width, height, ds)
         assert abs(bucket_w * bucket_h / 1_048_576 - 1) < 0.15, (width, height, bucket_w, bucket_h)
-    assert common.bucket_for(3000, 3000, ds) == (1024, 1024)
+    assert images.bucket_for(3000, 3000, ds) == (1024, 1024)
     # The same area as 'area' 1.048576 gives the same buckets.
     same = dataset(1.048576, "area")
-    assert all(common.bucket_for(w, h, ds) == common.bucket_for(w, h, same) for w, h in random_sizes(100, seed=6))
+    assert all(images.bucket_for(w, h, ds) == images.bucket_for(w, h, same) for w, h in random_sizes(100, seed=6))
 
 
 def test_pixel_area_512_keeps_a_landscape_aspect_for_a_3_2_image():
-    bucket_w, bucket_h = common.bucket_for(1536, 1024, dataset(512, "pixel_area"))
+    bucket_w, bucket_h = images.bucket_for(1536, 1024, dataset(512, "pixel_area"))
     assert bucket_w > bucket_h
     assert abs(bucket_w / bucket_h - 1.5) < 0.15
     assert abs(bucket_w * bucket_h / 512 ** 2 - 1) < 0.15
@@ -92,27 +91,27 @@ def test_pixel_area_512_keeps_a_landscape_aspect_for_a_3_2_image():
 def test_square_crop_aspect_gives_a_square_bucket(kind, resolution, side):
     ds = dataset(resolution, kind, crop=True, crop_aspect="square")
     for width, height in [(3000, 1000), (1000, 3000), (1500, 1500), (640, 480)]:
-        assert common.bucket_for(width, height, ds) == (side, side)
+        assert images.bucket_for(width, height, ds) == (side, side)
 
 
 @pytest.mark.parametrize("kind, resolution", ALL_KINDS)
 def test_preserve_crop_aspect_keeps_the_image_aspect(kind, resolution):
     ds = dataset(resolution, kind, crop=True, crop_aspect="preserve")
     for width, height in random_sizes(200, seed=11):
-        bucket_w, bucket_h = common.bucket_for(width, height, ds)
+        bucket_w, bucket_h = images.bucket_for(width, height, ds)
         assert (bucket_w >= bucket_h) == (width >= height) or abs(width / height - 1) < 0.15
         # Each side is off by at most 32 px from the exact aspect-kept size.
         assert abs(math.log((bucket_w / bucket_h) / (width / height))) < math.log((min(bucket_w, bucket_h) + 32)
                                                                                   / (min(bucket_w, bucket_h) - 32))
-        assert common.bucket_for(width, height, ds) == common.bucket_for(width, height, dataset(resolution, kind))
+        assert images.bucket_for(width, height, ds) == images.bucket_for(width, height, dataset(resolution, kind))
 
 
 @pytest.mark.parametrize("kind, resolution", ALL_KINDS)
 def test_portrait_and_landscape_images_land_in_swapped_buckets(kind, resolution):
     ds = dataset(resolution, kind)
     for width, height in [(1200, 800), (3000, 1000), (1024, 768)]:
-        landscape = common.bucket_for(width, height, ds)
-        portrait = common.bucket_for(height, width, ds)
+        landscape = images.bucket_for(width, height, ds)
+        portrait = images.bucket_for(height, width, ds)
         assert landscape != portrait
         assert portrait == landscape[::-1]
         assert landscape[0] > landscape[1]
@@ -128,11 +127,11 @@ def test_portrait_and_landscape_images_land_in_swapped_buckets(kind, resolution)
 def test_crop_box_lies_inside_the_resized_image_and_has_the_target_size(kind, resolution, crop_aspect, style):
     ds = dataset(resolution, kind, crop=True, crop_aspect=crop_aspect, crop_style=style)
     for i, (width, height) in enumerate(random_sizes(100, seed=3)):
-        t = common.plan_transform(width, height, ds, seed=1, key=f"img{i}")
+        t = images.plan_transform(width, height, ds, seed=1, key=f"img{i}")
         left, top, right, bottom = t["crop_box"]
         resized_w, resized_h = t["resized_size"]
         assert 0 <= left and 0 <= top and right <= resized_w and bottom <= resized_h
-        assert [right - left, bottom - top] == t["target_size"] == list(common.bucket_for(width, height, ds))
+        assert [right - left, bottom - top] == t["target_size"] == list(images.bucket_for(width, height, ds))
         assert t["original_size"] == [width, height] == t["downsampled_size"]
         # The resize keeps the aspect (to a pixel) and covers the bucket.
         assert resized_w >= t["target_size"][0] and resized_h >= t["target_size"][1]
@@ -141,32 +140,32 @@ def test_crop_box_lies_inside_the_resized_image_and_has_the_target_size(kind, re
 
 def test_center_crop_is_centred():
     ds = dataset(512, "pixel", crop=True, crop_aspect="square", crop_style="center")
-    t = common.plan_transform(2048, 1024, ds, seed=0, key="k")
+    t = images.plan_transform(2048, 1024, ds, seed=0, key="k")
     assert t["resized_size"] == [1024, 512] and t["target_size"] == [512, 512]
     assert t["crop_box"] == [256, 0, 768, 512]
-    t = common.plan_transform(1000, 3000, ds, seed=0, key="k")
+    t = images.plan_transform(1000, 3000, ds, seed=0, key="k")
     assert t["resized_size"] == [512, 1536] and t["crop_box"] == [0, 512, 512, 1024]
 
 
 def test_centre_spelling_is_accepted_as_center(tmp_path):
     (tmp_path / "img").mkdir()
-    [ds] = [common.validate_dataset({"id": "a", "instance_data_dir": str(tmp_path / "img"), "instance_prompt": "x",
-                                     "crop": True, "crop_style": "centre"}, 0, "data.json")]
+    [ds] = [data.validate_dataset({"id": "a", "instance_data_dir": str(tmp_path / "img"), "instance_prompt": "x",
+                                   "crop": True, "crop_style": "centre"}, 0, "data.json")]
     assert ds.crop_style == "center"
 
 
 def test_corner_crop_starts_at_the_top_left():
     ds = dataset(512, "pixel", crop=True, crop_aspect="square", crop_style="corner")
-    assert common.plan_transform(2048, 1024, ds, seed=0, key="k")["crop_box"] == [0, 0, 512, 512]
-    assert common.plan_transform(1024, 2048, ds, seed=0, key="k")["crop_box"] == [0, 0, 512, 512]
+    assert images.plan_transform(2048, 1024, ds, seed=0, key="k")["crop_box"] == [0, 0, 512, 512]
+    assert images.plan_transform(1024, 2048, ds, seed=0, key="k")["crop_box"] == [0, 0, 512, 512]
 
 
 def test_random_crop_is_a_function_of_seed_and_key():
     ds = dataset(512, "pixel", crop=True, crop_aspect="square", crop_style="random")
-    boxes = {(seed, key): common.plan_transform(4096, 1024, ds, seed=seed, key=key)["crop_box"]
+    boxes = {(seed, key): images.plan_transform(4096, 1024, ds, seed=seed, key=key)["crop_box"]
              for seed in (0, 1, 2) for key in (f"ds/img{i}.png" for i in range(8))}
     # Same (seed, key): same box.
-    assert all(common.plan_transform(4096, 1024, ds, seed=s, key=k)["crop_box"] == box for (s, k), box in boxes.items())
+    assert all(images.plan_transform(4096, 1024, ds, seed=s, key=k)["crop_box"] == box for (s, k), box in boxes.items())
     # Different keys under one seed, and one key under different seeds, give different boxes.
     assert len({box[0] for (s, _), box in boxes.items() if s == 0}) > 1
     assert any(boxes[(0, k)] != boxes[(1, k)] for k in (f"ds/img{i}.png" for i in range(8)))
@@ -179,7 +178,7 @@ def test_without_crop_the_rounding_trim_is_centred(kind, resolution):
     for crop_style in ("corner", "random"):  # the style only applies when crop is on
         ds = dataset(resolution, kind, crop=False, crop_style=crop_style)
         for i, (width, height) in enumerate(random_sizes(200, seed=8)):
-            t = common.plan_transform(width, height, ds, seed=3, key=f"k{i}")
+            t = images.plan_transform(width, height, ds, seed=3, key=f"k{i}")
             spare_w = t["resized_size"][0] - t["target_size"][0]
             spare_h = t["resized_size"][1] - t["target_size"][1]
             assert t["crop_box"][:2] == [spare_w // 2, spare_h // 2]
@@ -192,7 +191,7 @@ def test_without_crop_the_rounding_trim_is_centred(kind, resolution):
     ("pixel", 480, 2027, 2294),
 ])
 def test_without_crop_less_than_64_px_are_trimmed(kind, resolution, width, height):
-    t = common.plan_transform(width, height, dataset(resolution, kind, crop=False), seed=0, key="k")
+    t = images.plan_transform(width, height, dataset(resolution, kind, crop=False), seed=0, key="k")
     assert t["resized_size"][0] - t["target_size"][0] < 64
     assert t["resized_size"][1] - t["target_size"][1] < 64
 
@@ -204,20 +203,20 @@ def test_without_crop_less_than_64_px_are_trimmed(kind, resolution, width, heigh
 ])
 def test_oversized_image_is_first_downsampled_to_about_the_target(kind, maximum, target, big, small):
     ds = dataset(512 if kind != "area" else 0.25, kind, maximum_image_size=maximum, target_downsample_size=target)
-    t = common.plan_transform(*big, ds, seed=0, key="big")
+    t = images.plan_transform(*big, ds, seed=0, key="big")
     down_w, down_h = t["downsampled_size"]
-    assert common.size_measure(down_w, down_h, kind) == pytest.approx(target, rel=0.01)
+    assert images.size_measure(down_w, down_h, kind) == pytest.approx(target, rel=0.01)
     assert abs(down_w / down_h - big[0] / big[1]) < 0.01
-    assert t["target_size"] == list(common.bucket_for(down_w, down_h, ds))
+    assert t["target_size"] == list(images.bucket_for(down_w, down_h, ds))
     # Below the maximum nothing is downsampled.
-    t = common.plan_transform(*small, ds, seed=0, key="small")
+    t = images.plan_transform(*small, ds, seed=0, key="small")
     assert t["downsampled_size"] == list(small)
 
 
 def test_without_target_size_an_oversized_image_is_downsampled_to_the_maximum():
     ds = dataset(512, "pixel_area", maximum_image_size=1024)
-    down_w, down_h = common.plan_transform(4000, 3000, ds, seed=0, key="k")["downsampled_size"]
-    assert common.size_measure(down_w, down_h, "pixel_area") == pytest.approx(1024, rel=0.01)
+    down_w, down_h = images.plan_transform(4000, 3000, ds, seed=0, key="k")["downsampled_size"]
+    assert images.size_measure(down_w, down_h, "pixel_area") == pytest.approx(1024, rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,24 +240,24 @@ def test_apply_transform_returns_exactly_the_bucket_size(kind, resolution):
     for crop, aspect in [(False, "square"), (True, "square"), (True, "preserve")]:
         ds = dataset(resolution, kind, crop=crop, crop_aspect=aspect, crop_style="random")
         for width, height in [(300, 170), (170, 300), (257, 257), (90, 250)]:
-            t = common.plan_transform(width, height, ds, seed=4, key=f"{width}x{height}")
-            out = common.apply_transform(red_blue_image(width, height), t)
+            t = images.plan_transform(width, height, ds, seed=4, key=f"{width}x{height}")
+            out = images.apply_transform(red_blue_image(width, height), t)
             assert list(out.size) == t["target_size"] and out.mode == "RGB"
 
 
 def test_corner_crop_of_a_wide_image_takes_its_left_part():
     ds = dataset(64, "pixel", crop=True, crop_aspect="square", crop_style="corner")
-    t = common.plan_transform(256, 128, ds, seed=0, key="k")
+    t = images.plan_transform(256, 128, ds, seed=0, key="k")
     assert t["resized_size"] == [128, 64] and t["crop_box"] == [0, 0, 64, 64]
-    red, green, blue = channel_means(common.apply_transform(red_blue_image(256, 128), t))
+    red, green, blue = channel_means(images.apply_transform(red_blue_image(256, 128), t))
     assert red > 240 and blue < 15
 
 
 def test_center_crop_of_a_wide_image_takes_its_middle():
     ds = dataset(64, "pixel", crop=True, crop_aspect="square", crop_style="center")
-    t = common.plan_transform(512, 128, ds, seed=0, key="k")  # resized 256x64, crop 96..160
+    t = images.plan_transform(512, 128, ds, seed=0, key="k")  # resized 256x64, crop 96..160
     assert t["crop_box"] == [96, 0, 160, 64]
-    out = np.asarray(common.apply_transform(red_blue_image(512, 128), t), dtype=np.float64)
+    out = np.asarray(images.apply_transform(red_blue_image(512, 128), t), dtype=np.float64)
     left, right = out[:, :24].reshape(-1, 3).mean(axis=0), out[:, 40:].reshape(-1, 3).mean(axis=0)
     assert left[0] > 240 and left[2] < 15
     assert right[2] > 240 and right[0] < 15
@@ -270,16 +269,16 @@ def test_random_crop_region_matches_the_recorded_box():
     source = Image.fromarray(rng.integers(0, 256, (128, 512, 3), dtype=np.uint8))
     ds = dataset(64, "pixel", crop=True, crop_aspect="square", crop_style="random")
     for key in ("a", "b", "c"):
-        t = common.plan_transform(512, 128, ds, seed=9, key=key)
+        t = images.plan_transform(512, 128, ds, seed=9, key=key)
         expected = source.resize(tuple(t["resized_size"]), Image.LANCZOS).crop(tuple(t["crop_box"]))
-        assert np.array_equal(np.asarray(common.apply_transform(source, t)), np.asarray(expected))
+        assert np.array_equal(np.asarray(images.apply_transform(source, t)), np.asarray(expected))
 
 
 def test_apply_transform_downsamples_an_oversized_image_first():
     ds = dataset(64, "pixel", maximum_image_size=200, target_downsample_size=100, crop=True, crop_style="corner")
-    t = common.plan_transform(800, 400, ds, seed=0, key="k")
+    t = images.plan_transform(800, 400, ds, seed=0, key="k")
     assert t["downsampled_size"] == [200, 100] and t["target_size"] == [64, 64]
-    out = common.apply_transform(red_blue_image(800, 400), t)
+    out = images.apply_transform(red_blue_image(800, 400), t)
     assert out.size == (64, 64)
     red, _, blue = channel_means(out)
     assert red > 240 and blue < 15
@@ -295,7 +294,7 @@ def fake_entries(dataset_id, buckets, captions=("a photo of ohwx",)):
     for (width, height), count in buckets:
         for i in range(count):
             relpath = f"{width}x{height}/{i}.png"
-            entries.append(common.ImageEntry(
+            entries.append(data.ImageEntry(
                 dataset_id=dataset_id, path=f"/data/{dataset_id}/{relpath}", relpath=relpath, captions=list(captions),
                 transform={"target_size": [width, height]}, cache_path=f"/cache/{dataset_id}/{relpath}.safetensors"))
     return entries
@@ -313,8 +312,8 @@ def stream(sampler, count):
 
 
 def test_every_batch_comes_from_one_bucket_of_one_dataset():
-    a = common.Dataset(id="a", repeats=2)
-    b = common.Dataset(id="b", repeats=0, probability=3)
+    a = data.Dataset(id="a", repeats=2)
+    b = data.Dataset(id="b", repeats=0, probability=3)
     sampler = sampler_for([(a, fake_entries("a", [((512, 512), 5), ((640, 448), 3), ((448, 640), 1)])),
                            (b, fake_entries("b", [((512, 512), 4), ((768, 512), 7)]))], batch_size=3, seed=1)
     seen = set()
@@ -329,7 +328,7 @@ def test_every_batch_comes_from_one_bucket_of_one_dataset():
 
 @pytest.mark.parametrize("repeats", [0, 1, 3])
 def test_one_epoch_shows_each_image_repeats_plus_one_times(repeats):
-    ds = common.Dataset(id="a", repeats=repeats)
+    ds = data.Dataset(id="a", repeats=repeats)
     entries = fake_entries("a", [((512, 512), 4), ((640, 448), 6), ((448, 640), 2)])
     sampler = sampler_for([(ds, entries)], batch_size=2, seed=5)
     per_epoch = sampler.batches_per_epoch()
@@ -343,7 +342,7 @@ def test_one_epoch_shows_each_image_repeats_plus_one_times(repeats):
 
 
 def test_short_last_batch_is_filled_from_its_bucket_not_dropped():
-    ds = common.Dataset(id="a", repeats=0)
+    ds = data.Dataset(id="a", repeats=0)
     entries = fake_entries("a", [((512, 512), 5), ((640, 448), 1)])
     sampler = sampler_for([(ds, entries)], batch_size=4, seed=2)
     per_epoch = sampler.batches_per_epoch()
@@ -356,7 +355,7 @@ def test_short_last_batch_is_filled_from_its_bucket_not_dropped():
     assert sum(counts[p] for p in square) == 8 and sum(counts[p] - 1 for p in square) == 3  # 3 fill slots
     lone = next(e.path for e in entries if e.bucket == (640, 448))
     assert counts[lone] == 4  # a one-image bucket: the whole batch is that image (oversubscribed)
-    notes = train_dreambooth.oversubscription_notices(sampler)
+    notes = sampler.oversubscribed()
     assert len(notes) == 1 and "640x448" in notes[0] and "'a'" in notes[0]
 
 
@@ -373,7 +372,7 @@ MIX = [  # (id, images, repeats, probability)
 
 
 def mixed_sampler(sampling, seed=0):
-    specs = [(common.Dataset(id=name, repeats=repeats, probability=probability),
+    specs = [(data.Dataset(id=name, repeats=repeats, probability=probability),
               fake_entries(name, [((512, 512), images)])) for name, images, repeats, probability in MIX]
     return sampler_for(specs, batch_size=1, seed=seed, sampling=sampling)
 
@@ -394,9 +393,9 @@ def test_uniform_sampling_draws_datasets_by_probability_alone():
 
 
 def test_datasets_that_do_not_train_are_never_drawn():
-    train = common.Dataset(id="train")
-    held_out = common.Dataset(id="held", dataset_type="eval")
-    masks = common.Dataset(id="masks", dataset_type="conditioning")
+    train = data.Dataset(id="train")
+    held_out = data.Dataset(id="held", dataset_type="eval")
+    masks = data.Dataset(id="masks", dataset_type="conditioning")
     sampler = sampler_for([(train, fake_entries("train", [((512, 512), 2)])),
                            (held_out, fake_entries("held", [((512, 512), 50)])),
                            (masks, fake_entries("masks", [((512, 512), 50)]))], batch_size=1)
@@ -413,8 +412,8 @@ def test_batch_stream_is_a_function_of_the_seed():
 
 
 def test_batches_per_epoch_matches_what_one_epoch_yields():
-    specs = [(common.Dataset(id="a", repeats=2), fake_entries("a", [((512, 512), 5), ((640, 448), 3)])),
-             (common.Dataset(id="b", repeats=0), fake_entries("b", [((512, 512), 7), ((448, 640), 1)]))]
+    specs = [(data.Dataset(id="a", repeats=2), fake_entries("a", [((512, 512), 5), ((640, 448), 3)])),
+             (data.Dataset(id="b", repeats=0), fake_entries("b", [((512, 512), 7), ((448, 640), 1)]))]
     for batch_size in (1, 2, 3, 4):
         sampler = sampler_for(specs, batch_size=batch_size, seed=batch_size)
         yielded = sum(len(sampler.epoch_batches(d)) for d in sampler.datasets)
@@ -431,7 +430,7 @@ def test_batches_per_epoch_matches_what_one_epoch_yields():
 
 def test_list_instance_prompt_picks_among_its_captions():
     captions = ("a photo of ohwx dog", "ohwx dog on the beach", "a picture of ohwx")
-    ds = common.Dataset(id="a", instance_prompt=list(captions))
+    ds = data.Dataset(id="a", instance_prompt=list(captions))
     sampler = sampler_for([(ds, fake_entries("a", [((512, 512), 3)], captions=captions))], batch_size=1, seed=7)
     picked = Counter(caption for _ in range(600) for _, caption in sampler.next())
     assert set(picked) == set(captions)
@@ -439,18 +438,18 @@ def test_list_instance_prompt_picks_among_its_captions():
 
 
 def test_captions_for_a_list_prompt_returns_every_choice(tmp_path):
-    ds = common.Dataset(id="a", caption_strategy="instanceprompt", instance_prompt=["one", "two"])
-    assert common.captions_for(str(tmp_path / "x.png"), ds) == ["one", "two"]
-    ds = common.Dataset(id="a", caption_strategy="instanceprompt", instance_prompt="solo")
-    assert common.captions_for(str(tmp_path / "x.png"), ds) == ["solo"]
+    ds = data.Dataset(id="a", caption_strategy="instanceprompt", instance_prompt=["one", "two"])
+    assert data.captions_for(str(tmp_path / "x.png"), ds) == ["one", "two"]
+    ds = data.Dataset(id="a", caption_strategy="instanceprompt", instance_prompt="solo")
+    assert data.captions_for(str(tmp_path / "x.png"), ds) == ["solo"]
 
 
 def test_plan_transform_ignores_call_order_and_the_global_rng():
     """plan_transform is pure: calling it in any order gives the same plans (no hidden global RNG)."""
     ds = dataset(512, "pixel", crop=True, crop_style="random")
     keys = [f"k{i}" for i in range(5)]
-    forward = [common.plan_transform(w, h, ds, 1, k) for (w, h), k in itertools.product([(2000, 900), (900, 2000)], keys)]
+    forward = [images.plan_transform(w, h, ds, 1, k) for (w, h), k in itertools.product([(2000, 900), (900, 2000)], keys)]
     random.seed(123)  # the global RNG must not matter
-    backward = [common.plan_transform(w, h, ds, 1, k)
+    backward = [images.plan_transform(w, h, ds, 1, k)
                 for (w, h), k in reversed(list(itertools.product([(2000, 900), (900, 2000)], keys)))]
     assert forward == backward[::-1]

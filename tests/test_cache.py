@@ -13,7 +13,7 @@ from conftest import ROOT, write_json
 from safetensors import safe_open
 
 import cache_latents
-import common
+from common import caches, files, images, models
 
 
 def cache_argv(model, data_config, tmp_path, *extra):
@@ -37,7 +37,7 @@ def dead_pid():
     """The pid of a process that has exited and been reaped: a temporary file named after it is a leftover."""
     process = subprocess.Popen(["true"])
     process.wait()
-    assert not common.process_alive(process.pid)
+    assert not files.process_alive(process.pid)
     return process.pid
 
 
@@ -45,7 +45,7 @@ def refuse_model_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded although the cache is up to date")
 
-    monkeypatch.setattr(common, "load_component", fail)
+    monkeypatch.setattr(models, "load_component", fail)
 
 
 def test_cache_entry_holds_latent_distribution_and_its_provenance(tiny_model, subject_dir, tmp_path):
@@ -55,16 +55,16 @@ def test_cache_entry_holds_latent_distribution_and_its_provenance(tiny_model, su
     assert entry.cache_path.endswith(f"{entry.relpath}-{width}x{height}.safetensors")
     with safe_open(entry.cache_path, "pt") as handle:
         mean, std = handle.get_tensor("mean"), handle.get_tensor("std")
-    metadata = common.cache_metadata(entry.cache_path)
+    metadata = caches.cache_metadata(entry.cache_path)
     assert mean.shape == std.shape == (4, height // 8, width // 8) and (std > 0).all()
-    assert metadata["format_version"] == common.CACHE_FORMAT_VERSION
+    assert metadata["format_version"] == caches.CACHE_FORMAT_VERSION
     assert metadata["transform"] == entry.transform and metadata["transform"]["original_size"] == [128, 256]
-    assert metadata["source"] == common.file_fingerprint(entry.path) and metadata["vae"]
+    assert metadata["source"] == files.file_fingerprint(entry.path) and metadata["vae"]
     # The latent is what the VAE gives for the transformed image.
-    info = common.resolve_model(cache_latents.parse_args(cache_argv(tiny_model("sd1"), str(tmp_path / "data.json"),
+    info = models.resolve_model(cache_latents.parse_args(cache_argv(tiny_model("sd1"), str(tmp_path / "data.json"),
                                                                    tmp_path)))
-    vae = common.load_component(info, "vae")
-    pixels = common.image_to_tensor(common.apply_transform(common.load_image(entry.path), entry.transform))
+    vae = models.load_component(info, "vae")
+    pixels = images.image_to_tensor(images.apply_transform(images.load_image(entry.path), entry.transform))
     with torch.no_grad():
         expected = vae.encode(pixels[None]).latent_dist.mean[0]
     assert torch.allclose(mean, expected, atol=1e-5)
@@ -163,7 +163,7 @@ def test_a_cache_run_killed_midway_resumes_to_the_same_files(tiny_model, tmp_pat
     process.send_signal(signal.SIGKILL)
     process.wait()
     for path in cache_files(killed / "vae"):  # whatever the kill left is either complete or a temporary
-        assert path.endswith(".safetensors") and common.load_tensors(path) or ".tmp" in path
+        assert path.endswith(".safetensors") and files.load_tensors(path) or ".tmp" in path
     cache_latents.main(argv)
     names = [os.path.relpath(p, killed / "vae") for p in cache_files(killed / "vae")]
     assert names == [os.path.relpath(p, clean / "vae") for p in cache_files(clean / "vae")]
@@ -174,15 +174,15 @@ def test_a_cache_run_killed_midway_resumes_to_the_same_files(tiny_model, tmp_pat
 def test_text_cache_encodes_only_new_captions(tiny_model, tmp_path, capsys):
     args = cache_latents.parse_args(["--pretrained_model_name_or_path", tiny_model("sd1"), "--output_dir",
                                      str(tmp_path)])
-    info = common.resolve_model(args)
-    paths = common.build_text_cache(["a photo of ohwx toy", "a toy"], info, str(tmp_path / "text"))
+    info = models.resolve_model(args)
+    paths = caches.build_text_cache(["a photo of ohwx toy", "a toy"], info, str(tmp_path / "text"))
     capsys.readouterr()
-    more = common.build_text_cache(["a photo of ohwx toy", "a toy", "a red toy"], info, str(tmp_path / "text"))
+    more = caches.build_text_cache(["a photo of ohwx toy", "a toy", "a red toy"], info, str(tmp_path / "text"))
     assert "encoding 1 of 3 captions" in capsys.readouterr().out
     assert {k: more[k] for k in paths} == paths
-    tokenizers, encoders = common.load_text_encoders(info)
-    expected = common.encode_prompt(info, tokenizers, encoders, ["a red toy"])["prompt_embeds"][0]
-    assert torch.allclose(common.load_tensors(more["a red toy"])["prompt_embeds"], expected)
+    tokenizers, encoders = models.load_text_encoders(info)
+    expected = models.encode_prompt(info, tokenizers, encoders, ["a red toy"])["prompt_embeds"][0]
+    assert torch.allclose(files.load_tensors(more["a red toy"])["prompt_embeds"], expected)
 
 
 def test_training_builds_missing_caches_with_the_same_functions(tiny_model, subject_dir, tmp_path):

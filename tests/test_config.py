@@ -1,4 +1,4 @@
-"""--config FILE.json, the flags it feeds, and the data backend config (SPEC §3).
+"""--config FILE.json, the flags it feeds, and the data backend config.
 
 No model is loaded here: everything is parsing and validation, so a typo costs a second, not a model load."""
 
@@ -7,10 +7,10 @@ import json
 import os
 
 import pytest
-from conftest import write_json
+from conftest import ROOT, write_json
 
 import cache_latents
-import common
+from common import data, flags
 import train_dreambooth
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,10 +216,10 @@ def test_parse_args_with_config_on_a_plain_parser(tmp_path):
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--flag", type=common.str2bool, nargs="?", const=True, default=False)
+    parser.add_argument("--flag", type=flags.str2bool, nargs="?", const=True, default=False)
     parser.add_argument("--names", nargs="+", default=None)
     config = write_json(tmp_path / "c.json", {"--steps": 7, "flag": "true", "names": "solo"})
-    args = common.parse_args_with_config(parser, ["--config", config])
+    args = flags.parse_args_with_config(parser, ["--config", config])
     assert (args.steps, args.flag, args.names) == (7, True, ["solo"])
 
 
@@ -324,6 +324,25 @@ def test_cache_latents_accepts_training_keys_in_the_shared_config(tmp_path):
     assert not hasattr(args, "learning_rate") and not hasattr(args, "lora_rank")
 
 
+def test_the_training_keys_the_other_scripts_pass_over_are_exactly_the_training_flags():
+    import argparse
+
+    shared = argparse.ArgumentParser()
+    for add in (flags.add_model_args, flags.add_data_args, flags.add_eval_args, flags.add_refiner_args):
+        add(shared)
+    assert flags.TRAINING_KEYS == flags.option_names(train_dreambooth.build_parser()) - flags.option_names(shared)
+
+
+@pytest.mark.parametrize("script", ["cache_latents", "evaluate"])
+def test_the_training_config_works_with_the_other_scripts(tmp_path, script):
+    import importlib
+
+    path = os.path.join(ROOT, "examples", "config.json")
+    config = json.load(open(path))
+    args = importlib.import_module(script).parse_args(["--config", path])
+    assert args.pretrained_model_name_or_path == config["pretrained_model_name_or_path"]
+
+
 def test_cache_latents_still_rejects_a_typo(tmp_path):
     config = write_json(tmp_path / "config.json", {"lora_rank": 8, "learnin_rate": 0.0002})
     with pytest.raises(SystemExit) as excinfo:
@@ -344,9 +363,9 @@ def test_cache_latents_checks_its_own_keys_types(tmp_path):
 
 
 def test_reference_masked_loss_example_loads_verbatim(tmp_path):
-    data = write_text(tmp_path / "multidatabackend.json", relocate(REFERENCE_MASKED_LOSS, tmp_path))
-    args = train_args(tmp_path, "--data_backend_config", data)
-    datasets = common.load_datasets(args)
+    data_config = write_text(tmp_path / "multidatabackend.json", relocate(REFERENCE_MASKED_LOSS, tmp_path))
+    args = train_args(tmp_path, "--data_backend_config", data_config)
+    datasets = data.load_datasets(args)
     by_id = {d.id: d for d in datasets}
     assert list(by_id) == ["dreambooth-data", "dreambooth-conditioning", "an example backend for text embeds."]
 
@@ -368,18 +387,18 @@ def test_reference_masked_loss_example_loads_verbatim(tmp_path):
 
     text = by_id["an example backend for text embeds."]
     assert text.dataset_type == "text_embeds" and text.default is True and not text.trains
-    assert common.text_cache_dir(datasets, args) == str(tmp_path / "training/cache/text/sdxl-base/masked_loss")
+    assert data.text_cache_dir(datasets, args) == str(tmp_path / "training/cache/text/sdxl-base/masked_loss")
 
-    assert common.mask_dataset_of(image, datasets) is mask  # masked loss: the image dataset's masks
+    assert data.mask_dataset_of(image, datasets) is mask  # masked loss: the image dataset's masks
     notices = []
-    common.announce_pending_features(datasets, print_fn=notices.append)
+    data.announce_pending_features(datasets, print_fn=notices.append)
     assert notices == []  # masks are a working feature, nothing pending
 
 
 def test_reference_mixed_resolution_example_loads_verbatim(tmp_path):
-    data = write_text(tmp_path / "multidatabackend-dreambooth.json", relocate(REFERENCE_MIXED_RESOLUTION, tmp_path))
-    args = train_args(tmp_path, "--data_config", data)
-    datasets = common.load_datasets(args)
+    data_config = write_text(tmp_path / "multidatabackend-dreambooth.json", relocate(REFERENCE_MIXED_RESOLUTION, tmp_path))
+    args = train_args(tmp_path, "--data_config", data_config)
+    datasets = data.load_datasets(args)
     by_id = {d.id: d for d in datasets}
     assert list(by_id) == ["subjectname-data-512px", "subjectname-data-1024px", "regularisation-data",
                            "regularisation-data-1024px", "textembeds"]
@@ -401,10 +420,10 @@ def test_reference_mixed_resolution_example_loads_verbatim(tmp_path):
     assert by_id["subjectname-data-512px"].instance_prompt == "subjectname"
     assert by_id["regularisation-data"].instance_prompt == "a picture of a man"
     assert by_id["regularisation-data"].instance_data_dir == str(tmp_path / "training/datasets/regularisation")
-    assert common.text_cache_dir(datasets, args) == str(tmp_path / "training/text_cache/sdxl_base")
+    assert data.text_cache_dir(datasets, args) == str(tmp_path / "training/text_cache/sdxl_base")
 
     notices = []
-    common.announce_pending_features(datasets, print_fn=notices.append)
+    data.announce_pending_features(datasets, print_fn=notices.append)
     assert notices == []  # regularisation data is a working feature (prior loss), nothing pending
 
 
@@ -417,35 +436,35 @@ def test_us_spelling_of_is_regularisation_data_means_the_same(tmp_path):
                {"id": "subject", "instance_data_dir": str(tmp_path / "reg"), "instance_prompt": "ohwx",
                 "is_regularization_data": False}]
     args = train_args(tmp_path, "--data_backend_config", write_json(tmp_path / "data.json", entries))
-    datasets = common.load_datasets(args)
+    datasets = data.load_datasets(args)
     assert [d.is_regularisation_data for d in datasets] == [True, True, False]
     assert [d.id for d in datasets if d.is_regularisation_data] == ["reg-us", "reg-uk"]
 
 
 def test_unknown_dataset_key_names_the_closest_known_key(tmp_path):
     (tmp_path / "img").mkdir()
-    data = write_json(tmp_path / "data.json", [{"id": "a", "instance_data_dir": str(tmp_path / "img"),
+    data_config = write_json(tmp_path / "data.json", [{"id": "a", "instance_data_dir": str(tmp_path / "img"),
                                                 "resolutoin": 512}])
     with pytest.raises(SystemExit) as excinfo:
-        common.load_datasets(train_args(tmp_path, "--data_backend_config", data))
+        data.load_datasets(train_args(tmp_path, "--data_backend_config", data_config))
     message = exit_message(excinfo)
-    assert data in message and "resolutoin" in message and "'resolution'" in message
+    assert data_config in message and "resolutoin" in message and "'resolution'" in message
 
 
 def test_wrongly_typed_dataset_value_is_refused(tmp_path):
     (tmp_path / "img").mkdir()
-    data = write_json(tmp_path / "data.json", [{"id": "a", "instance_data_dir": str(tmp_path / "img"),
+    data_config = write_json(tmp_path / "data.json", [{"id": "a", "instance_data_dir": str(tmp_path / "img"),
                                                 "crop": "yes please"}])
     with pytest.raises(SystemExit) as excinfo:
-        common.load_datasets(train_args(tmp_path, "--data_backend_config", data))
-    assert data in exit_message(excinfo) and "'crop'" in exit_message(excinfo)
+        data.load_datasets(train_args(tmp_path, "--data_backend_config", data_config))
+    assert data_config in exit_message(excinfo) and "'crop'" in exit_message(excinfo)
 
 
 def test_instance_data_dir_and_prompt_build_a_one_dataset_config(tmp_path):
     (tmp_path / "subject").mkdir()
     args = train_args(tmp_path, "--instance_data_dir", str(tmp_path / "subject"), "--instance_prompt",
                       "a photo of ohwx dog")
-    [dataset] = common.load_datasets(args)
+    [dataset] = data.load_datasets(args)
     assert dataset.instance_data_dir == str(tmp_path / "subject")
     assert (dataset.caption_strategy, dataset.instance_prompt) == ("instanceprompt", "a photo of ohwx dog")
     assert dataset.dataset_type == "image" and dataset.repeats == 0 and dataset.trains
@@ -456,19 +475,19 @@ def test_instance_data_dir_in_the_config_file_builds_the_same_dataset(tmp_path):
     config = write_json(tmp_path / "config.json", {"instance_data_dir": str(tmp_path / "subject"),
                                                    "instance_prompt": "a photo of ohwx dog",
                                                    "output_dir": str(tmp_path / "out")})
-    [dataset] = common.load_datasets(train_dreambooth.parse_args(["--config", config]))
+    [dataset] = data.load_datasets(train_dreambooth.parse_args(["--config", config]))
     assert (dataset.caption_strategy, dataset.instance_prompt) == ("instanceprompt", "a photo of ohwx dog")
 
 
 def test_instance_data_dir_without_prompt_captions_from_filenames(tmp_path):
     (tmp_path / "subject").mkdir()
-    [dataset] = common.load_datasets(train_args(tmp_path, "--instance_data_dir", str(tmp_path / "subject")))
+    [dataset] = data.load_datasets(train_args(tmp_path, "--instance_data_dir", str(tmp_path / "subject")))
     assert dataset.caption_strategy == "filename" and dataset.instance_prompt is None
 
 
 def test_no_data_at_all_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit) as excinfo:
-        common.load_datasets(train_args(tmp_path))
+        data.load_datasets(train_args(tmp_path))
     message = exit_message(excinfo)
     assert "no data" in message and "--data_backend_config" in message and "--instance_data_dir" in message
 
@@ -476,47 +495,47 @@ def test_no_data_at_all_is_a_clear_error(tmp_path):
 def test_missing_instance_folder_is_a_clear_error(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit) as excinfo:
-        common.load_datasets(train_args(tmp_path, "--instance_data_dir", missing, "--instance_prompt", "x"))
+        data.load_datasets(train_args(tmp_path, "--instance_data_dir", missing, "--instance_prompt", "x"))
     assert missing in exit_message(excinfo)
 
 
 def test_dataset_without_resolution_takes_the_command_line_resolution(tmp_path):
     (tmp_path / "img").mkdir()
-    data = write_json(tmp_path / "data.json", [
+    data_config = write_json(tmp_path / "data.json", [
         {"id": "plain", "instance_data_dir": str(tmp_path / "img"), "instance_prompt": "x"},
         {"id": "own", "instance_data_dir": str(tmp_path / "img"), "instance_prompt": "x", "resolution": 1.0,
          "resolution_type": "area"},
     ])
-    args = train_args(tmp_path, "--data_backend_config", data, "--resolution", "768", "--resolution_type", "pixel")
-    plain, own = common.load_datasets(args)
+    args = train_args(tmp_path, "--data_backend_config", data_config, "--resolution", "768", "--resolution_type", "pixel")
+    plain, own = data.load_datasets(args)
     assert (plain.resolution, plain.resolution_type) == (768.0, "pixel")
     assert (own.resolution, own.resolution_type) == (1.0, "area")
     # Without --resolution the dataset is left for the model's native size (filled in after the model is read).
-    [plain] = common.load_datasets(train_args(tmp_path, "--instance_data_dir", str(tmp_path / "img")))
+    [plain] = data.load_datasets(train_args(tmp_path, "--instance_data_dir", str(tmp_path / "img")))
     assert plain.resolution is None and plain.resolution_type == "pixel_area"
 
 
 def test_cache_dir_vae_defaults_under_output_dir_cache_vae_id(tmp_path):
     (tmp_path / "img").mkdir()
-    data = write_json(tmp_path / "data.json", [
+    data_config = write_json(tmp_path / "data.json", [
         {"id": "subject", "instance_data_dir": str(tmp_path / "img"), "instance_prompt": "x"},
         {"id": "explicit", "instance_data_dir": str(tmp_path / "img"), "instance_prompt": "x",
          "cache_dir_vae": str(tmp_path / "mine")},
     ])
-    subject, explicit = common.load_datasets(train_args(tmp_path, "--data_backend_config", data))
+    subject, explicit = data.load_datasets(train_args(tmp_path, "--data_backend_config", data_config))
     assert subject.cache_dir_vae == os.path.join(str(tmp_path / "out"), "cache", "vae", "subject")
     assert explicit.cache_dir_vae == str(tmp_path / "mine")
     # --cache_dir moves the root of the caches; text embeddings default beside the latents.
-    args = train_args(tmp_path, "--data_backend_config", data, "--cache_dir", str(tmp_path / "caches"))
-    datasets = common.load_datasets(args)
+    args = train_args(tmp_path, "--data_backend_config", data_config, "--cache_dir", str(tmp_path / "caches"))
+    datasets = data.load_datasets(args)
     assert datasets[0].cache_dir_vae == os.path.join(str(tmp_path / "caches"), "vae", "subject")
-    assert common.text_cache_dir(datasets, args) == os.path.join(str(tmp_path / "caches"), "text")
+    assert data.text_cache_dir(datasets, args) == os.path.join(str(tmp_path / "caches"), "text")
 
 
 def test_duplicate_dataset_ids_are_refused(tmp_path):
     (tmp_path / "img").mkdir()
     entry = {"id": "same", "instance_data_dir": str(tmp_path / "img"), "instance_prompt": "x"}
-    data = write_json(tmp_path / "data.json", [entry, entry])
+    data_config = write_json(tmp_path / "data.json", [entry, entry])
     with pytest.raises(SystemExit) as excinfo:
-        common.load_datasets(train_args(tmp_path, "--data_backend_config", data))
-    assert "'same'" in exit_message(excinfo) and data in exit_message(excinfo)
+        data.load_datasets(train_args(tmp_path, "--data_backend_config", data_config))
+    assert "'same'" in exit_message(excinfo) and data_config in exit_message(excinfo)

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, train_argv
 from safetensors.torch import load_file
 
+from common import adapters
 import train_dreambooth
 
 
@@ -59,7 +60,7 @@ def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(ti
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoint-2")) == [
         "ema.safetensors", "optimizer.pt", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors",
         "rng_0.pt", "rng_1.pt", "scheduler.pt", "trainable.safetensors", "training_state.json"]
-    for name in (train_dreambooth.LORA_WEIGHTS_NAME, "pytorch_lora_weights_ema.safetensors"):
+    for name in (adapters.LORA_WEIGHTS_NAME, "pytorch_lora_weights_ema.safetensors"):
         ddp = load_file(str(tmp_path / "ddp" / name))
         ours = load_file(str(tmp_path / "single" / name))
         assert ddp.keys() == ours.keys()
@@ -80,4 +81,4 @@ def test_lycoris_module_dropout_trains_under_ddp(tiny_model, subject_dir, tmp_pa
                       "lycoris", "--lycoris_config", config, "--max_train_steps", "3")
     result = run_launched([*launcher("torchrun"), os.path.join(ROOT, "train_dreambooth.py"), *argv])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert os.path.isfile(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME)
+    assert os.path.isfile(tmp_path / "out" / adapters.LORA_WEIGHTS_NAME)

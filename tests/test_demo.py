@@ -12,6 +12,7 @@ import evaluate
 import make_demo
 import make_masks
 import make_regularisation
+from common import adapters, images
 import train_dreambooth
 
 
@@ -34,8 +35,8 @@ def test_demo_steps_run_and_train_with_masks_and_class_pictures(tmp_path):
     result = train_dreambooth.main(["--config", str(root / "config.json"), "--max_train_steps", "3",
                                     "--data_sampling", "uniform", "--lora_target", "attention",
                                     "--validation_steps", "3", "--validation_num_inference_steps", "2"])
-    assert os.path.isfile(root / "output" / train_dreambooth.LORA_WEIGHTS_NAME)
-    assert Image.open(root / "output" / "validation" / "step-3" / "grid.png").size == (2 * 64, 3 * 64)
+    assert os.path.isfile(root / "output" / adapters.LORA_WEIGHTS_NAME)
+    assert Image.open(root / "output" / "validation" / "step-3" / "grid.png").size == (images.ROW_LABEL_WIDTH + 2 * 64, 3 * 64)
     assert result["steps"] == 3
     logged = [json.loads(line) for line in open(root / "output" / "logs" / "train_log.jsonl")]
     assert any("loss/prior" in line for line in logged)  # the class pictures were trained on

@@ -1,4 +1,4 @@
-"""EMA of the trained weights (SPEC §10): the average, its checkpoints, its files and its validation images."""
+"""EMA of the trained weights: the average, its checkpoints, its files and its validation images."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import common
+from common import adapters, checkpoints, images, models
 import train_dreambooth
 
 EMA_FILE = "pytorch_lora_weights_ema.safetensors"
@@ -26,9 +26,9 @@ def test_ema_is_the_closed_form_average_of_the_recorded_weights(tiny_model, subj
     result = train_dreambooth.main(train_argv(model, subject_dir, out, "--model_type", "full", "--max_train_steps",
                                               "6", "--checkpointing_steps", "1", "--use_ema", "--ema_decay", "0.8",
                                               "--ema_warmup", "--ema_update_interval", "2"))
-    start = {k: v.float() for k, v in common.load_component(model_info(model), "unet").named_parameters()}
+    start = {k: v.float() for k, v in models.load_component(model_info(model), "unet").named_parameters()}
     history = {step: load_file(str(out / f"checkpoint-{step}" / "trainable.safetensors")) for step in range(1, 6)}
-    history[6] = {k: v.detach() for k, v in train_dreambooth.trainable_parameters(result["unet"]).items()}
+    history[6] = {k: v.detach() for k, v in adapters.trainable_parameters(result["unet"]).items()}
     assert not torch.equal(history[2]["conv_in.weight"], history[4]["conv_in.weight"])
 
     def closed_form(steps):
@@ -68,7 +68,7 @@ def test_the_ema_adapter_loads_like_the_raw_one_and_differs_from_it(tiny_model, 
         extra = ["--lora_type", "lycoris", "--lycoris_config", config]
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--use_ema", "--ema_decay", "0.7",
                                               "--learning_rate", "5e-3", *extra))
-    unet, trainable = result["unet"], train_dreambooth.trainable_parameters(result["unet"])
+    unet, trainable = result["unet"], adapters.trainable_parameters(result["unet"])
     inputs = unet_inputs(unet, "sd1")
     raw = predict(unet, inputs)
     with result["ema"].applied(trainable):
@@ -80,8 +80,8 @@ def test_the_ema_adapter_loads_like_the_raw_one_and_differs_from_it(tiny_model, 
         return StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
 
     ema_file = str(tmp_path / "out" / EMA_FILE)
-    assert torch.allclose(predict(common.load_adapter(fresh(), ema_file).unet, inputs), averaged, atol=1e-5)
-    assert torch.allclose(predict(common.load_adapter(fresh(), str(tmp_path / "out")).unet, inputs), raw, atol=1e-5)
+    assert torch.allclose(predict(adapters.load_adapter(fresh(), ema_file).unet, inputs), averaged, atol=1e-5)
+    assert torch.allclose(predict(adapters.load_adapter(fresh(), str(tmp_path / "out")).unet, inputs), raw, atol=1e-5)
     with safe_open(ema_file, "pt") as handle:
         metadata = handle.metadata()
     assert metadata["weights"] == "ema" and metadata["ema_updates"] == "4" and metadata["step"] == "4"
@@ -102,10 +102,10 @@ def test_a_resumed_run_ends_with_the_ema_of_an_uninterrupted_one(tiny_model, sub
     train_dreambooth.main(argv(tmp_path / "whole"))
     os.makedirs(tmp_path / "resumed")
     shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
-    assert json.load(open(tmp_path / "resumed" / "checkpoint-3" / train_dreambooth.STATE_FILE))["ema_updates"] == 3
+    assert json.load(open(tmp_path / "resumed" / "checkpoint-3" / checkpoints.STATE_FILE))["ema_updates"] == 3
     resumed = train_dreambooth.main(argv(tmp_path / "resumed") + ["--resume_from_checkpoint", "latest"])
     assert resumed["ema"].updates == 6
-    for name in (EMA_FILE, train_dreambooth.LORA_WEIGHTS_NAME):
+    for name in (EMA_FILE, adapters.LORA_WEIGHTS_NAME):
         whole, again = (load_file(str(tmp_path / run / name)) for run in ("whole", "resumed"))
         assert whole.keys() == again.keys()
         assert all(torch.allclose(whole[k], again[k], atol=1e-6, rtol=0) for k in whole), name
@@ -120,7 +120,7 @@ def test_validation_renders_raw_and_ema_side_by_side(tiny_model, subject_dir, tm
     folder = tmp_path / "both" / "validation" / "step-2"
     assert sorted(os.listdir(folder)) == ["grid.png", "prompt00-seed0.png", "prompt00-seed0_ema.png",
                                           "prompt00-seed1.png", "prompt00-seed1_ema.png", "prompts.txt"]
-    assert Image.open(folder / "grid.png").size == (4 * 64, 64 + 14)  # raw | EMA, under a label strip
+    assert Image.open(folder / "grid.png").size == (images.ROW_LABEL_WIDTH + 4 * 64, 64 + 14)  # raw | EMA, labelled
     raw, averaged = (Image.open(folder / name).tobytes() for name in ("prompt00-seed0.png", "prompt00-seed0_ema.png"))
     assert raw != averaged
 
@@ -141,7 +141,7 @@ def test_resuming_a_run_without_ema_starts_the_average_from_the_resumed_weights(
     resumed_from = load_file(str(tmp_path / "out" / "checkpoint-2" / "trainable.safetensors"))
     result = train_dreambooth.main(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest",
                                            "--use_ema", "--ema_decay", "0.9"])
-    final = train_dreambooth.trainable_parameters(result["unet"])
+    final = adapters.trainable_parameters(result["unet"])
     assert result["ema"].updates == 1
     for name, shadow in result["ema"].shadow.items():  # one update away from the checkpoint's weights
         assert torch.allclose(shadow, 0.9 * resumed_from[name] + 0.1 * final[name].detach(), atol=1e-7), name

@@ -1,15 +1,15 @@
-"""The stable eval loss (SPEC §11): fixed timesteps, fixed noise, no side effects."""
+"""The stable eval loss: fixed timesteps, fixed noise, no side effects."""
 
 import pytest
 import torch
 from conftest import model_info, unet_inputs
 
-import common
+from common import models, scores
 
 
 def test_eval_timesteps_are_evenly_spaced_without_the_ends():
-    assert common.eval_timesteps(1000, 8).tolist() == [111, 222, 333, 444, 555, 666, 777, 888]
-    assert common.eval_timesteps(1000, 1).tolist() == [500]
+    assert scores.eval_timesteps(1000, 8).tolist() == [111, 222, 333, 444, 555, 666, 777, 888]
+    assert scores.eval_timesteps(1000, 1).tolist() == [500]
 
 
 @pytest.mark.parametrize("family,prediction", [("sd1", "epsilon"), ("sd2", "v_prediction"), ("sdxl", "epsilon")])
@@ -17,18 +17,18 @@ def test_stable_eval_loss_is_repeatable_side_effect_free_and_the_plain_mse(tiny_
     from diffusers import DDPMScheduler
 
     model = tiny_model(family, prediction)
-    unet = common.load_component(model_info(model), "unet").train()
+    unet = models.load_component(model_info(model), "unet").train()
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     inputs = [unet_inputs(unet, family, seed=s) for s in (1, 2)]
-    examples = [{"latents": i["sample"], "prompt_embeds": i["encoder_hidden_states"],
-                 **({"added_cond": i["added_cond_kwargs"]} if "added_cond_kwargs" in i else {})} for i in inputs]
+    examples = [{"latents": i["sample"], "cond": {k: v for k, v in i.items() if k not in ("sample", "timestep")}}
+                for i in inputs]
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = common.stable_eval_loss(unet, scheduler, prediction, examples, count=4, seed=5)
+    first = scores.stable_eval_loss(unet, scheduler, prediction, examples, count=4, seed=5)
     assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
     assert unet.training  # and the mode is given back
-    assert common.stable_eval_loss(unet, scheduler, prediction, examples, count=4, seed=5) == first
-    assert common.stable_eval_loss(unet, scheduler, prediction, examples, count=4, seed=6) != first
+    assert scores.stable_eval_loss(unet, scheduler, prediction, examples, count=4, seed=5) == first
+    assert scores.stable_eval_loss(unet, scheduler, prediction, examples, count=4, seed=6) != first
     assert list(first["per_timestep"]) == [200, 400, 599, 799]
     assert first["mean"] == pytest.approx(sum(first["per_timestep"].values()) / 4)
 
@@ -40,7 +40,6 @@ def test_stable_eval_loss_is_repeatable_side_effect_free_and_the_plain_mse(tiny_
     target = scheduler.get_velocity(example["latents"], noise, torch.tensor([t])) \
         if prediction == "v_prediction" else noise
     with torch.no_grad():
-        pred = unet.eval()(noisy, torch.tensor([t]), example["prompt_embeds"],
-                           added_cond_kwargs=example.get("added_cond")).sample
-    other = common.stable_eval_loss(unet, scheduler, prediction, examples[:1], count=4, seed=5)["per_timestep"][t]
+        pred = unet.eval()(noisy, torch.tensor([t]), **example["cond"]).sample
+    other = scores.stable_eval_loss(unet, scheduler, prediction, examples[:1], count=4, seed=5)["per_timestep"][t]
     assert first["per_timestep"][t] == pytest.approx(((pred - target) ** 2).mean().item() / 2 + other / 2, rel=1e-5)

@@ -1,4 +1,4 @@
-"""evaluate.py and the scores (SPEC §11): CLIP-T / CLIP-I / DINO, the shared eval loss, metrics and the report."""
+"""evaluate.py and the scores: CLIP-T / CLIP-I / DINO, the shared eval loss, metrics and the report."""
 
 import csv
 import html
@@ -13,23 +13,23 @@ import torch
 from conftest import train_argv
 from PIL import Image
 
-import common
+from common import adapters, images, models, scores
 import evaluate
 import make_demo
 import train_dreambooth
 
 
 def test_dreambench_prompts_and_the_clip_t_text_side():
-    objects, live = common.dreambench_prompts("object"), common.dreambench_prompts("live")
+    objects, live = scores.dreambench_prompts("object"), scores.dreambench_prompts("live")
     assert len(objects) == len(live) == 25 and len(set(objects)) == 25
     assert "a {instance} wearing a santa hat" in live and "a {instance} floating in an ocean of milk" in objects
     assert objects[:10] == live[:10] and objects[-5:] == live[-5:] == [
         "a red {instance}", "a purple {instance}", "a shiny {instance}", "a wet {instance}",
         "a cube shaped {instance}"]
-    assert common.fill_prompt("a {instance} in the jungle", "ohwx dog", "dog") == ("a ohwx dog in the jungle",
+    assert scores.fill_prompt("a {instance} in the jungle", "ohwx dog", "dog") == ("a ohwx dog in the jungle",
                                                                                "a dog in the jungle")
-    assert common.fill_prompt("a photo of ohwx dog", "ohwx dog", "dog") == ("a photo of ohwx dog", "a photo of dog")
-    assert common.fill_prompt("a {class} next to a {instance}", "ohwx dog", "dog") == (
+    assert scores.fill_prompt("a photo of ohwx dog", "ohwx dog", "dog") == ("a photo of ohwx dog", "a photo of dog")
+    assert scores.fill_prompt("a {class} next to a {instance}", "ohwx dog", "dog") == (
         "a dog next to a ohwx dog", "a dog next to a dog")
 
 
@@ -41,10 +41,10 @@ def test_scores_agree_with_a_direct_computation(tiny_scorers):
     from transformers import CLIPModel, CLIPProcessor, ViTImageProcessorPil, ViTModel
 
     clip_folder, dino_folder = tiny_scorers
-    scorer = common.Scorer(clip_folder, dino_folder)
+    scorer = scores.Scorer(clip_folder, dino_folder)
     generated, real = pictures(3, 0), pictures(2, 10)
     texts = ["a toy", "a red toy on a table", "a toy in the snow"]
-    scores = scorer.scores(generated, texts, scorer.clip_images(real), scorer.dino_images(real))
+    result = scorer.scores(generated, texts, scorer.clip_images(real), scorer.dino_images(real))
 
     # Directly: CLIPModel's own forward pass normalises image_embeds and text_embeds.
     model, processor = CLIPModel.from_pretrained(clip_folder).eval(), CLIPProcessor.from_pretrained(clip_folder)
@@ -55,14 +55,14 @@ def test_scores_agree_with_a_direct_computation(tiny_scorers):
     clip_i = torch.stack([a @ b for a in out.image_embeds for b in real_out.image_embeds]).mean()
     vit, vit_processor = ViTModel.from_pretrained(dino_folder).eval(), ViTImageProcessorPil.from_pretrained(dino_folder)
     with torch.no_grad():
-        def cls(images):
-            token = vit(**vit_processor(images=images, return_tensors="pt")).last_hidden_state[:, 0]
+        def cls(batch):
+            token = vit(**vit_processor(images=batch, return_tensors="pt")).last_hidden_state[:, 0]
             return token / token.norm(dim=-1, keepdim=True)
         dino = (cls(generated) @ cls(real).T).mean()
-    assert scores["clip_t"] == pytest.approx(clip_t.item(), abs=1e-5)
-    assert scores["clip_i"] == pytest.approx(clip_i.item(), abs=1e-5)
-    assert scores["dino"] == pytest.approx(dino.item(), abs=1e-5)
-    assert len({round(v, 3) for v in scores.values()}) == 3
+    assert result["clip_t"] == pytest.approx(clip_t.item(), abs=1e-5)
+    assert result["clip_i"] == pytest.approx(clip_i.item(), abs=1e-5)
+    assert result["dino"] == pytest.approx(dino.item(), abs=1e-5)
+    assert len({round(v, 3) for v in result.values()}) == 3
 
     same = scorer.scores(generated[:1], texts[:1], scorer.clip_images(generated[:1]), scorer.dino_images(generated[:1]))
     assert same["clip_i"] == pytest.approx(1.0, abs=1e-5) and same["dino"] == pytest.approx(1.0, abs=1e-5)
@@ -122,7 +122,7 @@ def test_evaluate_writes_metrics_grids_and_plots(evaluated):
     for r in saved["results"]:
         assert all(-1 <= r[m] <= 1 for m in ("clip_t", "clip_i", "dino")) and r["eval_loss"] > 0
         assert list(r["eval_loss_per_timestep"]) == ["111", "222", "333", "444", "555", "666", "777", "888"]
-        assert Image.open(folder / r["grid_path"]).size == (2 * 64, 25 * 64)  # a column per seed, a row per prompt
+        assert Image.open(folder / r["grid_path"]).size == (images.ROW_LABEL_WIDTH + 2 * 64, 25 * 64)  # seeds x prompts
     rows = list(csv.DictReader(open(folder / "metrics.csv")))
     assert [row["name"] for row in rows] == ["base", "checkpoint-2", "final"]
     assert float(rows[2]["clip_i"]) == pytest.approx(results[2]["clip_i"], abs=1e-6)
@@ -163,8 +163,8 @@ def test_the_report_shows_every_image_in_headless_chromium(evaluated, tmp_path):
                           "--dump-dom", source.as_uri()], capture_output=True, text=True, timeout=120).stdout
     found = re.search(r'data-images="([^"]*)"', dom)
     assert found, dom[-2000:]
-    images = json.loads(html.unescape(found.group(1)))
-    assert len(images) == 5 and all(shown for _, shown in images), images
+    shown = json.loads(html.unescape(found.group(1)))
+    assert len(shown) == 5 and all(loaded for _, loaded in shown), shown
     assert "Evaluation" in dom and "checkpoint-2" in dom
 
 
@@ -192,15 +192,15 @@ def test_training_scores_validation_images_with_clip(tiny_model, tiny_scorers, s
                                      "ohwx toy", "--validation_class", "toy", "--validation_steps", "2",
                                      "--num_validation_images", "2", "--validation_num_inference_steps", "2",
                                      "--evaluation_type", "clip", "--clip_model", clip))
-    [scores] = [r for r in log_records(tmp_path / "out") if "validation/clip_t" in r]
+    [logged] = [r for r in log_records(tmp_path / "out") if "validation/clip_t" in r]
     folder = tmp_path / "out" / "validation" / "step-2"
-    images = [Image.open(folder / f"prompt00-seed{s}.png") for s in (0, 1)]
-    scorer = common.Scorer(clip)
-    subject = [common.load_image(os.path.join(subject_dir, n)) for n in sorted(os.listdir(subject_dir))]
-    expected = scorer.scores(images, ["a toy on the beach"] * 2, scorer.clip_images(subject))
-    assert scores["step"] == 2
-    assert scores["validation/clip_t"] == pytest.approx(expected["clip_t"], abs=1e-5)
-    assert scores["validation/clip_i"] == pytest.approx(expected["clip_i"], abs=1e-5)
+    drawn = [Image.open(folder / f"prompt00-seed{s}.png") for s in (0, 1)]
+    scorer = scores.Scorer(clip)
+    subject = [images.load_image(os.path.join(subject_dir, n)) for n in sorted(os.listdir(subject_dir))]
+    expected = scorer.scores(drawn, ["a toy on the beach"] * 2, scorer.clip_images(subject))
+    assert logged["step"] == 2
+    assert logged["validation/clip_t"] == pytest.approx(expected["clip_t"], abs=1e-5)
+    assert logged["validation/clip_i"] == pytest.approx(expected["clip_i"], abs=1e-5)
 
 
 @pytest.mark.parametrize("adapter", ["lora", "lokr"])
@@ -215,7 +215,7 @@ def test_each_model_is_applied_and_removed_without_a_trace(tiny_model, subject_d
         extra = ["--lora_type", "lycoris", "--lycoris_config", config]
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--learning_rate", "1e-2", *extra))
     info = model_info(model)
-    pipe = common.load_pipeline(info)
+    pipe = models.load_pipeline(info)
     inputs = unet_inputs(pipe.unet, "sd1")
     before = predict(pipe.unet, inputs)
     [*_, final] = evaluate.find_targets(str(tmp_path / "out"), None, "raw")
@@ -245,7 +245,7 @@ def test_old_or_partial_checkpoints_are_skipped_and_the_instance_is_required(tin
     model = tiny_model("sd1")
     out = tmp_path / "out"
     train_dreambooth.main(train_argv(model, subject_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
-    os.remove(out / "checkpoint-1" / train_dreambooth.LORA_WEIGHTS_NAME)  # as an older version wrote them
+    os.remove(out / "checkpoint-1" / adapters.LORA_WEIGHTS_NAME)  # as an older version wrote them
     names = [t[0] for t in evaluate.find_targets(str(out), None, "raw")]
     assert names == ["base", "final"] and "skipped" in capsys.readouterr().out
     argv = eval_argv(model, subject_dir, out, "--clip_model", "none")

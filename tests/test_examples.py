@@ -5,7 +5,7 @@ import os
 
 from conftest import ROOT, model_info, write_json
 
-import common
+from common import adapters, data, files, flags, models
 import test_config
 import train_dreambooth
 
@@ -44,7 +44,7 @@ def test_reference_four_dataset_example_runs(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "an epoch holds 2 instance and 2 regularisation samples" not in out  # repeats 100: 202 instance samples
     assert "an epoch holds 202 instance and 2 regularisation samples" in out
-    assert os.path.isfile(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME)
+    assert os.path.isfile(tmp_path / "out" / adapters.LORA_WEIGHTS_NAME)
     buckets = {os.path.basename(p).rsplit("-", 1)[1] for d in datasets[:4]
                for p in os.listdir(d["cache_dir_vae"])}
     assert buckets == {"512x512.safetensors", "1024x1024.safetensors"}  # about the resolution, whatever the image
@@ -56,15 +56,15 @@ def test_reference_masked_loss_example_runs(tiny_model, tmp_path):
     square_images(datasets[0]["instance_data_dir"], 2, 1024)
     square_images(datasets[1]["instance_data_dir"], 2, 1024)
     run_tiny_sdxl(tiny_model, write_json(tmp_path / "multidatabackend.json", datasets), tmp_path)
-    assert os.path.isfile(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME)
+    assert os.path.isfile(tmp_path / "out" / adapters.LORA_WEIGHTS_NAME)
     entries = [os.path.join(datasets[0]["cache_dir_vae"], name) for name in os.listdir(datasets[0]["cache_dir_vae"])]
     assert len(entries) == 2
     for path in entries:  # each latent carries its image's mask, on the 128 x 128 latent grid of a 1024 px bucket
-        assert common.load_tensors(path)["mask"].shape == (1, 128, 128)
+        assert files.load_tensors(path)["mask"].shape == (1, 128, 128)
 
 
 def test_shipped_examples_are_valid(tmp_path):
-    config = common.read_config_file(os.path.join(ROOT, "examples", "config.json"), train_dreambooth.build_parser())
+    config = flags.read_config_file(os.path.join(ROOT, "examples", "config.json"), train_dreambooth.build_parser())
     assert config["data_backend_config"] == "examples/multidatabackend.json"
     with open(os.path.join(ROOT, "examples", "multidatabackend.json")) as handle:
         datasets = relocate(json.load(handle), tmp_path)
@@ -72,13 +72,13 @@ def test_shipped_examples_are_valid(tmp_path):
         if "instance_data_dir" in dataset:
             os.makedirs(dataset["instance_data_dir"], exist_ok=True)
     args = train_dreambooth.parse_args(["--data_backend_config", write_json(tmp_path / "data.json", datasets)])
-    loaded = common.load_datasets(args)
+    loaded = data.load_datasets(args)
     assert [d.id for d in loaded if d.is_regularisation_data] == ["regularisation-data", "regularisation-data-1024px"]
 
 
 def test_shipped_lycoris_config_builds_a_network(tiny_model, tmp_path):
     path = os.path.join(ROOT, "examples", "lycoris_config.json")
-    config = train_dreambooth.read_lycoris_config(path)
+    config = adapters.read_lycoris_config(path)
     info = model_info(tiny_model("sd1"))
-    network = train_dreambooth.add_lycoris(common.load_component(info, "unet"), config, path)
+    network = adapters.add_lycoris(models.load_component(info, "unet"), config, path)
     assert network.loras and {type(m).__name__ for m in network.loras} == {"LokrModule"}

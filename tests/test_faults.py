@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, train_argv
 from safetensors.torch import load_file
 
-import common
+from common import adapters, checkpoints, files
 import train_dreambooth
 
 
@@ -53,7 +53,7 @@ def test_a_nan_or_inf_loss_stops_the_run_naming_the_step_and_keeps_the_last_chec
                                          "--max_train_steps", "5"))
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
     assert all(torch.isfinite(v).all() for v in trainable(out / "checkpoint-2").values())
-    assert not os.path.exists(out / train_dreambooth.LORA_WEIGHTS_NAME)  # no final output from a failed run
+    assert not os.path.exists(out / adapters.LORA_WEIGHTS_NAME)  # no final output from a failed run
 
 
 def test_skip_nan_steps_drops_bad_batches_without_touching_the_weights(tiny_model, subject_dir, tmp_path, nan_at):
@@ -66,7 +66,7 @@ def test_skip_nan_steps_drops_bad_batches_without_touching_the_weights(tiny_mode
     assert all(torch.equal(before[k], after[k]) for k in before)  # the NaN batch applied nothing
     moved = trainable(out / "checkpoint-3")
     assert any(not torch.equal(after[k], moved[k]) for k in after)  # a good batch does
-    final = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    final = load_file(str(out / adapters.LORA_WEIGHTS_NAME))
     assert all(torch.isfinite(v).all() for v in final.values())
     logged = [json.loads(line) for line in open(out / "logs" / "train_log.jsonl")]
     assert [r.get("skipped_nan_batches", 0) for r in logged] == [0, 1, 1, 2, 2, 2]
@@ -85,7 +85,7 @@ def test_skipped_nan_batches_are_counted_across_a_resume(tiny_model, subject_dir
                       "--skip_nan_steps", "1")
     nan_at(1)  # step 1 is skipped, checkpoint-2 records it
     train_dreambooth.main(argv)
-    assert json.load(open(out / "checkpoint-2" / train_dreambooth.STATE_FILE))["skipped_nan_batches"] == 1
+    assert json.load(open(out / "checkpoint-2" / checkpoints.STATE_FILE))["skipped_nan_batches"] == 1
     nan_at(1)  # the resumed run's first step (3) is bad too: the second of a budget of one
     with pytest.raises(SystemExit, match=r"at step 3; stopping \(1 bad batches skipped before\)"):
         train_dreambooth.main(argv + ["--resume_from_checkpoint", "latest"])
@@ -144,7 +144,7 @@ def assert_every_named_file_is_whole(*folders):
         elif path.endswith(".pt"):
             torch.load(path, weights_only=True)
         elif path.endswith(".jsonl"):
-            common.read_log(path)
+            checkpoints.read_log(path)
 
 
 def kill_and_rerun(script, args, kill, clean):
@@ -209,14 +209,14 @@ def assert_same_training_outputs(out, reference):
     assert sorted(got) == sorted(want)
     for rel, path in want.items():
         if rel.endswith(".safetensors"):
-            with common.safe_open(path, framework="pt") as a, common.safe_open(got[rel], framework="pt") as b:
+            with files.safe_open(path, framework="pt") as a, files.safe_open(got[rel], framework="pt") as b:
                 assert a.metadata() == b.metadata(), rel
             assert same_values(load_file(path), load_file(got[rel])), rel
         elif rel.endswith(".pt"):
             assert same_values(torch.load(path, weights_only=True), torch.load(got[rel], weights_only=True)), rel
         elif rel.endswith(".jsonl"):
             def untimed(log):
-                return [{k: v for k, v in record.items() if k != "step_time"} for record in common.read_log(log)]
+                return [{k: v for k, v in record.items() if k != "step_time"} for record in checkpoints.read_log(log)]
             assert same_values(untimed(path), untimed(got[rel])), rel
         elif rel.endswith(".json"):
             assert same_values(json.load(open(path)), json.load(open(got[rel]))), rel
@@ -260,7 +260,7 @@ def training_kill_setup(tiny_model, subject_dir, tmp_path, *extra):
                       "--cache_dir", tmp_path / "cache", "--resume_from_checkpoint", "latest", *extra)
     rerun("train_dreambooth.py", args)  # the caches first: every later run finds them, so its writes line up
     shutil.rmtree(out)
-    return args, out, lambda: bool(common.read_log(str(out / "logs" / "train_log.jsonl")))  # a step is logged
+    return args, out, lambda: bool(checkpoints.read_log(str(out / "logs" / "train_log.jsonl")))  # a step is logged
 
 
 def test_training_killed_in_a_step_a_checkpoint_write_or_the_final_save_ends_where_it_would_have(
@@ -335,16 +335,16 @@ def test_resume_latest_skips_an_incomplete_checkpoint_folder(tiny_model, subject
     out = tmp_path / "out"
     args = train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2")
     expected = train_dreambooth.main(args)
-    reference = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    reference = load_file(str(out / adapters.LORA_WEIGHTS_NAME))
     # A later checkpoint folder that never got its state file (a partial copy, a foreign tool's folder).
     broken = out / "checkpoint-3"
     shutil.copytree(out / "checkpoint-2", broken)
-    os.remove(broken / train_dreambooth.STATE_FILE)
-    os.remove(out / train_dreambooth.LORA_WEIGHTS_NAME)
+    os.remove(broken / checkpoints.STATE_FILE)
+    os.remove(out / adapters.LORA_WEIGHTS_NAME)
     result = train_dreambooth.main(args + ["--resume_from_checkpoint", "latest"])
     assert "checkpoint-3 is incomplete" in capsys.readouterr().out
     assert result["steps"] == expected["steps"] == 4
-    resumed = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    resumed = load_file(str(out / adapters.LORA_WEIGHTS_NAME))
     assert all(torch.allclose(resumed[k], reference[k], atol=1e-6, rtol=0) for k in reference)
 
 
@@ -371,13 +371,13 @@ def fill_disk_after(monkeypatch, module, name, calls_allowed):
 def test_a_full_disk_while_caching_names_the_file_and_keeps_what_was_cached(tiny_model, subject_dir, tmp_path,
                                                                              monkeypatch):
     import cache_latents
-    import common
+    from common import files
 
     cache = tmp_path / "cache"
     args = ["--pretrained_model_name_or_path", tiny_model("sd1"), "--instance_data_dir", subject_dir,
             "--instance_prompt", "a photo of ohwx toy", "--output_dir", str(tmp_path / "out"), "--cache_dir",
             str(cache), "--resolution", "64"]
-    fill_disk_after(monkeypatch, common, "save_file", 3)
+    fill_disk_after(monkeypatch, files, "save_file", 3)
     with pytest.raises(SystemExit, match=r"\.safetensors: the disk is full .*run the same command again"):
         cache_latents.main(args)
     written = [p for p in files_under(str(cache)).values()]
@@ -409,7 +409,7 @@ def fail_checkpoint_4_with(monkeypatch, how):
             return real_save(obj, path, *a, **k)
         monkeypatch.setattr(torch, "save", save)
     else:
-        real_file = common.save_file
+        real_file = files.save_file
 
         def save_file(tensors, path, *a, **k):
             if "checkpoint-4" in path and "trainable" in path:
@@ -417,7 +417,7 @@ def fail_checkpoint_4_with(monkeypatch, how):
                     handle.write(b"partial")
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_file(tensors, path, *a, **k)
-        monkeypatch.setattr(common, "save_file", save_file)
+        monkeypatch.setattr(files, "save_file", save_file)
 
 
 @pytest.mark.parametrize("how,reason", [("torch.save", "RuntimeError: PytorchStreamWriter failed"),
@@ -430,7 +430,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_resumes(tin
     reference_out = tmp_path / "reference"
     train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, reference_out, "--max_train_steps", "6",
                                      "--checkpointing_steps", "2", "--cache_dir", tmp_path / "cache"))
-    reference = load_file(str(reference_out / train_dreambooth.LORA_WEIGHTS_NAME))
+    reference = load_file(str(reference_out / adapters.LORA_WEIGHTS_NAME))
     fail_checkpoint_4_with(monkeypatch, how)
     with pytest.raises(SystemExit) as failed:
         train_dreambooth.main(args)
@@ -442,5 +442,5 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_resumes(tin
     before = trainable(out / "checkpoint-2")
     assert all(torch.isfinite(v).all() for v in before.values())
     train_dreambooth.main(args)  # room again: resumes from checkpoint-2 and ends where an uninterrupted run does
-    resumed = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    resumed = load_file(str(out / adapters.LORA_WEIGHTS_NAME))
     assert all(torch.allclose(resumed[k], reference[k], atol=1e-6, rtol=0) for k in reference)

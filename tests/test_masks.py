@@ -1,4 +1,4 @@
-"""Masked loss (SPEC §7): make_masks.py, masks that follow their images through resize and crop into the latent cache,
+"""Masked loss: make_masks.py, masks that follow their images through resize and crop into the latent cache,
 and a loss that gives the masked-out region no gradient."""
 
 import os
@@ -10,7 +10,7 @@ from conftest import train_argv, write_json
 from PIL import Image, ImageDraw
 
 import cache_latents
-import common
+from common import adapters, data, files, images, models
 import make_masks
 import train_dreambooth
 
@@ -57,7 +57,7 @@ def test_clipseg_masks_have_each_images_size_at_its_relative_path(tiny_clipseg, 
 def test_comma_separated_prompts_are_or_ed(tiny_clipseg, tmp_path):
     image_path = draw_square(str(tmp_path / "in" / "a.png"), (96, 64), (10, 10, 50, 40))
     processor, model = make_masks.load_segmenter(make_masks.parse_args(masks_argv(tiny_clipseg, tmp_path, tmp_path / "x")))
-    maps = make_masks.segment([common.load_image(image_path)], ["dog", "red toy"], processor, model, "cpu")
+    maps = make_masks.segment([images.load_image(image_path)], ["dog", "red toy"], processor, model, "cpu")
     threshold = float(np.median(maps[0]))  # a threshold that makes both masks partial
     results = {}
     for text in ("dog", "red toy", "dog, red toy"):
@@ -180,14 +180,14 @@ def test_preview_is_a_contact_sheet_of_every_image(tmp_path):
 
 def test_long_labels_wrap_inside_their_thumbnail(tmp_path):
     prompts = ["a large ohwx shape at the left", "a ohwx shape on a black background", "a ohwx shape", "x" * 60]
-    common.contact_sheet([Image.new("RGB", (64, 64), "red")] * 4, prompts, str(tmp_path / "sheet.png"), thumb=96)
+    images.contact_sheet([Image.new("RGB", (64, 64), "red")] * 4, prompts, str(tmp_path / "sheet.png"), thumb=96)
     sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("L"))
     assert sheet.shape == (2 * (96 + 2 + 2 * 12), 2 * 96)  # two label lines: the longest prompts need two
     label = sheet[96:96 + 26, :96]
     assert (label < 128).any() and (label[:, -2:] >= 128).all()  # text in the first cell, clear of the next
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     for prompt in prompts:
-        lines = common.wrap_label(measure, prompt, 92)
+        lines = images.wrap_label(measure, prompt, 92)
         assert all(measure.textlength(line) <= 92 for line in lines)
         assert " ".join(lines) == prompt or lines[-1].endswith("..")
 
@@ -299,7 +299,7 @@ def test_the_cached_mask_follows_its_image_through_resize_and_crop(tiny_model, t
     assert transform["target_size"] == [128, 128] and transform["resized_size"] != [128, 128]
     assert transform["original_size"] == list(size)
     assert (transform["downsampled_size"] != list(size)) == (variant == "downsampled")
-    cached = common.load_tensors(entry.cache_path)["mask"]
+    cached = files.load_tensors(entry.cache_path)["mask"]
     assert cached.shape == (1, 16, 16)
     expected = cell_coverage(box, transform, 8)
     # A one-pixel drift would move an edge cell by 1/8; bilinear resampling (twice when downsampled) stays well
@@ -307,7 +307,7 @@ def test_the_cached_mask_follows_its_image_through_resize_and_crop(tiny_model, t
     assert np.abs(cached[0].numpy() - expected).max() < 0.05
     assert abs(cached.sum().item() - expected.sum()) < 0.5
     # The image's red square lies where the cached mask is white: the image's own latent-cell colours agree.
-    image = torch.from_numpy(np.asarray(common.apply_transform(common.load_image(entry.path), transform),
+    image = torch.from_numpy(np.asarray(images.apply_transform(images.load_image(entry.path), transform),
                                         dtype=np.float32))
     red = ((image[..., 0] > 120) & (image[..., 2] < 100)).float()[None, None]
     red_cells = torch.nn.functional.avg_pool2d(red, 8)[0]
@@ -322,7 +322,7 @@ def test_masks_pair_by_relative_path_with_any_extension(tmp_path):
     args = train_dreambooth.parse_args(["--data_backend_config", masked_data_config(tmp_path, tmp_path / "images",
                                                                                     tmp_path / "masks"),
                                         "--resolution", "64"])
-    plans = common.plan_datasets(common.load_datasets(args), 0)
+    plans = data.plan_datasets(data.load_datasets(args), 0)
     assert {os.path.relpath(e.mask_path, tmp_path / "masks") for e in plans["subject"]} == {"sub/a.png", "b.jpg"}
     assert "masks" not in plans  # a mask dataset is not trained on
 
@@ -334,13 +334,13 @@ def test_masks_that_cannot_be_told_apart_from_images_are_refused(tmp_path):
         args = train_dreambooth.parse_args(["--data_backend_config", masked_data_config(tmp_path, tmp_path / "images",
                                                                                         masks)])
         with pytest.raises(SystemExit, match="share a folder \\(or one holds the other\\)"):
-            common.load_datasets(args)
+            data.load_datasets(args)
     os.rename(tmp_path / "images" / "masks", tmp_path / "masks")
     draw_square(str(tmp_path / "images" / "a.png"), (64, 64), (0, 0, 10, 10))
     args = train_dreambooth.parse_args(["--data_backend_config", masked_data_config(tmp_path, tmp_path / "images",
                                                                                     tmp_path / "masks")])
     with pytest.raises(SystemExit, match="differ only in their extension would share one mask"):
-        common.plan_datasets(common.load_datasets(args), 0)
+        data.plan_datasets(data.load_datasets(args), 0)
 
 
 def test_missing_masks_are_all_listed_before_any_model_work(tiny_model, tmp_path, monkeypatch):
@@ -351,7 +351,7 @@ def test_missing_masks_are_all_listed_before_any_model_work(tiny_model, tmp_path
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded before the missing masks were reported")
 
-    monkeypatch.setattr(common, "load_component", no_models)
+    monkeypatch.setattr(models, "load_component", no_models)
     config = masked_data_config(tmp_path, tmp_path / "images", tmp_path / "masks")
     with pytest.raises(SystemExit) as raised:
         train_dreambooth.main(["--pretrained_model_name_or_path", tiny_model("sd1"), "--data_backend_config", config,
@@ -387,7 +387,7 @@ def test_touching_a_mask_makes_its_entry_stale_and_all_black_masks_are_reported(
     plans = cache_latents.main(argv)
     changed = [path for path, mtime in before.items() if os.stat(path).st_mtime_ns != mtime]
     assert changed == [plans["subject"][0].cache_path]
-    assert common.load_tensors(changed[0])["mask"].sum() > 5  # the new, bigger mask
+    assert files.load_tensors(changed[0])["mask"].sum() > 5  # the new, bigger mask
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,8 +429,8 @@ def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_pa
     plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "plain"))
     config = masked_data_config(tmp_path, subject_dir, tmp_path / "white", resolution=64)
     masked = masked_run(model, config, tmp_path / "masked", steps=4)
-    a = train_dreambooth.trainable_parameters(plain["unet"])
-    b = train_dreambooth.trainable_parameters(masked["unet"])
+    a = adapters.trainable_parameters(plain["unet"])
+    b = adapters.trainable_parameters(masked["unet"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -446,6 +446,6 @@ def test_masks_change_what_is_learned(tiny_model, subject_dir, tmp_path):
     plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "plain", "--max_train_steps", "2"))
     config = masked_data_config(tmp_path, subject_dir, tmp_path / "half", resolution=64)
     masked = masked_run(model, config, tmp_path / "masked", steps=2)
-    a = train_dreambooth.trainable_parameters(plain["unet"])
-    b = train_dreambooth.trainable_parameters(masked["unet"])
+    a = adapters.trainable_parameters(plain["unet"])
+    b = adapters.trainable_parameters(masked["unet"])
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import common
+from common import models
 
 
 def model_args(path, tmp_path, **extra):
@@ -20,7 +20,7 @@ def model_args(path, tmp_path, **extra):
 @pytest.mark.parametrize("family,prediction_type", [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction"),
                                                     ("sdxl", "epsilon")])
 def test_family_and_prediction_type_come_from_the_configs(tiny_model, tmp_path, family, prediction_type):
-    info = common.resolve_model(model_args(tiny_model(family, prediction_type), tmp_path))
+    info = models.resolve_model(model_args(tiny_model(family, prediction_type), tmp_path))
     assert (info.family, info.prediction_type) == (family, prediction_type)
     assert info.vae_scale_factor == 8 and info.native_resolution == 64
 
@@ -31,34 +31,34 @@ def test_real_model_configs_are_detected_by_their_dimensions():
     sd21 = {"cross_attention_dim": 1024, "in_channels": 4, "use_linear_projection": True}
     sdxl = {"cross_attention_dim": 2048, "addition_embed_type": "text_time", "in_channels": 4}
     index = {"text_encoder": ["transformers", "CLIPTextModel"]}
-    assert common.detect_family(index, sd15, "m") == "sd1"
-    assert common.detect_family(index, sd21, "m") == "sd2"
-    assert common.detect_family(index, sdxl, "m") == "sdxl"
-    assert common.detect_family({"text_encoder": [None, None], "requires_aesthetics_score": True},
+    assert models.detect_family(index, sd15, "m") == "sd1"
+    assert models.detect_family(index, sd21, "m") == "sd2"
+    assert models.detect_family(index, sdxl, "m") == "sdxl"
+    assert models.detect_family({"text_encoder": [None, None], "requires_aesthetics_score": True},
                                 {**sdxl, "cross_attention_dim": 1280}, "m") == "sdxl-refiner"
     with pytest.raises(SystemExit, match="inpainting"):
-        common.detect_family(index, {**sd15, "in_channels": 9}, "m")
+        models.detect_family(index, {**sd15, "in_channels": 9}, "m")
 
 
 def test_sdxl_refiner_is_told_apart_from_the_base(tiny_model, tmp_path):
-    info = common.resolve_model(model_args(tiny_model("sdxl-refiner"), tmp_path))
+    info = models.resolve_model(model_args(tiny_model("sdxl-refiner"), tmp_path))
     assert info.family == "sdxl-refiner" and info.text_parts == [("tokenizer_2", "text_encoder_2")]
-    assert common.resolve_model(model_args(tiny_model("sdxl"), tmp_path)).family == "sdxl"
+    assert models.resolve_model(model_args(tiny_model("sdxl"), tmp_path)).family == "sdxl"
 
 
 def test_a_folder_that_is_not_a_diffusers_model_is_a_clear_error(tmp_path):
     (tmp_path / "notamodel").mkdir()
     (tmp_path / "notamodel" / "model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match="not a diffusers model folder \\(no model_index.json\\)"):
-        common.resolve_model(model_args(str(tmp_path / "notamodel"), tmp_path))
+        models.resolve_model(model_args(str(tmp_path / "notamodel"), tmp_path))
     with pytest.raises(SystemExit, match="no such folder or file"):
-        common.resolve_model(model_args(str(tmp_path / "missing"), tmp_path))
+        models.resolve_model(model_args(str(tmp_path / "missing"), tmp_path))
 
 
 def test_an_uncached_hub_id_offline_says_what_went_wrong(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="could not get model 'nobody/no-such-model' from the hub \\(offline"):
-        common.resolve_model(model_args("nobody/no-such-model", tmp_path))
+        models.resolve_model(model_args("nobody/no-such-model", tmp_path))
 
 
 def test_variant_weights_are_loaded_and_change_the_cache_identity(tiny_model, tmp_path):
@@ -68,11 +68,11 @@ def test_variant_weights_are_loaded_and_change_the_cache_identity(tiny_model, tm
     folder = str(tmp_path / "variant")
     pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
     assert os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.fp16.safetensors"))
-    info = common.resolve_model(model_args(folder, tmp_path, variant="fp16"))
-    unet = common.load_component(info, "unet")
+    info = models.resolve_model(model_args(folder, tmp_path, variant="fp16"))
+    unet = models.load_component(info, "unet")
     assert torch.allclose(unet.conv_in.weight, pipe.unet.conv_in.weight.float())
-    plain = common.resolve_model(model_args(tiny_model("sd1"), tmp_path))
-    assert common.component_identity(info, "vae") != common.component_identity(plain, "vae")
+    plain = models.resolve_model(model_args(tiny_model("sd1"), tmp_path))
+    assert models.component_identity(info, "vae") != models.component_identity(plain, "vae")
 
 
 def test_single_file_family_is_read_from_tensor_names(tmp_path):
@@ -85,17 +85,17 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
     for family, key in cases.items():
         path = str(tmp_path / f"{family}.safetensors")
         save_file({key: torch.zeros(1), "model.diffusion_model.out.2.bias": torch.zeros(1)}, path)
-        assert common.single_file_family(path) == family
+        assert models.single_file_family(path) == family
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="not a Stable Diffusion checkpoint"):
-        common.single_file_family(str(tmp_path / "other.safetensors"))
+        models.single_file_family(str(tmp_path / "other.safetensors"))
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
     path = tmp_path / "model.ckpt"
     path.write_bytes(b"not really a pickle")
     with pytest.raises(SystemExit, match="pickle that can run code"):
-        common.resolve_model(model_args(str(path), tmp_path))
+        models.resolve_model(model_args(str(path), tmp_path))
 
 
 def load_pipeline(family, path):
@@ -108,10 +108,10 @@ def load_pipeline(family, path):
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family):
     path = tiny_model(family)
-    info = common.resolve_model(model_args(path, tmp_path))
-    tokenizers, encoders = common.load_text_encoders(info)
+    info = models.resolve_model(model_args(path, tmp_path))
+    tokenizers, encoders = models.load_text_encoders(info)
     prompts = ["a photo of ohwx dog", "a very long prompt " * 30]  # the second one is truncated at 77 tokens
-    ours = common.encode_prompt(info, tokenizers, encoders, prompts)
+    ours = models.encode_prompt(info, tokenizers, encoders, prompts)
     pipe = load_pipeline(family, path)
     if family == "sdxl":
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
@@ -129,7 +129,7 @@ def test_sdxl_time_ids_equal_the_pipeline(tiny_model, tmp_path):
                  "resized_size": [683, 512], "downsampled_size": [640, 480]}
     expected = pipe._get_add_time_ids((480, 640), (16, 32), (512, 512), dtype=torch.float32,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    assert torch.equal(common.sdxl_time_ids(transform)[None], expected)
+    assert torch.equal(models.sdxl_time_ids(transform)[None], expected)
 
 
 def test_a_hub_id_loads_from_the_local_hub_cache_offline(tiny_model, tmp_path, monkeypatch):
@@ -145,8 +145,8 @@ def test_a_hub_id_loads_from_the_local_hub_cache_offline(tiny_model, tmp_path, m
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    info = common.resolve_model(model_args("someone/tiny-sd", tmp_path))
+    info = models.resolve_model(model_args("someone/tiny-sd", tmp_path))
     assert (info.family, info.ref) == ("sd1", "someone/tiny-sd")
     assert os.path.realpath(info.folder) == os.path.realpath(repo / "snapshots" / commit)
-    unet = common.load_component(info, "unet")
+    unet = models.load_component(info, "unet")
     assert unet.config.cross_attention_dim == 32

@@ -1,4 +1,4 @@
-"""Regularisation data and prior preservation (SPEC §6): make_regularisation.py and the prior loss in training."""
+"""Regularisation data and prior preservation: make_regularisation.py and the prior loss in training."""
 
 import argparse
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, first_batches_are_prior_then_mixed, model_info, write_json
 
-import common
+from common import adapters, data, files, models
 import make_demo
 import make_regularisation
 import train_dreambooth
@@ -50,7 +50,7 @@ def test_images_are_named_by_index_and_seed_with_their_captions(tiny_model, tmp_
     args = train_dreambooth.parse_args(["--data_backend_config", write_json(tmp_path / "d.json", [
         {"id": "reg", "instance_data_dir": str(tmp_path / "reg"), "caption_strategy": "textfile",
          "is_regularisation_data": True}]), "--resolution", "64"])
-    [entries] = common.plan_datasets(common.load_datasets(args), 0).values()
+    [entries] = data.plan_datasets(data.load_datasets(args), 0).values()
     assert len(entries) == 5 and entries[1].captions == ["a toy on a table"]
 
 
@@ -72,7 +72,7 @@ def test_a_killed_run_resumes_to_the_images_of_an_uninterrupted_run(tiny_model, 
         assert len([n for n in before if n.endswith(".png") and ".tmp" not in n]) < 6  # it really was cut short
     # A write the kill interrupted is left in a temporary folder carrying the dead process's pid, never under a
     # final name; the re-run clears it (a temporary of a process still running would be left alone).
-    assert not common.process_alive(process.pid)
+    assert not files.process_alive(process.pid)
     leftover = tmp_path / "killed" / f".tmp{process.pid}" / "000005-seed5.png"
     leftover.parent.mkdir(exist_ok=True)
     leftover.write_bytes(b"half an image")
@@ -131,16 +131,16 @@ def test_a_folder_of_other_images_or_settings_is_refused(tiny_model, tmp_path):
 
 def lora_file(model, folder):
     """A LoRA with random (non-zero) weights, saved as training saves one."""
-    unet = common.load_component(model_info(model), "unet")
+    unet = models.load_component(model_info(model), "unet")
     options = argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0, lora_init="default",
                                  lora_target="attention")
-    config = train_dreambooth.add_lora(unet, options)
+    config = adapters.add_lora(unet, options)
     torch.manual_seed(0)
     for name, param in unet.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
-    path = os.path.join(folder, train_dreambooth.LORA_WEIGHTS_NAME)
-    train_dreambooth.save_lora(unet, path, train_dreambooth.peft_metadata(config))
+    path = os.path.join(folder, adapters.LORA_WEIGHTS_NAME)
+    adapters.save_lora(unet, path, adapters.peft_metadata(config))
     return path
 
 
@@ -160,9 +160,9 @@ def test_lora_is_applied_when_generating(tiny_model, tmp_path, family):
 
 def unet_with_lora(model):
     info = model_info(model)
-    unet = common.load_component(info, "unet")
-    train_dreambooth.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
-                                                       lora_init="gaussian", lora_target="attention"))
+    unet = models.load_component(info, "unet")
+    adapters.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
+                                               lora_init="gaussian", lora_target="attention"))
     return unet
 
 
@@ -176,7 +176,7 @@ def predict_random_input(unet, seed=0):
 def test_fresh_adapter_prior_target_equals_the_students_prediction(tiny_model):
     unet = unet_with_lora(tiny_model("sd1"))
     student = predict_random_input(unet)
-    with train_dreambooth.adapter_disabled(unet):
+    with adapters.adapter_disabled(unet):
         base = predict_random_input(unet)
     assert torch.equal(student, base)  # B starts at zero: the prior loss is exactly 0 at step 0
 
@@ -188,7 +188,7 @@ def test_the_adapter_is_switched_back_on_even_when_the_prior_pass_raises(tiny_mo
             param.data.fill_(0.1)
     adapted = predict_random_input(unet)
     with pytest.raises(RuntimeError, match="boom"):
-        with train_dreambooth.adapter_disabled(unet):
+        with adapters.adapter_disabled(unet):
             assert not torch.allclose(predict_random_input(unet), adapted)  # really off inside
             raise RuntimeError("boom")
     assert torch.equal(predict_random_input(unet), adapted)
@@ -234,8 +234,8 @@ def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(t
 def class_prediction_drift(model, unet):
     """How far the trained UNet's predictions for the class prompt lie from the base model's."""
     info = model_info(model)
-    embeds = common.encode_prompt(info, *common.load_text_encoders(info), ["a photo of a toy"])["prompt_embeds"]
-    base = common.load_component(info, "unet").eval()
+    embeds = models.encode_prompt(info, *models.load_text_encoders(info), ["a photo of a toy"])["prompt_embeds"]
+    base = models.load_component(info, "unet").eval()
     generator = torch.Generator().manual_seed(1)
     drift = 0.0
     for t in (100, 400, 700):

@@ -1,4 +1,4 @@
-"""rare_tokens.py (SPEC §13) on the real CLIP vocabulary (tests/data, MIT) with tiny random text encoders."""
+"""rare_tokens.py on the real CLIP vocabulary (tests/data, MIT) with tiny random text encoders."""
 
 import gzip
 import json
@@ -121,16 +121,17 @@ def test_check_reports_tokens_and_neighbours(clip_vocab_model, tmp_path, capsys)
 
 
 def test_names_are_ranked_by_clip_similarity_to_the_subject(tiny_scorers, subject_dir, tmp_path):
-    import common
+    from common import images, scores
 
     clip, _ = tiny_scorers
     names = tmp_path / "names.txt"
     names.write_text("toy\nohwx toy\na red toy\n\nblue dog\n")
     ranked = rare_tokens.main(["--images", subject_dir, "--names", str(names), "--clip_model", clip])
-    scorer = common.Scorer(clip)
-    images = scorer.clip_images([common.load_image(os.path.join(subject_dir, n)) for n in sorted(os.listdir(subject_dir))])
+    scorer = scores.Scorer(clip)
+    pictures = scorer.clip_images([images.load_image(os.path.join(subject_dir, n))
+                                   for n in sorted(os.listdir(subject_dir))])
     for name, value in ranked:
-        expected = (scorer.clip_texts([f"a photo of {name}"]) @ images.T).mean().item()
+        expected = (scorer.clip_texts([f"a photo of {name}"]) @ pictures.T).mean().item()
         assert value == pytest.approx(expected, abs=1e-5)
     assert [v for _, v in ranked] == sorted((v for _, v in ranked), reverse=True) and len(ranked) == 4
     with pytest.raises(SystemExit):

@@ -1,4 +1,4 @@
-"""SDXL refiner training (SPEC §12): text encoder 2 only, 5-value time ids with the aesthetic score, low-noise
+"""SDXL refiner training: text encoder 2 only, 5-value time ids with the aesthetic score, low-noise
 timesteps, its own text cache, img2img validation and evaluation."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 from conftest import model_info, predict, train_argv, unet_inputs, write_json
 from PIL import Image
 
-import common
+from common import images, models
 import evaluate
 import train_dreambooth
 
@@ -24,7 +24,7 @@ def test_prompt_embeddings_and_time_ids_equal_the_refiner_pipeline(tiny_model):
     model = tiny_model("sdxl-refiner")
     info = model_info(model)
     prompts = ["a photo of ohwx toy", "a toy"]
-    ours = common.encode_prompt(info, *common.load_text_encoders(info), prompts)
+    ours = models.encode_prompt(info, *models.load_text_encoders(info), prompts)
     pipe = refiner_pipeline(model)
     embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
     assert torch.equal(ours["prompt_embeds"], embeds) and torch.equal(ours["pooled_prompt_embeds"], pooled)
@@ -33,13 +33,13 @@ def test_prompt_embeddings_and_time_ids_equal_the_refiner_pipeline(tiny_model):
     expected, _ = pipe._get_add_time_ids((480, 640), (16, 32), (512, 512), 6.5, 2.5, (480, 640), (0, 0), (512, 512),
                                          dtype=torch.float32,
                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    assert torch.equal(common.sdxl_time_ids(transform, 6.5)[None], expected)
+    assert torch.equal(models.sdxl_time_ids(transform, 6.5)[None], expected)
 
 
 def capture_training_calls(monkeypatch):
     """The trained forward passes' timesteps and added conditioning."""
     seen = []
-    load_component = common.load_component
+    load_component = models.load_component
 
     def load(info, name, *args, **kwargs):
         component = load_component(info, name, *args, **kwargs)
@@ -50,7 +50,7 @@ def capture_training_calls(monkeypatch):
             component.register_forward_pre_hook(hook, with_kwargs=True)
         return component
 
-    monkeypatch.setattr(common, "load_component", load)
+    monkeypatch.setattr(models, "load_component", load)
     return seen
 
 
@@ -119,7 +119,7 @@ def test_refiner_validation_refines_subject_images_and_evaluate_does_too(tiny_mo
                                      "--eval_split", "2", "--eval_steps_interval", "1", prompt="ohwx toy"))
     assert "a refiner refines images, so --validation_prompt is ignored" in capsys.readouterr().out
     folder = out / "validation" / "step-2"
-    assert Image.open(folder / "grid.png").size == (2 * 64, 2 * 64 + 14)  # source | refined, two images
+    assert Image.open(folder / "grid.png").size == (images.ROW_LABEL_WIDTH + 2 * 64, 2 * 64 + 14)  # source | refined
     assert open(folder / "prompts.txt").read().splitlines() == ["ohwx toy", "ohwx toy"]
 
     results = evaluate.main(["--pretrained_model_name_or_path", model, "--checkpoints", str(out), "--instance_data_dir",
@@ -131,7 +131,7 @@ def test_refiner_validation_refines_subject_images_and_evaluate_does_too(tiny_mo
     assert all(r["eval_loss"] == logged[r["step"]]["eval_loss"] for r in results)
     assert all(int(t) < 200 for t in results[-1]["eval_loss_per_timestep"])  # the refiner's own range
     grid = Image.open(out / "evaluation" / "grids" / "final.png")
-    assert grid.size == (2 * 64, 2 * 64)  # each row: the source, then its refinement
+    assert grid.size == (images.ROW_LABEL_WIDTH + 2 * 64, 2 * 64)  # each row: the source, then its refinement
 
 
 def test_a_full_refiner_fine_tune_saves_an_img2img_pipeline(tiny_model, subject_dir, tmp_path):

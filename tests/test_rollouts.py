@@ -1,4 +1,4 @@
-"""Scheduled sampling (rollouts, SPEC §8): the model's own k-step rollout replaces the forward process's x_t."""
+"""Scheduled sampling (rollouts): the model's own k-step rollout replaces the forward process's x_t."""
 
 import argparse
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import first_batches_are_prior_then_mixed, model_info, train_argv, unet_inputs, write_json
 
-import common
+from common import adapters, models
 import make_demo
 import train_dreambooth
 
@@ -19,9 +19,9 @@ MODELS = [("sd1", "epsilon"), ("sd2", "v_prediction")]
 
 def unet_with_fresh_lora(model):
     """The student as training builds it: a LoRA whose B matrices start at zero (no effect yet)."""
-    unet = common.load_component(model_info(model), "unet")
-    train_dreambooth.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
-                                                       lora_init="gaussian", lora_target="attention"))
+    unet = models.load_component(model_info(model), "unet")
+    adapters.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
+                                               lora_init="gaussian", lora_target="attention"))
     return unet.eval()
 
 
@@ -42,7 +42,8 @@ def our_rollout(model, family, sampler, t, k):
     student = unet_with_fresh_lora(model)
     clean, noise, embeds, cond = start(student, family)
     scheduler = train_dreambooth.rollout_sampler(sampler, training_scheduler(model).config)
-    return train_dreambooth.rollout(student, scheduler, clean, noise, t + k, k, embeds, cond, torch.float32)
+    conditioning = {"encoder_hidden_states": embeds, **({"added_cond_kwargs": cond} if cond else {})}
+    return train_dreambooth.rollout(student, scheduler, clean, noise, t + k, k, conditioning, torch.float32)
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLER_CLASSES))
@@ -55,7 +56,7 @@ def test_rollout_equals_a_standalone_sampling_loop_of_the_same_scheduler(tiny_mo
     rolled = our_rollout(model, family, sampler, t, k)
 
     # The plain base model (no adapter at all) in the loop every diffusers pipeline runs, entered mid-schedule.
-    base = common.load_component(model_info(model), "unet").eval()
+    base = models.load_component(model_info(model), "unet").eval()
     clean, noise, embeds, cond = start(base, family)
     scheduler = getattr(diffusers, SAMPLER_CLASSES[sampler]).from_pretrained(model, subfolder="scheduler",
                                                                             timestep_spacing="trailing")
@@ -93,7 +94,7 @@ def test_first_order_rollouts_are_the_ddim_update_written_out(tiny_model, family
     model = tiny_model(family, prediction)
     t = 300
     rolled = our_rollout(model, family, sampler, t, k)
-    base = common.load_component(model_info(model), "unet").eval()
+    base = models.load_component(model_info(model), "unet").eval()
     clean, noise, embeds, _ = start(base, family)
     alphas_cumprod = training_scheduler(model).alphas_cumprod
     x = alphas_cumprod[t + k].sqrt() * clean + (1 - alphas_cumprod[t + k]).sqrt() * noise
@@ -107,7 +108,7 @@ def test_recomputed_target_implies_exactly_the_true_clean_latent(tiny_model, fam
     model = tiny_model(family, prediction)
     t = 250
     rolled = our_rollout(model, family, "unipc", t, 8)
-    clean = start(common.load_component(model_info(model), "unet"), family)[0]
+    clean = start(models.load_component(model_info(model), "unet"), family)[0]
     scheduler = training_scheduler(model)
     timesteps = torch.tensor([t])
     noise = train_dreambooth.implied_noise(scheduler, clean, rolled, timesteps)
@@ -124,7 +125,7 @@ def capture_training_steps(monkeypatch):
     """Record what the trained forward pass sees (x_t, t) and the loss target: the hook skips no-grad passes
     (rollouts and base-model targets), so it sees exactly the student's training inputs."""
     seen = {"inputs": [], "targets": []}
-    load_component, masked_mse = common.load_component, train_dreambooth.masked_mse
+    load_component, masked_mse = models.load_component, train_dreambooth.masked_mse
 
     def load(info, name, *args, **kwargs):
         component = load_component(info, name, *args, **kwargs)
@@ -139,7 +140,7 @@ def capture_training_steps(monkeypatch):
         seen["targets"].append(target.detach().clone())
         return masked_mse(pred, target, *args)
 
-    monkeypatch.setattr(common, "load_component", load)
+    monkeypatch.setattr(models, "load_component", load)
     monkeypatch.setattr(train_dreambooth, "masked_mse", mse)
     return seen
 
@@ -228,9 +229,9 @@ def test_the_prior_target_is_the_base_model_on_the_students_rolled_out_input(tin
     [(x, t)], [target] = seen["inputs"], seen["targets"]
     assert log_records(tmp_path / "out")[0]["rollout_forwards"] > 0  # the regularisation sample was rolled out
     info = model_info(model)
-    embeds = common.encode_prompt(info, *common.load_text_encoders(info), ["a toy"])["prompt_embeds"]
+    embeds = models.encode_prompt(info, *models.load_text_encoders(info), ["a toy"])["prompt_embeds"]
     with torch.no_grad():
-        base = common.load_component(info, "unet").eval()(x, t, embeds).sample
+        base = models.load_component(info, "unet").eval()(x, t, embeds).sample
     assert torch.allclose(target, base, atol=1e-6)  # one rollout (the student's), the base model judged on it
 
 

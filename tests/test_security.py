@@ -14,7 +14,7 @@ import torch
 from conftest import Server, model_info, train_argv, write_json
 from safetensors.torch import load_file
 
-import common
+from common import adapters, data, files, images, models, scores
 
 
 def pickle_weights(folder):
@@ -34,7 +34,7 @@ def pickle_only(model, tmp_path, part="unet"):
 
     folder = tmp_path / "pickled"
     shutil.copytree(model, folder)
-    library, class_name = common.read_json(os.path.join(folder, "model_index.json"))[part]
+    library, class_name = files.read_json(os.path.join(folder, "model_index.json"))[part]
     module = diffusers if library == "diffusers" else transformers
     component = getattr(module, class_name).from_pretrained(str(folder), subfolder=part)
     pickle_weights(folder / part)
@@ -47,7 +47,7 @@ def test_a_model_folder_with_only_pickle_weights_is_refused_unless_allowed(tiny_
     with pytest.raises(SystemExit, match=rf"{part}/ has only pickle weights .*\.bin.*--allow_pickle"):
         model_info(folder)
     info = model_info(folder, allow_pickle=True)
-    loaded = common.load_component(info, part)
+    loaded = models.load_component(info, part)
     reference = dict(component.state_dict())
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
 
@@ -59,7 +59,7 @@ def test_the_loader_itself_takes_safetensors_only_without_the_flag(tiny_model, t
     info = model_info(tiny_model("sd1"))
     info.folder = str(folder)
     with pytest.raises(SystemExit, match="cannot load vae"):
-        common.load_component(info, "vae")
+        models.load_component(info, "vae")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -112,12 +112,12 @@ def test_make_masks_refuses_a_pickle_only_clipseg_unless_allowed(tiny_clipseg, p
     # Allowed, the pickle holds the same weights as the safetensors model: the same masks, at a threshold (the
     # mean probability) that leaves them partial, so they show what the model sees.
     segmenter = make_masks.load_segmenter(make_masks.parse_args(argv(tiny_clipseg, "unused")))
-    image = common.load_image(str(tmp_path / "in" / "subject_00.png"))
+    image = images.load_image(str(tmp_path / "in" / "subject_00.png"))
     threshold = str(float(make_masks.segment([image], ["toy"], *segmenter, "cpu")[0].mean()))
     assert make_masks.main(argv(pickled["clipseg"], "allowed", "--threshold", threshold, "--allow_pickle")) == 2
     assert make_masks.main(argv(tiny_clipseg, "safe", "--threshold", threshold)) == 2
     for name in ("subject_00.png", "subject_01.png"):
-        allowed, safe = (np.asarray(common.load_mask(str(tmp_path / out / name))) for out in ("allowed", "safe"))
+        allowed, safe = (np.asarray(images.load_mask(str(tmp_path / out / name))) for out in ("allowed", "safe"))
         assert np.array_equal(allowed, safe) and 0 < allowed.mean() < 255
 
 
@@ -159,7 +159,7 @@ def preview_run(model, taesd, folder, *extra):
         server.stop()
     events = [json.loads(request["body"]) for request in server.requests]
     assert result["steps"] == 1
-    return (folder / "out", load_file(str(folder / "out" / train_dreambooth.LORA_WEIGHTS_NAME)),
+    return (folder / "out", load_file(str(folder / "out" / adapters.LORA_WEIGHTS_NAME)),
             [event["images"][0] for event in events if event["type"] == "preview_image"])
 
 
@@ -218,10 +218,10 @@ def test_evaluate_refuses_pickle_only_scorers_unless_allowed(tiny_model, tiny_sc
     results = evaluate.main(argv + ["--clip_model", pickled["clip"], "--dino_model", pickled["dino"],
                                     "--allow_pickle"])
     assert [r["name"] for r in results] == ["base", "final"]
-    scorer = common.Scorer(clip, dino)  # the same weights as safetensors score the saved images alike
-    real = [common.load_image(path) for path in sorted(common.find_images(str(trained.parent / "subject"))[0])]
+    scorer = scores.Scorer(clip, dino)  # the same weights as safetensors score the saved images alike
+    real = [images.load_image(path) for path in sorted(data.find_images(str(trained.parent / "subject"))[0])]
     for r in results:
-        image = common.load_image(str(tmp_path / "eval" / "images" / r["name"] / "p00-seed0.png"))
+        image = images.load_image(str(tmp_path / "eval" / "images" / r["name"] / "p00-seed0.png"))
         expected = scorer.scores([image], ["a photo of toy"], scorer.clip_images(real), scorer.dino_images(real))
         assert {key: r[key] for key in expected} == pytest.approx(expected, abs=1e-5)
 
@@ -311,7 +311,7 @@ def test_a_symlink_planted_in_the_cache_cannot_lead_latents_out_of_it(tiny_model
     assert os.listdir(elsewhere) == []
     os.remove(cache / "sub")  # without the link the same command caches normally
     plans = cache_latents.main(argv)
-    assert all(os.path.isfile(e.cache_path) and common.inside(e.cache_path, cache) for e in plans["instance"])
+    assert all(os.path.isfile(e.cache_path) and files.inside(e.cache_path, cache) for e in plans["instance"])
 
 
 def test_make_masks_writes_no_mask_through_a_planted_symlink(tmp_path):

@@ -1,4 +1,4 @@
-"""Single-file checkpoints: an original-format (LDM / A1111) .safetensors loads through common.resolve_model ->
+"""Single-file checkpoints: an original-format (LDM / A1111) .safetensors loads through models.resolve_model ->
 convert_single_file -> diffusers' from_single_file offline, with --single_file_config naming a diffusers folder of
 the same architecture, and comes out as a diffusers folder whose weights equal the model it was written from.
 
@@ -15,7 +15,7 @@ from ldm_checkpoint import (SD1_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PR
                             load_components, save_ldm_checkpoint)
 from safetensors import safe_open
 
-import common
+from common import models
 
 PROMPTS = ["a photo of ohwx dog", "a red robot on the beach"]
 
@@ -57,7 +57,7 @@ def assert_same_weights(original_folder, converted_folder, family):
 
 def assert_same_outputs(original, converted):
     """What training computes from the model: prompt embeddings, a UNet prediction and a VAE latent."""
-    ours = [common.encode_prompt(info, *common.load_text_encoders(info), PROMPTS) for info in (original, converted)]
+    ours = [models.encode_prompt(info, *models.load_text_encoders(info), PROMPTS) for info in (original, converted)]
     assert sorted(ours[0]) == sorted(ours[1])
     for key in ours[0]:
         assert torch.equal(ours[0][key], ours[1][key]), key
@@ -71,7 +71,7 @@ def assert_same_outputs(original, converted):
                                        "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}
     outputs = []
     for info in (original, converted):
-        unet, vae = common.load_component(info, "unet").eval(), common.load_component(info, "vae").eval()
+        unet, vae = models.load_component(info, "unet").eval(), models.load_component(info, "vae").eval()
         with torch.no_grad():
             noise_pred = unet(latents, torch.tensor([10, 500]), ours[0]["prompt_embeds"], **kwargs).sample
             latent = vae.encode(image).latent_dist.mean
@@ -82,17 +82,17 @@ def assert_same_outputs(original, converted):
 
 def check_single_file_round_trip(folder, family, tmp_path, monkeypatch):
     checkpoint = save_ldm_checkpoint(folder, str(tmp_path / f"tiny-{family}.safetensors"), family)
-    assert common.single_file_family(checkpoint) == family
+    assert models.single_file_family(checkpoint) == family
     args = model_args(checkpoint, tmp_path, single_file_config=folder)
 
-    info = common.resolve_model(args)
+    info = models.resolve_model(args)
     assert (info.family, info.prediction_type, info.ref) == (family, "epsilon", checkpoint)
     cache = os.path.realpath(args.cache_dir)
     assert os.path.commonpath([os.path.realpath(info.folder), cache]) == cache
     assert os.path.isfile(os.path.join(info.folder, "model_index.json"))
     assert not [n for n in os.listdir(os.path.dirname(info.folder)) if ".tmp" in n]  # nothing half-written left
 
-    original = common.resolve_model(model_args(folder, tmp_path))
+    original = models.resolve_model(model_args(folder, tmp_path))
     assert (info.unet_config, info.vae_config) == (original.unet_config, original.vae_config)
     with open(os.path.join(info.folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:
         scheduler = json.load(handle)
@@ -110,7 +110,7 @@ def check_single_file_round_trip(folder, family, tmp_path, monkeypatch):
     monkeypatch.setattr(FromSingleFileMixin, "from_single_file", classmethod(refuse))
     index = os.path.join(info.folder, "model_index.json")
     written = os.stat(index).st_mtime_ns
-    again = common.resolve_model(args)
+    again = models.resolve_model(args)
     assert again.folder == info.folder and again.family == family
     assert os.stat(index).st_mtime_ns == written
 
@@ -123,7 +123,7 @@ def test_single_file_checkpoint_converts_offline_to_the_same_model(tiny_model, t
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_ldm_checkpoint_is_the_inverse_of_the_diffusers_converters(tiny_model, tmp_path, family):
-    """The writer alone, against diffusers' converter functions (no pipeline, no common.py)."""
+    """The writer alone, against diffusers' converter functions (no pipeline, nothing of common/)."""
     from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, convert_ldm_clip_checkpoint,
                                                      convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
                                                      convert_open_clip_checkpoint)

@@ -15,7 +15,7 @@ import make_toy_data  # noqa: E402
 import make_toy_model  # noqa: E402
 import toy_scorer  # noqa: E402
 
-import common  # noqa: E402
+from common import adapters, files, models  # noqa: E402
 import train_dreambooth  # noqa: E402
 
 TOY_MODEL = os.path.join(ROOT, "toy", "model")
@@ -31,7 +31,7 @@ def toy_pipeline(lora=None):
 
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL)
     if lora:
-        common.load_adapter(pipe, lora)
+        adapters.load_adapter(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -42,7 +42,7 @@ def draw(pipe, prompts, seed=0):
 
 
 def test_the_toy_model_is_a_normal_small_sd1_folder():
-    info = common.resolve_model(SimpleNamespace(pretrained_model_name_or_path=TOY_MODEL, revision=None, variant=None,
+    info = models.resolve_model(SimpleNamespace(pretrained_model_name_or_path=TOY_MODEL, revision=None, variant=None,
                                                 cache_dir=None, output_dir=None))
     assert info.family == "sd1" and info.prediction_type == "v_prediction" and info.native_resolution == 64
     size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(TOY_MODEL)
@@ -74,7 +74,7 @@ def test_a_short_dreambooth_run_learns_the_subject(tmp_path, scorer):
     of the way)."""
     samples = make_toy_data.subject_samples(1, 5, seed=0)
     for i, (image, _, _) in enumerate(samples):
-        common.save_image_atomic(image, str(tmp_path / "subject" / f"{i}.png"))
+        files.save_image_atomic(image, str(tmp_path / "subject" / f"{i}.png"))
     real = [image for image, _, _ in samples]
     train_dreambooth.main(["--pretrained_model_name_or_path", TOY_MODEL, "--instance_data_dir",
                            str(tmp_path / "subject"), "--instance_prompt", "a ohwx shape", "--resolution", "64",

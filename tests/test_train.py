@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import predict, unet_inputs, ROOT, train_argv, write_json
 from safetensors.torch import load_file
 
-import common
+from common import adapters, checkpoints, data, files, images, models
 import train_dreambooth
 
 
@@ -24,7 +25,7 @@ def load_pipeline(family, folder):
     return cls.from_pretrained(folder, local_files_only=True)
 
 
-@pytest.mark.parametrize("target", list(train_dreambooth.LORA_TARGETS))
+@pytest.mark.parametrize("target", list(adapters.LORA_TARGETS))
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_saved_lora_reloads_in_diffusers_and_reproduces_our_prediction(tiny_model, subject_dir, tmp_path, family,
                                                                        target):
@@ -49,7 +50,7 @@ def test_lora_metadata_records_the_run(tiny_model, subject_dir, tmp_path):
     train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--lora_alpha", "2"))
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "out" / train_dreambooth.LORA_WEIGHTS_NAME), "pt") as handle:
+    with safe_open(str(tmp_path / "out" / adapters.LORA_WEIGHTS_NAME), "pt") as handle:
         meta = handle.metadata()
     assert meta["family"] == "sd1" and meta["lora_rank"] == "4" and meta["step"] == "4"
     assert json.loads(meta["instance_prompts"]) == ["a photo of ohwx toy"]
@@ -112,18 +113,18 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_does(tiny_model,
                                 *resumable_argv(model, data, out, steps)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     deadline = time.time() + 120
-    while not os.path.isfile(out / "checkpoint-3" / train_dreambooth.STATE_FILE) and process.poll() is None:
+    while not os.path.isfile(out / "checkpoint-3" / checkpoints.STATE_FILE) and process.poll() is None:
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    if os.path.exists(out / train_dreambooth.LORA_WEIGHTS_NAME):  # it outran the kill: keep only what a kill leaves
-        os.remove(out / train_dreambooth.LORA_WEIGHTS_NAME)
-    assert train_dreambooth.list_checkpoints(str(out))
+    if os.path.exists(out / adapters.LORA_WEIGHTS_NAME):  # it outran the kill: keep only what a kill leaves
+        os.remove(out / adapters.LORA_WEIGHTS_NAME)
+    assert checkpoints.list_checkpoints(str(out))
 
     resumed = train_dreambooth.main(resumable_argv(model, data, out, steps) + ["--resume_from_checkpoint", "latest"])
-    final_whole = load_file(str(tmp_path / "whole" / train_dreambooth.LORA_WEIGHTS_NAME))
-    final_resumed = load_file(str(out / train_dreambooth.LORA_WEIGHTS_NAME))
+    final_whole = load_file(str(tmp_path / "whole" / adapters.LORA_WEIGHTS_NAME))
+    final_resumed = load_file(str(out / adapters.LORA_WEIGHTS_NAME))
     assert final_whole.keys() == final_resumed.keys()
     for key in final_whole:
         assert torch.allclose(final_whole[key], final_resumed[key], atol=1e-6, rtol=0), key
@@ -143,7 +144,7 @@ def test_resume_latest_skips_an_incomplete_checkpoint(tiny_model, subject_dir, t
     out = tmp_path / "out"
     train_dreambooth.main(train_argv(model, subject_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "2"))
     os.makedirs(out / "checkpoint-99")  # e.g. a half-copied folder: no training_state.json
-    assert train_dreambooth.list_checkpoints(str(out)) == [str(out / "checkpoint-2")]
+    assert checkpoints.list_checkpoints(str(out)) == [str(out / "checkpoint-2")]
     train_dreambooth.main(train_argv(model, subject_dir, out, "--max_train_steps", "3", "--resume_from_checkpoint",
                                      "latest"))
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
@@ -157,7 +158,7 @@ def test_checkpoints_rotate_to_the_total_limit(tiny_model, subject_dir, tmp_path
     train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "6",
                                      "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-4", "checkpoint-5"]
-    state = json.load(open(out / "checkpoint-5" / train_dreambooth.STATE_FILE))
+    state = json.load(open(out / "checkpoint-5" / checkpoints.STATE_FILE))
     assert state["step"] == 5 and state["batches_drawn"] == 5
     # Checkpoint state loads without unpickling arbitrary objects.
     torch.load(out / "checkpoint-5" / "optimizer.pt", weights_only=True)
@@ -177,9 +178,14 @@ def test_validation_images_are_written_and_do_not_change_training(tiny_model, su
                          "prompt01-seed1.png", "prompts.txt"]
         from PIL import Image
 
-        assert Image.open(folder / "grid.png").size == (2 * 64, 2 * 64)
-    for name, param in train_dreambooth.trainable_parameters(plain["unet"]).items():
-        assert torch.equal(param, train_dreambooth.trainable_parameters(shown["unet"])[name]), name
+        grid = np.asarray(Image.open(folder / "grid.png").convert("RGB"))
+        assert grid.shape == (2 * 64, images.ROW_LABEL_WIDTH + 2 * 64, 3)  # a row per prompt, a column per seed
+        last = np.asarray(Image.open(folder / "prompt01-seed1.png").convert("RGB"))
+        assert (grid[64:, images.ROW_LABEL_WIDTH + 64:] == last).all()
+        for row in (0, 1):  # each row labelled with its prompt, in the strip at its left
+            assert (grid[row * 64:(row + 1) * 64, :images.ROW_LABEL_WIDTH] < 100).any()
+    for name, param in adapters.trainable_parameters(plain["unet"]).items():
+        assert torch.equal(param, adapters.trainable_parameters(shown["unet"])[name]), name
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tiny_model, subject_dir, tmp_path):
@@ -187,8 +193,8 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_model, subject_dir, 
     plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "a", "--max_train_steps", "2"))
     checkpointed = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "b", "--max_train_steps", "2",
                                                     "--gradient_checkpointing"))
-    a = train_dreambooth.trainable_parameters(plain["unet"])
-    b = train_dreambooth.trainable_parameters(checkpointed["unet"])
+    a = adapters.trainable_parameters(plain["unet"])
+    b = adapters.trainable_parameters(checkpointed["unet"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -196,7 +202,7 @@ def test_bf16_mixed_precision_keeps_trainable_weights_in_fp32(tiny_model, subjec
     result = train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "out", "--mixed_precision",
                                               "bf16", "--max_train_steps", "2"))
     unet = result["unet"]
-    trainable = train_dreambooth.trainable_parameters(unet)
+    trainable = adapters.trainable_parameters(unet)
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
     frozen = [p for p in unet.parameters() if not p.requires_grad]
     assert all(p.dtype == torch.bfloat16 for p in frozen)
@@ -255,22 +261,22 @@ def test_first_step_loss_equals_the_v_prediction_objective_computed_by_hand(tiny
     logged = json.loads(open(out / "logs" / "train_log.jsonl").readline())["loss"]
 
     args = train_dreambooth.parse_args(argv)
-    info = common.resolve_model(args)
-    datasets = common.load_datasets(args)
+    info = models.resolve_model(args)
+    datasets = data.load_datasets(args)
     for dataset in datasets:
         dataset.resolution = dataset.resolution or info.native_resolution
-    plans = common.plan_datasets(datasets, 7)
+    plans = data.plan_datasets(datasets, 7)
     [(entry, caption)] = train_dreambooth.BatchSampler(datasets, plans, 1, 7).next()
     generator = train_dreambooth.batch_generator(7, 0)
-    cached = common.load_tensors(entry.cache_path)
+    cached = files.load_tensors(entry.cache_path)
     latents = (cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))[None]
     latents = latents * info.vae_config["scaling_factor"]
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (1,), generator=generator)
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    tokenizers, encoders = common.load_text_encoders(info)
-    embeds = common.encode_prompt(info, tokenizers, encoders, [caption])["prompt_embeds"]
-    unet = common.load_component(info, "unet")
+    tokenizers, encoders = models.load_text_encoders(info)
+    embeds = models.encode_prompt(info, tokenizers, encoders, [caption])["prompt_embeds"]
+    unet = models.load_component(info, "unet")
     with torch.no_grad():
         pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds).sample
     expected = torch.nn.functional.mse_loss(pred, scheduler.get_velocity(latents, noise, timesteps)).item()

@@ -1,4 +1,4 @@
-"""Training talks to webhooks (SPEC §11): its events, validation previews from a Tiny AutoEncoder, errors, and a
+"""Training talks to webhooks: its events, validation previews from a Tiny AutoEncoder, errors, and a
 dead server that changes nothing."""
 
 import base64
@@ -12,6 +12,7 @@ import torch
 from conftest import train_argv, write_json
 from PIL import Image
 
+from common import adapters
 import train_dreambooth
 
 TOKEN = "hook-token-never-printed"
@@ -81,7 +82,7 @@ def test_a_dead_webhook_neither_stops_nor_slows_training(tiny_model, subject_dir
                                                   "--checkpointing_steps", "1", "--cache_dir", tmp_path / "cache",
                                                   *extra))
         timings[name] = time.perf_counter() - started
-        assert result["steps"] == 3 and os.path.isfile(tmp_path / name / train_dreambooth.LORA_WEIGHTS_NAME)
+        assert result["steps"] == 3 and os.path.isfile(tmp_path / name / adapters.LORA_WEIGHTS_NAME)
     out = capsys.readouterr().out
     assert out.count("warning: webhook raw") == 1 and "could not be delivered" in out and TOKEN not in out
     assert timings["hooked"] < timings["plain"] + 3.0, timings

@@ -1,4 +1,4 @@
-"""webhooks.py against real local HTTP servers: what a raw endpoint and Discord receive, the log_level filter,
+"""common/webhooks.py against real local HTTP servers: what a raw endpoint and Discord receive, the log_level filter,
 and that dead, hanging and failing servers neither slow the caller nor leak the auth token.
 
 Every server is a ThreadingHTTPServer on 127.0.0.1 that records each request; nothing leaves the machine."""
@@ -15,8 +15,7 @@ import pytest
 from conftest import write_json
 from PIL import Image
 
-import webhooks
-
+from common import webhooks
 TOKEN = "s3cret-token-do-not-print"
 
 

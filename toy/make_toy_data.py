@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import common  # noqa: E402
+from common import files, images  # noqa: E402
 
 SIZE = 64
 SUPERSAMPLE = 4  # drawn 4x larger and scaled down: smooth edges
@@ -137,25 +137,25 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    images, labels = [], []
+    pictures, labels = [], []
     if args.subject is not None:
         masks = args.output_dir.rstrip("/") + "_masks"
         for i, (image, mask, attributes) in enumerate(subject_samples(args.subject, args.count, args.seed)):
-            common.save_image_atomic(image, os.path.join(args.output_dir, f"{i:04d}.png"))
-            common.save_image_atomic(mask, os.path.join(masks, f"{i:04d}.png"))
-            images.append(image)
+            files.save_image_atomic(image, os.path.join(args.output_dir, f"{i:04d}.png"))
+            files.save_image_atomic(mask, os.path.join(masks, f"{i:04d}.png"))
+            pictures.append(image)
             labels.append(f"{attributes['size']}, {attributes['background']}")
         print(f"{args.count} pictures of subject {args.subject} in {args.output_dir}, masks in {masks}")
     else:
         for i in range(args.count):
             image, text, attributes = toy_sample(i, args.seed)
-            common.save_image_atomic(image, os.path.join(args.output_dir, f"{i:06d}.png"))
-            common.write_text_atomic(text + "\n", os.path.join(args.output_dir, f"{i:06d}.txt"))
-            images.append(image)
+            files.save_image_atomic(image, os.path.join(args.output_dir, f"{i:06d}.png"))
+            files.write_text_atomic(text + "\n", os.path.join(args.output_dir, f"{i:06d}.txt"))
+            pictures.append(image)
             labels.append(f"{attributes['colour']} {attributes['shape']}")
         print(f"{args.count} pictures with captions in {args.output_dir}")
     sheet = args.output_dir.rstrip("/") + "_preview.png"
-    common.contact_sheet(images[:100], labels[:100], sheet, thumb=96)
+    images.contact_sheet(pictures[:100], labels[:100], sheet, thumb=96)
     print(f"preview: {sheet}")
 
 

@@ -225,7 +225,7 @@ def held_out_accuracy(pipe, count=128, seed=99):
 def main(argv=None):
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
 
-    import common
+    from common import files, images
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default=os.path.join(HERE, "model"))
@@ -253,7 +253,7 @@ def main(argv=None):
                            (unet, "unet/diffusion_pytorch_model.safetensors")):
             part.load_state_dict(load_file(os.path.join(args.init_from, name)))
         vae.register_to_config(
-            scaling_factor=common.read_json(os.path.join(args.init_from, "vae", "config.json"))["scaling_factor"])
+            scaling_factor=files.read_json(os.path.join(args.init_from, "vae", "config.json"))["scaling_factor"])
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
           f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M, text {len(tokenizer)} tokens")
     pixels, captions, _, masks = pictures(args.pictures, seed=0)
@@ -284,8 +284,8 @@ def main(argv=None):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(args.output_dir, safe_serialization=True)
-    accuracy, images, wanted = held_out_accuracy(pipe)
-    common.contact_sheet(images, [f"{a['colour']} {a['shape']}" for _, a in wanted],
+    accuracy, drawn, wanted = held_out_accuracy(pipe)
+    images.contact_sheet(drawn, [f"{a['colour']} {a['shape']}" for _, a in wanted],
                          args.output_dir.rstrip("/") + "_held_out_samples.png", thumb=96)  # beside, not in, the model
     print(f"held-out caption combinations: shape and colour right in {accuracy:.0%} of {len(wanted)} generations")
     print(f"saved {args.output_dir} in {(time.monotonic() - started) / 60:.1f} min")

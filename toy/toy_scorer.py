@@ -140,7 +140,7 @@ def train(steps=1500, batch_size=64, pool=12000, seed=0, learning_rate=2e-3):
 
 
 def main(argv=None):
-    import common
+    from common import files
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=DEFAULT_PATH)
@@ -150,7 +150,7 @@ def main(argv=None):
     scorer = train(args.steps, seed=args.seed)
     scores = accuracy(scorer)
     print("accuracy on 500 fresh pictures: " + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()))
-    common.save_safetensors_atomic(scorer.state_dict(), args.output)
+    files.save_safetensors_atomic(scorer.state_dict(), args.output)
     print(f"saved {args.output}")
     return scores
 

@@ -1,0 +1,27 @@
+"""What the scripts share, one concern per module. Nothing here runs on its own.
+
+    files        atomic writes, fingerprints, JSON, no pickles, outputs kept inside their folders   every script
+    flags        --config FILE.json, the shared flag groups, true/false flags                        every script
+    data         the data config, discovery, captions, mask pairing, each image's plan              cache, train, evaluate, masks
+    images       reading pictures safely, aspect buckets and crops, grids and contact sheets       every script
+    models       the family table, loading, text encoding, conditioning, the training objective    every script but masks
+    quantise     quantised frozen weights (--base_model_precision, --text_encoder_N_precision)     via models
+    caches       VAE latents and text embeddings on disk                                            cache, train, evaluate
+    adapters     LoRA / LyCORIS: add, switch off, save (diffusers and kohya layouts), load           train, evaluate, regularisation
+    checkpoints  checkpoints, exact resume, the training log, a full fine-tune's pipeline           train, evaluate
+    scores       the stable eval loss, CLIP-T / CLIP-I / DINO, DreamBench prompts                   train, evaluate, rare tokens
+    render       every prompt at fixed seeds, and its grid                                           train, evaluate
+    webhooks     notices to your own endpoint or Discord                                            train
+
+A script imports the modules it needs (`from common import data, models`) and calls them by module, so a call
+says where its code lives: `data.load_datasets(args)`, `caches.build_vae_cache(...)`.
+"""
+
+import logging
+
+# bitsandbytes (imported by peft) warns on every CPU start that an optional kernel package is missing; it changes
+# nothing for training, so it is kept out of the way of messages that matter.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# transformers says, once per image-processor class diffusers imports, that torchvision is missing; this project
+# does all image work with PIL and deliberately has no torchvision.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)

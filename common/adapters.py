@@ -1,0 +1,231 @@
+"""Adapters: a peft LoRA or a LyCORIS network on the UNet; switched off for the base model; saved and loaded.
+
+Used by train_dreambooth.py (add, switch off for the prior target, save), and by evaluate.py and
+make_regularisation.py (load_adapter). Files written:
+    pytorch_lora_weights.safetensors          diffusers' LoRA format, for pipe.load_lora_weights (or, for LyCORIS,
+                                              LyCORIS's own format with its config in the metadata)
+    pytorch_lora_weights_comfyui.safetensors  the kohya layout (lora_unet_...), which ComfyUI, A1111 and diffusers read
+    ..._ema variants                          with --use_ema, the averaged weights in the same forms
+"""
+
+import contextlib
+import json
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+
+from common import data, files
+
+LORA_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+            "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+}
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"  # kohya layout: ComfyUI, A1111, diffusers
+EMA_SUFFIX = "_ema"  # pytorch_lora_weights_ema.safetensors (LoRA / LyCORIS) and ema/ (a full fine-tune's pipeline)
+LYCORIS_PRESET_ATTRIBUTES = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
+                             "NAME_ALGO_MAP", "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+LYCORIS_PRESET_NAME = "dreambooth-config"
+
+
+def trainable_parameters(model):
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adding, and switching off
+
+
+def add_lora(unet, args):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
+                        init_lora_weights=True if args.lora_init == "default" else args.lora_init,
+                        target_modules=LORA_TARGETS[args.lora_target])
+    unet.add_adapter(config)
+    return config
+
+
+def read_lycoris_config(path):
+    config = files.read_json(path, "--lycoris_config")
+    if not isinstance(config, dict) or "algo" not in config:
+        raise SystemExit(f"{path}: a LyCORIS config is a JSON object with at least \"algo\" (lora, locon, loha, "
+                         "lokr, ...), e.g. {\"algo\": \"lokr\", \"linear_dim\": 10000, \"linear_alpha\": 1, "
+                         "\"factor\": 16, \"apply_preset\": {\"target_module\": [\"Attention\"]}}")
+    return config
+
+
+def add_lycoris(unet, config, source):
+    """A LyCORIS network on the UNet, from a config in the format practitioners use (algo, multiplier, linear_dim,
+    linear_alpha, factor, apply_preset, and any other create_lycoris option).
+
+    lycoris-lora keeps its preset (which modules to adapt) in class attributes, i.e. process-wide state. It is set
+    for this network only and restored afterwards, so a second run in the same process starts clean."""
+    from lycoris import LycorisNetwork, create_lycoris
+    from lycoris.config import PRESET
+    from lycoris.logging import logger
+
+    logger.setLevel(logging.WARNING)  # its per-module INFO lines drown the run's own output
+
+    saved = {name: getattr(LycorisNetwork, name) for name in LYCORIS_PRESET_ATTRIBUTES}
+    options = {k: v for k, v in config.items() if k not in ("multiplier", "linear_dim", "linear_alpha", "apply_preset")}
+    if "apply_preset" in config:  # create_lycoris applies a named preset itself, so ours gets a name for the call
+        PRESET[LYCORIS_PRESET_NAME] = config["apply_preset"]
+        options["preset"] = LYCORIS_PRESET_NAME
+    try:
+        network = create_lycoris(unet, config.get("multiplier", 1.0), config.get("linear_dim", 4),
+                                 config.get("linear_alpha", 1), **options)
+    except (KeyError, ValueError, TypeError) as err:
+        raise SystemExit(f"{source}: lycoris-lora refused this config: {err}") from None
+    finally:
+        for name, value in saved.items():
+            setattr(LycorisNetwork, name, value)
+        PRESET.pop(LYCORIS_PRESET_NAME, None)
+    if not network.loras:
+        raise SystemExit(f"{source}: the preset matched no module of this UNet; check apply_preset's target_module "
+                         "(e.g. \"Attention\", \"FeedForward\", \"ResnetBlock2D\")")
+    network.apply_to()
+    unet.add_module("lycoris", network)  # a child of the UNet: DDP, checkpoints and dtype casts all see it
+    return network
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """The base model for the duration of the block: the adapter is switched off (peft: disable_adapters; LyCORIS:
+    multiplier 0), and on again afterwards, also when the block raises (a prior pass must never leak)."""
+    network = getattr(model, "lycoris", None)
+    multiplier = network.multiplier if network is not None else None
+    if network is not None:
+        network.set_multiplier(0.0)
+    else:
+        model.disable_adapters()
+    try:
+        yield model
+    finally:
+        if network is not None:
+            network.set_multiplier(multiplier)
+        else:
+            model.enable_adapters()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def run_metadata(args, info, datasets, step):
+    """What a person wants to know about an adapter file later, as safetensors metadata (strings)."""
+    prompts = sorted({p for d in datasets if d.trains and not d.is_regularisation_data and d.instance_prompt
+                      for p in data.as_list(d.instance_prompt)})
+    return {"base_model": str(info.ref), "family": info.family, "prediction_type": info.prediction_type,
+            "base_model_precision": args.base_model_precision, "instance_prompts": json.dumps(prompts),
+            "step": str(step)}
+
+
+def peft_metadata(config):
+    """diffusers reads the LoRA's config from this key (so an alpha other than the rank survives reloading)."""
+    adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str)}
+
+
+def lora_matrices(unet):
+    """(module name, "down" | "up", fp32 tensor) for each matrix of the UNet's peft LoRA (peft's A is down, B up)."""
+    from peft.utils import get_peft_model_state_dict
+
+    for key, value in get_peft_model_state_dict(unet).items():  # "<module>.lora_A.weight" / "<module>.lora_B.weight"
+        module, kind = key.rsplit(".lora_", 1)
+        yield module, "down" if kind.startswith("A") else "up", value.float()
+
+
+def save_lora(unet, path, metadata):
+    """The UNet's peft LoRA in diffusers' format: keys 'unet.<module>.lora.down.weight' / '.lora.up.weight', for
+    load_lora_weights. Every key is renamed here, not with diffusers' convert_state_dict_to_diffusers: that one
+    renames attention layers only, and load_lora_weights judges the whole file's format by its first key, so a
+    file that mixes the two (conv or time-embedding LoRAs first, --lora_target all) loses its attention LoRAs."""
+    state = {f"unet.{module}.lora.{kind}.weight": value for module, kind, value in lora_matrices(unet)}
+    files.save_safetensors_atomic(state, path, metadata)
+
+
+def kohya_lora(unet, alpha):
+    """The peft LoRA in the kohya layout (lora_unet_<module>.lora_down/lora_up/alpha) that ComfyUI, A1111 and
+    diffusers' load_lora_weights all read."""
+    state = {}
+    for module, kind, value in lora_matrices(unet):
+        name = "lora_unet_" + module.replace(".", "_")
+        state[f"{name}.lora_{kind}.weight"] = value
+        state[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return state
+
+
+def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, folder, suffix="",
+                 extra_metadata=None):
+    """Write the trained adapter into `folder`: diffusers-format LoRA (and --lora_format comfyui: the kohya layout
+    too), or the LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load).
+    `suffix` names a variant: "_ema" writes pytorch_lora_weights_ema.safetensors (and ..._ema_comfyui)."""
+    metadata = {**run_metadata(args, info, datasets, step), **(extra_metadata or {})}
+    path = os.path.join(folder, LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors"))
+    kohya_path = os.path.join(folder, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
+    network = getattr(unet, "lycoris", None)
+    if network is None:
+        save_lora(unet, path, {**metadata, **peft_metadata(lora_config), "lora_rank": str(args.lora_rank),
+                               "lora_alpha": str(args.lora_alpha or args.lora_rank), "lora_target": args.lora_target})
+        if args.lora_format == "comfyui":
+            files.save_safetensors_atomic(kohya_lora(unet, args.lora_alpha or args.lora_rank), kohya_path, metadata)
+        return path
+    state = {key: value.float() for key, value in network.state_dict().items()}
+    files.save_safetensors_atomic(state, path, {**metadata, "lycoris_config": json.dumps(lycoris_config)})
+    files.write_json_atomic(lycoris_config, os.path.join(folder, "lycoris_config.json"))
+    # lora/locon tensors are kohya's own under another prefix; anything else (loha, lokr, DoRA, scalars, a
+    # module_algo_map that mixes algorithms) has no kohya form, and only LyCORIS's loader reads it.
+    if all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in state):
+        multiplier = lycoris_config.get("multiplier", 1.0)  # kohya has no multiplier: it goes into alpha
+        files.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value * multiplier
+                                       if key.endswith(".alpha") else value for key, value in state.items()},
+                                      kohya_path, metadata)
+    elif not suffix and folder == args.output_dir:
+        print(f"note: no {KOHYA_WEIGHTS_NAME}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads "
+              "them)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_adapter(pipe, path):
+    """Apply a trained adapter to a pipeline's UNet: a LyCORIS file with LyCORIS's own loader, anything else with
+    diffusers' load_lora_weights. `path` is a .safetensors file or an output folder."""
+    file = path if os.path.isfile(path) else os.path.join(path, LORA_WEIGHTS_NAME)
+    with safe_open(file, framework="pt") as handle:
+        is_lycoris = any(key.startswith("lycoris_") for key in handle.keys())
+        config = json.loads((handle.metadata() or {}).get("lycoris_config", "{}"))
+    if is_lycoris:
+        from lycoris import create_lycoris_from_weights
+
+        network, _ = create_lycoris_from_weights(config.get("multiplier", 1.0), file, pipe.unet)  # as trained
+        network.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+        network.apply_to()
+        pipe.unet.add_module("lycoris", network)  # keeps it alive and findable, as in training
+    else:
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # else: a warning that the (untrained) text encoder has no LoRA keys
+        try:
+            pipe.load_lora_weights(os.path.dirname(file) or ".", weight_name=os.path.basename(file))
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+    return pipe
+
+
+def unload_adapter(pipe):
+    """Take load_adapter's adapter off the pipeline's UNet again: the base model's weights as they were."""
+    network = getattr(pipe.unet, "lycoris", None)
+    if network is not None:
+        network.restore()
+        del pipe.unet.lycoris
+    else:
+        pipe.unload_lora_weights()

@@ -1,0 +1,245 @@
+"""Checkpoints, exact resume, the training log, and a full fine-tune's saved pipeline.
+
+Used by train_dreambooth.py (save, resume, log) and evaluate.py (list the checkpoints, read the log). A
+checkpoint-STEP folder holds the trainable weights, the optimiser, lr schedule and RNG states, the EMA, the
+adapter files as in the output folder, and training_state.json, written last: a folder without it is incomplete
+and ignored. A resumed run ends with the weights, checkpoints and log of an uninterrupted one.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+
+from common import adapters, files, models
+
+STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+EMA_CHECKPOINT_FILE = "ema.safetensors"
+LOG_FILE = "train_log.jsonl"
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first. A folder without its state file (a broken copy) is skipped, loudly."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+            path = os.path.join(output_dir, name)
+            if os.path.isfile(os.path.join(path, STATE_FILE)):
+                found.append((int(name[len("checkpoint-"):]), path))
+            else:
+                print(f"warning: {path} is incomplete (no {STATE_FILE}); it is ignored")
+    return [path for _, path in sorted(found)]
+
+
+def resume_checkpoint_path(args):
+    """The checkpoint --resume_from_checkpoint names (latest: the newest complete one), or None to start fresh."""
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; starting fresh")
+            return None
+        return found[-1]
+    path = args.resume_from_checkpoint
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise SystemExit(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed, ema=None,
+                    save_outputs=None, skipped_nan=0):
+    """Write checkpoint-STEP atomically: everything goes into a hidden temporary folder, the state file last,
+    then one rename. A run killed at any moment leaves either the whole checkpoint or none. `save_outputs(folder)`
+    adds the adapter files, so a checkpoint loads (and evaluates) exactly like a final output."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(args.output_dir, f".checkpoint-{step}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    try:
+        # Each process keeps its own RNG state (dropout draws differ per rank).
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(tmp, f"rng_{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            weights = adapters.trainable_parameters(accelerator.unwrap_model(unet))
+            files.save_safetensors_atomic(weights, os.path.join(tmp, "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            if ema is not None:
+                files.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
+            if save_outputs is not None:
+                save_outputs(tmp, step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in os.listdir(tmp):
+                if os.path.isfile(os.path.join(tmp, name)):
+                    with open(os.path.join(tmp, name), "rb") as handle:
+                        os.fsync(handle.fileno())
+            files.write_json_atomic({
+                "step": step, "batches_drawn": sampler.drawn, "seed": seed,
+                "train_batch_size": args.train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "num_processes": accelerator.num_processes, "model_type": args.model_type,
+                "ema_updates": ema.updates if ema is not None else None,
+                "skipped_nan_batches": skipped_nan,  # --skip_nan_steps counts over the whole run, resumes included
+            }, os.path.join(tmp, STATE_FILE))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except BaseException as err:  # a full disk, a write error, an interrupt: the temporary folder goes, older
+        shutil.rmtree(tmp, ignore_errors=True)  # checkpoints stay as they are
+        full = isinstance(err, files.DiskFull)
+        if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and not full):
+            raise
+        reason = (f"the disk is full while writing {os.path.basename(err.path)}" if full
+                  else f"{type(err).__name__}: {err}")
+        raise SystemExit(f"could not write checkpoint {final} ({reason}); nothing of it was kept and the earlier "
+                         "checkpoints are intact. Free some disk space and rerun with --resume_from_checkpoint "
+                         "latest.") from None
+    # Rotation: keep the newest --checkpoints_total_limit checkpoints.
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_state(path):
+    """A checkpoint's optimiser / schedule / RNG file: plain tensors and numbers only (weights_only), so a
+    tampered file cannot run code on load; anything else is refused, naming the file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # UnpicklingError for a foreign object, RuntimeError / EOFError for a damaged file
+        raise SystemExit(f"{path}: not a training state file this script wrote ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}); it is damaged or was replaced. Resume from another "
+                         "checkpoint, or delete this one.") from None
+
+
+def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
+    """Restore weights, optimizer, lr schedule, RNG and the EMA; returns the checkpoint's training_state.json."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    model = accelerator.unwrap_model(unet)
+    weights = files.load_tensors(os.path.join(path, "trainable.safetensors"))
+    missing = set(adapters.trainable_parameters(model)) - set(weights)
+    if missing:
+        raise SystemExit(f"{path} does not match this run's trainable weights (missing e.g. {sorted(missing)[0]}); "
+                         "was it written with other --model_type / --lora_* settings?")
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(load_state(os.path.join(path, "optimizer.pt")))
+    lr_scheduler.load_state_dict(load_state(os.path.join(path, "scheduler.pt")))
+    if accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
+        accelerator.scaler.load_state_dict(load_state(os.path.join(path, "scaler.pt")))
+    rng_file = os.path.join(path, f"rng_{accelerator.process_index}.pt")
+    if os.path.isfile(rng_file):
+        rng = load_state(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    ema_file = os.path.join(path, EMA_CHECKPOINT_FILE)
+    if ema is not None and os.path.isfile(ema_file):
+        for name, value in files.load_tensors(ema_file).items():
+            ema.shadow[name].copy_(value)
+        ema.updates = state["ema_updates"]
+    elif ema is not None:
+        print(f"warning: {path} holds no EMA (the run had no --use_ema); the average starts from the resumed weights")
+        with torch.no_grad():
+            for name, param in adapters.trainable_parameters(model).items():
+                ema.shadow[name].copy_(param)
+        ema.updates = 0
+    return state
+
+
+def resume(args, accelerator, resume_path, unet, optimizer, lr_scheduler, ema, sampler):
+    """Resume from `resume_path` (or start afresh when None): weights, optimiser, schedule, RNG and EMA restored,
+    the batch stream replayed up to the checkpoint. Returns (first step, NaN batches skipped so far)."""
+    if not resume_path:
+        return 0, 0
+    state = load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler, ema)
+    for key in ("train_batch_size", "gradient_accumulation_steps", "num_processes"):
+        current = accelerator.num_processes if key == "num_processes" else getattr(args, key)
+        if state.get(key) != current:
+            accelerator.print(f"warning: {key} was {state.get(key)} in {resume_path}, now {current}: the data order "
+                              "will differ from an uninterrupted run")
+    for _ in range(state["batches_drawn"]):  # replay the batch stream up to the checkpoint
+        sampler.next()
+    accelerator.print(f"resumed from {resume_path} at step {state['step']}")
+    return state["step"], state.get("skipped_nan_batches", 0)
+
+
+def save_full_pipeline(info, unet, vae, tokenizers, text_encoders, output_dir):
+    """A full fine-tune as a complete diffusers pipeline in output_dir, moved into place file by file with
+    model_index.json last, so the folder only looks like a model once it is one."""
+    pipe = models.build_pipeline(info, unet, vae, tokenizers, text_encoders)
+    tmp = os.path.join(output_dir, ".pipeline.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    index = os.path.join(output_dir, "model_index.json")
+    if os.path.exists(index):  # an earlier pipeline here stops being a model while its parts are replaced
+        os.remove(index)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "model_index.json"):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        files.fault_point("write")
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training log
+
+
+def read_log(path, until_step=None):
+    """The records of a train_log.jsonl (up to `until_step`), without a last line a killed run left unfinished."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # cut off by a kill mid-write
+                if until_step is None or record["step"] <= until_step:
+                    records.append(record)
+    return records
+
+
+class JsonlLog:
+    """One JSON object per line; TensorBoard scalars too when tensorboard is installed.
+
+    The log is the run's record, so it must read like an uninterrupted run's: a resumed run (`resumed_at` = the
+    checkpoint's step) keeps the lines up to that step and drops the rest (steps it will redo, and a line a kill
+    cut in half); a run that starts afresh starts an empty log."""
+
+    def __init__(self, folder, resumed_at=None):
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, LOG_FILE)
+        kept = read_log(path, until_step=resumed_at) if resumed_at is not None else []
+        files.write_text_atomic("".join(json.dumps(record) + "\n" for record in kept), path)
+        self.handle = open(path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def log(self, step, values):
+        self.handle.write(json.dumps({"step": step, **values}) + "\n")
+        self.handle.flush()
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self):
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

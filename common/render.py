@@ -1,0 +1,86 @@
+"""Pictures from a model: every prompt at fixed seeds, the same way for training's validation and evaluate.py.
+
+The seeds are the same at every step and for every model, so a prompt's pictures compare across checkpoints. A
+refiner cannot draw from a prompt: it refines subject images (their captions as prompts) at its img2img strength,
+and its grid rows start with the image it refines.
+"""
+
+import contextlib
+import random
+
+import torch
+from tqdm.auto import tqdm
+
+from common import files, images
+
+
+def drawing_options(info, args, steps, guidance_scale, negative_prompt, resolution):
+    """The pipeline's keyword arguments shared by every picture of a round: text-to-image at `resolution`, or for a
+    refiner img2img at --refiner_training_strength with --data_aesthetic_score."""
+    options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+    if info.spec.refines:
+        options.update(strength=args.refiner_training_strength, aesthetic_score=args.data_aesthetic_score)
+    else:
+        options.update(height=resolution, width=resolution)
+    return options
+
+
+def refine_sources(entries, count, seed):
+    """What a refiner's validation and evaluation refine: `count` subject images chosen by `seed`, resized and
+    cropped to their buckets as training saw them, each with its caption as the prompt."""
+    chosen = random.Random(seed).sample(entries, min(count, len(entries)))
+    return [(entry.captions[0], images.apply_transform(images.load_image(entry.path), entry.transform))
+            for entry in chosen]
+
+
+def render(pipe, prompts, count, first_seed, options, sources=None, autocast=contextlib.nullcontext, path_for=None,
+           preview_for=None, desc="images"):
+    """Each prompt drawn at seeds first_seed, first_seed + 1, ... (`count` of them); with `sources` (a refiner),
+    each prompt's source image refined once at first_seed. `options`: drawing_options.
+    path_for(prompt index, seed) names the file each picture is saved to; preview_for(prompt index, seed) gives a
+    callback_on_step_end (validation previews). Returns a list of pictures per prompt."""
+    rows = [[] for _ in prompts]
+    jobs = [(p, i) for p in range(len(prompts)) for i in range(1 if sources else count)]
+    for p, i in tqdm(jobs, desc=desc, unit="img", leave=False):
+        seed = first_seed + i
+        call = dict(options, prompt=prompts[p], generator=torch.Generator().manual_seed(seed))
+        if sources:
+            call["image"] = sources[p][1]
+        if preview_for is not None:
+            call.update(callback_on_step_end=preview_for(p, seed), callback_on_step_end_tensor_inputs=["latents"])
+        with torch.no_grad(), autocast():
+            image = pipe(**call).images[0]
+        if path_for is not None:
+            files.save_image_atomic(image, path_for(p, seed))
+        rows[p].append(image)
+    return rows
+
+
+def prompt_grid(rows, prompts, sources=None, column_labels=(), cell=None):
+    """The pictures of a round in one image: a row per prompt, labelled with it, a column per seed (a refiner's
+    rows start with the image each refines); `column_labels` head the columns or equal groups of them."""
+    rows = [[sources[p][1], *row] if sources else row for p, row in enumerate(rows)]
+    return images.image_grid([image for row in rows for image in row], len(rows[0]), cell=cell,
+                             column_labels=column_labels, row_labels=prompts)
+
+
+@torch.no_grad()
+def decode_preview(preview_vae, latents):
+    """A quick picture of in-progress latents: the Tiny AutoEncoder decodes the pipeline's (scaled) latents as they
+    are, in milliseconds, where the full VAE would take seconds."""
+    from PIL import Image
+
+    image = preview_vae.decode(latents[:1].to(preview_vae.device, preview_vae.dtype)).sample[0]
+    return Image.fromarray(((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def preview_sender(hooks, preview_vae, every, step, prompt, seed):
+    """A callback_on_step_end that sends a preview every `every` denoising steps and at the last one."""
+    def callback(pipe, index, timestep, tensors):
+        done, total = index + 1, pipe.num_timesteps  # the steps this call runs (img2img runs only the last ones)
+        if done % every == 0 or done == total:
+            hooks.send("preview_image", f"{prompt} (denoising step {done}/{total})", step=step,
+                       images=[decode_preview(preview_vae, tensors["latents"])], prompt=prompt, seed=seed,
+                       denoising_step=done)
+        return tensors
+    return callback

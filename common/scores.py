@@ -1,0 +1,152 @@
+"""Scores: the stable eval loss, and CLIP-T / CLIP-I / DINO as in the DreamBooth paper.
+
+Used by train_dreambooth.py (the eval loss every --eval_steps_interval steps; --evaluation_type clip on
+validation images), evaluate.py (both, for every checkpoint) and rare_tokens.py (CLIP, for look-alike names).
+Training and evaluate.py call the same stable_eval_loss on the same examples, so their numbers agree exactly.
+"""
+
+import contextlib
+
+import torch
+
+from common import caches, files, models
+
+# The DreamBench prompt templates (Ruiz et al. 2023): 25 per subject kind; {instance} is e.g. "ohwx dog".
+DREAMBENCH_SETTINGS = ["in the jungle", "in the snow", "on the beach", "on a cobblestone street",
+                       "on top of pink fabric", "on top of a wooden floor", "with a city in the background",
+                       "with a mountain in the background", "with a blue house in the background",
+                       "on top of a purple rug in a forest"]
+DREAMBENCH_OBJECT = ["with a wheat field in the background", "with a tree and autumn leaves in the background",
+                     "with the Eiffel Tower in the background", "floating on top of water",
+                     "floating in an ocean of milk", "on top of green grass with sunflowers around it",
+                     "on top of a mirror", "on top of the sidewalk in a crowded street", "on top of a dirt road",
+                     "on top of a white rug"]
+DREAMBENCH_LIVE = ["wearing a red hat", "wearing a santa hat", "wearing a rainbow scarf",
+                   "wearing a black top hat and a monocle", "in a chef outfit", "in a firefighter outfit",
+                   "in a police outfit", "wearing pink glasses", "wearing a yellow shirt", "in a purple wizard outfit"]
+DREAMBENCH_ATTRIBUTES = ["red", "purple", "shiny", "wet", "cube shaped"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stable eval loss
+
+
+def eval_timesteps(num_train_timesteps, count):
+    """`count` evenly spaced timesteps of [0, num_train_timesteps), both ends left out (t = 0 is almost noiseless,
+    the last one almost pure noise: neither says much about the model). A refiner passes its own range."""
+    return torch.linspace(0, num_train_timesteps - 1, count + 2)[1:-1].round().long()
+
+
+def eval_examples(entries, info, text_dir, aesthetic_score=None):
+    """stable_eval_loss inputs from cached entries: the latent distribution's mean (no sampling, so the same every
+    time) and the UNet's conditioning for the first caption. Masks are not used: eval loss is over the image."""
+    texts = caches.load_text_embeddings([entry.captions[0] for entry in entries], info, text_dir)
+    shift, scale = models.latent_scaling(info)
+    return [{"latents": (files.load_tensors(entry.cache_path)["mean"][None] - shift) * scale,
+             "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], aesthetic_score)}
+            for entry in entries]
+
+
+@torch.no_grad()
+def stable_eval_loss(unet, noise_scheduler, prediction_type, examples, count=8, seed=0, autocast=None,
+                     timestep_range=None):
+    """A loss that can be compared across steps, checkpoints and runs: every example is noised at the same
+    `count` fixed timesteps with the same fixed noise (from `seed`), in eval mode, and the global RNG is left
+    exactly as it was (a training run that evaluates draws what one that does not would draw).
+
+    `examples`: [{"latents": (1, C, h, w), "cond": the UNet's conditioning for it (models.conditioning)}].
+    `autocast`: a context manager for mixed precision (training passes accelerator.autocast).
+    Returns {"mean": float, "per_timestep": {t: float}}."""
+    timesteps = eval_timesteps(timestep_range or noise_scheduler.config.num_train_timesteps, count)
+    device, dtype = unet.device, unet.dtype
+    was_training = unet.training
+    unet.eval()
+    totals = torch.zeros(len(timesteps))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i, example in enumerate(examples):
+            latents = example["latents"].float().expand(len(timesteps), -1, -1, -1)
+            noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            noise = noise.expand_as(latents)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = models.training_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+            cond = models.map_conditioning(lambda t: t.expand(len(timesteps), *t.shape[1:]), example["cond"])
+            with (autocast or contextlib.nullcontext)():
+                pred = unet(noisy.to(device, dtype), timesteps.to(device),
+                            **models.conditioning_on(cond, device, dtype)).sample
+            totals += ((pred.float().cpu() - target) ** 2).mean(dim=(1, 2, 3))
+    unet.train(was_training)
+    per_timestep = totals / max(1, len(examples))
+    return {"mean": per_timestep.mean().item(),
+            "per_timestep": {int(t): value.item() for t, value in zip(timesteps, per_timestep)}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts and the paper's scores
+
+
+def dreambench_prompts(kind):
+    """The 25 DreamBench prompt templates for an `object` or a `live` subject."""
+    middle = DREAMBENCH_OBJECT if kind == "object" else DREAMBENCH_LIVE
+    return ([f"a {{instance}} {place}" for place in DREAMBENCH_SETTINGS + middle]
+            + [f"a {attribute} {{instance}}" for attribute in DREAMBENCH_ATTRIBUTES])
+
+
+def fill_prompt(template, instance, class_prompt):
+    """(the prompt to generate from, the prompt CLIP-T scores against): the second names the class, not the
+    identifier, because CLIP does not know the identifier (the DreamBooth paper's convention)."""
+    generate = template.replace("{instance}", instance).replace("{class}", class_prompt)
+    score = template.replace("{instance}", class_prompt).replace("{class}", class_prompt)
+    if instance and "{instance}" not in template and instance in generate:  # a literal prompt naming the subject
+        score = generate.replace(instance, class_prompt)
+    return generate, score
+
+
+class Scorer:
+    """CLIP (image and text) and DINO (ViT, CLS token) embeddings, L2-normalised, for the paper's three scores:
+    CLIP-T = mean cosine(image, its prompt); CLIP-I and DINO = mean pairwise cosine(generated, real images).
+    Models by local folder or hub id, safetensors only unless `allow_pickle`; `dino_model=None` skips DINO."""
+
+    def __init__(self, clip_model, dino_model=None, device="cpu", allow_pickle=False):
+        from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
+
+        self.device = device
+        clip_weights = files.safe_weights(clip_model, allow_pickle)
+        dino_weights = files.safe_weights(dino_model, allow_pickle) if dino_model else {}  # both refused before either loads
+        self.clip = CLIPModel.from_pretrained(clip_model, **clip_weights).to(device).eval()
+        self.clip_processor = CLIPProcessor.from_pretrained(clip_model)
+        self.dino = self.dino_processor = None
+        if dino_model:
+            self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False, **dino_weights).to(device).eval()
+            self.dino_processor = AutoImageProcessor.from_pretrained(dino_model)
+
+    @staticmethod
+    def _normalised(output):
+        features = output.pooler_output if hasattr(output, "pooler_output") else output  # transformers 5 / 4
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def clip_images(self, images):
+        pixels = self.clip_processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return self._normalised(self.clip.get_image_features(pixel_values=pixels))
+
+    @torch.no_grad()
+    def clip_texts(self, texts):
+        tokens = self.clip_processor(text=list(texts), padding=True, truncation=True, return_tensors="pt")
+        return self._normalised(self.clip.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                            attention_mask=tokens["attention_mask"].to(self.device)))
+
+    @torch.no_grad()
+    def dino_images(self, images):
+        pixels = self.dino_processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        cls = self.dino(pixel_values=pixels).last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
+
+    def scores(self, images, score_prompts, real_clip, real_dino=None):
+        """{"clip_t", "clip_i", "dino"} for generated `images` (each with its scoring prompt) against the real
+        subject images' embeddings (from clip_images / dino_images, computed once)."""
+        image_embeds = self.clip_images(images)
+        result = {"clip_t": (image_embeds * self.clip_texts(score_prompts)).sum(-1).mean().item(),
+                  "clip_i": (image_embeds @ real_clip.T).mean().item()}
+        if self.dino is not None and real_dino is not None:
+            result["dino"] = (self.dino_images(images) @ real_dino.T).mean().item()
+        return result
