@@ -3,7 +3,7 @@
     python cache_latents.py --config config.json
     python cache_latents.py --pretrained_model_name_or_path MODEL --instance_data_dir subject/ --instance_prompt "ohwx dog"
 
-Reads the same config.json as train_dreambooth.py (training-only keys are passed over here) and the data config.
+Reads the same config.json as train_dreambooth.py (its training keys are passed over here) and the data config.
 Writes, per image and bucket, one safetensors file in the dataset's cache_dir_vae (latent mean and std, plus the
 source fingerprint, the resize/crop transform and the VAE identity as metadata), and one safetensors file per
 caption in the text_embeds cache_dir. Entries that are up to date are skipped without loading any model; a

@@ -182,7 +182,7 @@ def implied_noise(noise_scheduler, clean, noisy, timesteps):
     return (noisy - alphas_cumprod.sqrt() * clean) / (1 - alphas_cumprod).sqrt()
 
 
-def roll_out(args, step, model, noise_scheduler, latents, noise, noisy_latents, timesteps, cond, generator,
+def rollout_batch(args, step, model, noise_scheduler, latents, noise, noisy_latents, timesteps, cond, generator,
              autocast, weight_dtype):
     """Scheduled sampling for a batch, in place: each sample chosen with rollout_probability(step) gets as its x_t
     the model's own k-step rollout from t + k (k ~ U{1..K}; current weights, eval mode, no gradient) and, with the
@@ -333,12 +333,12 @@ def train(args, hooks):
     optimizer = make_optimiser(args, unet)
     sampler, batches_per_epoch, max_train_steps, lr_scheduler = plan_steps(args, datasets, plans, seed, world,
                                                                            optimizer, say)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    unwrapped = accelerator.unwrap_model(unet)
+    unet, optimizer = accelerator.prepare(unet, optimizer)  # unet: the trained forward (DDP syncs its gradients)
+    unwrapped = accelerator.unwrap_model(unet)  # the model itself: passes without gradients, saving, the EMA
     trainable = adapters.trainable_parameters(unwrapped)
     params = list(trainable.values())
     ema = make_ema(args, accelerator, trainable, device, say)
-    validate = validation_round(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks)
+    validate = make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks)
     save_outputs = output_writer(args, info, datasets, unwrapped, lora_config, ema, trainable)
     first_step, skipped_nan = checkpoints.resume(args, accelerator, resume_path, unet, optimizer, lr_scheduler,
                                                  ema, sampler)
@@ -386,9 +386,9 @@ def train(args, hooks):
             # Scheduled sampling (rollouts): with the ramped probability, a sample's x_t is the model's own k-step
             # rollout from t + k instead, and (recomputed target) its noise the one that x_t implies for x0.
             if args.scheduled_sampling_max_step_offset:
-                totals["rollout_forwards"] += roll_out(args, step, unwrapped, noise_scheduler, latents, noise,
-                                                       noisy_latents, timesteps, cond, generator,
-                                                       accelerator.autocast, weight_dtype)
+                totals["rollout_forwards"] += rollout_batch(args, step, unwrapped, noise_scheduler, latents, noise,
+                                                            noisy_latents, timesteps, cond, generator,
+                                                            accelerator.autocast, weight_dtype)
             target = models.training_target(noise_scheduler, info.prediction_type, latents, noise, timesteps)
             noisy_latents = noisy_latents.to(weight_dtype)
 
@@ -493,6 +493,8 @@ def plan_data(args, accelerator):
 
     say = accelerator.print
     datasets, info, plans = data.prepare(args, print_fn=say)
+    if args.validation_prompt and (args.evaluation_type == "clip" or info.spec.refines):
+        data.subject_dataset(datasets)  # scored against, or refined: a run without subject pictures stops here
     if accelerator.is_main_process:
         data.announce_pending_features(datasets)
         files.remove_stale_temporaries(args.output_dir)  # what a killed run left half-written is never trusted
@@ -568,9 +570,8 @@ def load_model(args, info, device, say):
 
 
 def describe(args):
-    if args.model_type == "full":
-        return "the whole UNet"
-    return f"LyCORIS {args.lycoris['algo']}" if args.lora_type == "lycoris" else f"LoRA rank {args.lora_rank}"
+    adapter = f"LyCORIS {args.lycoris['algo']}" if args.lora_type == "lycoris" else f"LoRA rank {args.lora_rank}"
+    return "the whole UNet" if args.model_type == "full" else adapter
 
 
 def load_frozen_parts(args, info, device, weight_dtype):
@@ -585,19 +586,19 @@ def load_frozen_parts(args, info, device, weight_dtype):
 
 
 def make_optimiser(args, unet):
+    """AdamW over the trainable weights (bitsandbytes' 8-bit AdamW with --use_8bit_adam)."""
+    optimizer_class = torch.optim.AdamW
     if args.use_8bit_adam:
         import bitsandbytes
 
         optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
     return optimizer_class(adapters.trainable_parameters(unet).values(), lr=args.learning_rate,
                            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                            eps=args.adam_epsilon)
 
 
 def plan_steps(args, datasets, plans, seed, world, optimizer, say):
-    """The batch stream, the length of the run and its lr schedule; what the mix of data will be."""
+    """The batch stream, the length of the run and its lr schedule, each said."""
     from diffusers.optimization import get_scheduler
 
     sampler = BatchSampler(datasets, plans, args.train_batch_size, seed, args.data_sampling)
@@ -607,8 +608,7 @@ def plan_steps(args, datasets, plans, seed, world, optimizer, say):
     batches_per_epoch = sampler.batches_per_epoch()
     steps_per_epoch = max(1, math.ceil(math.ceil(batches_per_epoch / world) / args.gradient_accumulation_steps))
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # The lr schedule is stepped by hand once per optimiser step (not through accelerate, which steps it once per
-    # process), so its length is simply max_train_steps.
+    # Stepped by hand once per optimiser step (accelerate would step it once per process): its length is the run's.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
     say(f"{max_train_steps} steps: batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps} x "
@@ -642,8 +642,7 @@ def report_mix(args, sampler, say):
 
 
 def make_ema(args, accelerator, trainable, device, say):
-    """With --use_ema, a shadow copy of the trainable weights, kept by the main process (every process holds the
-    same weights)."""
+    """With --use_ema, a shadow copy of the trainable weights, kept by the main process (all hold the same)."""
     if not (args.use_ema and accelerator.is_main_process):
         return None
     say(f"EMA of the trained weights: decay {args.ema_decay}{' with warm-up' if args.ema_warmup else ''}, every "
@@ -651,31 +650,24 @@ def make_ema(args, accelerator, trainable, device, say):
     return EMA(trainable, args.ema_decay, args.ema_warmup, "cpu" if args.ema_device == "cpu" else device)
 
 
-def validation_round(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks):
+def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks):
     """validate(step, log), for the main process: a run_validation round, its scores (--evaluation_type clip) into
     the log. Loads what it needs once: the CLIP scorer, a refiner's source images, the preview Tiny AutoEncoder."""
     if not (args.validation_prompt and accelerator.is_main_process):
         return None
     device, scoring, sources, preview_vae = accelerator.device, None, None, None
-    subject = data.subject_dataset(datasets)
     if args.evaluation_type == "clip":  # validation images scored against their prompts and the subject's photos
         scorer = scores.Scorer(args.clip_model, device=device, allow_pickle=args.allow_pickle)
+        subject = data.subject_dataset(datasets)
         scoring = scorer, scorer.clip_images([images.load_image(e.path) for e in plans[subject.id]])
     if info.spec.refines:  # a refiner cannot draw from a prompt: it refines subject images, captions as prompts
         accelerator.print(f"warning: a refiner refines images, so --validation_prompt is ignored: validation "
                           f"refines {args.num_validation_images} subject image(s) at strength "
                           f"{args.refiner_training_strength:g}")
-        sources = render.refine_sources(plans[subject.id], args.num_validation_images, args.validation_seed)
+        sources = render.refine_sources(plans[data.subject_dataset(datasets).id], args.num_validation_images,
+                                        args.validation_seed)
     if args.validation_preview:  # a Tiny AutoEncoder turns in-progress latents into pictures for the webhooks
-        from diffusers import AutoencoderTiny
-
-        reference = args.preview_vae or info.spec.preview_vae
-        try:
-            preview_vae = AutoencoderTiny.from_pretrained(reference, **files.safe_weights(reference, args.allow_pickle))
-            preview_vae = preview_vae.to(device).eval()
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"--preview_vae {reference}: cannot load a Tiny AutoEncoder there ({err}); pass a local "
-                             "folder or a hub id (madebyollin/taesd, madebyollin/taesdxl)") from None
+        preview_vae = render.load_preview_vae(args.preview_vae or info.spec.preview_vae, args.allow_pickle, device)
 
     def validate(step, log):
         values = run_validation(args, info, accelerator, unet, frozen, step, ema, scoring, hooks, preview_vae, sources)

@@ -1,17 +1,29 @@
-"""What the scripts share, one concern per module. Nothing here runs on its own.
+"""What the scripts share, one concern per module, and which scripts use it. Nothing here runs on its own.
 
-    files        atomic writes, fingerprints, JSON, no pickles, outputs kept inside their folders   every script
-    flags        --config FILE.json, the shared flag groups, true/false flags                        every script
-    data         the data config, discovery, captions, mask pairing, each image's plan              cache, train, evaluate, masks
-    images       reading pictures safely, aspect buckets and crops, grids and contact sheets       every script
-    models       the family table, loading, text encoding, conditioning, the training objective    every script but masks
-    quantise     quantised frozen weights (--base_model_precision, --text_encoder_N_precision)     via models
-    caches       VAE latents and text embeddings on disk                                            cache, train, evaluate
-    adapters     LoRA / LyCORIS: add, switch off, save (diffusers and kohya layouts), load           train, evaluate, regularisation
-    checkpoints  checkpoints, exact resume, the training log, a full fine-tune's pipeline           train, evaluate
-    scores       the stable eval loss, CLIP-T / CLIP-I / DINO, DreamBench prompts                   train, evaluate, rare tokens
-    render       every prompt at fixed seeds, and its grid                                           train, evaluate
-    webhooks     notices to your own endpoint or Discord                                            train
+    files        atomic writes, fingerprints, JSON, no pickles, outputs kept inside their folders
+                   used by train, evaluate, masks, regularisation (and every module)
+    flags        --config FILE.json, the shared flag groups, true/false flags
+                   used by every script
+    data         the data config, discovery, captions, mask pairing, each image's plan
+                   used by cache, train, evaluate, masks, rare tokens
+    images       reading pictures safely, aspect buckets and crops, grids and contact sheets
+                   used by train, evaluate, masks, regularisation, rare tokens
+    models       the family table, loading, text encoding, conditioning, the training objective
+                   used by train, evaluate, regularisation, rare tokens (cache through caches)
+    quantise     quantised frozen weights (--base_model_precision, --text_encoder_N_precision)
+                   used by cache, train, evaluate, regularisation
+    caches       VAE latents and text embeddings on disk
+                   used by cache, train, evaluate
+    adapters     LoRA / LyCORIS: add, switch off, save (diffusers and kohya layouts), load
+                   used by train, evaluate, regularisation
+    checkpoints  checkpoints, exact resume, the training log, a full fine-tune's pipeline
+                   used by train, evaluate
+    scores       the stable eval loss, CLIP-T / CLIP-I / DINO, DreamBench prompts
+                   used by train, evaluate, rare tokens
+    render       every prompt at fixed seeds, its grid, validation previews
+                   used by train, evaluate
+    webhooks     notices to your own endpoint or Discord
+                   used by train
 
 A script imports the modules it needs (`from common import data, models`) and calls them by module, so a call
 says where its code lives: `data.load_datasets(args)`, `caches.build_vae_cache(...)`.

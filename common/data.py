@@ -1,7 +1,7 @@
 """Data: the data backend config, the images it names, their captions and masks, and each image's plan.
 
 Used by cache_latents.py, train_dreambooth.py and evaluate.py, which all start with `prepare` (datasets ->
-model -> plans), and by make_masks.py (discovery). Everything here reads image headers only, never pixels, so a
+model -> plans), and by make_masks.py and rare_tokens.py (discovery). Everything here reads image headers only, never pixels, so a
 typo in the data config or a missing mask costs a second, not a model load:
     load_datasets   the data config (a JSON list of datasets, or --instance_data_dir), validated, defaults filled
     plan_datasets   every image's caption(s), bucket, crop, mask and cache file (ImageEntry), bad files skipped
@@ -429,7 +429,11 @@ def prepare(args, print_fn=print):
 
 def subject_dataset(datasets):
     """The subject: the first dataset trained on that is not regularisation data."""
-    return next(d for d in datasets if d.trains and not d.is_regularisation_data)
+    subject = next((d for d in datasets if d.trains and not d.is_regularisation_data), None)
+    if subject is None:
+        raise SystemExit("every image dataset is regularisation data: validation, scores and --eval_split need the "
+                         "subject's pictures in a dataset without \"is_regularisation_data\": true")
+    return subject
 
 
 def eval_sets(datasets, plans, split=0):

@@ -2,8 +2,8 @@
 
 Every script's parser is built from argparse plus the groups here; `parse_args_with_config` lets a config.json
 supply any flag (keys with or without '--'; the command line wins). cache_latents.py and evaluate.py read the
-training run's config.json too: TRAINING_KEYS names the keys that belong to training, so those scripts pass
-over them while still refusing a typo.
+training run's config.json too: TRAINING_KEYS names the keys training has beyond the model and data groups, so
+those scripts pass over the ones they do not take themselves while still refusing a typo.
 """
 
 import argparse
@@ -12,15 +12,16 @@ import difflib
 from common import files
 from common.quantise import PRECISIONS
 
-# The flags only train_dreambooth.py has (tests/test_config.py checks this list against its parser).
+# train_dreambooth.py's flags beyond add_model_args and add_data_args (tests/test_config.py checks this list
+# against its parser). A script that reads the training config passes over those of them it does not take.
 TRAINING_KEYS = frozenset("""
     adam_beta1 adam_beta2 adam_epsilon adam_weight_decay base_model_precision checkpointing_steps
-    checkpoints_total_limit clip_model data_sampling ema_decay ema_device ema_update_interval ema_warmup
-    eval_steps_interval evaluation_type gradient_accumulation_steps gradient_checkpointing learning_rate lora_alpha
+    checkpoints_total_limit clip_model data_aesthetic_score data_sampling ema_decay ema_device ema_update_interval ema_warmup
+    eval_seed eval_split eval_steps_interval eval_timesteps evaluation_type gradient_accumulation_steps gradient_checkpointing learning_rate lora_alpha
     lora_dropout lora_format lora_init lora_rank lora_target lora_type lr_num_cycles lr_power lr_scheduler
     lr_warmup_steps lycoris_config masked_loss_normalize max_grad_norm max_train_steps mixed_precision model_type
     noise_offset num_train_epochs num_validation_images offload_frozen preview_vae prior_loss_target
-    prior_loss_weight resume_from_checkpoint scheduled_sampling_max_step_offset scheduled_sampling_probability
+    prior_loss_weight refiner_training_strength resume_from_checkpoint scheduled_sampling_max_step_offset scheduled_sampling_probability
     scheduled_sampling_ramp_steps scheduled_sampling_sampler scheduled_sampling_target skip_nan_steps snr_gamma
     train_batch_size use_8bit_adam use_ema validation_class validation_ema validation_guidance_scale
     validation_instance validation_negative_prompt validation_num_inference_steps validation_preview

@@ -1,6 +1,7 @@
 """Quantised frozen weights: --base_model_precision and --text_encoder_N_precision.
 
-Used by the model loaders (models.py) for the UNet and text encoders, and by every script's flag check. The
+Used by the model loaders (models.py) for the UNet and text encoders, and by the flag checks of the scripts that
+load a model in a chosen precision (cache_latents, train_dreambooth, evaluate, make_regularisation). The
 order is always load -> quantise -> freeze -> (adapter on top), so the adapter trains in full precision against
 quantised base weights and is saved under the ordinary layer names.
 """

@@ -64,6 +64,18 @@ def prompt_grid(rows, prompts, sources=None, column_labels=(), cell=None):
                              column_labels=column_labels, row_labels=prompts)
 
 
+def load_preview_vae(reference, allow_pickle=False, device="cpu"):
+    """The Tiny AutoEncoder that turns in-progress latents into pictures (--preview_vae: folder or hub id)."""
+    from diffusers import AutoencoderTiny
+
+    try:
+        preview_vae = AutoencoderTiny.from_pretrained(reference, **files.safe_weights(reference, allow_pickle))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--preview_vae {reference}: cannot load a Tiny AutoEncoder there ({err}); pass a local "
+                         "folder or a hub id (madebyollin/taesd, madebyollin/taesdxl)") from None
+    return preview_vae.to(device).eval()
+
+
 @torch.no_grad()
 def decode_preview(preview_vae, latents):
     """A quick picture of in-progress latents: the Tiny AutoEncoder decodes the pipeline's (scaled) latents as they

@@ -328,7 +328,7 @@ def test_the_training_keys_the_other_scripts_pass_over_are_exactly_the_training_
     import argparse
 
     shared = argparse.ArgumentParser()
-    for add in (flags.add_model_args, flags.add_data_args, flags.add_eval_args, flags.add_refiner_args):
+    for add in (flags.add_model_args, flags.add_data_args):
         add(shared)
     assert flags.TRAINING_KEYS == flags.option_names(train_dreambooth.build_parser()) - flags.option_names(shared)
 
@@ -337,10 +337,12 @@ def test_the_training_keys_the_other_scripts_pass_over_are_exactly_the_training_
 def test_the_training_config_works_with_the_other_scripts(tmp_path, script):
     import importlib
 
-    path = os.path.join(ROOT, "examples", "config.json")
-    config = json.load(open(path))
-    args = importlib.import_module(script).parse_args(["--config", path])
+    config = json.load(open(os.path.join(ROOT, "examples", "config.json")))
+    config.update(eval_split=2, eval_steps_interval=50, data_aesthetic_score=6.0, use_ema=True)  # every group
+    args = importlib.import_module(script).parse_args(["--config", write_json(tmp_path / "config.json", config)])
     assert args.pretrained_model_name_or_path == config["pretrained_model_name_or_path"]
+    if script == "evaluate":  # its own keys are read, not passed over
+        assert (args.eval_split, args.data_aesthetic_score) == (2, 6.0)
 
 
 def test_cache_latents_still_rejects_a_typo(tmp_path):
@@ -530,6 +532,14 @@ def test_cache_dir_vae_defaults_under_output_dir_cache_vae_id(tmp_path):
     datasets = data.load_datasets(args)
     assert datasets[0].cache_dir_vae == os.path.join(str(tmp_path / "caches"), "vae", "subject")
     assert data.text_cache_dir(datasets, args) == os.path.join(str(tmp_path / "caches"), "text")
+
+
+def test_the_subject_is_the_first_trained_dataset_that_is_not_regularisation():
+    reg, subject = data.Dataset(id="reg", is_regularisation_data=True), data.Dataset(id="dog")
+    held_out = data.Dataset(id="held", dataset_type="eval")
+    assert data.subject_dataset([held_out, reg, subject]) is subject
+    with pytest.raises(SystemExit, match="every image dataset is regularisation data"):
+        data.subject_dataset([held_out, reg])
 
 
 def test_duplicate_dataset_ids_are_refused(tmp_path):
