@@ -23,6 +23,8 @@ def parse_args(argv=None):
     flags.add_model_args(parser)
     flags.add_data_args(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
+                        help="the training run's: text embeddings are stored in its compute dtype")
     # A training config.json also holds training flags: not ours, but not typos either.
     return flags.parse_args_with_config(parser, argv, also_known=flags.TRAINING_KEYS)
 

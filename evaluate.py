@@ -35,7 +35,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from common import adapters, caches, checkpoints, data, files, flags, images, models, quantise, render, scores
+from common import (adapters, caches, checkpoints, data, files, flags, images, models, objectives, quantise, render,
+                    scores)
 
 METRICS = ("clip_t", "clip_i", "dino", "toy_subject", "eval_loss")
 GRID_THUMB = 256  # the widest a picture is drawn in a grid (the pictures themselves are saved whole)
@@ -49,18 +50,19 @@ LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "toy_subject":
 
 def find_targets(folder, only, weights):
     """[(name, step, kind, path)]: the base model, the checkpoints and the final output, in step order.
-    kind: "base", "adapter" (a LoRA / LyCORIS file) or "unet" (a full fine-tune: a UNet folder or state file)."""
+    kind: "base", "adapter" (a LoRA / LyCORIS file) or "full" (a full fine-tune: a saved pipeline folder, or a
+    checkpoint's state file of the UNet / transformer)."""
     suffix = adapters.EMA_SUFFIX if weights == "ema" else ""
     adapter_name = adapters.LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors")
     targets = [("base", 0, "base", None)]
     for path in checkpoints.list_checkpoints(folder):
         name = os.path.basename(path)
         state = files.read_json(os.path.join(path, checkpoints.STATE_FILE))
-        if state.get("model_type") == "full":  # the whole UNet's weights
+        if state.get("model_type") == "full":  # the whole denoiser's weights
             weights_file = os.path.join(path, checkpoints.EMA_CHECKPOINT_FILE if weights == "ema"
                                         else "trainable.safetensors")
             if os.path.isfile(weights_file):
-                targets.append((name, state["step"], "unet", weights_file))
+                targets.append((name, state["step"], "full", weights_file))
         elif os.path.isfile(os.path.join(path, adapter_name)):
             targets.append((name, state["step"], "adapter", os.path.join(path, adapter_name)))
         else:
@@ -76,7 +78,7 @@ def find_targets(folder, only, weights):
             log = os.path.join(folder, "logs", checkpoints.LOG_FILE)
             steps = [record["step"] for record in checkpoints.read_log(log)]
             step = max(steps) if steps else None
-            targets.append(("final", step, "unet", os.path.join(pipeline, "unet")))
+            targets.append(("final", step, "full", pipeline))
     if only:
         missing = sorted(set(only) - {t[0] for t in targets})
         if missing:
@@ -94,29 +96,37 @@ def find_targets(folder, only, weights):
 def weights_of(pipe, target, info):
     """The pipeline with one evaluated model's weights; the base model's again afterwards."""
     _, _, kind, path = target
-    base = pipe.unet
+    name = info.spec.denoiser  # "unet" or "transformer"
+    base = getattr(pipe, name)
     device = base.device
     if kind == "adapter":
         adapters.load_adapter(pipe, path)
-    elif kind == "unet":  # a full fine-tune, in fp32 as it trained; the base UNet waits in system memory
+    elif kind == "full":  # a full fine-tune, in fp32 as it trained; the base model waits in system memory
         base.to("cpu")
-        if os.path.isdir(path):  # a saved pipeline's unet/ folder
-            from diffusers import UNet2DConditionModel
+        if os.path.isdir(path):  # a saved pipeline: its unet/ or transformer/ folder
+            import diffusers
 
-            unet = UNet2DConditionModel.from_pretrained(path, **files.safe_weights(path, info.allow_pickle))
+            model_class = getattr(diffusers, base.__class__.__name__)
+            folder = os.path.join(path, name)
+            model = model_class.from_pretrained(folder, **files.safe_weights(folder, info.allow_pickle))
         else:  # a checkpoint's state file
-            unet = models.load_component(info, "unet")
-            unet.load_state_dict(files.load_tensors(path))
-        pipe.unet = unet.to(device).eval()
+            model = models.load_component(info, name)
+            weights = files.load_tensors(path)  # every parameter; buffers (SD3's position table) stay the base's
+            missing = sorted(set(dict(model.named_parameters())) - set(weights))
+            if missing:
+                raise SystemExit(f"{path} lacks {len(missing)} of the model's parameters (e.g. {missing[0]}): "
+                                 "it is not a full fine-tune of this model")
+            model.load_state_dict(weights, strict=False)
+        setattr(pipe, name, model.to(device).eval())
     try:
         yield pipe
     finally:
         if kind == "adapter":
             adapters.unload_adapter(pipe)
-        if kind == "unet":
-            del pipe.unet
+        if kind == "full":
+            delattr(pipe, name)
             base.to(device)
-        pipe.unet = base
+        setattr(pipe, name, base)
 
 
 def read_prompts(args):
@@ -274,11 +284,10 @@ def eval_loss_examples(args, info, datasets, eval_entries, device):
     eval_entries, _ = caches.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
     text_dir = data.text_cache_dir(datasets, args)
     caches.build_text_cache([e.captions[0] for e in eval_entries], info, text_dir, device)
-    return scores.eval_examples(eval_entries, info, text_dir, models.refiner_conditioning(info, args))
+    return scores.eval_examples(eval_entries, info, text_dir, models.conditioning_options(info, args))
 
 
-def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast, score, examples, noise_scheduler,
-                   out):
+def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast, score, examples, objective, out):
     """One model's pictures (saved, and a grid), scores and eval loss: a metrics.json entry."""
     name, step = target[0], target[1]
     result = {"name": name, "step": step, "source": target[3]}
@@ -295,9 +304,8 @@ def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast
         result.update(score([image for row in rows for image in row],
                             [prompts[p][1] for p, row in enumerate(rows) for _ in row]))
         if examples:
-            loss = scores.stable_eval_loss(pipe.unet, noise_scheduler, info.prediction_type, examples,
-                                           args.eval_timesteps, args.eval_seed, autocast,
-                                           models.timestep_range(info, args))
+            loss = scores.stable_eval_loss(info, models.denoiser_of(pipe), objective, examples, args.eval_timesteps,
+                                           args.eval_seed, autocast)
             result["eval_loss"], result["eval_loss_per_timestep"] = loss["mean"], loss["per_timestep"]
     return result
 
@@ -323,8 +331,6 @@ def check_args(args):
 
 
 def main(argv=None):
-    from diffusers import DDPMScheduler
-
     args = parse_args(argv)
     check_args(args)
     out = args.evaluation_dir or os.path.join(args.checkpoints, "evaluation")
@@ -339,7 +345,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     score = image_scorer(args, real_paths, device)
     examples = eval_loss_examples(args, info, datasets, eval_entries, device)
-    noise_scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
+    objective = objectives.for_model(info, args)
 
     # A refiner cannot draw from a prompt: it refines subject images (their captions as prompts), as in training.
     sources = None
@@ -352,11 +358,13 @@ def main(argv=None):
     # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     tokenizers, text_encoders = models.load_text_encoders(info, device, dtype)
-    pipe = models.build_pipeline(info, models.load_component(info, "unet", dtype).to(device),
+    pipe = models.build_pipeline(info, models.load_component(info, info.spec.denoiser, dtype).to(device),
                                  models.load_component(info, "vae").to(device), tokenizers, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    resolution = args.image_resolution or images.round64(info.native_resolution)
+    resolution = args.image_resolution or images.round_to(info.native_resolution, info.spec.bucket_step)
+    if args.guidance_scale is None:
+        args.guidance_scale = info.spec.guidance_scale
     options = render.drawing_options(info, args, args.num_inference_steps, args.guidance_scale, args.negative_prompt,
                                      resolution)
     os.makedirs(out, exist_ok=True)
@@ -373,7 +381,7 @@ def main(argv=None):
     results = []
     for target in tqdm(targets, desc="models", unit="model"):
         results.append(evaluate_model(args, target, pipe, info, prompts, sources, options, autocast, score, examples,
-                                      noise_scheduler, out))
+                                      objective, out))
         write_metrics(out, settings, prompts, results)  # after every model: a crash later keeps what is done
 
     # --- The plots and the page.
@@ -399,7 +407,7 @@ def build_parser():
     flags.add_data_args(parser)
     parser.set_defaults(output_dir=None)
     flags.add_eval_args(parser)
-    flags.add_refiner_args(parser)
+    flags.add_conditioning_args(parser)
     group = parser.add_argument_group("what to evaluate")
     group.add_argument("--checkpoints", default=None, help="a training --output_dir: its checkpoint-N folders and "
                                                           "final output (default: --output_dir, e.g. from --config)")
@@ -416,7 +424,8 @@ def build_parser():
     group.add_argument("--num_images_per_prompt", type=int, default=4)
     group.add_argument("--validation_seed", type=int, default=0, help="image i of every prompt uses seed + i")
     group.add_argument("--num_inference_steps", type=int, default=25)
-    group.add_argument("--guidance_scale", type=float, default=7.5)
+    group.add_argument("--guidance_scale", type=float, default=None,
+                       help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev)")
     group.add_argument("--negative_prompt", default=None)
     group.add_argument("--image_resolution", type=int, default=None, help="default: the model's native size")
     group = parser.add_argument_group("precision (as the run trained, so the eval loss equals its log)")

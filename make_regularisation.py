@@ -118,7 +118,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_images", type=int, required=True, help="how many images the folder should hold")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev)")
     parser.add_argument("--resolution", type=int, default=None, help="square size (default: the model's native size)")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
@@ -147,10 +148,17 @@ def main(argv=None):
     if info.spec.refines:
         raise SystemExit(f"{info.ref} is an SDXL refiner: it refines images and cannot draw class images from a "
                          "prompt. Make them with the SDXL base model (the refiner trains on the same folder).")
+    if args.scheduler != "default" and info.spec.objective == "flow":
+        raise SystemExit(f"--scheduler {args.scheduler}: the samplers to choose from are for SD 1.x/2.x/SDXL; "
+                         f"{info.ref} ({info.family}) is a flow-matching model: leave --scheduler default (its own "
+                         "flow-matching Euler sampler)")
+    if args.guidance_scale is None:
+        args.guidance_scale = info.spec.guidance_scale
     width = args.width or args.resolution or info.native_resolution
     height = args.height or args.resolution or info.native_resolution
-    if width % 8 or height % 8:
-        raise SystemExit(f"--width/--height must be multiples of 8, got {width}x{height}")
+    multiple = info.spec.size_multiple
+    if width % multiple or height % multiple:
+        raise SystemExit(f"--width/--height must be multiples of {multiple} for {info.family}, got {width}x{height}")
     wanted = settings(args, info, prompts, width, height)
     check_folder(args, wanted)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -174,7 +182,7 @@ def main(argv=None):
                     pictures = pipe(prompt=[prompts[i % len(prompts)] for i in indices],
                                     negative_prompt=[args.negative_prompt] * len(indices) if args.negative_prompt else None,
                                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                    width=width, height=height,
+                                    width=width, height=height, **models.drawing_call_options(info),
                                     generator=[torch.Generator().manual_seed(args.seed + i) for i in indices]).images
                 for i, image in zip(indices, pictures):
                     if i in missing:

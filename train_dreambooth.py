@@ -20,6 +20,7 @@ commented block. The set-up steps follow train(); the flags come last. Loading, 
 checkpoints live in common/ (common/__init__.py lists what is where).
 """
 
+import argparse
 import contextlib
 import math
 import os
@@ -31,7 +32,8 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from common import adapters, caches, checkpoints, data, files, flags, images, models, quantise, render, scores, webhooks
+from common import (adapters, caches, checkpoints, data, files, flags, images, models, objectives, quantise, render,
+                    scores, webhooks)
 
 ROLLOUT_SAMPLERS = ("unipc", "euler", "ddim", "dpm")  # models.SAMPLERS that step deterministically
 STEP_TOTALS = ("instance_loss", "instance_batches", "prior_loss", "prior_batches", "rollout_forwards")  # for the log
@@ -132,17 +134,6 @@ def masked_mse(pred, target, mask=None, normalize=True):
     return loss
 
 
-def min_snr_weights(noise_scheduler, timesteps, gamma, prediction_type):
-    """Min-SNR-γ loss weights (Hang et al. 2023): each sample's loss as if it were an x0 loss weighted min(SNR, γ).
-    With SNR = abar / (1 - abar), an ε error is sqrt(SNR) times the x0 error it implies, so the ε loss is
-    SNR x the x0 loss: weight min(SNR, γ) / SNR. A v loss is (SNR + 1) x the x0 loss: weight
-    min(SNR, γ) / (SNR + 1)."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
 def rollout_probability(args, step):
     """Scheduled sampling's probability at optimiser step `step` (0-based): 0 at step 0, rising linearly to
     --scheduled_sampling_probability at --scheduled_sampling_ramp_steps, then constant. Early on the model's
@@ -152,61 +143,34 @@ def rollout_probability(args, step):
     return args.scheduled_sampling_probability * min(1.0, step / args.scheduled_sampling_ramp_steps)
 
 
-def rollout_sampler(name, scheduler_config, device="cpu"):
-    """A fresh diffusers sampler for one rollout (multistep samplers keep per-run state), with one inference step
-    per training timestep: its schedule is 999, 998, ..., 0, so k steps from t+k end exactly at t."""
-    sampler = models.sampler(name, scheduler_config, timestep_spacing="trailing")
-    sampler.set_timesteps(scheduler_config.num_train_timesteps, device=device)
-    return sampler
-
-
-@torch.no_grad()
-def rollout(model, sampler, clean, noise, start, steps, cond, weight_dtype):
-    """Scheduled sampling for one sample: noise the clean latent to timestep `start`, then run `steps` steps of
-    the sampler with the model's own predictions, down to timestep start - steps. Returns that latent in the
-    form the UNet is trained on (the variance-preserving x_t; Euler samples in its own scaled space)."""
-    index = sampler.config.num_train_timesteps - 1 - start  # position of `start` in the schedule 999..0
-    x = sampler.add_noise(clean, noise, sampler.timesteps[index:index + 1])
-    for timestep in sampler.timesteps[index:index + steps]:
-        model_input = sampler.scale_model_input(x, timestep)
-        prediction = model(model_input.to(weight_dtype), timestep, **cond).sample
-        x = sampler.step(prediction.float(), timestep, x).prev_sample
-    return sampler.scale_model_input(x, sampler.timesteps[index + steps])
-
-
-def implied_noise(noise_scheduler, clean, noisy, timesteps):
-    """The noise that puts `clean` at `noisy` in the forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
-    solved for eps: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t). As a target it makes a rolled-out x_t imply the
-    true clean latent (for v: v = sqrt(abar) eps - sqrt(1-abar) x0 with this eps)."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean.device)[timesteps].float().view(-1, 1, 1, 1)
-    return (noisy - alphas_cumprod.sqrt() * clean) / (1 - alphas_cumprod).sqrt()
-
-
-def rollout_batch(args, step, model, noise_scheduler, latents, noise, noisy_latents, timesteps, cond, generator,
-             autocast, weight_dtype):
+def rollout_batch(args, step, info, model, objective, latents, noise, noisy_latents, timesteps, cond, generator,
+                  autocast, weight_dtype):
     """Scheduled sampling for a batch, in place: each sample chosen with rollout_probability(step) gets as its x_t
-    the model's own k-step rollout from t + k (k ~ U{1..K}; current weights, eval mode, no gradient) and, with the
-    recomputed target, the noise that this x_t implies for its true clean latent: the model learns to steer its
-    own drift back rather than to expect perfect inputs. Returns the extra forward passes spent."""
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    the model's own k-step rollout from t + k (k ~ U{1..K}; current weights, eval mode, no gradient; a diffusers
+    sampler for a UNet, the flow's Euler step for SD3 / FLUX) and, with the recomputed target, the noise that this
+    x_t implies for its true clean latent: the model learns to steer its own drift back rather than to expect
+    perfect inputs. Returns the extra forward passes spent."""
     chosen = torch.rand(len(latents), generator=generator) < rollout_probability(args, step)
     offsets = torch.randint(1, args.scheduled_sampling_max_step_offset + 1, (len(latents),), generator=generator)
     rolled, forwards = [], 0
     model.eval()  # sampling, as at inference: no dropout
     for i in chosen.nonzero().flatten().tolist():
-        k = min(int(offsets[i]), num_timesteps - 1 - int(timesteps[i]))  # capped at the last timestep
+        k = objective.rollout_steps(timesteps[i], int(offsets[i]))
         if k == 0:
             continue
-        sampler = rollout_sampler(args.scheduled_sampling_sampler, noise_scheduler.config, latents.device)
         own = models.map_conditioning(lambda tensor: tensor[i:i + 1], cond)
+
+        def own_prediction(x, t):
+            return models.predict(info, model, x.to(weight_dtype), t, own)
+
         with autocast():
-            noisy_latents[i] = rollout(model, sampler, latents[i:i + 1], noise[i:i + 1], int(timesteps[i]) + k, k,
-                                       own, weight_dtype)[0]
+            noisy_latents[i] = objective.rollout(own_prediction, latents[i:i + 1], noise[i:i + 1], timesteps[i], k,
+                                                 args.scheduled_sampling_sampler)[0]
         rolled.append(i)
         forwards += k
     model.train()
     if rolled and args.scheduled_sampling_target == "recomputed":
-        noise[rolled] = implied_noise(noise_scheduler, latents[rolled], noisy_latents[rolled], timesteps[rolled])
+        noise[rolled] = objective.implied_noise(latents[rolled], noisy_latents[rolled], timesteps[rolled])
     return forwards
 
 
@@ -270,8 +234,8 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
     pipe = models.build_pipeline(info, model, vae, tokenizers, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
-    resolution = int(args.validation_resolution or images.round64(info.native_resolution))
-    options = render.drawing_options(info, args, args.validation_num_inference_steps, args.validation_guidance_scale,
+    resolution = int(args.validation_resolution or images.round_to(info.native_resolution, info.spec.bucket_step))
+    options = render.drawing_options(info, args, args.validation_num_inference_steps, validation_guidance(args, info),
                                      args.validation_negative_prompt, resolution)
     # Prompts may hold {instance} / {class}; CLIP-T scores against the class in place of the instance.
     instance = args.validation_instance or ""
@@ -289,7 +253,8 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
             return os.path.join(folder, f"prompt{p:02d}-seed{seed}{suffix}.png")
 
         def preview_for(p, seed):
-            return render.preview_sender(hooks, preview_vae, args.validation_preview_steps, step, drawn[p], seed)
+            return render.preview_sender(hooks, preview_vae, args.validation_preview_steps, step, drawn[p], seed,
+                                         (resolution // info.vae_scale_factor,) * 2)
 
         weights = ema.applied(adapters.trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
         previews = preview_for if preview_vae is not None and hooks is not None else None
@@ -328,7 +293,7 @@ def train(args, hooks):
     rank, world = accelerator.process_index, accelerator.num_processes
     datasets, info, plans, eval_entries, seed, resume_path = plan_data(args, accelerator)
     text_embeds, eval_examples = build_caches(args, accelerator, info, datasets, plans, eval_entries)
-    unet, noise_scheduler, weight_dtype, lora_config = load_model(args, info, device, say)
+    unet, objective, weight_dtype, lora_config = load_model(args, info, device, say)
     frozen = load_frozen_parts(args, info, device, weight_dtype)  # VAE + text encoders: validation, a full save
     optimizer = make_optimiser(args, unet)
     sampler, batches_per_epoch, max_train_steps, lr_scheduler = plan_steps(args, datasets, plans, seed, world,
@@ -344,7 +309,7 @@ def train(args, hooks):
                                                  ema, sampler)
     log = checkpoints.JsonlLog(os.path.join(args.output_dir, "logs"), first_step if resume_path else None) \
         if accelerator.is_main_process else None
-    eval_loss = eval_loss_function(args, info, accelerator, unwrapped, noise_scheduler, eval_examples, ema, trainable)
+    eval_loss = eval_loss_function(args, info, accelerator, unwrapped, objective, eval_examples, ema, trainable)
     if eval_loss is not None and first_step == 0:  # the starting point, for the curve
         log.log(0, eval_loss())
     if hooks is not None:
@@ -353,8 +318,7 @@ def train(args, hooks):
     bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
     shift, scaling = models.latent_scaling(info)
-    timestep_high = models.timestep_range(info, args)  # the refiner trains on its low-noise end only
-    aesthetic_score = models.refiner_conditioning(info, args)
+    options = models.conditioning_options(info, args)  # a refiner's aesthetic score, FLUX.1-dev's guidance
 
     # --- The training loop: one optimiser step per iteration.
     for step in range(first_step, max_train_steps):
@@ -368,28 +332,26 @@ def train(args, hooks):
 
             # Inputs from the caches: a latent drawn from its image's VAE distribution, its mask (masked loss: cut
             # with its image and averaged onto the latent grid when cached), the caption's embeddings (and SDXL's
-            # pooled text and size / crop / aesthetic time ids).
+            # pooled text and size / crop / aesthetic time ids; SD3 / FLUX's pooled text, FLUX.1-dev's guidance).
             latents, masks = sample_latents(batch, generator, shift, scaling)
             cond = models.conditioning(info, [text_embeds[caption] for _, caption in batch],
-                                       [entry.transform for entry, _ in batch], aesthetic_score)
+                                       [entry.transform for entry, _ in batch], **options)
             cond = models.conditioning_on(cond, device, weight_dtype)
 
-            # Noise and timesteps (uniform over the schedule), and the forward process's x_t.
-            noise = torch.randn(latents.shape, generator=generator)
-            if args.noise_offset:  # a per-channel constant shift teaches the model to move the mean brightness
-                noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-            timesteps = torch.randint(0, timestep_high, (latents.shape[0],), generator=generator)
+            # Noise and timesteps (objectives.py: DDPM timesteps uniform over the schedule, or flow-matching noise
+            # levels by the weighting scheme and shift), and the forward process's x_t.
+            noise, timesteps = objective.draw(latents, generator)
             latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
             masks = masks.to(device) if masks is not None else None
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            noisy_latents = objective.add_noise(latents, noise, timesteps)
 
             # Scheduled sampling (rollouts): with the ramped probability, a sample's x_t is the model's own k-step
             # rollout from t + k instead, and (recomputed target) its noise the one that x_t implies for x0.
             if args.scheduled_sampling_max_step_offset:
-                totals["rollout_forwards"] += rollout_batch(args, step, unwrapped, noise_scheduler, latents, noise,
+                totals["rollout_forwards"] += rollout_batch(args, step, info, unwrapped, objective, latents, noise,
                                                             noisy_latents, timesteps, cond, generator,
                                                             accelerator.autocast, weight_dtype)
-            target = models.training_target(noise_scheduler, info.prediction_type, latents, noise, timesteps)
+            target = objective.target(latents, noise, timesteps)  # eps, v, or the flow's velocity eps - x0
             noisy_latents = noisy_latents.to(weight_dtype)
 
             # Prior preservation: a batch comes from one dataset, so it is all instance or all regularisation. A
@@ -399,19 +361,19 @@ def train(args, hooks):
             loss_weight = args.prior_loss_weight if is_prior else 1.0
             if is_prior and args.prior_loss_target == "base_model":
                 with torch.no_grad(), adapters.adapter_disabled(unwrapped), accelerator.autocast():
-                    target = unwrapped(noisy_latents, timesteps, **cond).sample
+                    target = models.predict(info, unwrapped, noisy_latents, timesteps, cond)
 
             # Forward and loss. Gradients are synchronised across processes on the last micro-step only. Per
-            # sample: the mean squared error over its mask (masked loss; over the whole latent without one), with
-            # --snr_gamma weighted by its own timestep's SNR (min-SNR); then the batch's prior weight.
+            # sample: the mean squared error over its mask (masked loss; over the whole latent without one), times
+            # the objective's weight for its timestep (min-SNR; a flow weighting scheme); then the prior weight.
             last_micro = micro == args.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
                 with accelerator.autocast():
-                    pred = unet(noisy_latents, timesteps, **cond).sample
+                    pred = models.predict(info, unet, noisy_latents, timesteps, cond)
                 loss_per_sample = masked_mse(pred, target, masks, args.masked_loss_normalize)
-                if args.snr_gamma:
-                    loss_per_sample = loss_per_sample * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma,
-                                                                        info.prediction_type)
+                weights = objective.loss_weights(timesteps)
+                if weights is not None:
+                    loss_per_sample = loss_per_sample * weights
                 unweighted = loss_per_sample.mean()
                 loss = unweighted * loss_weight
                 accelerator.backward(loss / args.gradient_accumulation_steps)
@@ -513,10 +475,14 @@ def plan_data(args, accelerator):
                          "(\"dataset_type\": \"eval\") or --eval_split N")
     say(f"model: {info.ref} ({info.family}, {info.prediction_type}); datasets: "
         + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
+    objectives.refuse_inapplicable(info, args)
+    args.scheduled_sampling_sampler = args.scheduled_sampling_sampler or objectives.SAMPLER[info.spec.objective]
     if info.spec.refines:
-        say(f"SDXL refiner: text encoder 2 only, timesteps 0-{models.timestep_range(info, args) - 1} "
-            f"(--refiner_training_strength {args.refiner_training_strength:g}), aesthetic score "
-            f"{args.data_aesthetic_score:g}")
+        say(f"SDXL refiner: text encoder 2 only, --refiner_training_strength {args.refiner_training_strength:g}, "
+            f"aesthetic score {args.data_aesthetic_score:g}")
+    if info.guidance_embeds:
+        say(f"guidance-distilled model: trained with guidance {args.flux_guidance_value:g} (--flux_guidance_value); "
+            f"validation draws with {validation_guidance(args, info):g}")
     return datasets, info, plans, eval_entries, seed, resume_path
 
 
@@ -539,19 +505,18 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
             plans[dataset.id] = [e for e in plans[dataset.id] if os.path.isfile(e.cache_path)]
     text_embeds = caches.load_text_embeddings([c for d in train_datasets for e in plans[d.id] for c in e.captions],
                                               info, text_dir)
-    eval_examples = scores.eval_examples(eval_entries, info, text_dir, models.refiner_conditioning(info, args)) \
+    eval_examples = scores.eval_examples(eval_entries, info, text_dir, models.conditioning_options(info, args)) \
         if accelerator.is_main_process and eval_entries else []
     return text_embeds, eval_examples
 
 
 def load_model(args, info, device, say):
-    """The UNet, frozen in the compute precision (quantised with --base_model_precision) with an fp32 adapter on
-    top, or whole in fp32 for a full fine-tune; and the noise schedule it was trained with."""
-    from diffusers import DDPMScheduler
+    """The UNet or transformer, frozen in the compute precision (quantised with --base_model_precision) with an
+    fp32 adapter on top, or whole in fp32 for a full fine-tune; and its objective (objectives.py)."""
     from diffusers.training_utils import cast_training_params
 
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    unet = models.load_component(info, "unet", weight_dtype if args.model_type == "lora" else torch.float32)
+    unet = models.load_component(info, info.spec.denoiser, weight_dtype if args.model_type == "lora" else torch.float32)
     quantise.quantize_model(unet, args.base_model_precision, weight_dtype)  # load -> quantise -> freeze -> adapter
     unet.to(device).requires_grad_(args.model_type == "full")
     lora_config = None
@@ -559,14 +524,21 @@ def load_model(args, info, device, say):
         if args.lora_type == "lycoris":
             adapters.add_lycoris(unet, args.lycoris, args.lycoris_config).to(device)
         else:
-            lora_config = adapters.add_lora(unet, args)
+            lora_config = adapters.add_lora(unet, args, info.spec.denoiser)
         cast_training_params(unet, torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    say(f"training {count:,} parameters ({describe(args)}; base weights: {args.base_model_precision})")
-    return unet, DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler"), weight_dtype, lora_config
+    objective = objectives.for_model(info, args)
+    say(f"training {count:,} parameters ({describe(args)}; base weights: {args.base_model_precision}); "
+        f"{objective.describe()}")
+    return unet, objective, weight_dtype, lora_config
+
+
+def validation_guidance(args, info):
+    """--validation_guidance_scale, or the family's usual value (FLUX.1-dev: 3.5, its embedded guidance)."""
+    return info.spec.guidance_scale if args.validation_guidance_scale is None else args.validation_guidance_scale
 
 
 def describe(args):
@@ -691,15 +663,15 @@ def output_writer(args, info, datasets, model, lora_config, ema, trainable):
     return save_outputs
 
 
-def eval_loss_function(args, info, accelerator, model, noise_scheduler, examples, ema, trainable):
+def eval_loss_function(args, info, accelerator, model, objective, examples, ema, trainable):
     """eval_loss() -> the log's eval_loss, eval_loss_per_timestep (and eval_loss/ema): scores.stable_eval_loss, the
     function evaluate.py runs, so the numbers agree. None without eval images (and on other processes)."""
     if not examples:
         return None
 
     def loss():
-        return scores.stable_eval_loss(model, noise_scheduler, info.prediction_type, examples, args.eval_timesteps,
-                                       args.eval_seed, accelerator.autocast, models.timestep_range(info, args))
+        return scores.stable_eval_loss(info, model, objective, examples, args.eval_timesteps, args.eval_seed,
+                                       accelerator.autocast)
 
     def eval_loss():
         raw = loss()
@@ -842,9 +814,19 @@ def check_args(args):
         raise SystemExit(f"--validation_ema {args.validation_ema} renders the EMA weights: add --use_ema")
 
 
-def build_parser():
-    import argparse
+def flow_shift(value):
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        shift = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+    if shift <= 0:
+        raise argparse.ArgumentTypeError(f"a shift is a positive number (1.0: none), got {value!r}")
+    return shift
 
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     flags.add_model_args(parser)
     flags.add_data_args(parser)
@@ -867,6 +849,9 @@ def build_parser():
     group.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1.0)")
     group.add_argument("--lora_dropout", type=float, default=0.0)
     group.add_argument("--lora_target", default="attention", choices=list(adapters.LORA_TARGETS))
+    group.add_argument("--lora_layers", default=None,
+                       help="explicit module names for the LoRA, comma-separated (e.g. \"attn.to_q,attn.to_k\"; "
+                            "peft matches them as name suffixes); replaces --lora_target")
     group.add_argument("--lora_init", default="gaussian", choices=["gaussian", "default"],
                        help="init of the A matrices (B starts at zero either way, so step 0 is the base model)")
 
@@ -902,6 +887,19 @@ def build_parser():
                             "adapters) or the class image (dataset: classic DreamBooth; the only choice for full)")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the regularisation loss")
 
+    group = parser.add_argument_group("flow matching (SD3, FLUX.1): which noise levels are trained, and how weighted")
+    group.add_argument("--weighting_scheme", default="logit_normal",
+                       choices=["logit_normal", "uniform", "mode", "cosmap", "sigma_sqrt"],
+                       help="how noise levels are drawn (logit_normal, mode: denser mid-range, as the SD3 paper) "
+                            "and weighted (cosmap, sigma_sqrt: per-sample loss weights)")
+    group.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
+    group.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
+    group.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
+    group.add_argument("--flow_shift", type=flow_shift, default=None,
+                       help="shift of the noise levels towards noise: a number S (static), or auto (FLUX.1-dev's "
+                            "resolution-dependent shift, as its pipeline draws). Default: the model's scheduler "
+                            "(SD3 3.0, FLUX.1-dev auto, schnell 1.0), i.e. the levels it is drawn at")
+
     group = parser.add_argument_group("scheduled sampling (rollouts): train on the model's own imperfect x_t")
     group.add_argument("--scheduled_sampling_max_step_offset", type=int, default=0,
                        help="K: a rolled-out sample starts k ~ U{1..K} timesteps higher (0 = off; 5-10 is typical)")
@@ -909,7 +907,8 @@ def build_parser():
                        help="share of samples rolled out once the ramp is done")
     group.add_argument("--scheduled_sampling_ramp_steps", type=int, default=0,
                        help="the probability rises linearly from 0 over this many steps (0: full from the start)")
-    group.add_argument("--scheduled_sampling_sampler", default="unipc", choices=ROLLOUT_SAMPLERS)
+    group.add_argument("--scheduled_sampling_sampler", default=None, choices=ROLLOUT_SAMPLERS,
+                       help="default unipc; flow matching (SD3, FLUX.1) rolls out with Euler only")
     group.add_argument("--scheduled_sampling_target", default="recomputed", choices=["recomputed", "original"],
                        help="recomputed: the target implies the true clean latent from the rolled-out x_t; "
                             "original: the clean trajectory's target")
@@ -924,7 +923,7 @@ def build_parser():
                    help="decay min(ema_decay, (1+s)/(10+s)) after s updates: the average leaves the start fast")
 
     flags.add_eval_args(parser)
-    flags.add_refiner_args(parser)
+    flags.add_conditioning_args(parser)
     parser.add_argument("--eval_steps_interval", type=int, default=0,
                         help="log the stable eval loss every N steps (eval datasets and/or --eval_split images)")
 
@@ -938,7 +937,8 @@ def build_parser():
     group.add_argument("--validation_steps", type=int, default=100)
     group.add_argument("--num_validation_images", type=int, default=2)
     group.add_argument("--validation_num_inference_steps", type=int, default=25)
-    group.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    group.add_argument("--validation_guidance_scale", type=float, default=None,
+                       help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev's embedded guidance)")
     group.add_argument("--validation_negative_prompt", default=None)
     group.add_argument("--validation_resolution", type=int, default=None, help="default: the model's native size")
     group.add_argument("--validation_seed", type=int, default=0)
@@ -953,7 +953,7 @@ def build_parser():
                    help="send in-progress pictures of validation images to the webhooks (Tiny AutoEncoder)")
     group.add_argument("--validation_preview_steps", type=int, default=5, help="a preview every N denoising steps")
     group.add_argument("--preview_vae", default=None,
-                       help="Tiny AutoEncoder (default madebyollin/taesd; madebyollin/taesdxl for SDXL)")
+                       help="Tiny AutoEncoder (default: the family's, madebyollin/taesd, taesdxl, taesd3 or taef1)")
     group.add_argument("--webhook_config", default=None,
                        help="JSON: raw and/or discord webhooks for start, checkpoints, validation images, previews, "
                             "the end and errors (see common/webhooks.py)")

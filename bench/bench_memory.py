@@ -219,7 +219,7 @@ def bench_bytes(paths, args):
     latent = args.resolution // info.vae_scale_factor
     generator = torch.Generator().manual_seed(SEED)
     sample = (torch.randn(1, 4, latent, latent, generator=generator), torch.tensor([500]),
-              torch.randn(1, 77, info.unet_config["cross_attention_dim"], generator=generator))
+              torch.randn(1, 77, info.model_config["cross_attention_dim"], generator=generator))
     results, reference = {}, None
     if REFERENCE not in (label for label, _, _ in args.runs):  # the forward error needs the fp32 output
         _, reference = measure_base(info, "no_change", "no", sample, None)

@@ -66,11 +66,10 @@ def main(argv=None):
     import contextlib
     import io
 
-    from diffusers import DDPMScheduler
     from safetensors.torch import load_file
 
     import bench_train
-    from common import adapters, checkpoints, scores
+    from common import adapters, checkpoints, objectives, scores
     import make_demo
     import train_dreambooth
 
@@ -84,9 +83,10 @@ def main(argv=None):
     os.makedirs(held_out, exist_ok=True)
     for i in range(args.held_out):  # the same subject drawn with other random placements
         make_demo.draw_subject(args.resolution, args.resolution, seed=1000 + i).save(os.path.join(held_out, f"{i}.png"))
-    sets = {"train": cached_examples(model, subject, os.path.join(work, "eval-train"), args.resolution)[0],
+    train_examples, info = cached_examples(model, subject, os.path.join(work, "eval-train"), args.resolution)
+    sets = {"train": train_examples,
             "held-out": cached_examples(model, held_out, os.path.join(work, "eval-held"), args.resolution)[0]}
-    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    objective = objectives.for_model(info, argparse.Namespace())
 
     variants = {"plain": [], "rollouts": ["--scheduled_sampling_max_step_offset", args.offset,
                                           "--scheduled_sampling_probability", args.probability,
@@ -121,10 +121,10 @@ def main(argv=None):
                 for set_name, examples in sets.items():
                     if state is None:
                         with adapters.adapter_disabled(unet):
-                            loss = scores.stable_eval_loss(unet, scheduler, "epsilon", examples)["mean"]
+                            loss = scores.stable_eval_loss(info, unet, objective, examples)["mean"]
                     else:
                         unet.load_state_dict(state, strict=False)
-                        loss = scores.stable_eval_loss(unet, scheduler, "epsilon", examples)["mean"]
+                        loss = scores.stable_eval_loss(info, unet, objective, examples)["mean"]
                     losses[name, kind, set_name, step] = loss
 
     columns = [(n, k) for n in variants for k in ("raw", "ema")]

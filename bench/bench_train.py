@@ -273,7 +273,7 @@ def bare_child(args):
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     latent = args.resolution // info.vae_scale_factor
-    cross_dim = info.unet_config["cross_attention_dim"]
+    cross_dim = info.model_config["cross_attention_dim"]
     generator = torch.Generator().manual_seed(SEED)
     times = []
     for _ in range(args.warmup + args.steps):

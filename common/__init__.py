@@ -8,8 +8,10 @@
                    used by cache, train, evaluate, masks, rare tokens
     images       reading pictures safely, aspect buckets and crops, grids and contact sheets
                    used by train, evaluate, masks, regularisation, rare tokens
-    models       the family table, loading, text encoding, conditioning, the training objective
+    models       the family table, loading, text encoding, conditioning, calling the UNet / transformer
                    used by train, evaluate, regularisation, rare tokens (cache through caches)
+    objectives   noise prediction (DDPM) or flow matching: timesteps, targets, weights, rollout steps
+                   used by train, evaluate
     quantise     quantised frozen weights (--base_model_precision, --text_encoder_N_precision)
                    used by cache, train, evaluate, regularisation
     caches       VAE latents and text embeddings on disk

@@ -16,13 +16,24 @@ import os
 import torch
 from safetensors import safe_open
 
-from common import data, files
+from common import data, files, models
 
+# --lora_target presets: module-name suffixes peft adapts, for a UNet and for an SD3 / FLUX transformer.
 LORA_TARGETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
     "attention_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
     "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
             "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+}
+# The joint attention of SD3 and FLUX has a text (context) stream beside the image stream: add_*_proj, to_add_out.
+_JOINT_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out"]
+TRANSFORMER_LORA_TARGETS = {
+    "attention": _JOINT_ATTENTION,
+    # + both streams' feed-forward, and FLUX's single-stream blocks' MLP and output projections
+    "attention_ff": _JOINT_ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                                        "proj_mlp", "single_transformer_blocks.*.proj_out"],
+    "all": None,  # every linear layer of the transformer
 }
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"  # kohya layout: ComfyUI, A1111, diffusers
@@ -40,13 +51,31 @@ def trainable_parameters(model):
 # Adding, and switching off
 
 
-def add_lora(unet, args):
+def lora_target_modules(model, args, denoiser="unet"):
+    """What peft adapts: --lora_layers' names, or the --lora_target preset of the model's kind (a list of name
+    suffixes, or a regular expression over full module names where a preset needs a wildcard)."""
+    if getattr(args, "lora_layers", None):
+        return [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    if denoiser == "unet":
+        return LORA_TARGETS[args.lora_target]
+    preset = TRANSFORMER_LORA_TARGETS[args.lora_target]
+    if preset is None:
+        return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    return r"(.*\.)?(" + "|".join(name.replace(".", r"\.").replace("*", r"\d+") for name in preset) + ")"
+
+
+def add_lora(model, args, denoiser="unet"):
+    """A peft LoRA on the model (a UNet, or with denoiser="transformer" an SD3 / FLUX transformer)."""
     from peft import LoraConfig
 
+    targets = lora_target_modules(model, args, denoiser)
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
                         init_lora_weights=True if args.lora_init == "default" else args.lora_init,
-                        target_modules=LORA_TARGETS[args.lora_target])
-    unet.add_adapter(config)
+                        target_modules=targets)
+    try:
+        model.add_adapter(config)
+    except ValueError as err:  # peft: none of the names matched
+        raise SystemExit(f"--lora_layers {args.lora_layers}: {err}") from None
     return config
 
 
@@ -125,9 +154,9 @@ def run_metadata(args, info, datasets, step):
             "step": str(step)}
 
 
-def peft_metadata(config):
+def peft_metadata(config, prefix="unet"):
     """diffusers reads the LoRA's config from this key (so an alpha other than the rank survives reloading)."""
-    adapter = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    adapter = {f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
     return {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str)}
 
 
@@ -140,12 +169,14 @@ def lora_matrices(unet):
         yield module, "down" if kind.startswith("A") else "up", value.float()
 
 
-def save_lora(unet, path, metadata):
-    """The UNet's peft LoRA in diffusers' format: keys 'unet.<module>.lora.down.weight' / '.lora.up.weight', for
-    load_lora_weights. Every key is renamed here, not with diffusers' convert_state_dict_to_diffusers: that one
+def save_lora(model, path, metadata, prefix="unet"):
+    """The peft LoRA in diffusers' format, for load_lora_weights. A UNet's keys: 'unet.<module>.lora.down.weight'
+    / '.lora.up.weight', every key renamed here, not with diffusers' convert_state_dict_to_diffusers: that one
     renames attention layers only, and load_lora_weights judges the whole file's format by its first key, so a
-    file that mixes the two (conv or time-embedding LoRAs first, --lora_target all) loses its attention LoRAs."""
-    state = {f"unet.{module}.lora.{kind}.weight": value for module, kind, value in lora_matrices(unet)}
+    file that mixes the two (conv or time-embedding LoRAs first, --lora_target all) loses its attention LoRAs.
+    A transformer's (SD3, FLUX): 'transformer.<module>.lora_A.weight' / '.lora_B.weight', as diffusers saves them."""
+    names = {"down": "lora.down", "up": "lora.up"} if prefix == "unet" else {"down": "lora_A", "up": "lora_B"}
+    state = {f"{prefix}.{module}.{names[kind]}.weight": value for module, kind, value in lora_matrices(model)}
     files.save_safetensors_atomic(state, path, metadata)
 
 
@@ -160,6 +191,103 @@ def kohya_lora(unet, alpha):
     return state
 
 
+# kohya's layout for SD3 and FLUX names the modules of the original (Stability MMDiT / Black Forest Labs) checkpoints,
+# where q, k and v (and in a FLUX single block, the MLP's input too) are one fused Linear. Per block kind: the original
+# block prefix, and each original Linear with the diffusers modules it holds, in the order their rows are stacked.
+_JOINT_PARTS = {"qkv": ["to_q", "to_k", "to_v"], "context_qkv": ["add_q_proj", "add_k_proj", "add_v_proj"]}
+ORIGINAL_LAYOUTS = {
+    "flux": {
+        "transformer_blocks.{}.": ("double_blocks.{}.", {
+            "img_attn.qkv": ["attn." + p for p in _JOINT_PARTS["qkv"]],
+            "txt_attn.qkv": ["attn." + p for p in _JOINT_PARTS["context_qkv"]],
+            "img_attn.proj": ["attn.to_out.0"], "txt_attn.proj": ["attn.to_add_out"],
+            "img_mlp.0": ["ff.net.0.proj"], "img_mlp.2": ["ff.net.2"],
+            "txt_mlp.0": ["ff_context.net.0.proj"], "txt_mlp.2": ["ff_context.net.2"],
+            "img_mod.lin": ["norm1.linear"], "txt_mod.lin": ["norm1_context.linear"]}),
+        "single_transformer_blocks.{}.": ("single_blocks.{}.", {
+            "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
+            "modulation.lin": ["norm.linear"]}),
+        "": ("", {
+            "img_in": ["x_embedder"], "txt_in": ["context_embedder"],
+            "time_in.in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+            "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
+            "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
+            "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
+            "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+            "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
+            "final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"]}),
+    },
+    "sd3": {
+        "transformer_blocks.{}.": ("joint_blocks.{}.", {
+            "x_block.attn.qkv": ["attn." + p for p in _JOINT_PARTS["qkv"]],
+            "context_block.attn.qkv": ["attn." + p for p in _JOINT_PARTS["context_qkv"]],
+            "x_block.attn.proj": ["attn.to_out.0"], "context_block.attn.proj": ["attn.to_add_out"],
+            "x_block.attn2.qkv": ["attn2." + p for p in _JOINT_PARTS["qkv"]], "x_block.attn2.proj": ["attn2.to_out.0"],
+            "x_block.mlp.fc1": ["ff.net.0.proj"], "x_block.mlp.fc2": ["ff.net.2"],
+            "context_block.mlp.fc1": ["ff_context.net.0.proj"], "context_block.mlp.fc2": ["ff_context.net.2"],
+            "x_block.adaLN_modulation.1": ["norm1.linear"],
+            "context_block.adaLN_modulation.1": ["norm1_context.linear"]}),
+        "": ("", {
+            "context_embedder": ["context_embedder"],
+            "t_embedder.mlp.0": ["time_text_embed.timestep_embedder.linear_1"],
+            "t_embedder.mlp.2": ["time_text_embed.timestep_embedder.linear_2"],
+            "y_embedder.mlp.0": ["time_text_embed.text_embedder.linear_1"],
+            "y_embedder.mlp.2": ["time_text_embed.text_embedder.linear_2"],
+            "final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"]}),
+    },
+}
+
+
+def original_layout(model, family):
+    """[(original module name, [the diffusers modules it fuses, in row order])] for the model's transformer."""
+    layout = []
+    for blocks, (original_blocks, table) in ORIGINAL_LAYOUTS[family].items():
+        for i in range(len(getattr(model, blocks.split(".")[0])) if blocks else 1):
+            layout += [(original_blocks.format(i) + original, [blocks.format(i) + part for part in parts])
+                       for original, parts in table.items()]
+    return layout
+
+
+def kohya_transformer_lora(model, family):
+    """The peft LoRA on an SD3 / FLUX transformer in kohya's layout of the original checkpoint
+    (lora_unet_double_blocks_0_img_attn_qkv.lora_down/lora_up/alpha), which ComfyUI, Forge and diffusers' kohya
+    converter read. A fused module's LoRA stacks its parts: down = [A_q; A_k; A_v], up = diag(B_q, B_k, B_v)
+    (zeros for a part that was not trained), which is exactly the sum of the parts' updates. Each part's
+    alpha / rank is multiplied into its up matrix and alpha is written equal to the rank, so every reader applies
+    scale 1, whatever it does with alpha. AdaLayerNormContinuous (the final norm) keeps (scale, shift) in diffusers
+    and (shift, scale) in the originals: its rows swap."""
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    modules = dict(model.named_modules())
+    adapted = {name for name, module in modules.items() if hasattr(module, "lora_A") and "default" in module.lora_A}
+    state, written = {}, set()
+    for original, parts in original_layout(model, family):
+        if not adapted.intersection(parts):
+            continue
+        rank = next(modules[part].lora_A["default"].out_features for part in parts if part in adapted)
+        downs, ups = [], []
+        for part in parts:
+            module = modules[part]
+            if part in adapted:
+                downs.append(module.lora_A["default"].weight.detach().float())
+                ups.append(module.lora_B["default"].weight.detach().float() * module.scaling["default"])
+            else:
+                downs.append(torch.zeros(rank, module.in_features))
+                ups.append(torch.zeros(module.out_features, rank))
+        up = torch.block_diag(*ups)
+        if isinstance(modules[parts[0].rsplit(".", 1)[0]], AdaLayerNormContinuous):
+            up = torch.cat(up.chunk(2)[::-1])
+        name = "lora_unet_" + original.replace(".", "_")
+        state.update({f"{name}.lora_down.weight": torch.cat(downs).contiguous(),
+                      f"{name}.lora_up.weight": up.contiguous(),
+                      f"{name}.alpha": torch.tensor(float(rank * len(parts)))})
+        written.update(parts)
+    if adapted - written:
+        raise SystemExit(f"--lora_format comfyui: {sorted(adapted - written)[0]} has no place in the original "
+                         f"{family} checkpoint's layout; train without it, or write the diffusers layout only")
+    return state
+
+
 def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, folder, suffix="",
                  extra_metadata=None):
     """Write the trained adapter into `folder`: diffusers-format LoRA (and --lora_format comfyui: the kohya layout
@@ -170,17 +298,22 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
     kohya_path = os.path.join(folder, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
     network = getattr(unet, "lycoris", None)
     if network is None:
-        save_lora(unet, path, {**metadata, **peft_metadata(lora_config), "lora_rank": str(args.lora_rank),
-                               "lora_alpha": str(args.lora_alpha or args.lora_rank), "lora_target": args.lora_target})
+        save_lora(unet, path, {
+            **metadata, **peft_metadata(lora_config, info.spec.denoiser), "lora_rank": str(args.lora_rank),
+            "lora_alpha": str(args.lora_alpha or args.lora_rank), "lora_target": args.lora_layers or args.lora_target},
+            info.spec.denoiser)
         if args.lora_format == "comfyui":
-            files.save_safetensors_atomic(kohya_lora(unet, args.lora_alpha or args.lora_rank), kohya_path, metadata)
+            state = (kohya_lora(unet, args.lora_alpha or args.lora_rank) if info.spec.denoiser == "unet"
+                     else kohya_transformer_lora(unet, info.family))
+            files.save_safetensors_atomic(state, kohya_path, metadata)
         return path
     state = {key: value.float() for key, value in network.state_dict().items()}
     files.save_safetensors_atomic(state, path, {**metadata, "lycoris_config": json.dumps(lycoris_config)})
     files.write_json_atomic(lycoris_config, os.path.join(folder, "lycoris_config.json"))
     # lora/locon tensors are kohya's own under another prefix; anything else (loha, lokr, DoRA, scalars, a
     # module_algo_map that mixes algorithms) has no kohya form, and only LyCORIS's loader reads it.
-    if all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in state):
+    if info.spec.denoiser == "unet" and all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+                                            for key in state):
         multiplier = lycoris_config.get("multiplier", 1.0)  # kohya has no multiplier: it goes into alpha
         files.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value * multiplier
                                        if key.endswith(".alpha") else value for key, value in state.items()},
@@ -205,10 +338,11 @@ def load_adapter(pipe, path):
     if is_lycoris:
         from lycoris import create_lycoris_from_weights
 
-        network, _ = create_lycoris_from_weights(config.get("multiplier", 1.0), file, pipe.unet)  # as trained
-        network.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+        denoiser = models.denoiser_of(pipe)
+        network, _ = create_lycoris_from_weights(config.get("multiplier", 1.0), file, denoiser)  # as trained
+        network.to(device=denoiser.device, dtype=denoiser.dtype)
         network.apply_to()
-        pipe.unet.add_module("lycoris", network)  # keeps it alive and findable, as in training
+        denoiser.add_module("lycoris", network)  # keeps it alive and findable, as in training
     else:
         from diffusers.utils import logging as diffusers_logging
 
@@ -223,9 +357,10 @@ def load_adapter(pipe, path):
 
 def unload_adapter(pipe):
     """Take load_adapter's adapter off the pipeline's UNet again: the base model's weights as they were."""
-    network = getattr(pipe.unet, "lycoris", None)
+    denoiser = models.denoiser_of(pipe)
+    network = getattr(denoiser, "lycoris", None)
     if network is not None:
         network.restore()
-        del pipe.unet.lycoris
+        del denoiser.lycoris
     else:
         pipe.unload_lora_weights()

@@ -156,8 +156,13 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
 
 
 def text_encoder_identity(info):
+    """What the cached embeddings depend on: the encoders, their precisions, T5's length, the stored dtype."""
     parts = [f"{info.family}|{TEXT_ENCODING_VERSION}"]
-    for tokenizer_name, encoder_name in info.text_parts:
+    if info.t5_max_length:
+        parts.append(f"t5 {info.t5_max_length}")
+    if info.text_dtype != torch.float32:
+        parts.append(str(info.text_dtype))
+    for tokenizer_name, encoder_name, _ in info.text_parts:
         parts += [models.component_identity(info, tokenizer_name), models.component_identity(info, encoder_name),
                   info.text_encoder_precisions.get(encoder_name) or "no_change"]  # a quantised encoder embeds otherwise
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
@@ -183,8 +188,10 @@ def refuse_mixed_sdxl_text_cache(cache_dir, info):
 
 
 def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, print_fn=print):
-    """Encode every caption that has no up-to-date file in cache_dir. Returns {caption: cache path}."""
+    """Encode every caption that has no up-to-date file in cache_dir, stored in info.text_dtype (the training
+    compute dtype, --mixed_precision: T5 sequences are large). Returns {caption: cache path}."""
     identity = text_encoder_identity(info)
+    dtype = info.text_dtype
     files.remove_stale_temporaries(cache_dir)
     refuse_mixed_sdxl_text_cache(cache_dir, info)
     paths = {caption: text_cache_path(cache_dir, caption, identity) for caption in sorted(set(captions))}
@@ -198,8 +205,13 @@ def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, pri
     for start in tqdm(range(0, len(todo), batch_size), desc="caching text embeddings", unit="batch"):
         chunk = todo[start:start + batch_size]
         embeds = models.encode_prompt(info, tokenizers, encoders, chunk)
+        if start == 0:
+            size = sum(value[0].numel() for value in embeds.values()) * torch.finfo(dtype).bits // 8
+            shape = "x".join(map(str, embeds["prompt_embeds"].shape[1:]))
+            print_fn(f"text cache: {shape} {str(dtype).split('.')[-1]} per caption ({size / 2 ** 20:.2f} MiB each, "
+                     f"{size * len(paths) / 2 ** 20:.1f} MiB for {len(paths)} captions) in {cache_dir}")
         for i, caption in enumerate(chunk):
-            save_cache_file({name: value[i] for name, value in embeds.items()}, paths[caption],
+            save_cache_file({name: value[i].to(dtype) for name, value in embeds.items()}, paths[caption],
                             {**expected, "caption": caption})
     return paths
 

@@ -358,7 +358,7 @@ def size_problem(path, mask, dataset):
     return None, (width, height)
 
 
-def plan_dataset(dataset, seed, mask_dataset=None):
+def plan_dataset(dataset, seed, mask_dataset=None, step=64):
     """Discover a dataset's images and decide each one's caption, bucket, crop and mask, reading headers only.
 
     Returns (entries, skipped): skipped is a list of (path, reason). Missing caption files or masks are an error
@@ -378,7 +378,7 @@ def plan_dataset(dataset, seed, mask_dataset=None):
             skipped.append((path, problem))
             continue
         relpath = os.path.relpath(path, dataset.instance_data_dir)
-        transform = images.plan_transform(*size, dataset, seed, f"{dataset.id}/{relpath}")
+        transform = images.plan_transform(*size, dataset, seed, f"{dataset.id}/{relpath}", step)
         entries.append(ImageEntry(
             dataset_id=dataset.id, path=path, relpath=relpath, captions=captions_for(path, dataset),
             transform=transform, cache_path=vae_cache_path(dataset, relpath, transform),
@@ -399,13 +399,14 @@ def crop_seed(args):
     return args.seed if args.seed is not None else 0
 
 
-def plan_datasets(datasets, seed, print_fn=print):
-    """plan_dataset for every image dataset, printing each skipped file with its reason."""
+def plan_datasets(datasets, seed, print_fn=print, step=64):
+    """plan_dataset for every image dataset (buckets in multiples of `step` px), printing each skipped file with
+    its reason."""
     plans = {}
     for dataset in datasets:
         if dataset.dataset_type not in ("image", "eval"):
             continue
-        entries, skipped = plan_dataset(dataset, seed, mask_dataset_of(dataset, datasets))
+        entries, skipped = plan_dataset(dataset, seed, mask_dataset_of(dataset, datasets), step)
         for path, reason in skipped:
             print_fn(f"skipped {path}: {reason}")
         if not entries:
@@ -424,7 +425,7 @@ def prepare(args, print_fn=print):
     info = models.resolve_model(args)
     for dataset in datasets:
         dataset.resolution = dataset.resolution or info.native_resolution
-    return datasets, info, plan_datasets(datasets, crop_seed(args), print_fn)
+    return datasets, info, plan_datasets(datasets, crop_seed(args), print_fn, info.spec.bucket_step)
 
 
 def subject_dataset(datasets):

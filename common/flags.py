@@ -17,16 +17,18 @@ from common.quantise import PRECISIONS
 TRAINING_KEYS = frozenset("""
     adam_beta1 adam_beta2 adam_epsilon adam_weight_decay base_model_precision checkpointing_steps
     checkpoints_total_limit clip_model data_aesthetic_score data_sampling ema_decay ema_device ema_update_interval ema_warmup
-    eval_seed eval_split eval_steps_interval eval_timesteps evaluation_type gradient_accumulation_steps gradient_checkpointing learning_rate lora_alpha
-    lora_dropout lora_format lora_init lora_rank lora_target lora_type lr_num_cycles lr_power lr_scheduler
-    lr_warmup_steps lycoris_config masked_loss_normalize max_grad_norm max_train_steps mixed_precision model_type
+    eval_seed eval_split eval_steps_interval eval_timesteps evaluation_type flow_shift flux_guidance_value
+    gradient_accumulation_steps gradient_checkpointing learning_rate lora_alpha
+    logit_mean logit_std lora_dropout lora_format lora_init lora_layers lora_rank lora_target lora_type lr_num_cycles lr_power lr_scheduler
+    lr_warmup_steps lycoris_config masked_loss_normalize max_grad_norm max_train_steps mixed_precision mode_scale
+    model_type
     noise_offset num_train_epochs num_validation_images offload_frozen preview_vae prior_loss_target
     prior_loss_weight refiner_training_strength resume_from_checkpoint scheduled_sampling_max_step_offset scheduled_sampling_probability
     scheduled_sampling_ramp_steps scheduled_sampling_sampler scheduled_sampling_target skip_nan_steps snr_gamma
     train_batch_size use_8bit_adam use_ema validation_class validation_ema validation_guidance_scale
     validation_instance validation_negative_prompt validation_num_inference_steps validation_preview
     validation_preview_steps validation_prompt validation_resolution validation_seed validation_steps
-    webhook_config
+    webhook_config weighting_scheme
 """.split())
 
 
@@ -135,7 +137,11 @@ def add_model_args(parser):
     add_allow_pickle_arg(group)
     for i in (1, 2, 3):
         group.add_argument(f"--text_encoder_{i}_precision", default="no_change", choices=PRECISIONS,
-                           help=f"quantise text encoder {i} (for caching and validation images)")
+                           help=f"quantise text encoder {i} (for caching and validation images; SD3's T5 is 3, "
+                                "FLUX's 2)")
+    group.add_argument("--t5_max_sequence_length", type=int, default=None,
+                       help="T5 tokens per caption (SD3, FLUX.1). Default: 77 for SD3 (as diffusers' SD3 "
+                            "example), 512 for FLUX.1-dev, 256 for schnell; at most 512")
 
 
 def add_allow_pickle_arg(parser):
@@ -168,7 +174,14 @@ def add_eval_args(parser):
     group.add_argument("--eval_seed", type=int, default=0, help="seed of the fixed eval noise")
 
 
-def add_refiner_args(parser):
+def add_conditioning_args(parser):
+    """What the denoiser is conditioned on besides the caption: the SDXL refiner's aesthetic score and strength,
+    a guidance-distilled FLUX.1's guidance value."""
+    group = parser.add_argument_group("FLUX.1-dev")
+    group.add_argument("--flux_guidance_value", type=float, default=1.0,
+                       help="the guidance value a guidance-distilled FLUX.1 trains with. 1.0 (default) keeps the "
+                            "distillation intact: the LoRA learns the subject, not a new guidance behaviour; drawing "
+                            "uses its own guidance (--validation_guidance_scale, typically 3.5)")
     group = parser.add_argument_group("SDXL refiner")
     group.add_argument("--data_aesthetic_score", type=float, default=7.0,
                        help="the refiner's aesthetic-score conditioning for the training images")

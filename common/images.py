@@ -121,8 +121,8 @@ def image_to_tensor(image):
 # Aspect buckets and crops
 
 
-def round64(x):
-    return max(64, int(math.floor(x / 64.0 + 0.5)) * 64)  # halves round up (Python's round() goes to even)
+def round_to(x, step=64):
+    return max(step, int(math.floor(x / step + 0.5)) * step)  # halves round up (Python's round() goes to even)
 
 
 def size_measure(width, height, resolution_type):
@@ -142,50 +142,53 @@ def scale_to(width, height, value, resolution_type):
     return math.sqrt(target_area / (width * height))
 
 
-def bucket_for(width, height, dataset):
-    """The training size of an image: about the requested edge/area, its aspect (or square), sides multiples of 64.
+def bucket_for(width, height, dataset, step=64):
+    """The training size of an image: about the requested edge/area, its aspect (or square), sides multiples of
+    `step` (64 for SD 1.x/2.x/SDXL UNets; 16 for SD3 and FLUX: VAE factor 8 x patch 2).
 
     pixel: shorter edge = resolution. area: resolution megapixels. pixel_area: resolution px edge, as an area
     (1024 -> 1.048576 MP). With crop + crop_aspect square the bucket is square."""
     res, kind = dataset.resolution, dataset.resolution_type
     if dataset.crop and dataset.crop_aspect == "square":
         side = res if kind == "pixel" else math.sqrt(res * 1e6 if kind == "area" else res * res)
-        return round64(side), round64(side)
-    # The shorter side is a multiple of 64 near its ideal length; the longer one is the aspect-kept length rounded
-    # *down*, so the bucket is never wider than the image and the cover-resize trims < 64 px, from the long side.
+        return round_to(side, step), round_to(side, step)
+    # The shorter side is a multiple of `step` near its ideal length; the longer one is the aspect-kept length
+    # rounded *down*, so the bucket is never wider than the image and the cover-resize trims < step px, from the
+    # long side.
     short, long = min(width, height), max(width, height)
     ideal = short * scale_to(width, height, res, kind)
 
     def with_long_side(short_side):
-        return short_side, max(short_side, int(long * short_side / short) // 64 * 64)
+        return short_side, max(short_side, int(long * short_side / short) // step * step)
 
     if kind == "pixel":  # the shorter edge is the resolution
-        short_side, long_side = with_long_side(round64(ideal))
+        short_side, long_side = with_long_side(round_to(ideal, step))
     else:  # of the two nearest shorter sides, the one giving the area closest to the requested one
         target_area = (ideal / short) ** 2 * width * height
-        candidates = [with_long_side(max(64, math.floor(ideal / 64) * 64)), with_long_side(math.ceil(ideal / 64) * 64)]
+        candidates = [with_long_side(max(step, math.floor(ideal / step) * step)),
+                      with_long_side(math.ceil(ideal / step) * step)]
         short_side, long_side = min(candidates, key=lambda c: abs(c[0] * c[1] - target_area))
     return (long_side, short_side) if width >= height else (short_side, long_side)
 
 
-def plan_transform(width, height, dataset, seed, key):
+def plan_transform(width, height, dataset, seed, key, step=64):
     """Every geometric step from the original image to the training tensor, decided from the size alone.
 
     Returns a dict (all sizes are width, height): original_size, downsampled_size (an oversized image is first
     brought to about target_downsample_size), resized_size (covers the bucket, aspect kept), crop_box
     (left, top, right, bottom in the resized image) and target_size (the bucket). A random crop is drawn from
-    `seed` and `key`, so re-caching an image gives the same crop."""
+    `seed` and `key`, so re-caching an image gives the same crop. `step`: bucket_for's."""
     down_w, down_h = width, height
     if dataset.maximum_image_size and size_measure(width, height, dataset.resolution_type) > dataset.maximum_image_size:
         target = dataset.target_downsample_size or dataset.maximum_image_size
         scale = scale_to(width, height, target, dataset.resolution_type)
         if scale < 1:
             down_w, down_h = max(1, round(width * scale)), max(1, round(height * scale))
-    bucket_w, bucket_h = bucket_for(down_w, down_h, dataset)
+    bucket_w, bucket_h = bucket_for(down_w, down_h, dataset, step)
     scale = max(bucket_w / down_w, bucket_h / down_h)
     resized_w, resized_h = max(bucket_w, round(down_w * scale)), max(bucket_h, round(down_h * scale))
     spare_w, spare_h = resized_w - bucket_w, resized_h - bucket_h
-    style = dataset.crop_style if dataset.crop else "center"  # without crop only the <64 px rounding is trimmed
+    style = dataset.crop_style if dataset.crop else "center"  # without crop only the < step px rounding is trimmed
     if style == "random":
         rng = random.Random(f"{seed}/{key}")
         left, top = rng.randint(0, spare_w), rng.randint(0, spare_h)

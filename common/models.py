@@ -1,12 +1,13 @@
-"""Models: which family a base model is, how to load it, how it reads a prompt, and what it is trained to predict.
+"""Models: which family a base model is, how to load it, how it reads a prompt, and how it is called.
 
 Used by every script that loads a model. How the families differ is one table, FAMILIES, read by the functions
 below, so no script asks `if family == ...`:
     resolve_model     find the model (folder, hub id or single file), read its configs, detect its family
-    load_component    one part (UNet, VAE, text encoder, tokenizer), no pickles; load_text_encoders, load_pipeline
+    load_component    one part (UNet / transformer, VAE, text encoder, tokenizer), no pickles; load_pipeline
     encode_prompt     prompt embeddings exactly as the family's diffusers pipeline computes them
-    conditioning      the UNet's text (and SDXL size / aesthetic) conditioning for a batch, from cached embeddings
-    training_target   the objective: the noise, or the velocity for v-prediction
+    conditioning      the denoiser's text (SDXL: size / aesthetic; FLUX.1-dev: guidance) conditioning for a batch
+    predict           the denoiser's prediction for a noisy latent: the UNet, or the transformer (FLUX: packed)
+What each family is trained to predict lives in objectives.py.
 """
 
 import hashlib
@@ -25,32 +26,56 @@ from common import files, quantise
 class Family:
     """What sets one model family apart, as a row of FAMILIES."""
 
-    text_parts: tuple  # (tokenizer, text encoder) subfolders it encodes prompts with, in pipeline order
-    hidden_state: str  # "last": the text encoder's output (SD 1/2); "penultimate", plus a pooled vector (SDXL)
+    # (tokenizer, text encoder, what is read from it) in pipeline order: "last" hidden state (SD 1/2),
+    # "penultimate" hidden state plus the projected pooled vector if it has one (SDXL, SD3), "pooled" output only
+    # (FLUX's CLIP), "t5" (its last hidden state, --t5_max_sequence_length tokens; optional for SD3)
+    text_parts: tuple
     time_ids: str  # SDXL micro-conditioning: "size" (original size, crop, target size), "aesthetic", or None
     pipeline: str  # the diffusers pipeline that draws with it (and converts its single-file checkpoints)
     pipeline_options: dict  # what that pipeline is built with besides the components
     single_file_options: dict  # ... and what its from_single_file needs
     preview_vae: str  # the Tiny AutoEncoder that previews its latents
     refines: bool = False  # an img2img refiner: trained on the low-noise end; it refines pictures, cannot draw them
+    denoiser: str = "unet"  # the trained model's subfolder: "unet" or "transformer"
+    objective: str = "noise"  # objectives.py: "noise" (DDPM, eps / v) or "flow" (flow matching, velocity)
+    timestep_scale: float = 1.0  # a flow model is called with noise level x this (SD3: 1000; FLUX: 1)
+    packed: bool = False  # FLUX: latents enter as 2x2 patches (tokens), with position ids
+    bucket_step: int = 64  # bucket sides are multiples of this: VAE factor x the denoiser's total downsampling
+    size_multiple: int = 8  # what its pipeline draws: width and height multiples of this (FLUX / SD3: 16)
+    t5_max_length: int = 0  # default --t5_max_sequence_length (0: no T5)
+    guidance_scale: float = 7.5  # default validation / evaluation guidance
 
 
-_SD = dict(text_parts=(("tokenizer", "text_encoder"),), hidden_state="last", time_ids=None,
+_SD = dict(text_parts=(("tokenizer", "text_encoder", "last"),), time_ids=None,
            pipeline="StableDiffusionPipeline", preview_vae="madebyollin/taesd",
            pipeline_options={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
            single_file_options={"safety_checker": None, "requires_safety_checker": False})
 FAMILIES = {
     "sd1": Family(**_SD),
     "sd2": Family(**_SD),  # SD 2.x: its shipped text encoder is already cut to the penultimate layer
-    "sdxl": Family(text_parts=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
-                   hidden_state="penultimate", time_ids="size", pipeline="StableDiffusionXLPipeline",
+    "sdxl": Family(text_parts=(("tokenizer", "text_encoder", "penultimate"),
+                               ("tokenizer_2", "text_encoder_2", "penultimate")),
+                   time_ids="size", pipeline="StableDiffusionXLPipeline",
                    pipeline_options={}, single_file_options={}, preview_vae="madebyollin/taesdxl"),
-    "sdxl-refiner": Family(text_parts=(("tokenizer_2", "text_encoder_2"),), hidden_state="penultimate",
+    "sdxl-refiner": Family(text_parts=(("tokenizer_2", "text_encoder_2", "penultimate"),),
                            time_ids="aesthetic", pipeline="StableDiffusionXLImg2ImgPipeline",
                            pipeline_options={"tokenizer": None, "text_encoder": None,
                                              "requires_aesthetics_score": True},
                            single_file_options={}, preview_vae="madebyollin/taesdxl", refines=True),
+    # SD3 / SD3.5: MMDiT on 16-channel latents in 2x2 patches, called with timestep = noise level x 1000
+    "sd3": Family(text_parts=(("tokenizer", "text_encoder", "penultimate"),
+                              ("tokenizer_2", "text_encoder_2", "penultimate"), ("tokenizer_3", "text_encoder_3", "t5")),
+                  time_ids=None, pipeline="StableDiffusion3Pipeline", pipeline_options={}, single_file_options={},
+                  preview_vae="madebyollin/taesd3", denoiser="transformer", objective="flow", timestep_scale=1000.0,
+                  bucket_step=16, size_multiple=16, t5_max_length=77, guidance_scale=7.0),
+    # FLUX.1 dev / schnell: latents packed into tokens; dev embeds its (distilled) guidance, schnell has none
+    "flux": Family(text_parts=(("tokenizer", "text_encoder", "pooled"), ("tokenizer_2", "text_encoder_2", "t5")),
+                   time_ids=None, pipeline="FluxPipeline", pipeline_options={}, single_file_options={},
+                   preview_vae="madebyollin/taef1", denoiser="transformer", objective="flow", packed=True,
+                   bucket_step=16, size_multiple=16, t5_max_length=512, guidance_scale=3.5),
 }
+# The trained transformer's class (its config's _class_name) -> its family.
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 # Sampler names of the flags (make_regularisation.py --scheduler, --scheduled_sampling_sampler): diffusers classes.
 SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
             "dpm": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler"}
@@ -63,11 +88,14 @@ class ModelInfo:
     ref: str  # what the user gave: folder, hub id or file
     folder: str  # a local diffusers folder holding it
     family: str  # a key of FAMILIES
-    prediction_type: str  # epsilon | v_prediction
+    prediction_type: str  # epsilon | v_prediction | flow (velocity)
     variant: str = None
     model_index: dict = None
-    unet_config: dict = None
+    model_config: dict = None  # the UNet's or transformer's config
     vae_config: dict = None
+    scheduler_config: dict = None
+    t5_max_length: int = 0  # --t5_max_sequence_length, or the family's default
+    text_dtype: torch.dtype = torch.float32  # cached text embeddings are stored in the compute dtype (--mixed_precision)
     text_encoder_precisions: dict = field(default_factory=dict)  # {"text_encoder_2": "int8-quanto", ...}
     num_train_timesteps: int = 1000
     allow_pickle: bool = False  # --allow_pickle: load .bin/.pt weights (a pickle can run code) where no safetensors
@@ -78,7 +106,13 @@ class ModelInfo:
 
     @property
     def text_parts(self):
-        return list(self.spec.text_parts)
+        """The family's (tokenizer, text encoder, reading) that this model has (SD3 may come without its T5)."""
+        return [part for part in self.spec.text_parts if (self.model_index.get(part[1]) or [None])[0] is not None]
+
+    @property
+    def guidance_embeds(self):
+        """A guidance-distilled model (FLUX.1-dev): the guidance value is an input of the transformer."""
+        return bool(self.model_config.get("guidance_embeds"))
 
     @property
     def vae_scale_factor(self):
@@ -86,7 +120,7 @@ class ModelInfo:
 
     @property
     def native_resolution(self):
-        return self.unet_config["sample_size"] * self.vae_scale_factor
+        return self.model_config.get("sample_size", 128) * self.vae_scale_factor  # FLUX: no sample_size, 1024 px
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -96,9 +130,15 @@ class ModelInfo:
 def detect_family(model_index, unet_config, where):
     """The model family from its own configs, so tiny test models are detected like real ones.
 
-    SDXL: the UNet takes 'text_time' added conditioning; the refiner has no first text encoder and scores
+    SD3 / FLUX.1: the class of the transformer. SDXL: the UNet takes 'text_time' added conditioning; the refiner has no first text encoder and scores
     aesthetics. SD 2.x: 1024-wide cross-attention (OpenCLIP-H) or, for small models, linear attention
     projections (an SD 2 trait SD 1 UNets lack). Everything else with a CLIP text encoder is SD 1.x."""
+    if "transformer" in model_index:
+        family = TRANSFORMER_FAMILIES.get(unet_config.get("_class_name"))
+        if family is None:
+            raise SystemExit(f"{where}: a {unet_config.get('_class_name')} transformer is not a model this tool "
+                             f"trains (it trains {', '.join(TRANSFORMER_FAMILIES)} and SD 1.x/2.x/SDXL UNets)")
+        return family
     if unet_config.get("addition_embed_type") == "text_time":
         has_te1 = (model_index.get("text_encoder") or [None])[0] is not None
         if model_index.get("requires_aesthetics_score") or not has_te1:
@@ -117,6 +157,10 @@ def single_file_family(path):
     """The family of an original-format (LDM / A1111) checkpoint, from its tensor names."""
     with safe_open(path, framework="pt") as handle:
         keys = set(handle.keys())
+    if any(k.split("model.diffusion_model.")[-1].startswith(("joint_blocks.", "double_blocks.")) for k in keys):
+        raise SystemExit(f"{path}: an SD3 / FLUX.1 single-file checkpoint; these are trained from a diffusers folder "
+                         "(save one with StableDiffusion3Pipeline / FluxPipeline.from_single_file(...)"
+                         ".save_pretrained(folder) and pass the folder)")
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
@@ -200,18 +244,26 @@ def resolve_model(args):
         raise SystemExit(f"{ref}: not a diffusers model folder (no model_index.json). Point at the folder that holds "
                          "model_index.json, or at a single .safetensors checkpoint.")
     model_index = files.read_json(os.path.join(folder, "model_index.json"))
-    for part in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
+    denoiser = "transformer" if "transformer" in model_index else "unet"
+    for part in (f"{denoiser}/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
         if not os.path.isfile(os.path.join(folder, part)):
             raise SystemExit(f"{ref}: the model folder has no {part}; it is incomplete or not a text-to-image model")
     allow_pickle = bool(getattr(args, "allow_pickle", False))
     if not allow_pickle:
         files.refuse_pickle_only_weights(ref, folder, model_index)
-    unet_config = files.read_json(os.path.join(folder, "unet", "config.json"))
+    model_config = files.read_json(os.path.join(folder, denoiser, "config.json"))
     scheduler_config = files.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    family = detect_family(model_index, model_config, ref)
+    t5_max_length = getattr(args, "t5_max_sequence_length", None) or FAMILIES[family].t5_max_length
+    if family == "flux" and not model_config.get("guidance_embeds"):
+        t5_max_length = getattr(args, "t5_max_sequence_length", None) or 256  # schnell's, as its pipeline card
     return ModelInfo(
-        ref=ref, folder=folder, family=detect_family(model_index, unet_config, ref), variant=args.variant,
-        model_index=model_index, unet_config=unet_config,
-        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        ref=ref, folder=folder, family=family, variant=args.variant, model_index=model_index,
+        model_config=model_config, scheduler_config=scheduler_config, t5_max_length=t5_max_length,
+        text_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "mixed_precision", None),
+                                                                      torch.float32),
+        prediction_type="flow" if FAMILIES[family].objective == "flow" else
+        scheduler_config.get("prediction_type", "epsilon"),
         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
         vae_config=files.read_json(os.path.join(folder, "vae", "config.json")),
         text_encoder_precisions={name: getattr(args, f"text_encoder_{i}_precision", "no_change") or "no_change"
@@ -259,7 +311,7 @@ def load_text_encoders(info, device="cpu", dtype=torch.float32):
     """The family's tokenizers and frozen text encoders: loaded in `dtype`, then quantised as
     --text_encoder_N_precision asks (a quantised weight's dtype cannot change afterwards)."""
     tokenizers, encoders = [], []
-    for tokenizer_name, encoder_name in info.text_parts:
+    for tokenizer_name, encoder_name, _ in info.text_parts:
         tokenizers.append(load_component(info, tokenizer_name))
         encoder = quantise.quantize_model(load_component(info, encoder_name, dtype),
                                           info.text_encoder_precisions.get(encoder_name), dtype)
@@ -271,20 +323,32 @@ def load_text_encoders(info, device="cpu", dtype=torch.float32):
 def load_pipeline(info, device="cpu", dtype=torch.float32):
     """The model's own inference pipeline (its scheduler included), every component loaded from the folder."""
     tokenizers, text_encoders = load_text_encoders(info, device, dtype)
-    unet = load_component(info, "unet", dtype).to(device)
+    denoiser = load_component(info, info.spec.denoiser, dtype).to(device)
     vae = load_component(info, "vae", dtype).to(device)  # SDXL's pipeline upcasts its VAE itself (force_upcast)
-    return build_pipeline(info, unet, vae, tokenizers, text_encoders)
+    return build_pipeline(info, denoiser, vae, tokenizers, text_encoders)
 
 
-def build_pipeline(info, unet, vae, tokenizers, text_encoders, scheduler=None):
+def build_pipeline(info, denoiser, vae, tokenizers, text_encoders, scheduler=None):
     """The family's diffusers inference pipeline from components already in memory (for validation images)."""
     import diffusers
 
-    parts = {"unet": unet, "vae": vae, "scheduler": scheduler or load_component(info, "scheduler"),
+    parts = {info.spec.denoiser: denoiser, "vae": vae, "scheduler": scheduler or load_component(info, "scheduler"),
              **info.spec.pipeline_options}
-    for (tokenizer_name, encoder_name), tokenizer, encoder in zip(info.text_parts, tokenizers, text_encoders):
+    for (tokenizer_name, encoder_name, _) in info.spec.text_parts:  # an optional part it lacks (SD3's T5): None
+        parts[tokenizer_name], parts[encoder_name] = None, None
+    for (tokenizer_name, encoder_name, _), tokenizer, encoder in zip(info.text_parts, tokenizers, text_encoders):
         parts[tokenizer_name], parts[encoder_name] = tokenizer, encoder
     return getattr(diffusers, info.spec.pipeline)(**parts)
+
+
+def denoiser_of(pipe):
+    """A pipeline's trained model: its UNet or its transformer."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def drawing_call_options(info):
+    """What every call of the family's pipeline takes besides the prompt and sizes: T5's sequence length as trained."""
+    return {"max_sequence_length": info.t5_max_length} if info.spec.t5_max_length else {}
 
 
 def sampler(name, scheduler_config, **overrides):
@@ -298,29 +362,52 @@ def sampler(name, scheduler_config, **overrides):
 # Text encoding and conditioning
 
 
+def read_text_encoder(tokenizer, encoder, prompts, reading, max_length):
+    """(sequence, pooled) from one text encoder as its family's pipeline reads it (either may be None)."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    ids = tokens.input_ids.to(encoder.device)
+    if reading == "t5":  # T5 without an attention mask, as the SD3 and FLUX pipelines run it
+        return encoder(ids)[0], None
+    if reading == "last":
+        mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+        return encoder(ids, attention_mask=mask)[0], None
+    output = encoder(ids, output_hidden_states=True)
+    if reading == "pooled":  # FLUX: CLIP's pooled output (CLIPTextModel, no projection), no sequence
+        return None, output.pooler_output
+    # penultimate: CLIPTextModelWithProjection's first output is text_embeds, the pooled vector SDXL and SD3 use
+    return output.hidden_states[-2], output[0] if output[0].ndim == 2 else None
+
+
 @torch.no_grad()
 def encode_prompt(info, tokenizers, text_encoders, prompts):
     """Prompt embeddings exactly as the family's diffusers pipeline computes them in encode_prompt.
 
     SD 1.x / 2.x: the text encoder's last hidden state (SD 2's shipped encoder is already cut to the penultimate
-    layer). SDXL: penultimate hidden states of both encoders concatenated, pooled output of the second.
-    Returns {"prompt_embeds": (B, 77, D)} plus "pooled_prompt_embeds": (B, D') for SDXL."""
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
-        ids = tokens.input_ids.to(encoder.device)
-        if info.spec.hidden_state == "last":
-            mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
-            hidden.append(encoder(ids, attention_mask=mask)[0])
-        else:
-            output = encoder(ids, output_hidden_states=True)
-            if output[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds, the pooled vector SDXL uses
-                pooled = output[0]
-            hidden.append(output.hidden_states[-2])
-    result = {"prompt_embeds": torch.cat(hidden, dim=-1).float()}
-    if pooled is not None:
-        result["pooled_prompt_embeds"] = pooled.float()
+    layer). SDXL: penultimate hidden states of both encoders concatenated, pooled output of the second. SD3: the
+    two CLIPs' penultimate states concatenated, zero-padded to T5's width and followed along the sequence by T5's
+    (zeros where the model has no T5); pooled = both CLIPs' pooled vectors. FLUX.1: T5's sequence, CLIP's pooled.
+    Returns {"prompt_embeds": (B, L, D)} plus "pooled_prompt_embeds": (B, D') where the family has one."""
+    sequences, pooled, t5 = [], [], None
+    for (_, _, reading), tokenizer, encoder in zip(info.text_parts, tokenizers, text_encoders):
+        length = info.t5_max_length if reading == "t5" else tokenizer.model_max_length
+        sequence, vector = read_text_encoder(tokenizer, encoder, prompts, reading, length)
+        if reading == "t5":
+            t5 = sequence
+        elif sequence is not None:
+            sequences.append(sequence)
+        if vector is not None:
+            pooled.append(vector)
+    if t5 is None and any(reading == "t5" for _, _, reading in info.spec.text_parts) and sequences:
+        # SD3 without its T5: zeros of the transformer's context width, as long as a CLIP sequence
+        t5 = torch.zeros(len(prompts), tokenizers[0].model_max_length, info.model_config["joint_attention_dim"],
+                         device=sequences[0].device, dtype=sequences[0].dtype)
+    embeds = torch.cat(sequences, dim=-1) if sequences else None
+    if t5 is not None:
+        embeds = t5 if embeds is None else torch.cat(
+            [torch.nn.functional.pad(embeds, (0, t5.shape[-1] - embeds.shape[-1])), t5], dim=-2)
+    result = {"prompt_embeds": embeds.float()}
+    if pooled:
+        result["pooled_prompt_embeds"] = torch.cat(pooled, dim=-1).float()
     return result
 
 
@@ -335,16 +422,31 @@ def sdxl_time_ids(transform, aesthetic_score=None):
     return torch.tensor([height, width, top, left, target_h, target_w], dtype=torch.float32)
 
 
-def conditioning(info, texts, transforms, aesthetic_score=None):
-    """The UNet's keyword arguments besides the noisy latents and timesteps, for a batch: each sample's cached
-    text embeddings (`texts`: {"prompt_embeds", "pooled_prompt_embeds"} each) as encoder_hidden_states, and for
-    SDXL added_cond_kwargs: the pooled text and the time ids of each sample's crop (`transforms`)."""
+def conditioning_options(info, args):
+    """What conditioning() needs besides the batch: a refiner's aesthetic score (--data_aesthetic_score), a
+    guidance-distilled FLUX's guidance value (--flux_guidance_value); nothing for other families."""
+    if info.spec.time_ids == "aesthetic":
+        return {"aesthetic_score": args.data_aesthetic_score}
+    if info.guidance_embeds:
+        return {"guidance": args.flux_guidance_value}
+    return {}
+
+
+def conditioning(info, texts, transforms, aesthetic_score=None, guidance=None):
+    """The denoiser's keyword arguments besides the noisy latents and timesteps, for a batch: each sample's cached
+    text embeddings (`texts`: {"prompt_embeds", "pooled_prompt_embeds"} each) as encoder_hidden_states; for SDXL
+    added_cond_kwargs: the pooled text and the time ids of each sample's crop (`transforms`); for SD3 / FLUX the
+    pooled text as pooled_projections, and a guidance-distilled FLUX's guidance value per sample."""
     cond = {"encoder_hidden_states": torch.stack([text["prompt_embeds"] for text in texts])}
     if info.spec.time_ids:
         cond["added_cond_kwargs"] = {
             "text_embeds": torch.stack([text["pooled_prompt_embeds"] for text in texts]),
             "time_ids": torch.stack([sdxl_time_ids(transform, aesthetic_score) for transform in transforms]),
         }
+    if info.spec.denoiser == "transformer":
+        cond["pooled_projections"] = torch.stack([text["pooled_prompt_embeds"] for text in texts])
+        if guidance is not None:
+            cond["guidance"] = torch.full((len(texts),), float(guidance))
     return cond
 
 
@@ -356,37 +458,55 @@ def map_conditioning(function, cond):
 
 def conditioning_on(cond, device, dtype):
     """A batch's conditioning on `device`: the text states in the compute dtype, SDXL's pooled text and time ids
-    as they are (the UNet embeds them itself)."""
+    and FLUX's guidance as they are (the denoiser embeds them itself)."""
     moved = map_conditioning(lambda tensor: tensor.to(device), cond)
-    moved["encoder_hidden_states"] = cond["encoder_hidden_states"].to(device, dtype)
+    for key in ("encoder_hidden_states", "pooled_projections"):
+        if key in cond:
+            moved[key] = cond[key].to(device, dtype)
     return moved
 
 
-def refiner_conditioning(info, args):
-    """The aesthetic score sdxl_time_ids needs for a refiner, None for every other family."""
-    return args.data_aesthetic_score if info.spec.time_ids == "aesthetic" else None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# The training objective
+# Calling the denoiser
 
 
 def latent_scaling(info):
-    """(shift, scale): the UNet sees (vae latent - shift) * scale."""
+    """(shift, scale): the denoiser sees (vae latent - shift) * scale (SD3 and FLUX.1 have a shift)."""
     return info.vae_config.get("shift_factor") or 0.0, info.vae_config.get("scaling_factor", 0.18215)
 
 
-def timestep_range(info, args):
-    """Training timesteps are drawn from [0, this): the whole schedule, or for the refiner the low-noise end it
-    serves (its img2img strength)."""
-    if not info.spec.refines:
-        return info.num_train_timesteps
-    return max(2, round(info.num_train_timesteps * args.refiner_training_strength))
+def pack(latents):
+    """FLUX's tokens: each 2x2 patch of a (B, C, H, W) latent as one token of C x 4 channels, (B, H/2 x W/2, 4C)."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
 
 
-def training_target(noise_scheduler, prediction_type, latents, noise, timesteps):
-    """What the UNet learns to predict from x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: the noise eps, or for
-    v-prediction the velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022)."""
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    return noise
+def unpack(tokens, height, width):
+    """pack's inverse: (B, H/2 x W/2, 4C) tokens back to a (B, C, H, W) latent."""
+    b, _, channels = tokens.shape
+    return tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+        b, channels // 4, height, width)
+
+
+def image_ids(height, width, device=None):
+    """FLUX's position of each token of a packed (height, width) latent: (0, row, column)."""
+    ids = torch.zeros(height // 2, width // 2, 3, device=device)
+    ids[..., 1] = torch.arange(height // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(width // 2, device=device)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def predict(info, model, noisy, timesteps, cond):
+    """The denoiser's prediction for noisy latents (B, C, H, W) at `timesteps` (B,) — integer timesteps for a UNet,
+    noise levels in (0, 1) for a flow transformer — with a batch's conditioning, in the latents' shape. FLUX's
+    tokens are packed in and unpacked out here, so a latent-space mask weights its loss unchanged."""
+    if info.spec.denoiser == "unet":
+        return model(noisy, timesteps, **cond).sample
+    timestep = timesteps.to(noisy.dtype if noisy.is_floating_point() else torch.float32) * info.spec.timestep_scale
+    if not info.spec.packed:
+        return model(hidden_states=noisy, timestep=timestep, return_dict=False, **cond)[0]
+    height, width = noisy.shape[-2:]
+    text_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=noisy.device)
+    tokens = model(hidden_states=pack(noisy), timestep=timestep, img_ids=image_ids(height, width, noisy.device),
+                   txt_ids=text_ids, return_dict=False, **cond)[0]
+    return unpack(tokens, height, width)

@@ -11,13 +11,14 @@ import random
 import torch
 from tqdm.auto import tqdm
 
-from common import files, images
+from common import files, images, models
 
 
 def drawing_options(info, args, steps, guidance_scale, negative_prompt, resolution):
     """The pipeline's keyword arguments shared by every picture of a round: text-to-image at `resolution`, or for a
     refiner img2img at --refiner_training_strength with --data_aesthetic_score."""
-    options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+    options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                   **models.drawing_call_options(info))
     if info.spec.refines:
         options.update(strength=args.refiner_training_strength, aesthetic_score=args.data_aesthetic_score)
     else:
@@ -77,22 +78,29 @@ def load_preview_vae(reference, allow_pickle=False, device="cpu"):
 
 
 @torch.no_grad()
-def decode_preview(preview_vae, latents):
-    """A quick picture of in-progress latents: the Tiny AutoEncoder decodes the pipeline's (scaled) latents as they
-    are, in milliseconds, where the full VAE would take seconds."""
+def decode_preview(preview_vae, latents, latent_size=None):
+    """A quick picture of in-progress latents: the Tiny AutoEncoder decodes the pipeline's latents, in
+    milliseconds, where the full VAE would take seconds. FLUX's packed tokens are unpacked first (`latent_size`:
+    the latent's height and width); the latents are unscaled as the pipeline would for this decoder (a Tiny
+    AutoEncoder's own scale is 1 and shift 0: it reads the pipeline's latents as they are)."""
     from PIL import Image
 
+    if latents.ndim == 3:
+        latents = models.unpack(latents, *latent_size)
+    config = preview_vae.config
+    latents = latents / config.get("scaling_factor", 1.0) + (config.get("shift_factor") or 0.0)
     image = preview_vae.decode(latents[:1].to(preview_vae.device, preview_vae.dtype)).sample[0]
     return Image.fromarray(((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
-def preview_sender(hooks, preview_vae, every, step, prompt, seed):
-    """A callback_on_step_end that sends a preview every `every` denoising steps and at the last one."""
+def preview_sender(hooks, preview_vae, every, step, prompt, seed, latent_size=None):
+    """A callback_on_step_end that sends a preview every `every` denoising steps and at the last one
+    (`latent_size`: for FLUX, the latent's height and width, to unpack its tokens)."""
     def callback(pipe, index, timestep, tensors):
         done, total = index + 1, pipe.num_timesteps  # the steps this call runs (img2img runs only the last ones)
         if done % every == 0 or done == total:
             hooks.send("preview_image", f"{prompt} (denoising step {done}/{total})", step=step,
-                       images=[decode_preview(preview_vae, tensors["latents"])], prompt=prompt, seed=seed,
+                       images=[decode_preview(preview_vae, tensors["latents"], latent_size)], prompt=prompt, seed=seed,
                        denoising_step=done)
         return tensors
     return callback

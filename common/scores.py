@@ -31,53 +31,48 @@ DREAMBENCH_ATTRIBUTES = ["red", "purple", "shiny", "wet", "cube shaped"]
 # The stable eval loss
 
 
-def eval_timesteps(num_train_timesteps, count):
-    """`count` evenly spaced timesteps of [0, num_train_timesteps), both ends left out (t = 0 is almost noiseless,
-    the last one almost pure noise: neither says much about the model). A refiner passes its own range."""
-    return torch.linspace(0, num_train_timesteps - 1, count + 2)[1:-1].round().long()
-
-
-def eval_examples(entries, info, text_dir, aesthetic_score=None):
+def eval_examples(entries, info, text_dir, options=None):
     """stable_eval_loss inputs from cached entries: the latent distribution's mean (no sampling, so the same every
-    time) and the UNet's conditioning for the first caption. Masks are not used: eval loss is over the image."""
+    time) and the denoiser's conditioning for the first caption (`options`: models.conditioning_options). Masks
+    are not used: eval loss is over the image."""
     texts = caches.load_text_embeddings([entry.captions[0] for entry in entries], info, text_dir)
     shift, scale = models.latent_scaling(info)
     return [{"latents": (files.load_tensors(entry.cache_path)["mean"][None] - shift) * scale,
-             "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], aesthetic_score)}
+             "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], **(options or {}))}
             for entry in entries]
 
 
 @torch.no_grad()
-def stable_eval_loss(unet, noise_scheduler, prediction_type, examples, count=8, seed=0, autocast=None,
-                     timestep_range=None):
+def stable_eval_loss(info, model, objective, examples, count=8, seed=0, autocast=None):
     """A loss that can be compared across steps, checkpoints and runs: every example is noised at the same
-    `count` fixed timesteps with the same fixed noise (from `seed`), in eval mode, and the global RNG is left
-    exactly as it was (a training run that evaluates draws what one that does not would draw).
+    `count` fixed timesteps (objective.eval_timesteps: DDPM timesteps, or flow noise levels) with the same fixed
+    noise (from `seed`), in eval mode, and the global RNG is left exactly as it was (a training run that evaluates
+    draws what one that does not would draw).
 
-    `examples`: [{"latents": (1, C, h, w), "cond": the UNet's conditioning for it (models.conditioning)}].
+    `examples`: [{"latents": (1, C, h, w), "cond": the denoiser's conditioning for it (models.conditioning)}].
     `autocast`: a context manager for mixed precision (training passes accelerator.autocast).
     Returns {"mean": float, "per_timestep": {t: float}}."""
-    timesteps = eval_timesteps(timestep_range or noise_scheduler.config.num_train_timesteps, count)
-    device, dtype = unet.device, unet.dtype
-    was_training = unet.training
-    unet.eval()
+    timesteps = objective.eval_timesteps(count)
+    device, dtype = model.device, model.dtype
+    was_training = model.training
+    model.eval()
     totals = torch.zeros(len(timesteps))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i, example in enumerate(examples):
             latents = example["latents"].float().expand(len(timesteps), -1, -1, -1)
             noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
             noise = noise.expand_as(latents)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = models.training_target(noise_scheduler, prediction_type, latents, noise, timesteps)
+            noisy = objective.add_noise(latents, noise, timesteps)
+            target = objective.target(latents, noise, timesteps)
             cond = models.map_conditioning(lambda t: t.expand(len(timesteps), *t.shape[1:]), example["cond"])
             with (autocast or contextlib.nullcontext)():
-                pred = unet(noisy.to(device, dtype), timesteps.to(device),
-                            **models.conditioning_on(cond, device, dtype)).sample
+                pred = models.predict(info, model, noisy.to(device, dtype), timesteps.to(device),
+                                      models.conditioning_on(cond, device, dtype))
             totals += ((pred.float().cpu() - target) ** 2).mean(dim=(1, 2, 3))
-    unet.train(was_training)
+    model.train(was_training)
     per_timestep = totals / max(1, len(examples))
     return {"mean": per_timestep.mean().item(),
-            "per_timestep": {int(t): value.item() for t, value in zip(timesteps, per_timestep)}}
+            "per_timestep": {objective.label(t): value.item() for t, value in zip(timesteps, per_timestep)}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -94,6 +94,58 @@ def tiny_vae(seed=0):
                          layers_per_block=1, norm_num_groups=8, sample_size=64)
 
 
+def tiny_flow_vae(shift_factor, scaling_factor, seed=0):
+    """The SD3 / FLUX.1 VAE's shape in small: 16 latent channels, no quant convs, its own shift and scale."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=8, sample_size=64, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
+def tiny_t5_tokenizer(words=TINY_WORDS):
+    """A real T5 (unigram) tokenizer over a hand-made vocabulary: each of `words` one piece, anything else spelled
+    out in letters and digits."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + word, -1.0) for word in words]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_t5(tokenizer, seed=0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+
+
+def tiny_sd3_transformer(seed=0):
+    """Two joint blocks; the pooled text is both CLIPs' (32 + 32), the context T5's width (32)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                 caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
+
+
+def tiny_flux_transformer(guidance_embeds, seed=0):
+    """One double-stream and one single-stream block; latents arrive packed (2x2 patches: 4 x 16 channels)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
+
+
 def tiny_unet(family, sample_size=8, seed=0):
     from diffusers import UNet2DConditionModel
 
@@ -117,12 +169,17 @@ def tiny_unet(family, sample_size=8, seed=0):
 
 
 def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_size=8, tokenizer=None):
-    """Save a tiny random diffusers pipeline of the given family (sd1, sd2, sdxl, sdxl-refiner) to `folder`
-    (with `tokenizer`, e.g. the real CLIP vocabulary, instead of the tiny hand-made one)."""
+    """Save a tiny random diffusers pipeline of the given family (sd1, sd2, sdxl, sdxl-refiner, sd3, flux,
+    flux-schnell; sd3-no-t5: SD3 without its optional T5) to `folder` (with `tokenizer`, e.g. the real CLIP
+    vocabulary, instead of the tiny hand-made one)."""
     from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 
     tokenizer = tokenizer or tiny_tokenizer()
+    if family.startswith(("sd3", "flux")):
+        pipe = tiny_flow_pipeline(family, tokenizer)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        return folder
     vae, unet = tiny_vae(), tiny_unet(family, sample_size)
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading")
@@ -147,6 +204,30 @@ def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_siz
         raise ValueError(f"unknown family {family!r}")
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_flow_pipeline(family, tokenizer):
+    """SD3 (CLIP-L + CLIP-G + T5; shift 3.0) or FLUX.1 (CLIP-L pooled + T5): dev with its guidance embedding and
+    resolution-dependent shift, schnell with neither."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    t5_tokenizer = tiny_t5_tokenizer()
+    if family.startswith("sd3"):
+        t5 = None if family == "sd3-no-t5" else t5_tokenizer
+        return StableDiffusion3Pipeline(
+            transformer=tiny_sd3_transformer(), vae=tiny_flow_vae(0.0609, 1.5305),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            text_encoder=tiny_text_encoder(tokenizer, projection=True, hidden_act="gelu", seed=1),
+            text_encoder_2=tiny_text_encoder(tokenizer, projection=True, hidden_act="gelu", seed=2),
+            text_encoder_3=tiny_t5(t5_tokenizer) if t5 else None, tokenizer=tokenizer, tokenizer_2=tokenizer,
+            tokenizer_3=t5)
+    dev = family == "flux"
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15) if dev \
+        else FlowMatchEulerDiscreteScheduler(shift=1.0)
+    return FluxPipeline(transformer=tiny_flux_transformer(guidance_embeds=dev), vae=tiny_flow_vae(0.1159, 0.3611),
+                        scheduler=scheduler, text_encoder=tiny_text_encoder(tokenizer, hidden_act="quick_gelu"),
+                        text_encoder_2=tiny_t5(t5_tokenizer), tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
 
 
 def draw_subject(width, height, seed, cutout=False):

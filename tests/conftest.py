@@ -26,6 +26,8 @@ def tiny_model(tmp_path_factory):
     built = {}
 
     def get(family="sd1", prediction_type="epsilon"):
+        if family.startswith(("sd3", "flux")):  # flow matching: there is no other prediction type
+            prediction_type = "flow"
         key = (family, prediction_type)
         if key not in built:
             folder = tmp_path_factory.mktemp(f"model-{family}-{prediction_type}")
@@ -72,12 +74,23 @@ def model_info(path, **overrides):
     return models.resolve_model(argparse.Namespace(**{**values, **overrides}))
 
 
+def stock_pipeline(path):
+    """The model's own diffusers pipeline, as a user loads it (an SD3 without T5 says so, as diffusers asks)."""
+    from diffusers import DiffusionPipeline
+
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as handle:
+        missing = {name: None for name, value in json.load(handle).items() if value == [None, None]}
+    return DiffusionPipeline.from_pretrained(path, local_files_only=True, **missing)
+
+
 def unet_inputs(unet, family, seed=0, size=8):
-    """A fixed noisy latent, timestep and conditioning for comparing UNet predictions."""
+    """A fixed noisy latent, timestep and conditioning for comparing UNet (or SD3 / FLUX transformer) predictions."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     config = unet.config
+    if family.startswith(("sd3", "flux")):
+        return transformer_inputs(config, family, generator, size)
     inputs = {"sample": torch.randn(1, 4, size, size, generator=generator), "timestep": torch.tensor([321]),
               "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator)}
     if family in ("sdxl", "sdxl-refiner"):  # the refiner's time ids: sizes, crop and an aesthetic score (5 values)
@@ -88,12 +101,31 @@ def unet_inputs(unet, family, seed=0, size=8):
     return inputs
 
 
+def transformer_inputs(config, family, generator, size):
+    """SD3: a latent, a timestep of 0-1000; FLUX: packed tokens with their ids, a noise level, dev's guidance."""
+    import torch
+
+    from common import models
+
+    text = torch.randn(1, 10, config.joint_attention_dim, generator=generator)
+    pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
+    latent = torch.randn(1, 16, size, size, generator=generator)
+    if family.startswith("sd3"):
+        return {"hidden_states": latent, "timestep": torch.tensor([321.0]), "encoder_hidden_states": text,
+                "pooled_projections": pooled}
+    inputs = {"hidden_states": models.pack(latent), "timestep": torch.tensor([0.321]), "encoder_hidden_states": text,
+              "pooled_projections": pooled, "img_ids": models.image_ids(size, size), "txt_ids": torch.zeros(10, 3)}
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.tensor([1.0])
+    return inputs
+
+
 def predict(unet, inputs):
-    """The UNet's prediction in eval mode (no dropout), without gradients."""
+    """The UNet's (or transformer's) prediction in eval mode (no dropout), without gradients."""
     import torch
 
     with torch.no_grad():
-        return unet.eval()(**inputs).sample
+        return unet.eval()(**inputs, return_dict=False)[0]
 
 
 def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy", resolution=64):

@@ -5,7 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import model_info, predict, unet_inputs, first_batches_are_prior_then_mixed, train_argv, write_json
+from conftest import (model_info, predict, stock_pipeline, unet_inputs, first_batches_are_prior_then_mixed, train_argv,
+                      write_json)
 from safetensors import safe_open
 
 from common import adapters, files, models, quantise
@@ -20,24 +21,27 @@ ALGOS = {
 PRESET = {"target_module": ["Attention", "FeedForward", "ResnetBlock2D"], "module_algo_map": {}}
 
 
+# SD3 / FLUX: the transformer blocks (LyCORIS adapts the linear layers inside the modules it is pointed at)
+TRANSFORMER_PRESET = {"target_module": ["JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock"],
+                      "module_algo_map": {}}
+
+
 def fresh_pipeline(family, model):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline).from_pretrained(
-        model, local_files_only=True)
+    return stock_pipeline(model)
 
 
-@pytest.mark.parametrize("algo", list(ALGOS))
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family,algo", [(family, algo) for family in ("sd1", "sdxl") for algo in ALGOS]
+                         + [("flux", "lokr"), ("sd3", "lora")])
 def test_lycoris_adapter_reloads_and_reproduces_the_trained_prediction(tiny_model, subject_dir, tmp_path, family,
                                                                         algo):
     model = tiny_model(family)
-    config = write_json(tmp_path / "lycoris.json", {**ALGOS[algo], "apply_preset": PRESET})
+    preset = TRANSFORMER_PRESET if family in ("flux", "sd3") else PRESET
+    config = write_json(tmp_path / "lycoris.json", {**ALGOS[algo], "apply_preset": preset})
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_type", "lycoris",
                                               "--lycoris_config", config, "--learning_rate", "5e-3"))
     inputs = unet_inputs(result["unet"], family)
     trained = predict(result["unet"], inputs)
-    base = predict(fresh_pipeline(family, model).unet, inputs)
+    base = predict(models.denoiser_of(fresh_pipeline(family, model)), inputs)
     assert (trained - base).abs().max() > 1e-4  # it learned something
 
     saved = str(tmp_path / "out" / adapters.LORA_WEIGHTS_NAME)
@@ -46,10 +50,10 @@ def test_lycoris_adapter_reloads_and_reproduces_the_trained_prediction(tiny_mode
         assert all(key.startswith("lycoris_") for key in handle.keys())
     assert json.load(open(tmp_path / "out" / "lycoris_config.json"))["algo"] == algo
     pipe = adapters.load_adapter(fresh_pipeline(family, model), str(tmp_path / "out"))  # LyCORIS's own loader
-    assert torch.allclose(predict(pipe.unet, inputs), trained, atol=1e-5)
+    assert torch.allclose(predict(models.denoiser_of(pipe), inputs), trained, atol=1e-5)
 
     kohya = tmp_path / "out" / adapters.KOHYA_WEIGHTS_NAME
-    assert kohya.exists() == (algo in ("lora", "locon"))
+    assert kohya.exists() == (algo in ("lora", "locon") and family in ("sd1", "sdxl"))
     if kohya.exists():  # lora and locon also load in stock diffusers (and ComfyUI) from the kohya layout
         pipe = fresh_pipeline(family, model)
         pipe.load_lora_weights(str(tmp_path / "out"), weight_name=adapters.KOHYA_WEIGHTS_NAME)
@@ -196,18 +200,20 @@ def test_lora_on_a_quantised_unet_learns_a_fixed_batch(tiny_model, precision):
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
-@pytest.mark.parametrize("precision", QUANTISED)
+@pytest.mark.parametrize("family,precision", [("sd1", precision) for precision in QUANTISED]
+                         + [("flux", "int8-quanto"), ("sd3", "nf4-bnb")])
 def test_adapter_trained_on_a_quantised_base_loads_unquantised_and_resumes_exactly(tiny_model, subject_dir, tmp_path,
-                                                                                  precision):
-    model = tiny_model("sd1")
+                                                                                  family, precision):
+    model = tiny_model(family)
     argv = train_argv(model, subject_dir, tmp_path / "whole", "--base_model_precision", precision,
                       "--checkpointing_steps", "2")
     whole = train_dreambooth.main(argv)
     trained = adapters.trainable_parameters(whole["unet"])
     # The adapter is saved under the ordinary layer names: a normal pipeline loads every tensor of it.
-    pipe = fresh_pipeline("sd1", model)
+    pipe = fresh_pipeline(family, model)
     pipe.load_lora_weights(str(tmp_path / "whole"))
-    loaded = {name.replace(".default_0.", ".default."): p for name, p in pipe.unet.named_parameters() if "lora_" in name}
+    loaded = {name.replace(".default_0.", ".default."): p for name, p in models.denoiser_of(pipe).named_parameters()
+              if "lora_" in name}
     assert loaded.keys() == trained.keys()
     assert all(torch.equal(loaded[k], trained[k].float()) for k in trained)
     # Resume from the step-2 checkpoint of the same run.
@@ -232,13 +238,14 @@ def test_impossible_precisions_fail_before_model_work(tiny_model, subject_dir, t
     assert not any(os.path.exists(tmp_path / name) for name in "abc")
 
 
-def test_a_quantised_text_encoder_makes_its_own_text_cache(tiny_model, subject_dir, tmp_path):
+@pytest.mark.parametrize("family,encoder", [("sd1", 1), ("flux", 2), ("sd3", 3)])  # FLUX's and SD3's T5
+def test_a_quantised_text_encoder_makes_its_own_text_cache(tiny_model, subject_dir, tmp_path, family, encoder):
     import cache_latents
 
-    argv = ["--pretrained_model_name_or_path", tiny_model("sd1"), "--instance_data_dir", subject_dir,
+    argv = ["--pretrained_model_name_or_path", tiny_model(family), "--instance_data_dir", subject_dir,
             "--instance_prompt", "a photo of ohwx toy", "--output_dir", str(tmp_path / "out"), "--resolution", "64"]
     cache_latents.main(argv)
-    cache_latents.main(argv + ["--text_encoder_1_precision", "int8-quanto"])
+    cache_latents.main(argv + [f"--text_encoder_{encoder}_precision", "int8-quanto"])
     names = sorted(os.listdir(tmp_path / "out" / "cache" / "text"))
     assert len(names) == 2  # one embedding per (caption, encoder identity): the int8 encoder's is its own
     plain, quantised = (files.load_tensors(str(tmp_path / "out" / "cache" / "text" / f))["prompt_embeds"] for f in names)

@@ -43,10 +43,10 @@ def run_launched(command):
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
-@pytest.mark.parametrize("launcher_name", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("family,launcher_name", [("sd1", "torchrun"), ("sd1", "accelerate"), ("flux", "torchrun")])
 def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(tiny_model, subject_dir, tmp_path,
-                                                                               launcher_name):
-    model = tiny_model("sd1")
+                                                                               family, launcher_name):
+    model = tiny_model(family)
     # Two processes x batch 1 see the same batches, with the same noise and rollouts, as one process x batch 1 x
     # accumulation 2; the main process keeps the EMA.
     common_flags = ["--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "2",

@@ -78,10 +78,10 @@ def log_records(output_dir):
     return [json.loads(line) for line in open(os.path.join(output_dir, "logs", "train_log.jsonl"))]
 
 
-@pytest.mark.parametrize("model_type", ["lora", "full"])
-def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model, subject_dir, tmp_path,
+@pytest.mark.parametrize("family,model_type", [("sd1", "lora"), ("sd1", "full"), ("flux", "lora"), ("sd3", "full")])
+def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model, subject_dir, tmp_path, family,
                                                                       model_type):
-    model = tiny_model("sd1")
+    model = tiny_model(family)
     out = tmp_path / "out"
     train_dreambooth.main(train_argv(model, subject_dir, out, "--model_type", model_type, "--max_train_steps", "4",
                                      "--checkpointing_steps", "2", "--eval_split", "2", "--eval_steps_interval", "2",
@@ -94,7 +94,8 @@ def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model
         assert [(r["name"], r["step"]) for r in results] == [("base", 0), ("checkpoint-2", 2), ("final", 4)]
         for r in results:
             assert r["eval_loss"] == logged[r["step"]][key if r["step"] else "eval_loss"], (weights, r["name"])
-            assert r["eval_loss_per_timestep"] == {int(t): v for t, v in
+            key_type = int if family == "sd1" else float  # DDPM timesteps, or flow noise levels
+            assert r["eval_loss_per_timestep"] == {key_type(t): v for t, v in
                                                    logged[r["step"]]["eval_loss_per_timestep"].items()} or weights == "ema"
     assert logged[4]["eval_loss"] != logged[0]["eval_loss"] != logged[4]["eval_loss/ema"]
 

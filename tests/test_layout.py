@@ -54,7 +54,7 @@ def test_the_training_script_reads_maths_then_the_loop_then_flags():
     lines = source.splitlines()
     tree = ast.parse(source)
     defined = {node.name: node.lineno for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    maths = ["BatchSampler", "masked_mse", "min_snr_weights", "rollout", "implied_noise", "rollout_batch", "EMA"]
+    maths = ["BatchSampler", "masked_mse", "rollout_probability", "rollout_batch", "EMA"]
     assert max(defined[name] for name in maths) < defined["run_validation"] < defined["train"] < defined["build_parser"]
     loop = next(i for i, line in enumerate(lines, 1) if line.strip().startswith("for step in range("))
     assert defined["train"] < loop < len(lines) / 2

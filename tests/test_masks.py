@@ -421,11 +421,13 @@ def masked_run(model, config, output_dir, steps):
                                   "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--lora_rank", "4"])
 
 
-def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_path, family):
+    """FLUX: the loss is taken on unpacked latents, so a latent-grid mask weights it unchanged."""
     os.makedirs(tmp_path / "white")
     for name in os.listdir(subject_dir):
         Image.new("L", Image.open(os.path.join(subject_dir, name)).size, 255).save(tmp_path / "white" / name)
-    model = tiny_model("sd1")
+    model = tiny_model(family)
     plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "plain"))
     config = masked_data_config(tmp_path, subject_dir, tmp_path / "white", resolution=64)
     masked = masked_run(model, config, tmp_path / "masked", steps=4)
@@ -434,7 +436,8 @@ def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_pa
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_masks_change_what_is_learned(tiny_model, subject_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+def test_masks_change_what_is_learned(tiny_model, subject_dir, tmp_path, family):
     """Half-black masks: training takes a different path than without masks (the masks are really used)."""
     os.makedirs(tmp_path / "half")
     for name in os.listdir(subject_dir):
@@ -442,7 +445,7 @@ def test_masks_change_what_is_learned(tiny_model, subject_dir, tmp_path):
         mask = Image.new("L", (width, height), 0)
         ImageDraw.Draw(mask).rectangle((0, 0, width // 2, height), fill=255)
         mask.save(tmp_path / "half" / name)
-    model = tiny_model("sd1")
+    model = tiny_model(family)
     plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "plain", "--max_train_steps", "2"))
     config = masked_data_config(tmp_path, subject_dir, tmp_path / "half", resolution=64)
     masked = masked_run(model, config, tmp_path / "masked", steps=2)

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from common import models
+from conftest import stock_pipeline
 
 
 def model_args(path, tmp_path, **extra):
@@ -18,11 +19,16 @@ def model_args(path, tmp_path, **extra):
 
 
 @pytest.mark.parametrize("family,prediction_type", [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction"),
-                                                    ("sdxl", "epsilon")])
+                                                    ("sdxl", "epsilon"), ("sd3", "flow"), ("flux", "flow"),
+                                                    ("flux-schnell", "flow")])
 def test_family_and_prediction_type_come_from_the_configs(tiny_model, tmp_path, family, prediction_type):
     info = models.resolve_model(model_args(tiny_model(family, prediction_type), tmp_path))
-    assert (info.family, info.prediction_type) == (family, prediction_type)
-    assert info.vae_scale_factor == 8 and info.native_resolution == 64
+    assert (info.family, info.prediction_type) == (family.split("-")[0], prediction_type)
+    assert info.vae_scale_factor == 8
+    assert info.native_resolution == (1024 if family.startswith("flux") else 64)  # FLUX: no sample_size, 1024 px
+    # FLUX.1-dev embeds its guidance and reads 512 T5 tokens, schnell neither; SD3 77 (diffusers' SD3 example)
+    assert (info.guidance_embeds, info.t5_max_length) == {"flux": (True, 512), "flux-schnell": (False, 256),
+                                                          "sd3": (False, 77)}.get(family, (False, 0))
 
 
 def test_real_model_configs_are_detected_by_their_dimensions():
@@ -42,7 +48,7 @@ def test_real_model_configs_are_detected_by_their_dimensions():
 
 def test_sdxl_refiner_is_told_apart_from_the_base(tiny_model, tmp_path):
     info = models.resolve_model(model_args(tiny_model("sdxl-refiner"), tmp_path))
-    assert info.family == "sdxl-refiner" and info.text_parts == [("tokenizer_2", "text_encoder_2")]
+    assert info.family == "sdxl-refiner" and info.text_parts == [("tokenizer_2", "text_encoder_2", "penultimate")]
     assert models.resolve_model(model_args(tiny_model("sdxl"), tmp_path)).family == "sdxl"
 
 
@@ -86,6 +92,10 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
         path = str(tmp_path / f"{family}.safetensors")
         save_file({key: torch.zeros(1), "model.diffusion_model.out.2.bias": torch.zeros(1)}, path)
         assert models.single_file_family(path) == family
+    for key in ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "double_blocks.0.img_attn.qkv.weight"):
+        save_file({key: torch.zeros(1)}, str(tmp_path / "flow.safetensors"))
+        with pytest.raises(SystemExit, match="SD3 / FLUX.1 single-file checkpoint.*save_pretrained"):
+            models.single_file_family(str(tmp_path / "flow.safetensors"))
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="not a Stable Diffusion checkpoint"):
         models.single_file_family(str(tmp_path / "other.safetensors"))
@@ -105,13 +115,26 @@ def load_pipeline(family, path):
         path, local_files_only=True)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3", "sd3-no-t5", "flux", "flux-schnell"])
 def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family):
     path = tiny_model(family)
-    info = models.resolve_model(model_args(path, tmp_path))
+    info = models.resolve_model(model_args(path, tmp_path, t5_max_sequence_length=None))
     tokenizers, encoders = models.load_text_encoders(info)
     prompts = ["a photo of ohwx dog", "a very long prompt " * 30]  # the second one is truncated at 77 tokens
     ours = models.encode_prompt(info, tokenizers, encoders, prompts)
+    if info.spec.denoiser == "transformer":  # SD3 / FLUX: the stock pipeline, T5 at the length we train with
+        pipe = stock_pipeline(path)
+        with torch.no_grad():  # as the pipeline's __call__ runs it (T5's attention kernel differs under grad)
+            if info.family == "sd3":
+                embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
+                                                          max_sequence_length=info.t5_max_length)
+            else:
+                embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=info.t5_max_length)
+        assert torch.equal(ours["pooled_prompt_embeds"], pooled) and torch.equal(ours["prompt_embeds"], embeds)
+        # SD3: 77 CLIP tokens then 77 T5 tokens (zeros without T5); FLUX: T5 only
+        assert embeds.shape[1] == {"sd3": 154, "flux": info.t5_max_length}[info.family]
+        assert (family == "sd3-no-t5") == bool((embeds[:, 77:] == 0).all())
+        return
     pipe = load_pipeline(family, path)
     if family == "sdxl":
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)

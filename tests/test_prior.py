@@ -214,11 +214,14 @@ def log_records(output_dir):
     return [json.loads(line) for line in open(os.path.join(output_dir, "logs", "train_log.jsonl"))]
 
 
-def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(tiny_model, subject_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(tiny_model, subject_dir, tmp_path,
+                                                                               family):
     data = prior_data(tmp_path, subject_dir)
     seed = next(s for s in range(100) if first_batches_are_prior_then_mixed(data, s, 8))
-    result = train_dreambooth.main(prior_argv(tiny_model("sd1"), data, tmp_path / "out", seed, "--max_train_steps", "8",
-                                              "--snr_gamma", "5"))
+    weighting = ["--snr_gamma", "5"] if family == "sd1" else ["--weighting_scheme", "cosmap"]
+    result = train_dreambooth.main(prior_argv(tiny_model(family), data, tmp_path / "out", seed, "--max_train_steps",
+                                              "8", *weighting))
     records = log_records(tmp_path / "out")
     assert records[0]["loss/prior"] == 0.0 and "loss/instance" not in records[0]
     first_instance = next(i for i, r in enumerate(records) if "loss/instance" in r)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import first_batches_are_prior_then_mixed, model_info, train_argv, unet_inputs, write_json
 
-from common import adapters, models
+from common import adapters, models, objectives
 import make_demo
 import train_dreambooth
 
@@ -26,9 +26,11 @@ def unet_with_fresh_lora(model):
 
 
 def training_scheduler(model):
-    from diffusers import DDPMScheduler
+    return objective_of(model).scheduler
 
-    return DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+
+def objective_of(model):
+    return objectives.for_model(model_info(model), argparse.Namespace())
 
 
 def start(unet, family, seed=0):
@@ -41,9 +43,13 @@ def start(unet, family, seed=0):
 def our_rollout(model, family, sampler, t, k):
     student = unet_with_fresh_lora(model)
     clean, noise, embeds, cond = start(student, family)
-    scheduler = train_dreambooth.rollout_sampler(sampler, training_scheduler(model).config)
     conditioning = {"encoder_hidden_states": embeds, **({"added_cond_kwargs": cond} if cond else {})}
-    return train_dreambooth.rollout(student, scheduler, clean, noise, t + k, k, conditioning, torch.float32)
+    info = model_info(model)
+
+    def predict(x, timestep):
+        return models.predict(info, student, x, timestep, conditioning)
+
+    return objective_of(model).rollout(predict, clean, noise, torch.tensor(t), k, sampler)
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLER_CLASSES))
@@ -111,7 +117,7 @@ def test_recomputed_target_implies_exactly_the_true_clean_latent(tiny_model, fam
     clean = start(models.load_component(model_info(model), "unet"), family)[0]
     scheduler = training_scheduler(model)
     timesteps = torch.tensor([t])
-    noise = train_dreambooth.implied_noise(scheduler, clean, rolled, timesteps)
+    noise = objective_of(model).implied_noise(clean, rolled, timesteps)
     a = scheduler.alphas_cumprod[t]
     if prediction == "epsilon":
         implied = (rolled - (1 - a).sqrt() * noise) / a.sqrt()
@@ -235,10 +241,11 @@ def test_the_prior_target_is_the_base_model_on_the_students_rolled_out_input(tin
     assert torch.allclose(target, base, atol=1e-6)  # one rollout (the student's), the base model judged on it
 
 
-def test_rollouts_work_with_lycoris_masks_prior_ema_and_full_finetunes(tiny_model, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_rollouts_work_with_lycoris_masks_prior_ema_and_full_finetunes(tiny_model, tmp_path, family):
     from PIL import Image
 
-    model = tiny_model("sd1")
+    model = tiny_model(family)
     subject = make_demo.make_subject_images(str(tmp_path / "subject"), sizes=((64, 64),) * 3)
     os.makedirs(tmp_path / "masks")
     for name in os.listdir(subject):

@@ -93,7 +93,7 @@ def check_single_file_round_trip(folder, family, tmp_path, monkeypatch):
     assert not [n for n in os.listdir(os.path.dirname(info.folder)) if ".tmp" in n]  # nothing half-written left
 
     original = models.resolve_model(model_args(folder, tmp_path))
-    assert (info.unet_config, info.vae_config) == (original.unet_config, original.vae_config)
+    assert (info.model_config, info.vae_config) == (original.model_config, original.vae_config)
     with open(os.path.join(info.folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:
         scheduler = json.load(handle)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import predict, unet_inputs, ROOT, train_argv, write_json
+from conftest import predict, stock_pipeline, unet_inputs, ROOT, train_argv, write_json
 from safetensors.torch import load_file
 
-from common import adapters, checkpoints, data, files, images, models
+from common import adapters, checkpoints, data, files, images, models, objectives
 import train_dreambooth
 
 
@@ -67,15 +67,16 @@ def test_lora_alpha_scales_the_adapter_after_reloading(tiny_model, subject_dir, 
     assert torch.allclose(predict(pipe.unet, inputs), predict(result["unet"].eval(), inputs), atol=1e-5)
 
 
-def test_full_finetune_writes_a_pipeline_that_reproduces_our_unet(tiny_model, subject_dir, tmp_path):
-    model = tiny_model("sd1")
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_full_finetune_writes_a_pipeline_that_reproduces_our_unet(tiny_model, subject_dir, tmp_path, family):
+    model = tiny_model(family)
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--model_type", "full",
                                               "--max_train_steps", "2"))
-    inputs = unet_inputs(result["unet"], "sd1")
-    saved = load_pipeline("sd1", str(tmp_path / "out"))
-    base = load_pipeline("sd1", model)
-    assert torch.allclose(predict(saved.unet, inputs), predict(result["unet"].eval(), inputs), atol=1e-6)
-    assert (predict(saved.unet, inputs) - predict(base.unet, inputs)).abs().max() > 1e-4
+    inputs = unet_inputs(result["unet"], family)
+    saved = models.denoiser_of(stock_pipeline(str(tmp_path / "out")))
+    base = models.denoiser_of(stock_pipeline(model))
+    assert torch.allclose(predict(saved, inputs), predict(result["unet"].eval(), inputs), atol=1e-6)
+    assert (predict(saved, inputs) - predict(base, inputs)).abs().max() > 1e-4
     assert not os.path.exists(tmp_path / "out" / ".pipeline.tmp")
 
 
@@ -243,7 +244,7 @@ def test_min_snr_weights_follow_the_formula(tiny_model, prediction_type):
     timesteps = torch.tensor([0, 100, 500, 999])
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    weights = train_dreambooth.min_snr_weights(scheduler, timesteps, 5.0, prediction_type)
+    weights = objectives.NoisePrediction(scheduler, prediction_type, 1000, snr_gamma=5.0).loss_weights(timesteps)
     expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
     assert torch.allclose(weights, expected)
     assert weights[0] < 1 and weights[-1] == pytest.approx(1.0 if prediction_type == "epsilon" else snr[-1] / (snr[-1] + 1))

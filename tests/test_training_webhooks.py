@@ -21,32 +21,40 @@ HUB_TOKEN = "hf_hubtokenneverprinted"
 
 @pytest.fixture(scope="session")
 def tiny_taesd(tmp_path_factory):
-    """A tiny random AutoencoderTiny (8x upsampling, like TAESD), saved as a local folder."""
+    """tiny_taesd(latent_channels) -> a tiny random AutoencoderTiny (8x upsampling, like TAESD; 16 channels like
+    taesd3 / taef1), saved as a local folder."""
     from diffusers import AutoencoderTiny
 
-    folder = str(tmp_path_factory.mktemp("taesd"))
-    torch.manual_seed(0)
-    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
-                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).save_pretrained(folder)
-    return folder
+    def build(latent_channels=4):
+        folder = str(tmp_path_factory.mktemp(f"taesd{latent_channels}"))
+        torch.manual_seed(0)
+        AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                        num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4,
+                        latent_channels=latent_channels).save_pretrained(folder)
+        return folder
+
+    return build
 
 
 def received(server):
     return [json.loads(request["body"]) for request in server.requests]
 
 
+@pytest.mark.parametrize("family", ["sd1", "flux"])
 def test_training_sends_its_events_and_validation_previews(tiny_model, subject_dir, tmp_path, serve, tiny_taesd,
-                                                           capfd, monkeypatch):
+                                                           capfd, monkeypatch, family):
+    """FLUX: its previews unpack the pipeline's packed tokens for the 16-channel Tiny AutoEncoder."""
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)  # a hub token in the environment is never written either
     server = serve()
     config = write_json(tmp_path / "hooks.json", {"webhook_type": "raw", "callback_url": server.url + "/hook",
                                                   "auth_token": TOKEN, "message_prefix": "[toy] "})
     out = tmp_path / "out"
-    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "2",
+    train_dreambooth.main(train_argv(tiny_model(family), subject_dir, out, "--max_train_steps", "2",
                                      "--checkpointing_steps", "1", "--validation_prompt", "a photo of ohwx toy",
                                      "--validation_steps", "2", "--num_validation_images", "1",
                                      "--validation_num_inference_steps", "5", "--validation_preview",
-                                     "--validation_preview_steps", "2", "--preview_vae", tiny_taesd,
+                                     "--validation_preview_steps", "2", "--validation_resolution", "64",
+                                     "--preview_vae", tiny_taesd(16 if family == "flux" else 4),
                                      "--webhook_config", config))
     events = received(server)
     assert [e["type"] for e in events] == ["training_started", "checkpoint_saved", "preview_image", "preview_image",
