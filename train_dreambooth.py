@@ -445,7 +445,8 @@ def start_accelerator(args):
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     # LyCORIS module dropout skips whole modules in some steps: DDP must expect parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool((args.lycoris or {}).get("module_dropout")))
-    return Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu, kwargs_handlers=[ddp])
+    return checkpoints.refuse_sharding(Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu,
+                                                   kwargs_handlers=[ddp]))
 
 
 def plan_data(args, accelerator):
@@ -475,8 +476,7 @@ def plan_data(args, accelerator):
                          "(\"dataset_type\": \"eval\") or --eval_split N")
     say(f"model: {info.ref} ({info.family}, {info.prediction_type}); datasets: "
         + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
-    objectives.refuse_inapplicable(info, args)
-    args.scheduled_sampling_sampler = args.scheduled_sampling_sampler or objectives.SAMPLER[info.spec.objective]
+    objectives.settle_flags(info, args)
     if info.spec.refines:
         say(f"SDXL refiner: text encoder 2 only, --refiner_training_strength {args.refiner_training_strength:g}, "
             f"aesthetic score {args.data_aesthetic_score:g}")

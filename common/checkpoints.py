@@ -19,6 +19,25 @@ EMA_CHECKPOINT_FILE = "ema.safetensors"
 LOG_FILE = "train_log.jsonl"
 
 
+def refuse_sharding(accelerator):
+    """FSDP is refused, never silently swapped for something else. An accelerate config with FSDP on a machine
+    without GPUs runs as plain data parallel (accelerate 1.15 selects FSDP only for GPU-like devices: with
+    --cpu / ACCELERATE_USE_CPU every process holds the whole model, and without it each process trains alone).
+    With FSDP active the weights are sharded, and the checkpoints, adapter files and EMA here are written from
+    whole (unsharded) tensors: that path is not supported yet. Returns the accelerator."""
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return accelerator
+    if accelerator.distributed_type != DistributedType.FSDP:
+        raise SystemExit(f"the accelerate config asks for FSDP, but accelerate shards only on GPUs: here it would "
+                         f"run as {accelerator.distributed_type.value} (each process holding the whole model). "
+                         "Use a config without FSDP (DDP) on this machine.")
+    raise SystemExit("FSDP (sharded training) is not supported yet: checkpoints, adapter files and the EMA are "
+                     "written from unsharded weights. Train a LoRA with DDP or one process (see the README's memory "
+                     "plan for one card), or a full fine-tune on a card that holds it.")
+
+
 def list_checkpoints(output_dir):
     """Complete checkpoints, oldest first. A folder without its state file (a broken copy) is skipped, loudly."""
     found = []

@@ -220,8 +220,9 @@ class FlowMatching:
 SAMPLER = {"noise": "unipc", "flow": "euler"}  # of a rollout (--scheduled_sampling_sampler)
 
 
-def refuse_inapplicable(info, args):
-    """Flags of one objective given for a model of the other are refused, never silently ignored."""
+def settle_flags(info, args):
+    """Flags of one objective given for a model of the other are refused, never silently ignored; the rollout
+    sampler left out becomes the objective's own."""
     if info.spec.objective == "flow":
         if args.scheduled_sampling_sampler not in (None, "euler"):
             raise SystemExit(f"--scheduled_sampling_sampler {args.scheduled_sampling_sampler}: {info.ref} is "
@@ -236,3 +237,4 @@ def refuse_inapplicable(info, args):
     elif args.weighting_scheme != "logit_normal" or args.flow_shift is not None:
         raise SystemExit(f"--weighting_scheme and --flow_shift apply to flow matching (SD3, FLUX.1); {info.ref} is "
                          f"{info.family}, trained on the DDPM schedule: use --snr_gamma for loss weighting")
+    args.scheduled_sampling_sampler = args.scheduled_sampling_sampler or SAMPLER[info.spec.objective]

@@ -82,3 +82,20 @@ def test_lycoris_module_dropout_trains_under_ddp(tiny_model, subject_dir, tmp_pa
     result = run_launched([*launcher("torchrun"), os.path.join(ROOT, "train_dreambooth.py"), *argv])
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(tmp_path / "out" / adapters.LORA_WEIGHTS_NAME)
+
+
+def test_an_fsdp_config_is_refused_where_accelerate_would_not_shard(tiny_model, subject_dir, tmp_path):
+    """accelerate selects FSDP only on GPUs: on CPUs an FSDP config would run as plain data parallel. The run stops
+    with the reason before any model work, rather than train unsharded while the user expects sharding."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n"
+                      "num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n"
+                      "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_cpu_ram_efficient_loading: false\n"
+                      "  fsdp_state_dict_type: SHARDED_STATE_DICT\n")
+    argv = train_argv(tiny_model("flux"), subject_dir, tmp_path / "out")
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    result = run_launched([accelerate, "launch", "--config_file", str(config), "--main_process_port", free_port(),
+                           os.path.join(ROOT, "train_dreambooth.py"), *argv])
+    assert result.returncode != 0
+    assert "asks for FSDP, but accelerate shards only on GPUs: here it would run as MULTI_CPU" in result.stderr
+    assert not os.path.exists(tmp_path / "out")
