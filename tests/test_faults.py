@@ -43,13 +43,13 @@ def trainable(folder):
     return load_file(os.path.join(folder, "trainable.safetensors"))
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("family,bad", [("sd1", "nan"), ("sd1", "inf"), ("flux", "nan")])
 def test_a_nan_or_inf_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tiny_model, subject_dir,
-                                                                                       tmp_path, nan_at, bad):
+                                                                                       tmp_path, nan_at, family, bad):
     nan_at(3, value=float(bad))
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=rf"loss became {bad} at step 3; stopping\. Last good checkpoint: .*-2"):
-        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--checkpointing_steps", "1",
+        train_dreambooth.main(train_argv(tiny_model(family), subject_dir, out, "--checkpointing_steps", "1",
                                          "--max_train_steps", "5"))
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
     assert all(torch.isfinite(v).all() for v in trainable(out / "checkpoint-2").values())
@@ -420,15 +420,17 @@ def fail_checkpoint_4_with(monkeypatch, how):
         monkeypatch.setattr(files, "save_file", save_file)
 
 
-@pytest.mark.parametrize("how,reason", [("torch.save", "RuntimeError: PytorchStreamWriter failed"),
-                                        ("disk full", "the disk is full while writing trainable.safetensors")])
+@pytest.mark.parametrize("family,how,reason", [
+    ("sd1", "torch.save", "RuntimeError: PytorchStreamWriter failed"),
+    ("sd1", "disk full", "the disk is full while writing trainable.safetensors"),
+    ("sd3", "disk full", "the disk is full while writing trainable.safetensors")])
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_resumes(tiny_model, subject_dir, tmp_path,
-                                                                             monkeypatch, how, reason):
+                                                                             monkeypatch, family, how, reason):
     out = tmp_path / "out"
-    args = train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
+    args = train_argv(tiny_model(family), subject_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
                       "--cache_dir", tmp_path / "cache", "--resume_from_checkpoint", "latest")
     reference_out = tmp_path / "reference"
-    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, reference_out, "--max_train_steps", "6",
+    train_dreambooth.main(train_argv(tiny_model(family), subject_dir, reference_out, "--max_train_steps", "6",
                                      "--checkpointing_steps", "2", "--cache_dir", tmp_path / "cache"))
     reference = load_file(str(reference_out / adapters.LORA_WEIGHTS_NAME))
     fail_checkpoint_4_with(monkeypatch, how)

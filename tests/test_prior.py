@@ -131,20 +131,22 @@ def test_a_folder_of_other_images_or_settings_is_refused(tiny_model, tmp_path):
 
 def lora_file(model, folder):
     """A LoRA with random (non-zero) weights, saved as training saves one."""
-    unet = models.load_component(model_info(model), "unet")
+    info = model_info(model)
+    denoiser = info.spec.denoiser  # "unet", or an SD3 / FLUX "transformer"
+    unet = models.load_component(info, denoiser)
     options = argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0, lora_init="default",
-                                 lora_target="attention")
-    config = adapters.add_lora(unet, options)
+                                 lora_target="attention", lora_layers=None)
+    config = adapters.add_lora(unet, options, denoiser)
     torch.manual_seed(0)
     for name, param in unet.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
     path = os.path.join(folder, adapters.LORA_WEIGHTS_NAME)
-    adapters.save_lora(unet, path, adapters.peft_metadata(config))
+    adapters.save_lora(unet, path, adapters.peft_metadata(config, denoiser), denoiser)
     return path
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "sd3"])
 def test_lora_is_applied_when_generating(tiny_model, tmp_path, family):
     model = tiny_model(family)
     plain = make_regularisation.main(reg_argv(model, tmp_path / "plain", "--num_images", "1"))
