@@ -4,6 +4,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py --steps 50 --resolution 256 --batch_size 2 --out bench/out
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py --profile     # + a cProfile of the trainer loop
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py --threads 1   # steadier on a machine shared with others
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py --family flux --resolution 128   # a FLUX.1-dev-shaped model
 
 What it builds (under --out, default a temporary folder; bench/out/ is git-ignored):
     model/    a random "small SD-shaped" SD 1.x pipeline: UNet2DConditionModel with block_out_channels
@@ -11,6 +12,10 @@ What it builds (under --out, default a temporary folder; bench/out/ is git-ignor
               tiny tokenizer, and a tiny CLIP text encoder whose hidden size is the UNet's cross_attention_dim
     images/   --images synthetic subject PNGs (make_demo.draw_subject) of exactly RESOLUTION x RESOLUTION, so every
               image lands in one bucket and the trainer and the bare loop see the same tensor shapes
+
+    --family flux: a random small FLUX.1-dev-shaped pipeline instead (FluxTransformer2DModel: 2 double- and 4
+              single-stream blocks of width 128, guidance embedding, resolution-dependent shift; a T5 encoder of
+              width 256 and 4 layers read at 512 tokens, a CLIP for the pooled vector, a 16-channel VAE)
 
 What it measures, in this order:
     1. caching: cache_latents.main() on an empty cache, with caches.build_vae_cache timed (the VAE load inside
@@ -30,7 +35,12 @@ What it measures, in this order:
        shows what those cost.
        Both use medians over the same number of post-warm-up steps (means are printed too). --rounds rounds
        run in the order trainer, bare, bare, trainer, ... and the step times of all rounds are pooled.
-    3. peak RSS of the two training subprocesses, each read from its own rusage (os.wait4, one child at a time;
+       --family flux adds a third side, "example": a loop in the manner of diffusers'
+       train_dreambooth_lora_flux.py with per-image captions (its usual DreamBooth case) and no latent cache: each
+       step encodes the batch's pixels with the VAE and its captions with CLIP and T5 (FluxPipeline.encode_prompt),
+       then draws logit-normal sigmas from the scheduler, packs, runs the transformer with guidance 1 and steps
+       AdamW. Ours reads both from its caches. The bare loop is the transformer step alone on random tensors.
+    3. peak RSS of the training subprocesses, each read from its own rusage (os.wait4, one child at a time;
        the largest over the rounds).
     --profile adds a run of the trainer under cProfile and prints the time of each part of its loop per step.
 
@@ -80,7 +90,11 @@ def parse_args(argv=None):
                         help="torch threads in every process (default: torch's default, one per core)")
     parser.add_argument("--profile", action="store_true",
                         help="also run the trainer under cProfile and print where its per-step time goes")
+    parser.add_argument("--family", default="sd1", choices=["sd1", "flux"],
+                        help="sd1: a small SD 1.x-shaped UNet (default); flux: a small FLUX.1-dev-shaped transformer, "
+                             "with a diffusers-example-style loop as a third side")
     parser.add_argument("--_bare_child", default=None, help=argparse.SUPPRESS)  # internal: the bare training loop
+    parser.add_argument("--_example_child", default=None, help=argparse.SUPPRESS)  # internal: the example's loop
     args = parser.parse_args(argv)
     if args.resolution % 64:
         parser.error("--resolution must be a multiple of 64 (the trainer's buckets are)")
@@ -122,6 +136,30 @@ def build_model(folder, resolution):
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return sum(p.numel() for p in unet.parameters())
+
+
+def build_flux_model(folder):
+    """A random FLUX.1-dev-shaped pipeline: the transformer, T5 and CLIP at small widths, the real layout."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    import make_demo
+
+    tokenizer, t5_tokenizer = make_demo.tiny_tokenizer(), make_demo.tiny_t5_tokenizer()
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                         attention_head_dim=32, num_attention_heads=4, joint_attention_dim=256,
+                                         pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=256, d_kv=32, d_ff=512, num_layers=4,
+                                 num_heads=8, pad_token_id=0, eos_token_id=1))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(transformer=transformer, vae=make_demo.tiny_flow_vae(0.1159, 0.3611), scheduler=scheduler,
+                        text_encoder=make_demo.tiny_text_encoder(tokenizer, hidden_size=64), text_encoder_2=t5,
+                        tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return sum(p.numel() for p in transformer.parameters())
 
 
 def make_images(folder, count, resolution):
@@ -254,8 +292,18 @@ def read_step_times(log_file):
     return [row["step_time"] for row in sorted(rows, key=lambda r: r["step"])]
 
 
+def child(args):
+    """A loop in its own process (--_bare_child / --_example_child PATH): writes its per-step times as JSON to PATH."""
+    if args._example_child:
+        times, trainable = flux_example_child(args)
+    else:
+        times, trainable = (flux_bare_child if args.family == "flux" else bare_child)(args)
+    with open(args._bare_child or args._example_child, "w", encoding="utf-8") as handle:
+        json.dump({"step_time": times, "trainable": trainable}, handle)
+
+
 def bare_child(args):
-    """The bare training loop (runs in its own process): writes its per-step times as JSON to --_bare_child."""
+    """The bare SD 1.x training loop: the UNet step alone, on random tensors of the trainer's shapes."""
     import torch
     import torch.nn.functional as F
     from diffusers.training_utils import cast_training_params
@@ -289,8 +337,100 @@ def bare_child(args):
         optimizer.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - started)
-    with open(args._bare_child, "w", encoding="utf-8") as handle:
-        json.dump({"step_time": times, "trainable": sum(p.numel() for p in params)}, handle)
+    return times, sum(p.numel() for p in params)
+
+
+def flux_lora(transformer, rank):
+    """The LoRA all three FLUX sides train: the trainer's default preset (both streams' attention), gaussian init."""
+    from peft import LoraConfig
+
+    from common import adapters
+
+    targets = adapters.lora_target_modules(transformer, argparse.Namespace(lora_layers=None, lora_target="attention"),
+                                           "transformer")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights="gaussian",
+                                       target_modules=targets))
+    transformer.train()
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def flux_step(transformer, latents, noise, sigmas, embeds, pooled, text_ids):
+    """One flow-matching forward and loss on FLUX's packed tokens (as its pipeline packs them), guidance 1."""
+    import torch.nn.functional as F
+
+    from common import models
+
+    b, _, h, w = latents.shape
+    noisy = (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+    tokens = transformer(hidden_states=models.pack(noisy), timestep=sigmas, guidance=latents.new_ones(b),
+                         pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                         img_ids=models.image_ids(h, w), return_dict=False)[0]
+    return F.mse_loss(models.unpack(tokens, h, w).float(), (noise - latents).float())
+
+
+def flux_bare_child(args):
+    """The bare FLUX loop: the transformer step alone, on random tensors of the trainer's shapes."""
+    import torch
+
+    from common import models
+
+    info = model_info(args.out_model)
+    transformer = models.load_component(info, "transformer", torch.float32)
+    params = flux_lora(transformer, args.lora_rank)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    latent, text = args.resolution // info.vae_scale_factor, info.model_config["joint_attention_dim"]
+    generator = torch.Generator().manual_seed(SEED)
+    times = []
+    for _ in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        shape = (args.batch_size, 16, latent, latent)
+        loss = flux_step(transformer, torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
+                         torch.rand(args.batch_size, generator=generator),
+                         torch.randn(args.batch_size, 512, text, generator=generator),
+                         torch.randn(args.batch_size, 64, generator=generator), torch.zeros(512, 3))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - started)
+    return times, sum(p.numel() for p in params)
+
+
+def flux_example_child(args):
+    """In the manner of diffusers' train_dreambooth_lora_flux.py with per-image captions and no latent cache: each
+    step encodes the pixels (VAE) and the captions (CLIP + T5 at 512 tokens) again, then trains as the bare loop."""
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    pipe = FluxPipeline.from_pretrained(args.out_model, local_files_only=True)
+    for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        frozen.requires_grad_(False)
+    params = flux_lora(pipe.transformer, args.lora_rank)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    sigmas_table = pipe.scheduler.sigmas  # the scheduler's training sigmas, as the example indexes them
+    generator = torch.Generator().manual_seed(SEED)
+    times = []
+    for step in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator) * 2 - 1
+        captions = [f"{PROMPT}, picture {step * args.batch_size + i}" for i in range(args.batch_size)]
+        with torch.no_grad():
+            latents = (pipe.vae.encode(pixels).latent_dist.sample(generator) - shift) * scale
+            embeds, pooled, text_ids = pipe.encode_prompt(captions, captions, max_sequence_length=512)
+        u = compute_density_for_timestep_sampling("logit_normal", args.batch_size, logit_mean=0.0, logit_std=1.0,
+                                                  generator=generator)
+        sigmas = sigmas_table[(u * (len(sigmas_table) - 1)).long()]
+        loss = flux_step(pipe.transformer, latents, torch.randn(latents.shape, generator=generator), sigmas, embeds,
+                         pooled, text_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - started)
+    return times, sum(p.numel() for p in params)
 
 
 def summarise(times):
@@ -315,13 +455,13 @@ def run_trainer(paths, args, tag):
     return {"times": times[args.warmup:], "rss": rss, "wall": wall, "trainable": trainable}
 
 
-def run_bare(paths, args, tag):
-    bare_json = os.path.join(paths["root"], f"bare_steps{tag}.json")
+def run_bare(paths, args, tag, side="bare"):
+    bare_json = os.path.join(paths["root"], f"{side}_steps{tag}.json")
     wall, rss = run_child(
-        [sys.executable, os.path.abspath(__file__), "--_bare_child", bare_json, "--out", paths["root"],
+        [sys.executable, os.path.abspath(__file__), f"--_{side}_child", bare_json, "--out", paths["root"],
          "--steps", str(args.steps), "--warmup", str(args.warmup), "--resolution", str(args.resolution),
-         "--batch_size", str(args.batch_size), "--lora_rank", str(args.lora_rank)],
-        os.path.join(paths["root"], f"bare{tag}.log"))
+         "--batch_size", str(args.batch_size), "--lora_rank", str(args.lora_rank), "--family", args.family],
+        os.path.join(paths["root"], f"{side}{tag}.log"))
     with open(bare_json, encoding="utf-8") as handle:
         result = json.load(handle)
     return {"times": result["step_time"][args.warmup:], "rss": rss, "wall": wall, "trainable": result["trainable"]}
@@ -330,12 +470,15 @@ def run_bare(paths, args, tag):
 def bench_train(paths, args):
     """--rounds rounds, in the order trainer, bare, bare, trainer, ... so slow drift in the machine's load hits
     both sides alike. Returns {"trainer": [round results], "bare": [round results]}."""
-    results = {"trainer": [], "bare": []}
+    sides = ("trainer", "bare", "example") if args.family == "flux" else ("trainer", "bare")
+    results = {side: [] for side in sides}
     for r in range(args.rounds):
-        order = ("trainer", "bare") if r % 2 == 0 else ("bare", "trainer")
+        order = sides if r % 2 == 0 else sides[::-1]
         for side in order:
-            run = run_trainer if side == "trainer" else run_bare
-            results[side].append(run(paths, args, f"-{r + 1}"))
+            if side == "trainer":
+                results[side].append(run_trainer(paths, args, f"-{r + 1}"))
+            else:
+                results[side].append(run_bare(paths, args, f"-{r + 1}", side))
             last = results[side][-1]
             s = summarise(last["times"])
             print(f"  round {r + 1} {side:7s}: step ms median {1000 * s['median']:7.1f}  mean {1000 * s['mean']:7.1f}  "
@@ -424,9 +567,9 @@ def load_note():
 def main(argv=None):
     args = parse_args(argv)
     set_threads(args.threads)
-    if args._bare_child:
+    if args._bare_child or args._example_child:
         args.out_model = os.path.join(args.out, "model")
-        return bare_child(args)
+        return child(args)
 
     started = time.perf_counter()
     temporary = args.out is None
@@ -437,9 +580,12 @@ def main(argv=None):
         os.makedirs(root, exist_ok=True)
         for key in ("model", "images"):
             shutil.rmtree(paths[key], ignore_errors=True)
-        unet_params = build_model(paths["model"], args.resolution)
+        if args.family == "flux":
+            params, denoiser = build_flux_model(paths["model"]), "FLUX transformer"
+        else:
+            params, denoiser = build_model(paths["model"], args.resolution), "UNet"
         make_images(paths["images"], args.images, args.resolution)
-        print(f"bench folder {root}: UNet {unet_params / 1e6:.1f} M params, {args.images} images of "
+        print(f"bench folder {root}: {denoiser} {params / 1e6:.1f} M params, {args.images} images of "
               f"{args.resolution}x{args.resolution}, batch {args.batch_size}, LoRA rank {args.lora_rank}, "
               f"{args.warmup} warm-up + {args.steps} timed steps, {args.rounds} round(s); {load_note()}", flush=True)
 
@@ -458,9 +604,9 @@ def main(argv=None):
         b = summarise([x for run in train["bare"] for x in run["times"]])
         trainer_rss = max(run["rss"] for run in train["trainer"])
         bare_rss = max(run["rss"] for run in train["bare"])
-        counts = {side: train[side][0]["trainable"] for side in ("trainer", "bare")}
-        print(f"  trainable (LoRA) parameters: trainer {counts['trainer']:,}   bare {counts['bare']:,}"
-              + ("" if counts["trainer"] == counts["bare"] else "   <- DIFFERENT: the two loops do not train the same"),
+        counts = {side: runs[0]["trainable"] for side, runs in train.items()}
+        print("  trainable (LoRA) parameters: " + "   ".join(f"{side} {n:,}" for side, n in counts.items())
+              + ("" if len(set(counts.values())) == 1 else "   <- DIFFERENT: the loops do not train the same"),
               flush=True)
 
         if args.profile:
@@ -476,6 +622,12 @@ def main(argv=None):
         print(f"train steps/s   trainer {trainer_sps:6.2f}   bare {bare_sps:6.2f}   ratio {trainer_sps / bare_sps:.2f}"
               f"   (median of {t['n']} step times each; by mean: ratio {b['mean'] / t['mean']:.2f}; target >= 0.9)")
         print(f"peak RSS MiB    trainer {trainer_rss:6.0f}   bare {bare_rss:6.0f}   ratio {trainer_rss / bare_rss:.2f}")
+        if "example" in train:
+            e = summarise([x for run in train["example"] for x in run["times"]])
+            example_rss = max(run["rss"] for run in train["example"])
+            print(f"vs the diffusers-example-style loop (VAE + CLIP + T5 every step): steps/s {1 / e['median']:6.2f}, "
+                  f"trainer / example {e['median'] / t['median']:.2f}x;   peak RSS {example_rss:6.0f} MiB, "
+                  f"trainer / example {trainer_rss / example_rss:.2f}")
         print(f"cache img/s     cache_latents {cache_ips:6.1f}   bare VAE {bare_ips:6.1f}   "
               f"ratio {cache_ips / bare_ips:.2f}   (median of {args.cache_rounds} rounds)")
         print(f"(total bench time {time.perf_counter() - started:.0f} s"
