@@ -71,7 +71,8 @@ def test_scores_agree_with_a_direct_computation(tiny_scorers):
 def eval_argv(model, subject_dir, checkpoints, *extra):
     return ["--pretrained_model_name_or_path", model, "--checkpoints", str(checkpoints), "--instance_data_dir",
             subject_dir, "--instance_prompt", "ohwx toy", "--class_prompt", "toy", "--resolution", "64", "--seed", "7",
-            "--eval_split", "2", "--num_images_per_prompt", "2", "--num_inference_steps", "2", *map(str, extra)]
+            "--eval_split", "2", "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--image_resolution",
+            "64", *map(str, extra)]  # (FLUX's native size is 1024 px, whatever the model's width)
 
 
 def log_records(output_dir):

@@ -151,36 +151,41 @@ def test_first_step_loss_equals_the_flow_matching_objective_computed_by_hand(tin
 
 
 RELOAD = """
-import sys, torch
+import json, sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
 from conftest import predict, stock_pipeline
-case = torch.load({case!r})
-pipe = stock_pipeline({model!r})
-base = predict(pipe.transformer, case["inputs"])
-pipe.load_lora_weights({out!r})
-reloaded = predict(pipe.transformer, case["inputs"])
-print(json.dumps({{"ours": (reloaded - case["expected"]).abs().max().item(), "moved": (reloaded - base).abs().max().item()}}))
+numbers = {{}}
+for family, (model, out, case) in {cases!r}.items():
+    case = torch.load(case)
+    pipe = stock_pipeline(model)
+    base = predict(pipe.transformer, case["inputs"])
+    pipe.load_lora_weights(out)
+    reloaded = predict(pipe.transformer, case["inputs"])
+    numbers[family] = {{"ours": (reloaded - case["expected"]).abs().max().item(),
+                        "moved": (reloaded - base).abs().max().item()}}
+print(json.dumps(numbers))
 """
+TARGETS = {"sd3": "attention_ff", "flux": "all", "flux-schnell": "attention"}
 
 
-@pytest.mark.parametrize("family,target", [("sd3", "attention_ff"), ("flux", "all"), ("flux-schnell", "attention")])
-def test_flow_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(tiny_model, subject_dir, tmp_path, family, target):
-    """The saved LoRA loads with StableDiffusion3Pipeline / FluxPipeline.load_lora_weights in another process and
-    gives the trained transformer's prediction, for each --lora_target preset."""
-    model = tiny_model(family)
-    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_target", target))
-    ours = result["unet"].eval()
-    inputs = unet_inputs(ours, family)
-    case = str(tmp_path / "case.pt")
-    torch.save({"inputs": inputs, "expected": predict(ours, inputs)}, case)
+def test_flow_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(tiny_model, subject_dir, tmp_path):
+    """The saved LoRA loads with StableDiffusion3Pipeline / FluxPipeline.load_lora_weights in another process (one
+    for all three) and gives the trained transformer's prediction, for each --lora_target preset."""
+    cases = {}
+    for family, target in TARGETS.items():
+        model, out = tiny_model(family), tmp_path / family
+        ours = train_dreambooth.main(train_argv(model, subject_dir, out, "--lora_target", target))["unet"].eval()
+        inputs = unet_inputs(ours, family)
+        torch.save({"inputs": inputs, "expected": predict(ours, inputs)}, str(tmp_path / f"{family}.pt"))
+        cases[family] = (model, str(out), str(tmp_path / f"{family}.pt"))
     tests = os.path.dirname(os.path.abspath(__file__))
-    script = "import json\n" + RELOAD.format(root=os.path.dirname(tests), tests=tests, case=case, model=model,
-                                             out=str(tmp_path / "out"))
+    script = RELOAD.format(root=os.path.dirname(tests), tests=tests, cases=cases)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     numbers = json.loads(done.stdout.strip().splitlines()[-1])
-    assert numbers["ours"] < 1e-5 and numbers["moved"] > 1e-4, numbers
+    assert set(numbers) == set(TARGETS)
+    assert all(n["ours"] < 1e-5 and n["moved"] > 1e-4 for n in numbers.values()), numbers
 
 
 def test_lora_layers_names_the_modules_and_a_wrong_name_is_refused(tiny_model, subject_dir, tmp_path):
@@ -245,7 +250,7 @@ def random_lora(model, family, seed=1):
     return adapters.kohya_transformer_lora(model, family)
 
 
-def flux_transformer(double, single, width, device="cpu"):
+def flux_transformer(double, single, width, fill=True):
     """FLUX.1 transformer blocks at a chosen width: diffusers' kohya converter splits a single block's fused linear1
     at the real model's widths (3072 x 3 + 12288), so that block is checked at full width (random weights)."""
     from diffusers import FluxTransformer2DModel
@@ -255,11 +260,11 @@ def flux_transformer(double, single, width, device="cpu"):
         model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
                                        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
                                        pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=axes)
-    model = model.to_empty(device=device)
+    model = model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        for param in model.parameters() if fill else ():  # (fill=False: weights to be loaded)
+            param.normal_(0, 0.02, generator=generator)
     return model
 
 
@@ -281,7 +286,7 @@ def test_flux_comfyui_layout_loads_through_diffusers_kohya_converter(tmp_path, d
     # prefix its own loader filters on; ComfyUI maps them by name. Prefix them here so they are checked too.
     converted = {key if key.startswith("transformer.") else "transformer." + key: value
                  for key, value in converted.items()}
-    loaded = flux_transformer(double, single, width)
+    loaded = flux_transformer(double, single, width, fill=False)
     loaded.load_state_dict(base)
     FluxPipeline.load_lora_into_transformer(converted, network_alphas=alphas, transformer=loaded)
     generator = torch.Generator().manual_seed(3)
