@@ -157,10 +157,11 @@ def single_file_family(path):
     """The family of an original-format (LDM / A1111) checkpoint, from its tensor names."""
     with safe_open(path, framework="pt") as handle:
         keys = set(handle.keys())
-    if any(k.split("model.diffusion_model.")[-1].startswith(("joint_blocks.", "double_blocks.")) for k in keys):
-        raise SystemExit(f"{path}: an SD3 / FLUX.1 single-file checkpoint; these are trained from a diffusers folder "
-                         "(save one with StableDiffusion3Pipeline / FluxPipeline.from_single_file(...)"
-                         ".save_pretrained(folder) and pass the folder)")
+    if any(k.split("model.diffusion_model.")[-1].startswith("double_blocks.") for k in keys):
+        raise SystemExit(f"{path}: a FLUX.1 single-file checkpoint, not loaded yet: save a diffusers folder with "
+                         "FluxPipeline.from_single_file(...).save_pretrained(folder) and pass the folder")
+    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
+        return "sd3"
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
@@ -170,6 +171,33 @@ def single_file_family(path):
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
     raise SystemExit(f"{path}: not a Stable Diffusion checkpoint this tool recognises (no text-encoder tensors found)")
+
+
+# Text encoders an SD3 single file may leave out (Stability ships some files without them): (key prefix, class).
+SINGLE_FILE_TEXT_ENCODERS = {"sd3": {"text_encoder": ("text_encoders.clip_l.", "CLIPTextModelWithProjection"),
+                                     "text_encoder_2": ("text_encoders.clip_g.", "CLIPTextModelWithProjection"),
+                                     "text_encoder_3": ("text_encoders.t5xxl.", "T5EncoderModel")}}
+
+
+def missing_text_encoders(path, family, args):
+    """The text encoders a single file lacks, loaded from --single_file_config (None where that model has none
+    either: SD3 without T5), as from_single_file takes them."""
+    import transformers
+
+    parts = SINGLE_FILE_TEXT_ENCODERS.get(family, {})
+    with safe_open(path, framework="pt") as handle:
+        missing = [name for name, (prefix, _) in parts.items() if not any(k.startswith(prefix) for k in handle.keys())]
+    if missing and not args.single_file_config:
+        raise SystemExit(f"{path} holds no {', '.join(missing)}: give --single_file_config the diffusers folder or hub "
+                         "id of the same model to take them from")
+    loaded = {}
+    for name in missing:
+        try:
+            loaded[name] = getattr(transformers, parts[name][1]).from_pretrained(
+                args.single_file_config, subfolder=name, local_files_only=args.local_files_only)
+        except OSError:  # the model has none (SD3 without its optional T5)
+            loaded[name] = loaded[name.replace("text_encoder", "tokenizer")] = None
+    return loaded
 
 
 def convert_single_file(path, args, cache_root):
@@ -191,7 +219,9 @@ def convert_single_file(path, args, cache_root):
     try:
         pipe = getattr(diffusers, FAMILIES[family].pipeline).from_single_file(
             path, config=args.single_file_config, local_files_only=args.local_files_only,
-            **FAMILIES[family].single_file_options)
+            **FAMILIES[family].single_file_options, **missing_text_encoders(path, family, args))
+    except SystemExit:
+        raise
     except Exception as err:  # diffusers raises many kinds here; all mean the same to the user
         raise SystemExit(f"{path}: from_single_file failed ({err}). Offline, pass --single_file_config with a diffusers "
                          "folder (or cached hub id) of the same architecture.") from None

@@ -9,6 +9,7 @@ is the inverse of diffusers' own converters in diffusers/loaders/single_file_uti
     SD 1.x CLIP     cond_stage_model.transformer.          convert_ldm_clip_checkpoint
     SDXL CLIP-L     conditioner.embedders.0.transformer.   convert_ldm_clip_checkpoint
     SDXL OpenCLIP   conditioner.embedders.1.model.         convert_open_clip_checkpoint
+    SD3 MMDiT       model.diffusion_model.                 convert_sd3_transformer_checkpoint_to_diffusers
 
 It follows the component configs (layers_per_block, number of blocks, transformer_layers_per_block, which blocks
 have attention), not the real models' fixed sizes. Every diffusers tensor is mapped exactly once; a name it does
@@ -201,6 +202,52 @@ def open_clip_to_ldm(state_dict):
             raise KeyError(f"text encoder layer {layer}: {param} of q/k/v incomplete ({sorted(parts)})")
         out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD3's transformer (inverse of convert_sd3_transformer_checkpoint_to_diffusers)
+
+
+def mmdit_to_original(model, weights):
+    """SD3Transformer2DModel tensors -> the original (Stability MMDiT) names, without model.diffusion_model.: the
+    Linear layers fused and named by adapters.original_layout (which the tests prove against diffusers' converter
+    convert_sd3_transformer_checkpoint_to_diffusers), the patch embedding and SD3.5's query / key norms here."""
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    from common import adapters
+
+    modules = dict(model.named_modules())
+    original = {"pos_embed": weights["pos_embed.pos_embed"], "x_embedder.proj.weight": weights["pos_embed.proj.weight"],
+                "x_embedder.proj.bias": weights["pos_embed.proj.bias"]}
+    for name, parts in adapters.original_layout(model, "sd3"):
+        if parts[0] in modules:  # the last block's text stream has no output projection or MLP
+            for kind in ("weight", "bias"):
+                tensor = torch.cat([weights[f"{part}.{kind}"] for part in parts])
+                if isinstance(modules[parts[0].rsplit(".", 1)[0]], AdaLayerNormContinuous):
+                    tensor = torch.cat(tensor.chunk(2)[::-1])
+                original[f"{name}.{kind}"] = tensor
+    norms = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+             "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+             "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
+    for key, value in weights.items():  # SD3.5's query / key norms
+        block, rest = key.split(".")[1], ".".join(key.split(".")[2:]).rsplit(".", 1)[0]
+        if key.startswith("transformer_blocks.") and rest in norms:
+            original[f"joint_blocks.{block}.{norms[rest]}.weight"] = value
+    return original
+
+
+def save_sd3_checkpoint(diffusers_folder, path):
+    """An SD3 pipeline folder's transformer and VAE as one original-format file, without text encoders (as Stability
+    ships some SD3 / SD3.5 files): they come from the diffusers folder when loading."""
+    import diffusers
+
+    transformer = diffusers.SD3Transformer2DModel.from_pretrained(diffusers_folder, subfolder="transformer")
+    vae = diffusers.AutoencoderKL.from_pretrained(diffusers_folder, subfolder="vae")
+    tensors = {UNET_PREFIX + key: value for key, value in mmdit_to_original(transformer,
+                                                                             transformer.state_dict()).items()}
+    tensors.update({VAE_PREFIX + key: value for key, value in vae_to_ldm(vae.state_dict(), vae.config).items()})
+    save_file({key: value.detach().contiguous().clone() for key, value in tensors.items()}, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from conftest import model_info, predict, train_argv, unet_inputs
+from ldm_checkpoint import mmdit_to_original
 
 from common import data, files, models, objectives
 import train_dreambooth
@@ -301,32 +302,6 @@ def test_flux_comfyui_layout_loads_through_diffusers_kohya_converter(tmp_path, d
     assert (expected - got).abs().max() < 1e-4 * max(1.0, moved) and moved > 1e-2
 
 
-def mmdit_checkpoint(model, weights):
-    """The original (Stability) SD3 checkpoint of diffusers' transformer weights, fused by our layout."""
-    from diffusers.models.normalization import AdaLayerNormContinuous
-
-    from common import adapters
-
-    modules = dict(model.named_modules())
-    original = {"pos_embed": weights["pos_embed.pos_embed"], "x_embedder.proj.weight": weights["pos_embed.proj.weight"],
-                "x_embedder.proj.bias": weights["pos_embed.proj.bias"]}
-    for name, parts in adapters.original_layout(model, "sd3"):
-        if parts[0] in modules:  # the last block's text stream has no output projection or MLP
-            for kind in ("weight", "bias"):
-                tensor = torch.cat([weights[f"{part}.{kind}"] for part in parts])
-                if isinstance(modules[parts[0].rsplit(".", 1)[0]], AdaLayerNormContinuous):
-                    tensor = torch.cat(tensor.chunk(2)[::-1])
-                original[f"{name}.{kind}"] = tensor
-    norms = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
-             "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
-             "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
-    for key, value in weights.items():  # SD3.5's query / key norms
-        block, rest = key.split(".")[1], ".".join(key.split(".")[2:]).rsplit(".", 1)[0]
-        if key.startswith("transformer_blocks.") and rest in norms:
-            original[f"joint_blocks.{block}.{norms[rest]}.weight"] = value
-    return original
-
-
 @pytest.mark.parametrize("variant", ["sd3", "sd3.5"])
 def test_sd3_comfyui_layout_is_the_original_checkpoints_and_merges_to_our_prediction(variant):
     """--lora_format comfyui for SD3 writes kohya's layout of the original MMDiT checkpoint (joint_blocks.N.x_block.
@@ -345,7 +320,7 @@ def test_sd3_comfyui_layout_is_the_original_checkpoints_and_merges_to_our_predic
 
     ours = transformer()
     weights = {key: value.clone() for key, value in ours.state_dict().items()}
-    original = mmdit_checkpoint(ours, weights)
+    original = mmdit_to_original(ours, weights)
     back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
     assert set(back) == set(weights) and all(torch.equal(back[key], weights[key]) for key in weights)
     state = random_lora(ours, "sd3")

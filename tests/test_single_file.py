@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from ldm_checkpoint import (SD1_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
-                            load_components, save_ldm_checkpoint)
+                            load_components, save_ldm_checkpoint, save_sd3_checkpoint)
 from safetensors import safe_open
 
 from common import models
@@ -152,3 +152,24 @@ def test_ldm_checkpoint_is_the_inverse_of_the_diffusers_converters(tiny_model, t
         expected = model.state_dict()
         assert sorted(converted[name]) == sorted(expected), name
         assert all(torch.equal(converted[name][k], expected[k]) for k in expected), name
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd3-no-t5"])
+def test_an_sd3_file_without_text_encoders_takes_them_from_the_config_folder(tiny_model, tmp_path, family):
+    """Stability ships SD3 / SD3.5 files with the MMDiT and VAE only: the text encoders come from
+    --single_file_config (none for T5 where that model has none), and the result is the same model."""
+    folder = tiny_model(family)
+    checkpoint = save_sd3_checkpoint(folder, str(tmp_path / "sd3.safetensors"))
+    assert models.single_file_family(checkpoint) == "sd3"
+    with pytest.raises(SystemExit, match="holds no text_encoder, text_encoder_2, text_encoder_3: give "
+                                         "--single_file_config"):
+        models.resolve_model(model_args(checkpoint, tmp_path))
+    info = models.resolve_model(model_args(checkpoint, tmp_path, single_file_config=folder))
+    original = models.resolve_model(model_args(folder, tmp_path))
+    assert (info.family, info.prediction_type) == ("sd3", "flow") and info.model_config == original.model_config
+    assert [part for part, _, _ in info.text_parts] == [part for part, _, _ in original.text_parts]
+    for part in ["transformer", "vae"] + [encoder for _, encoder, _ in original.text_parts]:
+        a, b = (models.load_component(i, part).state_dict() for i in (original, info))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), part
+    ours = [models.encode_prompt(i, *models.load_text_encoders(i), PROMPTS) for i in (original, info)]
+    assert all(torch.equal(ours[0][key], ours[1][key]) for key in ours[0])
