@@ -290,7 +290,7 @@ def train(args, hooks):
     """Set-up in named steps (each defined below), the training loop, the final save."""
     accelerator = start_accelerator(args)
     say, device = accelerator.print, accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, sharded = accelerator.process_index, accelerator.num_processes, checkpoints.is_sharded(accelerator)
     datasets, info, plans, eval_entries, seed, resume_path = plan_data(args, accelerator)
     text_embeds, eval_examples = build_caches(args, accelerator, info, datasets, plans, eval_entries)
     unet, objective, weight_dtype, lora_config = load_model(args, info, device, say)
@@ -327,7 +327,8 @@ def train(args, hooks):
         for micro in range(args.gradient_accumulation_steps):
             # Every process replays the whole batch stream and takes its own share of it.
             batch_index = (step * args.gradient_accumulation_steps + micro) * world + rank
-            batch = [sampler.next() for _ in range(world)][rank]
+            batches = [sampler.next() for _ in range(world)]
+            batch = batches[rank]
             generator = batch_generator(seed, batch_index)
 
             # Inputs from the caches: a latent drawn from its image's VAE distribution, its mask (masked loss: cut
@@ -359,9 +360,12 @@ def train(args, hooks):
             # the frozen base model's own prediction on the same x_t, timestep and caption (adapter off, no grad).
             is_prior = batch[0][0].is_regularisation
             loss_weight = args.prior_loss_weight if is_prior else 1.0
-            if is_prior and args.prior_loss_target == "base_model":
+            # A sharded model's forward pass needs every process: all run it when any process has a prior batch.
+            if args.prior_loss_target == "base_model" and (is_prior or sharded and any(
+                    other[0][0].is_regularisation for other in batches)):
                 with torch.no_grad(), adapters.adapter_disabled(unwrapped), accelerator.autocast():
-                    target = models.predict(info, unwrapped, noisy_latents, timesteps, cond)
+                    base = models.predict(info, unwrapped, noisy_latents, timesteps, cond)
+                target = base if is_prior else target
 
             # Forward and loss. Gradients are synchronised across processes on the last micro-step only. Per
             # sample: the mean squared error over its mask (masked loss; over the whole latent without one), times
@@ -445,8 +449,8 @@ def start_accelerator(args):
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     # LyCORIS module dropout skips whole modules in some steps: DDP must expect parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool((args.lycoris or {}).get("module_dropout")))
-    return checkpoints.refuse_sharding(Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu,
-                                                   kwargs_handlers=[ddp]))
+    return checkpoints.check_sharding(Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu,
+                                                  kwargs_handlers=[ddp]), args)
 
 
 def plan_data(args, accelerator):
@@ -725,18 +729,13 @@ def save_final(args, info, accelerator, model, frozen, ema, trainable, save_outp
     """The trained adapter (or a full fine-tune's whole pipeline, and its EMA as ema/), a last validation round if
     the last step had none, and the end of the log."""
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if args.model_type == "lora":
+    with checkpoints.whole_weights(accelerator, model, trainable):  # under FSDP, gathered from the shards
+        if accelerator.is_main_process and args.model_type == "lora":
             path = save_outputs(args.output_dir, steps)
-        else:
+        elif accelerator.is_main_process:
             path = args.output_dir
-            vae, tokenizers, text_encoders = frozen
-            vae, text_encoders = vae.to(torch.float32), [e.to(torch.float32) for e in text_encoders]
-            checkpoints.save_full_pipeline(info, model.to(torch.float32), vae, tokenizers, text_encoders, path)
-            if ema is not None:  # the average beside the raw weights, loadable the same way
-                with ema.applied(trainable):
-                    checkpoints.save_full_pipeline(info, model, vae, tokenizers, text_encoders,
-                                                   os.path.join(path, adapters.EMA_SUFFIX[1:]))
+            checkpoints.save_full_model(info, model, frozen, path, ema, trainable)
+    if accelerator.is_main_process:
         if args.validation_prompt and steps % args.validation_steps != 0:
             validate(steps, log)
         log.close()

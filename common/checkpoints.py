@@ -6,6 +6,7 @@ adapter files as in the output folder, and training_state.json, written last: a 
 and ignored. A resumed run ends with the weights, checkpoints and log of an uninterrupted one.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,12 +20,31 @@ EMA_CHECKPOINT_FILE = "ema.safetensors"
 LOG_FILE = "train_log.jsonl"
 
 
-def refuse_sharding(accelerator):
-    """FSDP is refused, never silently swapped for something else. An accelerate config with FSDP on a machine
-    without GPUs runs as plain data parallel (accelerate 1.15 selects FSDP only for GPU-like devices: with
-    --cpu / ACCELERATE_USE_CPU every process holds the whole model, and without it each process trains alone).
-    With FSDP active the weights are sharded, and the checkpoints, adapter files and EMA here are written from
-    whole (unsharded) tensors: that path is not supported yet. Returns the accelerator."""
+# What a sharded (FSDP) run refuses, each with the reason: flag -> (is it set?, why it cannot run sharded yet).
+SHARDED_REFUSALS = {
+    "--validation_prompt": (lambda a: a.validation_prompt, "validation renders on the main process alone, and a "
+                            "sharded model needs every process for each forward pass: render the checkpoints' "
+                            "adapters with evaluate.py afterwards"),
+    "--eval_steps_interval": (lambda a: a.eval_steps_interval, "the stable eval loss runs on the main process alone "
+                              "(a sharded forward needs every process): evaluate.py computes it from the checkpoints"),
+    "--use_ema": (lambda a: a.use_ema, "the average is kept whole by the main process, which holds a shard only"),
+    "--scheduled_sampling_max_step_offset": (lambda a: a.scheduled_sampling_max_step_offset, "each process rolls "
+                                             "out a different number of samples, and a sharded forward pass needs "
+                                             "all of them at once"),
+    "--lora_type lycoris": (lambda a: a.lora_type == "lycoris", "LyCORIS replaces the layers' forward passes and "
+                            "keeps its weights in a network of its own, outside the sharded model"),
+    "--base_model_precision": (lambda a: a.base_model_precision != "no_change", "quantised weights cannot be "
+                               "sharded; quantise to fit one card instead (the README's memory plan)"),
+    "--use_8bit_adam": (lambda a: a.use_8bit_adam, "bitsandbytes' 8-bit state does not take sharded parameters"),
+}
+
+
+def check_sharding(accelerator, args):
+    """FSDP shards the model across the processes (each holds 1/N of every parameter), for a model whose full
+    fine-tune does not fit one card. accelerate selects it from an FSDP config on GPUs only: on CPUs the same config
+    would run as plain data parallel, so that is refused rather than swapped silently. Sharded runs use FSDP2 (per
+    parameter: the trainable weights stay addressable by name), and refuse what needs the whole model on one
+    process, each with its reason. Returns the accelerator."""
     from accelerate.utils import DistributedType
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
@@ -33,9 +53,86 @@ def refuse_sharding(accelerator):
         raise SystemExit(f"the accelerate config asks for FSDP, but accelerate shards only on GPUs: here it would "
                          f"run as {accelerator.distributed_type.value} (each process holding the whole model). "
                          "Use a config without FSDP (DDP) on this machine.")
-    raise SystemExit("FSDP (sharded training) is not supported yet: checkpoints, adapter files and the EMA are "
-                     "written from unsharded weights. Train a LoRA with DDP or one process (see the README's memory "
-                     "plan for one card), or a full fine-tune on a card that holds it.")
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise SystemExit("the accelerate config asks for FSDP version 1; this trainer shards with FSDP2 (set "
+                         "'fsdp_version: 2' as examples/fsdp.yaml does): FSDP1 flattens the parameters, so the LoRA "
+                         "and checkpoint weights could not be found by name")
+    refused = [f"{flag}: {why}" for flag, (used, why) in SHARDED_REFUSALS.items() if used(args)]
+    if refused:
+        raise SystemExit("not available in a sharded (FSDP) run yet:\n  " + "\n  ".join(refused))
+    return accelerator
+
+
+def is_sharded(accelerator):
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+@contextlib.contextmanager
+def whole_weights(accelerator, model, names):
+    """For saving: under FSDP the named parameters are gathered from every process's shard (every process takes
+    part) and put into the main process's model whole, in system memory, for the duration of the block; then the
+    shards return. The block's saving code reads the model as in an unsharded run. Without FSDP: nothing to do."""
+    if not is_sharded(accelerator):
+        yield
+        return
+    modules, swapped = dict(model.named_modules()), []
+    for name in names:
+        owner, attr = name.rpartition(".")[::2]
+        module = modules[owner]
+        shard = module._parameters[attr]
+        whole = shard.full_tensor()  # a collective: every process gathers every parameter, in the same order
+        if accelerator.is_main_process:
+            module._parameters[attr] = torch.nn.Parameter(whole.detach().cpu(), requires_grad=shard.requires_grad)
+            swapped.append((module, attr, shard))
+        del whole
+    try:
+        yield
+    finally:
+        for module, attr, shard in swapped:
+            module._parameters[attr] = shard
+
+
+def load_whole_weights(accelerator, model, weights):
+    """Whole trainable weights (a checkpoint's) into the model: copied, or under FSDP cut into each process's shard."""
+    if not is_sharded(accelerator):
+        model.load_state_dict(weights, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_file(accelerator):
+    """Unsharded: one optimizer.pt, the main process's. Sharded: each process's own shard of the state."""
+    return f"optimizer_{accelerator.process_index}.pt" if is_sharded(accelerator) else "optimizer.pt"
+
+
+def optimizer_state(optimizer):
+    """The optimiser's state to save: sharded moments (DTensors) as this process's plain local tensors, so the file
+    loads with weights_only like any other."""
+    from torch.distributed.tensor import DTensor
+
+    state = optimizer.state_dict()
+    return {**state, "state": {key: {name: value.to_local() if isinstance(value, DTensor) else value
+                                     for name, value in moments.items()}
+                               for key, moments in state["state"].items()}}
+
+
+def restore_optimizer(optimizer, state):
+    """optimizer_state's inverse: each local moment becomes a shard of its parameter's layout again."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, moments in state["state"].items():
+        param = params[int(key)]
+        if isinstance(param, DTensor):
+            for name, value in moments.items():
+                if value.shape == param.to_local().shape and value.dim():
+                    moments[name] = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                                       run_check=False, shape=param.shape, stride=param.stride())
+    optimizer.load_state_dict(state)
 
 
 def list_checkpoints(output_dir):
@@ -84,17 +181,20 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, os.path.join(tmp, f"rng_{accelerator.process_index}.pt"))
-        if accelerator.is_main_process:
-            weights = adapters.trainable_parameters(accelerator.unwrap_model(unet))
-            files.save_safetensors_atomic(weights, os.path.join(tmp, "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-            if ema is not None:
-                files.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
-            if save_outputs is not None:
-                save_outputs(tmp, step)
+        if is_sharded(accelerator) or accelerator.is_main_process:  # sharded: each process its shard of the state
+            torch.save(optimizer_state(optimizer), os.path.join(tmp, optimizer_file(accelerator)))
+        model = accelerator.unwrap_model(unet)
+        with whole_weights(accelerator, model, adapters.trainable_parameters(model)):
+            if accelerator.is_main_process:
+                weights = adapters.trainable_parameters(model)
+                files.save_safetensors_atomic(weights, os.path.join(tmp, "trainable.safetensors"))
+                torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+                if accelerator.scaler is not None:
+                    torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+                if ema is not None:
+                    files.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
+                if save_outputs is not None:
+                    save_outputs(tmp, step)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             for name in os.listdir(tmp):
@@ -150,8 +250,13 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
     if missing:
         raise SystemExit(f"{path} does not match this run's trainable weights (missing e.g. {sorted(missing)[0]}); "
                          "was it written with other --model_type / --lora_* settings?")
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(load_state(os.path.join(path, "optimizer.pt")))
+    load_whole_weights(accelerator, model, weights)
+    optimizer_path = os.path.join(path, optimizer_file(accelerator))
+    if not os.path.isfile(optimizer_path):
+        written = "an unsharded" if os.path.isfile(os.path.join(path, "optimizer.pt")) else "a sharded (FSDP)"
+        raise SystemExit(f"{path} has no {os.path.basename(optimizer_path)}: {written} run of {state['num_processes']} "
+                         "process(es) wrote it; resume it with the same accelerate config and number of processes")
+    restore_optimizer(optimizer, load_state(optimizer_path))
     lr_scheduler.load_state_dict(load_state(os.path.join(path, "scheduler.pt")))
     if accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
         accelerator.scaler.load_state_dict(load_state(os.path.join(path, "scaler.pt")))
@@ -190,6 +295,18 @@ def resume(args, accelerator, resume_path, unet, optimizer, lr_scheduler, ema, s
         sampler.next()
     accelerator.print(f"resumed from {resume_path} at step {state['step']}")
     return state["step"], state.get("skipped_nan_batches", 0)
+
+
+def save_full_model(info, model, frozen, output_dir, ema=None, trainable=None):
+    """A full fine-tune (trained in fp32) as a pipeline in output_dir, with the frozen parts in fp32 beside it, and
+    with an EMA its average as output_dir/ema, loadable the same way."""
+    vae, tokenizers, text_encoders = frozen
+    vae, text_encoders = vae.to(torch.float32), [encoder.to(torch.float32) for encoder in text_encoders]
+    save_full_pipeline(info, model, vae, tokenizers, text_encoders, output_dir)
+    if ema is not None:
+        with ema.applied(trainable):
+            save_full_pipeline(info, model, vae, tokenizers, text_encoders,
+                               os.path.join(output_dir, adapters.EMA_SUFFIX[1:]))
 
 
 def save_full_pipeline(info, unet, vae, tokenizers, text_encoders, output_dir):

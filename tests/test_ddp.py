@@ -1,6 +1,9 @@
-"""Several processes (torchrun or accelerate launch; gloo on CPU) train one LoRA, and average gradients as one process accumulating would."""
+"""Several processes (torchrun or accelerate launch; gloo on CPU) train one LoRA, and average gradients as one process
+accumulating would; sharded (FSDP2) processes train a LoRA or the whole model as one process would, and resume
+exactly."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -9,9 +12,10 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, train_argv
+from test_prior import prior_argv, prior_data
 from safetensors.torch import load_file
 
-from common import adapters
+from common import adapters, checkpoints, data
 import train_dreambooth
 
 
@@ -99,3 +103,94 @@ def test_an_fsdp_config_is_refused_where_accelerate_would_not_shard(tiny_model, 
     assert result.returncode != 0
     assert "asks for FSDP, but accelerate shards only on GPUs: here it would run as MULTI_CPU" in result.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def fsdp_launch(argv):
+    """A 2-process launch of examples/fsdp.yaml as a GPU machine runs it (tests/fsdp_on_cpu.py says why)."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    return run_launched([accelerate, "launch", "--config_file", os.path.join(ROOT, "examples", "fsdp.yaml"),
+                         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", free_port(),
+                         os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), os.path.join(ROOT, "train_dreambooth.py"),
+                         *argv])
+
+
+def mixed_step_seed(data_config, steps):
+    """A seed whose batch stream, dealt to two processes, gives one of them a regularisation batch and the other an
+    instance batch in the same step: the base-model prior then needs a forward pass on both."""
+    args = train_dreambooth.parse_args(["--data_backend_config", data_config])
+    datasets = data.load_datasets(args)
+    for seed in range(100):
+        sampler = train_dreambooth.BatchSampler(datasets, data.plan_datasets(datasets, seed), 1, seed)
+        kinds = [sampler.next()[0][0].is_regularisation for _ in range(2 * steps)]
+        if any(kinds[i] != kinds[i + 1] for i in range(0, 2 * steps, 2)):
+            return seed
+    raise AssertionError("no seed deals mixed batches")
+
+
+@pytest.mark.parametrize("model_type", ["lora", "full"])
+def test_two_sharded_processes_train_as_one_process_would_and_resume_exactly(tiny_model, subject_dir, tmp_path,
+                                                                              model_type):
+    """FSDP2 on FLUX: every weight, gradient and Adam moment is split between the processes. The LoRA (with the
+    base-model prior: one process's prior batch makes both run the base model) and the full fine-tune end where one
+    process accumulating two batches ends; the checkpoint holds each process's optimiser shard, and a sharded
+    resume ends exactly where the uninterrupted sharded run did."""
+    model = tiny_model("flux")
+    config = prior_data(tmp_path, subject_dir)
+    flags = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--model_type", model_type,
+             "--learning_rate", "1e-3" if model_type == "lora" else "1e-4",
+             "--prior_loss_target", "base_model" if model_type == "lora" else "dataset"]
+    seed = mixed_step_seed(config, 3)
+    train_dreambooth.main(prior_argv(model, config, tmp_path / "single", seed, *flags,
+                                     "--gradient_accumulation_steps", "2"))
+    result = fsdp_launch(prior_argv(model, config, tmp_path / "fsdp", seed, *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 process(es)" in result.stdout
+    checkpoint = tmp_path / "fsdp" / "checkpoint-2"
+    assert {"optimizer_0.pt", "optimizer_1.pt", "trainable.safetensors"} <= set(os.listdir(checkpoint))
+    assert "optimizer.pt" not in os.listdir(checkpoint)
+    weights = adapters.LORA_WEIGHTS_NAME if model_type == "lora" else "transformer/diffusion_pytorch_model.safetensors"
+    sharded, single = load_file(str(tmp_path / "fsdp" / weights)), load_file(str(tmp_path / "single" / weights))
+    assert sharded.keys() == single.keys()
+    for key in single:  # the same tolerance as the DDP test, for the same reason: a tenth of a step
+        assert torch.allclose(sharded[key], single[key], atol=1e-4), key
+    gathered = load_file(str(checkpoint / "trainable.safetensors"))  # the checkpoint's weights, whole
+    single_checkpoint = load_file(str(tmp_path / "single" / "checkpoint-2" / "trainable.safetensors"))
+    assert gathered.keys() == single_checkpoint.keys()
+    assert all(torch.allclose(gathered[key], single_checkpoint[key], atol=1e-4) for key in gathered)
+    if model_type == "full":
+        return
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-2")
+    result = fsdp_launch(prior_argv(model, config, tmp_path / "resumed", seed, *flags, "--resume_from_checkpoint",
+                                    "latest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    resumed = load_file(str(tmp_path / "resumed" / weights))
+    assert all(torch.equal(resumed[key], sharded[key]) for key in sharded)
+    # One process cannot take the shards' optimiser state over: said, naming the file and the fix.
+    with pytest.raises(SystemExit, match="has no optimizer.pt: a sharded \\(FSDP\\) run of 2 process\\(es\\) wrote it"):
+        train_dreambooth.main(prior_argv(model, config, tmp_path / "single-resume", seed, *flags,
+                                         "--resume_from_checkpoint", str(checkpoint)))
+
+
+def test_a_sharded_run_refuses_what_needs_the_whole_model_on_one_process(tiny_model, subject_dir, tmp_path,
+                                                                          monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = train_dreambooth.parse_args(train_argv(tiny_model("flux"), subject_dir, tmp_path / "out",
+                                                  "--validation_prompt", "a toy", "--use_ema"))
+    sharded = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                              state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    with pytest.raises(SystemExit) as refused:
+        checkpoints.check_sharding(sharded, args)
+    assert "--validation_prompt: validation renders on the main process alone" in str(refused.value)
+    assert "--use_ema: the average is kept whole by the main process" in str(refused.value)
+    sharded.state.fsdp_plugin.fsdp_version = 1
+    with pytest.raises(SystemExit, match="set 'fsdp_version: 2' as examples/fsdp.yaml does"):
+        checkpoints.check_sharding(sharded, train_dreambooth.parse_args(train_argv(tiny_model("flux"), subject_dir,
+                                                                                   tmp_path / "out")))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert checkpoints.check_sharding(sharded, args) is sharded  # an unsharded run is not touched by any of this
