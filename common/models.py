@@ -158,8 +158,7 @@ def single_file_family(path):
     with safe_open(path, framework="pt") as handle:
         keys = set(handle.keys())
     if any(k.split("model.diffusion_model.")[-1].startswith("double_blocks.") for k in keys):
-        raise SystemExit(f"{path}: a FLUX.1 single-file checkpoint, not loaded yet: save a diffusers folder with "
-                         "FluxPipeline.from_single_file(...).save_pretrained(folder) and pass the folder")
+        return "flux"
     if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
         return "sd3"
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
@@ -200,6 +199,28 @@ def missing_text_encoders(path, family, args):
     return loaded
 
 
+def flux_single_file(path, args):
+    """A FLUX.1 file in Black Forest Labs' layout holds the transformer alone (in its own precision, kept: bf16 for
+    the released models); the VAE, text encoders and scheduler come from --single_file_config."""
+    import diffusers
+
+    with safe_open(path, framework="pt") as handle:
+        key = next(k for k in handle.keys() if k.endswith("img_in.weight"))
+        width, dtype = handle.get_slice(key).get_shape()[0], handle.get_tensor(key).dtype
+    if width != 3072:  # diffusers' converter fixes every FLUX.1's width, 3072
+        raise SystemExit(f"{path}: a FLUX transformer {width} wide; diffusers' converter reads the FLUX.1 width (3072) "
+                         "only. Convert it to a diffusers folder with the tool that made it, and pass the folder")
+    if not args.single_file_config:
+        raise SystemExit(f"{path} holds the FLUX transformer alone: give --single_file_config the diffusers folder or "
+                         "hub id of the same model (black-forest-labs/FLUX.1-dev or FLUX.1-schnell) for the VAE, text "
+                         "encoders and scheduler")
+    transformer = diffusers.FluxTransformer2DModel.from_single_file(
+        path, config=args.single_file_config, subfolder="transformer", torch_dtype=dtype,
+        local_files_only=args.local_files_only)
+    return diffusers.FluxPipeline.from_pretrained(args.single_file_config, transformer=transformer, torch_dtype=dtype,
+                                                  local_files_only=args.local_files_only)
+
+
 def convert_single_file(path, args, cache_root):
     """Load a single-file checkpoint with diffusers' from_single_file once and keep it as a diffusers folder.
 
@@ -217,9 +238,12 @@ def convert_single_file(path, args, cache_root):
         return folder
     print(f"converting single-file checkpoint {path} ({family}) to a diffusers folder in {folder}")
     try:
-        pipe = getattr(diffusers, FAMILIES[family].pipeline).from_single_file(
-            path, config=args.single_file_config, local_files_only=args.local_files_only,
-            **FAMILIES[family].single_file_options, **missing_text_encoders(path, family, args))
+        if family == "flux":
+            pipe = flux_single_file(path, args)
+        else:
+            pipe = getattr(diffusers, FAMILIES[family].pipeline).from_single_file(
+                path, config=args.single_file_config, local_files_only=args.local_files_only,
+                **FAMILIES[family].single_file_options, **missing_text_encoders(path, family, args))
     except SystemExit:
         raise
     except Exception as err:  # diffusers raises many kinds here; all mean the same to the user

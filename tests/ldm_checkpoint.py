@@ -283,3 +283,35 @@ def save_ldm_checkpoint(diffusers_folder, path, family):
     # clone: safetensors refuses tensors that share storage (views such as the 1x1-conv reshapes).
     save_file({key: value.detach().to(torch.float32).contiguous().clone() for key, value in tensors.items()}, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLUX.1's transformer (inverse of convert_flux_transformer_checkpoint_to_diffusers)
+
+
+def flux_to_original(model, weights):
+    """FluxTransformer2DModel tensors -> Black Forest Labs' names: the Linear layers fused and named by
+    adapters.original_layout (proved against diffusers' kohya LoRA converter), the query / key norms here."""
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    from common import adapters
+
+    modules, original = dict(model.named_modules()), {}
+    for name, parts in adapters.original_layout(model, "flux"):
+        if parts[0] in modules:  # a model without guidance embedding has no guidance_in
+            for kind in ("weight", "bias"):
+                tensor = torch.cat([weights[f"{part}.{kind}"] for part in parts])
+                if isinstance(modules[parts[0].rsplit(".", 1)[0]], AdaLayerNormContinuous):
+                    tensor = torch.cat(tensor.chunk(2)[::-1])
+                original[f"{name}.{kind}"] = tensor
+    norms = {"transformer_blocks": ("double_blocks", {"norm_q": "img_attn.norm.query_norm",
+                                                      "norm_k": "img_attn.norm.key_norm",
+                                                      "norm_added_q": "txt_attn.norm.query_norm",
+                                                      "norm_added_k": "txt_attn.norm.key_norm"}),
+             "single_transformer_blocks": ("single_blocks", {"norm_q": "norm.query_norm", "norm_k": "norm.key_norm"})}
+    for key, value in weights.items():
+        blocks, index, rest = key.split(".", 2)[0], key.split(".")[1] if "." in key else "", key.split(".", 2)[-1]
+        if blocks in norms and rest.startswith("attn.norm_") and rest.endswith(".weight"):
+            original_blocks, table = norms[blocks]
+            original[f"{original_blocks}.{index}.{table[rest[len('attn.'):-len('.weight')]]}.scale"] = value
+    return original

@@ -95,9 +95,9 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)},
               str(tmp_path / "sd3.safetensors"))
     assert models.single_file_family(str(tmp_path / "sd3.safetensors")) == "sd3"
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "flux.safetensors"))
-    with pytest.raises(SystemExit, match="FLUX.1 single-file checkpoint, not loaded yet.*save_pretrained"):
-        models.single_file_family(str(tmp_path / "flux.safetensors"))
+    for prefix in ("", "model.diffusion_model."):  # Black Forest Labs' file; ComfyUI's, with the prefix
+        save_file({prefix + "double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "flux.safetensors"))
+        assert models.single_file_family(str(tmp_path / "flux.safetensors")) == "flux"
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="not a Stable Diffusion checkpoint"):
         models.single_file_family(str(tmp_path / "other.safetensors"))

@@ -8,12 +8,14 @@ converters), so nothing binary is committed and nothing is downloaded."""
 import argparse
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from ldm_checkpoint import (SD1_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
-                            load_components, save_ldm_checkpoint, save_sd3_checkpoint)
+                            flux_to_original, load_components, save_ldm_checkpoint, save_sd3_checkpoint)
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from common import models
 
@@ -173,3 +175,58 @@ def test_an_sd3_file_without_text_encoders_takes_them_from_the_config_folder(tin
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), part
     ours = [models.encode_prompt(i, *models.load_text_encoders(i), PROMPTS) for i in (original, info)]
     assert all(torch.equal(ours[0][key], ours[1][key]) for key in ours[0])
+
+
+def wide_flux_transformer():
+    """FLUX.1's real width (24 heads x 128: diffusers' converter knows no other) with one block of each kind and the
+    tiny text widths: 531 M parameters in bf16, filled with seeded noise (no initialisation pass)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=32,
+                                       pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.uniform_(-1, 1, generator=generator)
+    return model
+
+
+def test_a_flux_file_in_black_forest_labs_layout_loads_with_its_parts_from_the_config(tiny_model, tmp_path):
+    """A FLUX.1 file as Black Forest Labs and fine-tuners ship it (the transformer alone, bf16) converts to a diffusers
+    folder whose transformer equals the one the file was written from, in the file's precision; the VAE, text
+    encoders and scheduler come from --single_file_config; without it, or for a width diffusers' converter does not
+    read, the run stops saying what to do."""
+    config = str(tmp_path / "config")
+    shutil.copytree(tiny_model("flux"), config, ignore=lambda folder, names: [  # the transformer: its config only
+        n for n in names if os.path.basename(folder) == "transformer" and n.startswith("diffusion_pytorch_model")])
+    wide = wide_flux_transformer()
+    wide.save_config(os.path.join(config, "transformer"))  # the architecture, for from_single_file
+    expected = wide.state_dict()
+    checkpoint = str(tmp_path / "flux1-ohwx.safetensors")
+    save_file({key: value.contiguous() for key, value in flux_to_original(wide, expected).items()}, checkpoint)
+    del wide
+    assert models.single_file_family(checkpoint) == "flux"
+    with pytest.raises(SystemExit, match="holds the FLUX transformer alone: give --single_file_config"):
+        models.resolve_model(model_args(checkpoint, tmp_path))
+
+    info = models.resolve_model(model_args(checkpoint, tmp_path, single_file_config=config))
+    assert (info.family, info.prediction_type, info.guidance_embeds) == ("flux", "flow", True)
+    loaded = models.load_component(info, "transformer", torch.bfloat16).state_dict()
+    assert sorted(loaded) == sorted(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    stored = os.path.join(info.folder, "transformer", "diffusion_pytorch_model.safetensors")
+    with safe_open(stored, framework="pt") as handle:  # kept in the file's precision, not widened to fp32
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
+    original = models.resolve_model(model_args(tiny_model("flux"), tmp_path / "o"))
+    vae = (models.load_component(i, "vae").state_dict() for i in (original, info))
+    a, b = vae
+    assert all(torch.equal(a[k].to(torch.bfloat16).float(), b[k]) for k in a)  # the config's VAE, in the file's bf16
+
+    narrow = models.load_component(original, "transformer")
+    save_file({k: v.contiguous() for k, v in flux_to_original(narrow, narrow.state_dict()).items()},
+              str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(SystemExit, match="a FLUX transformer 32 wide; diffusers' converter reads the FLUX.1 width"):
+        models.resolve_model(model_args(str(tmp_path / "narrow.safetensors"), tmp_path / "n",
+                                        single_file_config=config))
