@@ -27,7 +27,6 @@ import os
 import random
 import sys
 import time
-import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -185,14 +184,17 @@ class EMA:
         self.shadow = {name: p.detach().to(device, torch.float32, copy=True) for name, p in parameters.items()}
         self.updates = 0
 
-    def current_decay(self):
-        s = self.updates
+    def decay_at(self, s):
         return min(self.decay, (1 + s) / (10 + s)) if self.warmup else self.decay
+
+    def start_share(self):
+        """How much of the starting (untrained) weights the average still holds: the product of the decays used."""
+        return math.prod(self.decay_at(s) for s in range(self.updates))
 
     @torch.no_grad()
     def update(self, parameters):
         """Fold the current weights in; returns the decay used."""
-        decay = self.current_decay()
+        decay = self.decay_at(self.updates)
         for name, param in parameters.items():
             shadow = self.shadow[name]
             shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1 - decay)  # shadow += (1-d)(param-shadow)
@@ -398,7 +400,8 @@ def train(args, hooks):
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
         else:
-            skipped_nan = drop_poisoned_batch(args, optimizer, lr_scheduler, mean_loss, done, skipped_nan, say)
+            skipped_nan = checkpoints.drop_poisoned_batch(args, optimizer, lr_scheduler, mean_loss, done, skipped_nan,
+                                                          say)
 
         # EMA: fold the new weights into the moving average every --ema_update_interval steps.
         ema_decay = ema.update(trainable) if ema is not None and done % args.ema_update_interval == 0 else None
@@ -662,7 +665,8 @@ def output_writer(args, info, datasets, model, lora_config, ema, trainable):
             with ema.applied(trainable):
                 adapters.save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder,
                                       adapters.EMA_SUFFIX, {"weights": "ema", "ema_decay": str(args.ema_decay),
-                                                            "ema_updates": str(ema.updates)})
+                                                            "ema_updates": str(ema.updates),
+                                                            "ema_start_share": f"{ema.start_share():.6f}"})
         return path
     return save_outputs
 
@@ -686,26 +690,6 @@ def eval_loss_function(args, info, accelerator, model, objective, examples, ema,
         return record
 
     return eval_loss
-
-
-def drop_poisoned_batch(args, optimizer, lr_scheduler, loss, step, skipped, say):
-    """A NaN or infinite loss: its gradients are dropped and the step still counts (so the data order and the
-    schedule stay the run's); past --skip_nan_steps such batches the run stops, naming the last good checkpoint.
-    Returns the new count of skipped batches."""
-    optimizer.zero_grad(set_to_none=True)
-    skipped += 1
-    if skipped > args.skip_nan_steps:
-        latest = checkpoints.list_checkpoints(args.output_dir)
-        raise SystemExit(
-            f"loss became {loss} at step {step}; stopping"
-            + (f" ({skipped - 1} bad batches skipped before)" if args.skip_nan_steps else "")
-            + f". Last good checkpoint: {latest[-1] if latest else 'none'}. Try a lower --learning_rate, "
-            "--mixed_precision no, or --skip_nan_steps N to drop up to N bad batches.")
-    say(f"\nloss became {loss} at step {step}: batch skipped ({skipped} of at most {args.skip_nan_steps})")
-    with warnings.catch_warnings():  # a scheduler step with no optimiser step yet is what we mean here
-        warnings.simplefilter("ignore", UserWarning)
-        lr_scheduler.step()
-    return skipped
 
 
 def step_record(args, step, loss, lr, step_time, epoch, totals, ema_decay, skipped_nan):
@@ -740,6 +724,9 @@ def save_final(args, info, accelerator, model, frozen, ema, trainable, save_outp
             validate(steps, log)
         log.close()
         accelerator.print(f"saved {path}")
+        if ema is not None:  # what is left of the untrained start in the exported average
+            accelerator.print(f"the EMA weights hold {ema.start_share():.1%} of the starting weights after "
+                              f"{ema.updates} updates (decay {args.ema_decay}{', warm-up' if args.ema_warmup else ''})")
         if hooks is not None:
             hooks.send("training_finished", f"finished {steps} steps; saved {path}", step=steps, path=path)
     accelerator.wait_for_everyone()
@@ -918,8 +905,9 @@ def build_parser():
     group.add_argument("--ema_update_interval", type=int, default=1, help="update the average every N steps")
     group.add_argument("--ema_device", default="cpu", choices=["cpu", "accelerator"],
                        help="cpu: the average lives in system memory, not on the GPU")
-    flags.add_bool(group, "--ema_warmup",
-                   help="decay min(ema_decay, (1+s)/(10+s)) after s updates: the average leaves the start fast")
+    flags.add_bool(group, "--ema_warmup", default=True,
+                   help="decay min(ema_decay, (1+s)/(10+s)) after s updates, so the average leaves the untrained start "
+                        "fast (on by default: without it, decay 0.999 still holds 45%% of the start after 800 steps)")
 
     flags.add_eval_args(parser)
     flags.add_conditioning_args(parser)
@@ -950,7 +938,8 @@ def build_parser():
     group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="for --evaluation_type clip")
     flags.add_bool(group, "--validation_preview",
                    help="send in-progress pictures of validation images to the webhooks (Tiny AutoEncoder)")
-    group.add_argument("--validation_preview_steps", type=int, default=5, help="a preview every N denoising steps")
+    group.add_argument("--validation_preview_steps", type=int, default=1,
+                       help="a preview every N denoising steps and at the last (default: every step, as the reference)")
     group.add_argument("--preview_vae", default=None,
                        help="Tiny AutoEncoder (default: the family's, madebyollin/taesd, taesdxl, taesd3 or taef1)")
     group.add_argument("--webhook_config", default=None,

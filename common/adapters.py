@@ -124,21 +124,27 @@ def add_lycoris(unet, config, source):
 
 @contextlib.contextmanager
 def adapter_disabled(model):
-    """The base model for the duration of the block: the adapter is switched off (peft: disable_adapters; LyCORIS:
-    multiplier 0), and on again afterwards, also when the block raises (a prior pass must never leak)."""
+    """The base model for the duration of the block: the adapter is switched off, and on again afterwards, also when
+    the block raises (a prior pass must never leak). peft: disable_adapters (DoRA included). LyCORIS: multiplier 0;
+    a layer with weight decomposition (dora_wd) computes weight_decompose(W + dW, multiplier), which keeps W + dW
+    at multiplier 0, so its original forward is put back instead (restore) and its wrapper re-applied after."""
     network = getattr(model, "lycoris", None)
-    multiplier = network.multiplier if network is not None else None
-    if network is not None:
-        network.set_multiplier(0.0)
-    else:
+    if network is None:
         model.disable_adapters()
+    else:
+        multiplier, decomposed = network.multiplier, [m for m in network.loras if getattr(m, "wd", False)]
+        network.set_multiplier(0.0)
+        for module in reversed(decomposed):
+            module.restore()
     try:
         yield model
     finally:
-        if network is not None:
-            network.set_multiplier(multiplier)
-        else:
+        if network is None:
             model.enable_adapters()
+        else:
+            for module in decomposed:
+                module.apply_to()
+            network.set_multiplier(multiplier)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

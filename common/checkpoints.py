@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 
 import torch
 
@@ -227,6 +228,26 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def drop_poisoned_batch(args, optimizer, lr_scheduler, loss, step, skipped, say):
+    """A NaN or infinite loss: its gradients are dropped and the step still counts (so the data order and the
+    schedule stay the run's); past --skip_nan_steps such batches the run stops, naming the last good checkpoint.
+    Returns the new count of skipped batches."""
+    optimizer.zero_grad(set_to_none=True)
+    skipped += 1
+    if skipped > args.skip_nan_steps:
+        latest = list_checkpoints(args.output_dir)
+        raise SystemExit(
+            f"loss became {loss} at step {step}; stopping"
+            + (f" ({skipped - 1} bad batches skipped before)" if args.skip_nan_steps else "")
+            + f". Last good checkpoint: {latest[-1] if latest else 'none'}. Try a lower --learning_rate, "
+            "--mixed_precision no, or --skip_nan_steps N to drop up to N bad batches.")
+    say(f"\nloss became {loss} at step {step}: batch skipped ({skipped} of at most {args.skip_nan_steps})")
+    with warnings.catch_warnings():  # a scheduler step with no optimiser step yet is what we mean here
+        warnings.simplefilter("ignore", UserWarning)
+        lr_scheduler.step()
+    return skipped
 
 
 def load_state(path):

@@ -72,13 +72,15 @@ class NoisePrediction:
         """Min-SNR-γ weights (Hang et al. 2023), or None: each sample's loss as if it were an x0 loss weighted
         min(SNR, γ). With SNR = abar / (1 - abar), an ε error is sqrt(SNR) times the x0 error it implies, so the
         ε loss is SNR x the x0 loss: weight min(SNR, γ) / SNR. A v loss is (SNR + 1) x the x0 loss: weight
-        min(SNR, γ) / (SNR + 1)."""
+        min(SNR, γ) / (SNR + 1). The ε weight is computed as min(1, γ / SNR): the same number, and 1 (not 0 / 0) at
+        a zero-terminal-SNR schedule's last timestep, where SNR = 0."""
         if not self.snr_gamma:
             return None
         alphas_cumprod = self.alphas_cumprod(timesteps)
         snr = alphas_cumprod / (1 - alphas_cumprod)
-        clipped = torch.clamp(snr, max=self.snr_gamma)
-        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+        if self.prediction_type == "v_prediction":
+            return torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
+        return torch.clamp(self.snr_gamma / snr, max=1.0)
 
     def implied_noise(self, clean, noisy, timesteps):
         """The noise that puts `clean` at `noisy`: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t). As a target it makes

@@ -49,12 +49,28 @@ def render(pipe, prompts, count, first_seed, options, sources=None, autocast=con
             call["image"] = sources[p][1]
         if preview_for is not None:
             call.update(callback_on_step_end=preview_for(p, seed), callback_on_step_end_tensor_inputs=["latents"])
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), decoding_outside_autocast(pipe.vae):
             image = pipe(**call).images[0]
         if path_for is not None:
             files.save_image_atomic(image, path_for(p, seed))
         rows[p].append(image)
     return rows
+
+
+@contextlib.contextmanager
+def decoding_outside_autocast(vae):
+    """The pipeline's VAE decode runs outside autocast, in the VAE's own dtype. Under fp16 autocast a VAE held in fp32
+    would still convolve in fp16, and diffusers' own upcast (force_upcast) never triggers, as it looks at the weights'
+    dtype: SDXL's VAE then overflows into black or NaN images. The denoiser still runs under autocast."""
+    def decode(latents, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return type(vae).decode(vae, latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def prompt_grid(rows, prompts, sources=None, column_labels=(), cell=None):

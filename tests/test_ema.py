@@ -17,7 +17,21 @@ import train_dreambooth
 EMA_FILE = "pytorch_lora_weights_ema.safetensors"
 
 
-def test_ema_is_the_closed_form_average_of_the_recorded_weights(tiny_model, subject_dir, tmp_path):
+def test_the_default_ema_leaves_the_untrained_start_behind_in_a_dreambooth_length_run():
+    """A weight that jumps from 0 to 1 at the first step: after 800 updates the default average (decay 0.999, warm-up
+    on) is the new value, where decay 0.999 without warm-up would still hold 45 % of the start."""
+    args = train_dreambooth.parse_args(["--use_ema"])
+    assert args.ema_warmup is True
+    for warmup, start_left in ((args.ema_warmup, 0.0), (False, 0.999 ** 800)):
+        ema = train_dreambooth.EMA({"w": torch.zeros(1)}, args.ema_decay, warmup, "cpu")
+        for _ in range(800):
+            ema.update({"w": torch.ones(1)})
+        assert ema.shadow["w"].item() == pytest.approx(1 - start_left, abs=1e-6)
+        assert ema.start_share() == pytest.approx(start_left, abs=1e-12)
+    assert 0.999 ** 800 == pytest.approx(0.449, abs=1e-3)
+
+
+def test_ema_is_the_closed_form_average_of_the_recorded_weights(tiny_model, subject_dir, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     model = tiny_model("sd1")
@@ -48,6 +62,9 @@ def test_ema_is_the_closed_form_average_of_the_recorded_weights(tiny_model, subj
         assert ema.keys() == expected.keys()
         assert all(torch.allclose(ema[k], expected[k], atol=1e-6) for k in expected)
     assert result["ema"].updates == 3
+    assert result["ema"].start_share() == pytest.approx(0.1 * 2 / 11 * 0.25)  # the start's share in the average
+    assert "the EMA weights hold 0.5% of the starting weights after 3 updates (decay 0.8, warm-up)" in \
+        capsys.readouterr().out
     # The full fine-tune's average is a complete pipeline in ema/, loadable like the raw one.
     saved = UNet2DConditionModel.from_pretrained(str(out / "ema"), subfolder="unet")
     assert all(torch.equal(param, result["ema"].shadow[name]) for name, param in saved.named_parameters())
@@ -85,6 +102,7 @@ def test_the_ema_adapter_loads_like_the_raw_one_and_differs_from_it(tiny_model, 
     with safe_open(ema_file, "pt") as handle:
         metadata = handle.metadata()
     assert metadata["weights"] == "ema" and metadata["ema_updates"] == "4" and metadata["step"] == "4"
+    assert float(metadata["ema_start_share"]) == pytest.approx(0.1 * 2 / 11 * 0.25 * 4 / 13, abs=1e-6)  # warm-up
     if adapter == "lora":  # stock diffusers reads it too
         pipe = fresh()
         pipe.load_lora_weights(str(tmp_path / "out"), weight_name=EMA_FILE)
@@ -142,7 +160,7 @@ def test_resuming_a_run_without_ema_starts_the_average_from_the_resumed_weights(
     train_dreambooth.main(argv + ["--max_train_steps", "3"])
     resumed_from = load_file(str(tmp_path / "out" / "checkpoint-2" / "trainable.safetensors"))
     result = train_dreambooth.main(argv + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest",
-                                           "--use_ema", "--ema_decay", "0.9"])
+                                           "--use_ema", "--ema_decay", "0.9", "--ema_warmup", "false"])
     final = adapters.trainable_parameters(result["unet"])
     assert result["ema"].updates == 1
     for name, shadow in result["ema"].shadow.items():  # one update away from the checkpoint's weights

@@ -8,12 +8,13 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
-from conftest import train_argv
+from conftest import model_info, train_argv
 from PIL import Image
 
-from common import adapters, images, models, scores
+from common import adapters, images, models, render, scores
 import evaluate
 import make_demo
 import train_dreambooth
@@ -254,3 +255,33 @@ def test_old_or_partial_checkpoints_are_skipped_and_the_instance_is_required(tin
     argv[argv.index("--instance_prompt"):argv.index("--instance_prompt") + 2] = []
     with pytest.raises(SystemExit, match="--instance_prompt .* is needed"):
         evaluate.main(argv)
+
+
+def test_the_vae_decodes_outside_autocast_in_its_own_precision(tiny_model):
+    """Validation and evaluate.py draw under autocast (fp16 on GPUs; bf16 stands in on CPU). The SDXL denoiser runs
+    under it; the VAE, held in fp32, decodes outside it in fp32 (under fp16 autocast SDXL's VAE overflows), and the
+    picture equals the one an fp32 decode of the same latents gives."""
+    info = model_info(tiny_model("sdxl"))
+    pipe = models.load_pipeline(info)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs):
+            seen[name] = (torch.is_autocast_enabled("cpu"), inputs[0].dtype)
+        return hook
+
+    pipe.unet.register_forward_pre_hook(record("unet"))
+    pipe.vae.decoder.conv_in.register_forward_pre_hook(record("vae"))
+    options = render.drawing_options(info, None, 2, 1.0, None, 64)
+    [[image]] = render.render(pipe, ["a photo of ohwx toy"], 1, 0, options,
+                              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert seen["unet"][0] is True  # the denoiser under autocast
+    assert seen["vae"] == (False, torch.float32)  # the decode outside it, in the VAE's fp32
+    assert "decode" not in vars(pipe.vae)  # the pipeline's VAE is its own again
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = pipe(prompt="a photo of ohwx toy", generator=torch.Generator().manual_seed(0), output_type="latent",
+                       **options).images
+    with torch.no_grad():
+        decoded = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).float()).sample  # unscaled as drawn
+    expected = pipe.image_processor.postprocess(decoded)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected))

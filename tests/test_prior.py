@@ -183,6 +183,32 @@ def test_fresh_adapter_prior_target_equals_the_students_prediction(tiny_model):
     assert torch.equal(student, base)  # B starts at zero: the prior loss is exactly 0 at step 0
 
 
+LYCORIS_CASES = [("locon", False), ("locon", True), ("loha", False), ("loha", True), ("lokr", False),
+                 ("lokr", True), ("full", False), ("ia3", False), ("glora", False), ("diag-oft", False)]
+
+
+@pytest.mark.parametrize("algo,dora_wd", LYCORIS_CASES, ids=[f"{a}{'-dora' if d else ''}" for a, d in LYCORIS_CASES])
+def test_the_prior_target_is_the_base_model_for_every_lycoris_algorithm(tiny_model, algo, dora_wd):
+    """With its weights moved off their start, the adapter changes the prediction; switched off, the model predicts
+    exactly what the base model does, with weight decomposition too (there a multiplier of 0 left W + dW in place:
+    0.64 off for locon), and on again afterwards."""
+    info = model_info(tiny_model("sd1"))
+    unet = models.load_component(info, "unet")
+    base = predict_random_input(unet)
+    config = {"algo": algo, "linear_dim": 4, "linear_alpha": 1, "dora_wd": dora_wd,
+              "apply_preset": {"target_module": ["Attention", "FeedForward"]}}
+    network = adapters.add_lycoris(unet, config, "test")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    adapted = predict_random_input(unet)
+    assert (adapted - base).abs().max() > 1e-3
+    with adapters.adapter_disabled(unet):
+        assert torch.equal(predict_random_input(unet), base)
+    assert torch.equal(predict_random_input(unet), adapted)
+
+
 def test_the_adapter_is_switched_back_on_even_when_the_prior_pass_raises(tiny_model):
     unet = unet_with_lora(tiny_model("sd1"))
     for name, param in unet.named_parameters():

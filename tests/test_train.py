@@ -250,6 +250,21 @@ def test_min_snr_weights_follow_the_formula(tiny_model, prediction_type):
     assert weights[0] < 1 and weights[-1] == pytest.approx(1.0 if prediction_type == "epsilon" else snr[-1] / (snr[-1] + 1))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_finite_at_a_zero_terminal_snr(tiny_model, prediction_type):
+    """With rescale_betas_zero_snr the last timestep has SNR 0: min(SNR, γ) / SNR is 0 / 0 there (a NaN that stopped
+    about one sample in a thousand). Its limit is the weight: 1 for ε (SNR below γ), 0 for v."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_model("sd1"), subfolder="scheduler", rescale_betas_zero_snr=True)
+    timesteps = torch.arange(1000)
+    assert scheduler.alphas_cumprod[999] == 0  # the schedule really ends at pure noise
+    weights = objectives.NoisePrediction(scheduler, prediction_type, 1000, snr_gamma=5.0).loss_weights(timesteps)
+    assert torch.isfinite(weights).all()
+    assert weights[999].item() == (1.0 if prediction_type == "epsilon" else 0.0)
+    assert weights[998].item() == pytest.approx(1.0 if prediction_type == "epsilon" else 0.0, abs=1e-3)
+
+
 def test_first_step_loss_equals_the_v_prediction_objective_computed_by_hand(tiny_model, subject_dir, tmp_path):
     """SD 2.x v-prediction: the logged loss of step 1 is MSE(unet(x_t), v) with v from diffusers' get_velocity,
     on the latent drawn from the cached distribution and scaled by the VAE's scaling factor."""

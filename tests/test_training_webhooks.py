@@ -40,10 +40,11 @@ def received(server):
     return [json.loads(request["body"]) for request in server.requests]
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
+@pytest.mark.parametrize("family,every,denoising_steps", [("sd1", 2, [2, 4, 5]), ("flux", None, [1, 2, 3, 4, 5])])
 def test_training_sends_its_events_and_validation_previews(tiny_model, subject_dir, tmp_path, serve, tiny_taesd,
-                                                           capfd, monkeypatch, family):
-    """FLUX: its previews unpack the pipeline's packed tokens for the 16-channel Tiny AutoEncoder."""
+                                                           capfd, monkeypatch, family, every, denoising_steps):
+    """FLUX: its previews unpack the pipeline's packed tokens for the 16-channel Tiny AutoEncoder. Previews come every
+    --validation_preview_steps N denoising steps and at the last; by default every step, as the reference sends them."""
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)  # a hub token in the environment is never written either
     server = serve()
     config = write_json(tmp_path / "hooks.json", {"webhook_type": "raw", "callback_url": server.url + "/hook",
@@ -53,20 +54,22 @@ def test_training_sends_its_events_and_validation_previews(tiny_model, subject_d
                                      "--checkpointing_steps", "1", "--validation_prompt", "a photo of ohwx toy",
                                      "--validation_steps", "2", "--num_validation_images", "1",
                                      "--validation_num_inference_steps", "5", "--validation_preview",
-                                     "--validation_preview_steps", "2", "--validation_resolution", "64",
+                                     *(["--validation_preview_steps", every] if every else []),
+                                     "--validation_resolution", "64",
                                      "--preview_vae", tiny_taesd(16 if family == "flux" else 4),
                                      "--webhook_config", config))
     events = received(server)
-    assert [e["type"] for e in events] == ["training_started", "checkpoint_saved", "preview_image", "preview_image",
-                                           "preview_image", "validation_image", "training_finished"]
+    assert [e["type"] for e in events] == ["training_started", "checkpoint_saved",
+                                           *["preview_image"] * len(denoising_steps), "validation_image",
+                                           "training_finished"]
     assert all(e["message"].startswith("[toy] ") for e in events)
     assert events[1]["data"]["step"] == 1 and events[1]["data"]["path"].endswith("checkpoint-1")
     previews = [e for e in events if e["type"] == "preview_image"]
-    assert [p["data"]["denoising_step"] for p in previews] == [2, 4, 5]  # every 2 steps, and the last
+    assert [p["data"]["denoising_step"] for p in previews] == denoising_steps
     pictures = [Image.open(io.BytesIO(base64.b64decode(p["images"][0]))) for p in previews]
     assert all(picture.format == "PNG" and picture.size == (64, 64) for picture in pictures)
-    assert len({picture.tobytes() for picture in pictures}) == 3  # the latents change while denoising
-    validation = Image.open(io.BytesIO(base64.b64decode(events[5]["images"][0])))
+    assert len({picture.tobytes() for picture in pictures}) == len(pictures)  # the latents change while denoising
+    validation = Image.open(io.BytesIO(base64.b64decode(events[-2]["images"][0])))
     assert validation.tobytes() == Image.open(out / "validation" / "step-2" / "prompt00-seed0.png").tobytes()
     assert all(r["headers"]["Authorization"] == f"Bearer {TOKEN}" for r in server.requests)
 
