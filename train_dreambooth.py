@@ -22,6 +22,7 @@ checkpoints live in common/ (common/__init__.py lists what is where).
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import random
@@ -565,14 +566,24 @@ def load_frozen_parts(args, info, device, weight_dtype):
 
 
 def make_optimiser(args, unet):
-    """AdamW over the trainable weights (bitsandbytes' 8-bit AdamW with --use_8bit_adam)."""
+    """The --optimizer over the trainable weights (their states checkpoint and resume alike)."""
+    params, betas = list(adapters.trainable_parameters(unet).values()), (args.adam_beta1, args.adam_beta2)
+    if args.optimizer == "prodigy":  # diffusers' examples' settings: bias correction, safeguarded warm-up
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay,
+                       eps=args.adam_epsilon, use_bias_correction=True, safeguard_warmup=True)
+    if args.optimizer == "adafactor":  # a fixed learning rate (no relative steps), so the lr schedule applies
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
     optimizer_class = torch.optim.AdamW
-    if args.use_8bit_adam:
+    if args.optimizer == "adamw8bit":
         import bitsandbytes
 
         optimizer_class = bitsandbytes.optim.AdamW8bit
-    return optimizer_class(adapters.trainable_parameters(unet).values(), lr=args.learning_rate,
-                           betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+    return optimizer_class(params, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay,
                            eps=args.adam_epsilon)
 
 
@@ -583,7 +594,7 @@ def plan_steps(args, datasets, plans, seed, world, optimizer, say):
     sampler = BatchSampler(datasets, plans, args.train_batch_size, seed, args.data_sampling)
     for note in sampler.oversubscribed():
         say(note)
-    report_mix(args, sampler, say)
+    data.report_mix(args, sampler.datasets, sampler.weights, sampler.plans, say)
     batches_per_epoch = sampler.batches_per_epoch()
     steps_per_epoch = max(1, math.ceil(math.ceil(batches_per_epoch / world) / args.gradient_accumulation_steps))
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -598,26 +609,6 @@ def plan_steps(args, datasets, plans, seed, world, optimizer, say):
             f"{args.scheduled_sampling_probability:g} over {args.scheduled_sampling_ramp_steps} steps, "
             f"{args.scheduled_sampling_target} target")
     return sampler, batches_per_epoch, max_train_steps, lr_scheduler
-
-
-def report_mix(args, sampler, say):
-    """With regularisation data: how many samples of each kind an epoch holds, and a warning when under half the
-    batches show the subject."""
-    counts, shares = {True: 0, False: 0}, {True: 0.0, False: 0.0}
-    for dataset, weight in zip(sampler.datasets, sampler.weights):
-        counts[dataset.is_regularisation_data] += len(sampler.plans[dataset.id]) * (dataset.repeats + 1)
-        shares[dataset.is_regularisation_data] += weight
-    if not counts[True]:
-        return
-    instance_share = shares[False] / sum(shares.values())
-    say(f"an epoch holds {counts[False]} instance and {counts[True]} regularisation samples; {instance_share:.0%} of "
-        f"batches are instance batches (prior loss: {args.prior_loss_target} target, weight "
-        f"{args.prior_loss_weight:g})")
-    if instance_share < 0.5:
-        fix = "raise the subject's repeats (or its probability)" if args.data_sampling == "auto" else \
-            "raise the subject's probability (with --data_sampling uniform, repeats do not change the mix)"
-        say(f"warning: only {instance_share:.0%} of batches show the subject; the usual advice is at least half "
-            f"(e.g. 10 photos beside 1000 class images want repeats >= 100): {fix}")
 
 
 def make_ema(args, accelerator, trainable, device, say):
@@ -747,11 +738,14 @@ def check_args(args):
         raise SystemExit("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
     if args.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise SystemExit("--mixed_precision bf16: this GPU has no bf16 support; use fp16")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    if args.use_8bit_adam:  # the older flag (diffusers' examples): the same as --optimizer adamw8bit
+        args.optimizer = "adamw8bit"
+    package = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(args.optimizer)
+    if package and importlib.util.find_spec(package) is None:
+        raise SystemExit(f"--optimizer {args.optimizer} needs {package}: pip install {package}")
+    if args.optimizer == "prodigy" and args.learning_rate < 0.1:
+        print(f"warning: Prodigy finds its own step size and --learning_rate multiplies it: 1.0 is the usual value; "
+              f"{args.learning_rate:g} makes every step about {1 / args.learning_rate:,.0f} times smaller")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         raise SystemExit("--train_batch_size and --gradient_accumulation_steps must be 1 or more")
     if args.validation_prompt and args.validation_steps < 1:
@@ -856,7 +850,12 @@ def build_parser():
                        help="drop up to N batches whose loss is NaN or infinite (default 0: the first one stops "
                             "the run)")
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
-    flags.add_bool(group, "--use_8bit_adam")
+    group.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy", "adafactor"],
+                       help="adamw: lr 1e-4 for a LoRA, 1e-6 to 5e-6 for a full fine-tune; adamw8bit: the same lrs, a "
+                            "quarter of the optimiser memory (bitsandbytes); prodigy: estimates its own step size, "
+                            "use --learning_rate 1.0 (the adam_* flags apply to it); adafactor: factored second "
+                            "moments, the least memory, lrs as for adamw")
+    flags.add_bool(group, "--use_8bit_adam", help="the same as --optimizer adamw8bit")
     group.add_argument("--adam_beta1", type=float, default=0.9)
     group.add_argument("--adam_beta2", type=float, default=0.999)
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)

@@ -36,7 +36,10 @@ SHARDED_REFUSALS = {
                             "keeps its weights in a network of its own, outside the sharded model"),
     "--base_model_precision": (lambda a: a.base_model_precision != "no_change", "quantised weights cannot be "
                                "sharded; quantise to fit one card instead (the README's memory plan)"),
-    "--use_8bit_adam": (lambda a: a.use_8bit_adam, "bitsandbytes' 8-bit state does not take sharded parameters"),
+    "--optimizer adamw8bit": (lambda a: a.optimizer == "adamw8bit" or a.use_8bit_adam,
+                              "bitsandbytes' 8-bit state does not take sharded parameters"),
+    "--optimizer prodigy": (lambda a: a.optimizer == "prodigy", "its step-size estimate sums over whole parameters; "
+                            "each process would estimate from its shard alone"),
 }
 
 

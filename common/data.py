@@ -452,3 +452,23 @@ def eval_sets(datasets, plans, split=0):
         entries += [e for i, e in enumerate(plan) if i in held]
         plans[subject.id] = [e for i, e in enumerate(plan) if i not in held]
     return entries
+
+
+def report_mix(args, datasets, weights, plans, say):
+    """With regularisation data: how many samples of each kind an epoch of the batch stream holds (`weights`: each
+    dataset's share of the batches), and a warning when under half the batches show the subject."""
+    counts, shares = {True: 0, False: 0}, {True: 0.0, False: 0.0}
+    for dataset, weight in zip(datasets, weights):
+        counts[dataset.is_regularisation_data] += len(plans[dataset.id]) * (dataset.repeats + 1)
+        shares[dataset.is_regularisation_data] += weight
+    if not counts[True]:
+        return
+    instance_share = shares[False] / sum(shares.values())
+    say(f"an epoch holds {counts[False]} instance and {counts[True]} regularisation samples; {instance_share:.0%} of "
+        f"batches are instance batches (prior loss: {args.prior_loss_target} target, weight "
+        f"{args.prior_loss_weight:g})")
+    if instance_share < 0.5:
+        fix = "raise the subject's repeats (or its probability)" if args.data_sampling == "auto" else \
+            "raise the subject's probability (with --data_sampling uniform, repeats do not change the mix)"
+        say(f"warning: only {instance_share:.0%} of batches show the subject; the usual advice is at least half "
+            f"(e.g. 10 photos beside 1000 class images want repeats >= 100): {fix}")

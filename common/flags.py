@@ -22,7 +22,7 @@ TRAINING_KEYS = frozenset("""
     logit_mean logit_std lora_dropout lora_format lora_init lora_layers lora_rank lora_target lora_type lr_num_cycles lr_power lr_scheduler
     lr_warmup_steps lycoris_config masked_loss_normalize max_grad_norm max_train_steps mixed_precision mode_scale
     model_type
-    noise_offset num_train_epochs num_validation_images offload_frozen preview_vae prior_loss_target
+    noise_offset num_train_epochs num_validation_images offload_frozen optimizer preview_vae prior_loss_target
     prior_loss_weight refiner_training_strength resume_from_checkpoint scheduled_sampling_max_step_offset scheduled_sampling_probability
     scheduled_sampling_ramp_steps scheduled_sampling_sampler scheduled_sampling_target skip_nan_steps snr_gamma
     train_batch_size use_8bit_adam use_ema validation_class validation_ema validation_guidance_scale
