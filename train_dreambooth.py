@@ -338,7 +338,11 @@ def train(args, hooks):
             # with its image and averaged onto the latent grid when cached), the caption's embeddings (and SDXL's
             # pooled text and size / crop / aesthetic time ids; SD3 / FLUX's pooled text, FLUX.1-dev's guidance).
             latents, masks = sample_latents(batch, generator, shift, scaling)
-            cond = models.conditioning(info, [text_embeds[caption] for _, caption in batch],
+            captions = [caption for _, caption in batch]
+            if args.caption_dropout_probability:  # caption dropout: the empty caption instead, drawn per sample
+                dropped = torch.rand(len(batch), generator=generator) < args.caption_dropout_probability
+                captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+            cond = models.conditioning(info, [text_embeds[caption] for caption in captions],
                                        [entry.transform for entry, _ in batch], **options)
             cond = models.conditioning_on(cond, device, weight_dtype)
 
@@ -499,6 +503,7 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
     dropped from the plans); then every caption's embeddings, and the eval loss's examples (main process)."""
     train_datasets = [d for d in datasets if d.trains]
     text_dir = data.text_cache_dir(datasets, args)
+    empty = [""] if args.caption_dropout_probability else []  # caption dropout's empty caption, cached like any
     if accelerator.is_main_process:
         for dataset in train_datasets:
             plans[dataset.id], _ = caches.build_vae_cache(plans[dataset.id], info, accelerator.device,
@@ -506,13 +511,14 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
         if eval_entries:
             eval_entries, _ = caches.build_vae_cache(eval_entries, info, accelerator.device, args.vae_batch_size)
         captions = [c for d in train_datasets for e in plans[d.id] for c in e.captions]
-        caches.build_text_cache(captions + [e.captions[0] for e in eval_entries], info, text_dir, accelerator.device)
+        caches.build_text_cache(captions + empty + [e.captions[0] for e in eval_entries], info, text_dir,
+                                accelerator.device)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # images that failed to decode on the main process have no cache: drop them
         for dataset in train_datasets:
             plans[dataset.id] = [e for e in plans[dataset.id] if os.path.isfile(e.cache_path)]
-    text_embeds = caches.load_text_embeddings([c for d in train_datasets for e in plans[d.id] for c in e.captions],
-                                              info, text_dir)
+    text_embeds = caches.load_text_embeddings([c for d in train_datasets for e in plans[d.id] for c in e.captions]
+                                              + empty, info, text_dir)
     eval_examples = scores.eval_examples(eval_entries, info, text_dir, models.conditioning_options(info, args)) \
         if accelerator.is_main_process and eval_entries else []
     return text_embeds, eval_examples
@@ -746,6 +752,8 @@ def check_args(args):
     if args.optimizer == "prodigy" and args.learning_rate < 0.1:
         print(f"warning: Prodigy finds its own step size and --learning_rate multiplies it: 1.0 is the usual value; "
               f"{args.learning_rate:g} makes every step about {1 / args.learning_rate:,.0f} times smaller")
+    if not 0 <= args.caption_dropout_probability <= 1:
+        raise SystemExit(f"--caption_dropout_probability {args.caption_dropout_probability:g}: a probability, 0 to 1")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         raise SystemExit("--train_batch_size and --gradient_accumulation_steps must be 1 or more")
     if args.validation_prompt and args.validation_steps < 1:
@@ -871,6 +879,9 @@ def build_parser():
                        help="regularisation batches learn the base model's own prediction (base_model; default for "
                             "adapters) or the class image (dataset: classic DreamBooth; the only choice for full)")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the regularisation loss")
+    group.add_argument("--caption_dropout_probability", type=float, default=0.0,
+                       help="each sample trains on the empty caption with this probability (e.g. 0.1), so the model "
+                            "keeps drawing the subject's look without the identifier's context")
 
     group = parser.add_argument_group("flow matching (SD3, FLUX.1): which noise levels are trained, and how weighted")
     group.add_argument("--weighting_scheme", default="logit_normal",

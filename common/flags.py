@@ -15,7 +15,8 @@ from common.quantise import PRECISIONS
 # train_dreambooth.py's flags beyond add_model_args and add_data_args (tests/test_config.py checks this list
 # against its parser). A script that reads the training config passes over those of them it does not take.
 TRAINING_KEYS = frozenset("""
-    adam_beta1 adam_beta2 adam_epsilon adam_weight_decay base_model_precision checkpointing_steps
+    adam_beta1 adam_beta2 adam_epsilon adam_weight_decay base_model_precision caption_dropout_probability
+    checkpointing_steps
     checkpoints_total_limit clip_model data_aesthetic_score data_sampling ema_decay ema_device ema_update_interval ema_warmup
     eval_seed eval_split eval_steps_interval eval_timesteps evaluation_type flow_shift flux_guidance_value
     gradient_accumulation_steps gradient_checkpointing learning_rate lora_alpha

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import predict, stock_pipeline, unet_inputs, ROOT, train_argv, write_json
+from conftest import model_info, predict, stock_pipeline, unet_inputs, ROOT, train_argv, write_json
 from safetensors.torch import load_file
 
 from common import adapters, checkpoints, data, files, images, models, objectives
@@ -240,6 +240,34 @@ def test_each_optimizer_trains_and_resumes_exactly(tiny_model, subject_dir, tmp_
         args = train_dreambooth.parse_args(train_argv(model, subject_dir, tmp_path / "x", "--use_8bit_adam"))
         train_dreambooth.check_args(args)
         assert args.optimizer == "adamw8bit"
+
+
+def test_caption_dropout_trains_a_drawn_share_of_samples_on_the_empty_caption(tiny_model, subject_dir, tmp_path,
+                                                                             monkeypatch):
+    """With --caption_dropout_probability p each sample's embeddings are, with probability p, the empty caption's
+    (equal to what the pipeline's encoder gives for ""); which samples is drawn from the batch's own stream, so the
+    same seed drops the same samples (and a resume or another process count would too); p = 0 drops none."""
+    model = tiny_model("sdxl")
+    info = model_info(model)
+    empty = models.encode_prompt(info, *models.load_text_encoders(info), [""])
+    seen = []
+    conditioning = models.conditioning
+
+    def recording(info, embeds, *args, **kwargs):
+        seen.append([all(torch.allclose(e[k], empty[k][0], atol=1e-6) for k in empty) for e in embeds])
+        return conditioning(info, embeds, *args, **kwargs)
+
+    monkeypatch.setattr(models, "conditioning", recording)
+    dropped = {}
+    for name, p in (("first", 0.5), ("again", 0.5), ("never", 0.0)):
+        seen.clear()
+        train_dreambooth.main(train_argv(model, subject_dir, tmp_path / name, "--caption_dropout_probability", p,
+                                         "--max_train_steps", "8", "--train_batch_size", "2"))
+        dropped[name] = [drop for batch in seen for drop in batch]
+    assert len(dropped["first"]) == 16 and 2 <= sum(dropped["first"]) <= 14  # a share, drawn per sample
+    assert dropped["again"] == dropped["first"] and not any(dropped["never"])
+    with pytest.raises(SystemExit, match="--caption_dropout_probability 1.5: a probability"):
+        train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "bad", "--caption_dropout_probability", 1.5))
 
 
 def test_fp16_on_cpu_is_refused_before_model_work(tiny_model, subject_dir, tmp_path):
