@@ -109,6 +109,16 @@ def batch_generator(seed, batch_index):
     return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) % (2 ** 63))
 
 
+def batch_captions(batch, generator, dropout=0.0):
+    """The batch's captions; with caption dropout each is the empty caption with probability `dropout`, drawn from
+    the batch's own stream."""
+    captions = [caption for _, caption in batch]
+    if not dropout:
+        return captions
+    dropped = torch.rand(len(batch), generator=generator) < dropout
+    return ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+
+
 def sample_latents(batch, generator, shift, scaling):
     """A batch's latents, each drawn from its image's cached VAE distribution (mean + std * N(0, 1), as
     vae.encode().latent_dist.sample() would), in the UNet's scale; and their masks (B, 1, h, w), or None."""
@@ -304,7 +314,6 @@ def train(args, hooks):
     unet, optimizer = accelerator.prepare(unet, optimizer)  # unet: the trained forward (DDP syncs its gradients)
     unwrapped = accelerator.unwrap_model(unet)  # the model itself: passes without gradients, saving, the EMA
     trainable = adapters.trainable_parameters(unwrapped)
-    params = list(trainable.values())
     ema = make_ema(args, accelerator, trainable, device, say)
     validate = make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks)
     save_outputs = output_writer(args, info, datasets, unwrapped, lora_config, ema, trainable)
@@ -338,10 +347,7 @@ def train(args, hooks):
             # with its image and averaged onto the latent grid when cached), the caption's embeddings (and SDXL's
             # pooled text and size / crop / aesthetic time ids; SD3 / FLUX's pooled text, FLUX.1-dev's guidance).
             latents, masks = sample_latents(batch, generator, shift, scaling)
-            captions = [caption for _, caption in batch]
-            if args.caption_dropout_probability:  # caption dropout: the empty caption instead, drawn per sample
-                dropped = torch.rand(len(batch), generator=generator) < args.caption_dropout_probability
-                captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+            captions = batch_captions(batch, generator, args.caption_dropout_probability)
             cond = models.conditioning(info, [text_embeds[caption] for caption in captions],
                                        [entry.transform for entry, _ in batch], **options)
             cond = models.conditioning_on(cond, device, weight_dtype)
@@ -400,7 +406,7 @@ def train(args, hooks):
         done = step + 1
         if math.isfinite(mean_loss):
             if args.max_grad_norm:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                accelerator.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
