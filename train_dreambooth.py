@@ -808,18 +808,6 @@ def check_args(args):
         raise SystemExit(f"--validation_ema {args.validation_ema} renders the EMA weights: add --use_ema")
 
 
-def flow_shift(value):
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    try:
-        shift = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
-    if shift <= 0:
-        raise argparse.ArgumentTypeError(f"a shift is a positive number (1.0: none), got {value!r}")
-    return shift
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     flags.add_model_args(parser)
@@ -897,7 +885,7 @@ def build_parser():
     group.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
     group.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
     group.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
-    group.add_argument("--flow_shift", type=flow_shift, default=None,
+    group.add_argument("--flow_shift", type=flags.number_or_auto, default=None,
                        help="shift of the noise levels towards noise: a number S (static), or auto (FLUX.1-dev's "
                             "resolution-dependent shift, as its pipeline draws). Default: the model's scheduler "
                             "(SD3 3.0, FLUX.1-dev auto, schnell 1.0), i.e. the levels it is drawn at")

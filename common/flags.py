@@ -51,6 +51,19 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def number_or_auto(value):
+    """argparse type for a positive number or auto (--flow_shift)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        shift = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+    if shift <= 0:
+        raise argparse.ArgumentTypeError(f"a shift is a positive number (1.0: none), got {value!r}")
+    return shift
+
+
 def add_bool(parser, name, default=False, help=None):
     """A true/false flag: a bare `--name` means true, `--name false` and config.json's true/false work too."""
     parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help)
