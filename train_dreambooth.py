@@ -1,4 +1,5 @@
-"""DreamBooth training: a LoRA, a LyCORIS network or a full fine-tune of an SD 1.x / 2.x / SDXL UNet on one subject.
+"""DreamBooth training: a LoRA, a LyCORIS network or a full fine-tune of an SD 1.x / 2.x / SDXL UNet or an SD3 / FLUX.1
+transformer on one subject.
 
     python train_dreambooth.py --config config.json
     accelerate launch train_dreambooth.py --config config.json          # several GPUs (DDP)
@@ -22,7 +23,6 @@ checkpoints live in common/ (common/__init__.py lists what is where).
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import os
 import random
@@ -32,8 +32,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from common import (adapters, caches, checkpoints, data, files, flags, images, models, objectives, quantise, render,
-                    scores, webhooks)
+from common import (adapters, caches, checkpoints, data, files, flags, images, models, objectives, optimisers,
+                    quantise, render, scores, webhooks)
 
 ROLLOUT_SAMPLERS = ("unipc", "euler", "ddim", "dpm")  # models.SAMPLERS that step deterministically
 STEP_TOTALS = ("instance_loss", "instance_batches", "prior_loss", "prior_batches", "rollout_forwards")  # for the log
@@ -236,9 +236,9 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
                    sources=None):
     """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable)
     into validation/step-STEP/ with a grid (a row per prompt, a column per seed). With an EMA, --validation_ema
-    picks the raw weights, the EMA weights, or both side by side. With `scoring` (--evaluation_type clip: the
-    Scorer and the subject's CLIP embeddings) the images are scored: returns {"validation/clip_t": ...} (with
-    "/ema" variants), else {}. Webhooks get each prompt's images, and with `preview_vae` previews while they are
+    picks the raw weights, the EMA weights, or both side by side; --validation_lora_scales draws each of those at
+    each adapter strength. With `scoring` (--evaluation_type clip: the Scorer and the subject's CLIP embeddings) the
+    images are scored: returns {"validation/clip_t": ...} (with "/ema", "/scale0.5" variants), else {}. Webhooks get each prompt's images, and with `preview_vae` previews while they are
     drawn. A refiner refines `sources` (render.refine_sources) instead; its rows start with each source."""
     model = accelerator.unwrap_model(unet)
     vae, tokenizers, text_encoders = frozen
@@ -255,12 +255,15 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
     prompts = [scores.fill_prompt(text, instance, args.validation_class or instance)
                for text in ([caption for caption, _ in sources] if sources else args.validation_prompt)]
     drawn = [generate for generate, _ in prompts]
-    variants = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[args.validation_ema if ema else "raw"]
+    weights = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[args.validation_ema if ema else "raw"]
+    variants = [(w, scale) for w in weights for scale in args.validation_lora_scales or [None]]  # None: as trained
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
-    rows, results = [[] for _ in prompts], {}
-    for variant in variants:
-        suffix = adapters.EMA_SUFFIX if variant == "ema" else ""
+    rows, results, labels = [[] for _ in prompts], {}, []
+    for variant, scale in variants:
+        tag = ("/ema" if variant == "ema" else "") + ("" if scale is None else f"/scale{scale:g}")
+        name, suffix = {"raw": "raw", "ema": "EMA"}[variant], tag.replace("/", "_")  # files: _ema, _scale0.5
+        label = name if scale is None else f"LoRA x{scale:g}" if weights == ["raw"] else f"{name} LoRA x{scale:g}"
 
         def path_for(p, seed):
             return os.path.join(folder, f"prompt{p:02d}-seed{seed}{suffix}.png")
@@ -269,22 +272,24 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
             return render.preview_sender(hooks, preview_vae, args.validation_preview_steps, step, drawn[p], seed,
                                          (resolution // info.vae_scale_factor,) * 2)
 
-        weights = ema.applied(adapters.trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
+        averaged = ema.applied(adapters.trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
         previews = preview_for if preview_vae is not None and hooks is not None else None
-        with weights:
+        with averaged, adapters.adapter_scaled(model, scale):
             made = render.render(pipe, drawn, args.num_validation_images, args.validation_seed, options, sources,
-                                 accelerator.autocast, path_for, previews, f"validation images (step {step}, {variant})")
+                                 accelerator.autocast, path_for, previews, f"validation images (step {step}{tag})")
         for p, pictures in enumerate(made):
             rows[p] += pictures
             if hooks is not None:
-                hooks.send("validation_image", drawn[p] + (" (EMA weights)" if variant == "ema" else ""), step=step,
-                           images=pictures, prompt=drawn[p], weights=variant)
+                hooks.send("validation_image", drawn[p] + (" (EMA weights)" if variant == "ema" else "") +
+                           ("" if scale is None else f" (LoRA x{scale:g})"), step=step,
+                           images=pictures, prompt=drawn[p], weights=variant, lora_scale=scale)
         if scoring is not None:
             scorer, real_clip = scoring
             values = scorer.scores([image for row in made for image in row],
                                    [prompts[p][1] for p, row in enumerate(made) for _ in row], real_clip)
-            results.update({f"validation/{k}{'/ema' if variant == 'ema' else ''}": v for k, v in values.items()})
-    labels = [{"raw": "raw", "ema": "EMA"}[v] for v in variants] if len(variants) > 1 or sources else []
+            results.update({f"validation/{k}{tag}": v for k, v in values.items()})
+        labels.append(label)
+    labels = labels if len(variants) > 1 or sources else []
     grid = render.prompt_grid(rows, drawn, sources, ["source", *labels] if sources else labels)
     files.save_image_atomic(grid, os.path.join(folder, "grid.png"))
     files.write_text_atomic("\n".join(drawn) + "\n", os.path.join(folder, "prompts.txt"))
@@ -308,7 +313,7 @@ def train(args, hooks):
     text_embeds, eval_examples = build_caches(args, accelerator, info, datasets, plans, eval_entries)
     unet, objective, weight_dtype, lora_config = load_model(args, info, device, say)
     frozen = load_frozen_parts(args, info, device, weight_dtype)  # VAE + text encoders: validation, a full save
-    optimizer = make_optimiser(args, unet)
+    optimizer = optimisers.make(args, adapters.trainable_parameters(unet).values())
     sampler, batches_per_epoch, max_train_steps, lr_scheduler = plan_steps(args, datasets, plans, seed, world,
                                                                            optimizer, say)
     unet, optimizer = accelerator.prepare(unet, optimizer)  # unet: the trained forward (DDP syncs its gradients)
@@ -577,28 +582,6 @@ def load_frozen_parts(args, info, device, weight_dtype):
     return vae, tokenizers, text_encoders
 
 
-def make_optimiser(args, unet):
-    """The --optimizer over the trainable weights (their states checkpoint and resume alike)."""
-    params, betas = list(adapters.trainable_parameters(unet).values()), (args.adam_beta1, args.adam_beta2)
-    if args.optimizer == "prodigy":  # diffusers' examples' settings: bias correction, safeguarded warm-up
-        from prodigyopt import Prodigy
-
-        return Prodigy(params, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay,
-                       eps=args.adam_epsilon, use_bias_correction=True, safeguard_warmup=True)
-    if args.optimizer == "adafactor":  # a fixed learning rate (no relative steps), so the lr schedule applies
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, scale_parameter=False,
-                         relative_step=False, warmup_init=False)
-    optimizer_class = torch.optim.AdamW
-    if args.optimizer == "adamw8bit":
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    return optimizer_class(params, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay,
-                           eps=args.adam_epsilon)
-
-
 def plan_steps(args, datasets, plans, seed, world, optimizer, say):
     """The batch stream, the length of the run and its lr schedule, each said."""
     from diffusers.optimization import get_scheduler
@@ -750,14 +733,7 @@ def check_args(args):
         raise SystemExit("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
     if args.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise SystemExit("--mixed_precision bf16: this GPU has no bf16 support; use fp16")
-    if args.use_8bit_adam:  # the older flag (diffusers' examples): the same as --optimizer adamw8bit
-        args.optimizer = "adamw8bit"
-    package = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(args.optimizer)
-    if package and importlib.util.find_spec(package) is None:
-        raise SystemExit(f"--optimizer {args.optimizer} needs {package}: pip install {package}")
-    if args.optimizer == "prodigy" and args.learning_rate < 0.1:
-        print(f"warning: Prodigy finds its own step size and --learning_rate multiplies it: 1.0 is the usual value; "
-              f"{args.learning_rate:g} makes every step about {1 / args.learning_rate:,.0f} times smaller")
+    optimisers.check_args(args)
     if not 0 <= args.caption_dropout_probability <= 1:
         raise SystemExit(f"--caption_dropout_probability {args.caption_dropout_probability:g}: a probability, 0 to 1")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -804,6 +780,8 @@ def check_args(args):
     for placeholder, flag in (("{instance}", "validation_instance"), ("{class}", "validation_class")):
         if any(placeholder in p for p in args.validation_prompt or []) and not getattr(args, flag):
             raise SystemExit(f"a --validation_prompt uses {placeholder}: pass --{flag} (e.g. \"ohwx dog\" / \"dog\")")
+    if args.validation_lora_scales and args.model_type == "full":
+        raise SystemExit("--validation_lora_scales scales an adapter; a full fine-tune has none")
     if args.validation_ema != "raw" and not args.use_ema:
         raise SystemExit(f"--validation_ema {args.validation_ema} renders the EMA weights: add --use_ema")
 
@@ -927,6 +905,9 @@ def build_parser():
     group.add_argument("--validation_prompt", nargs="+", default=None)
     group.add_argument("--validation_steps", type=int, default=100)
     group.add_argument("--num_validation_images", type=int, default=2)
+    group.add_argument("--validation_lora_scales", type=float, nargs="+", default=None,
+                       help="render each prompt and seed at these adapter strengths side by side (e.g. 0 0.5 1; 0 is "
+                            "the base model, for comparison)")
     group.add_argument("--validation_num_inference_steps", type=int, default=25)
     group.add_argument("--validation_guidance_scale", type=float, default=None,
                        help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev's embedded guidance)")

@@ -18,8 +18,10 @@
                    used by cache, train, evaluate
     adapters     LoRA / LyCORIS: add, switch off, save (diffusers and kohya layouts), load
                    used by train, evaluate, regularisation
-    checkpoints  checkpoints, exact resume, the training log, a full fine-tune's pipeline
+    checkpoints  checkpoints, exact resume, sharded (FSDP) saving, the training log, a full fine-tune's pipeline
                    used by train, evaluate
+    optimisers   the optimiser: AdamW, 8-bit AdamW, Prodigy or Adafactor
+                   used by train
     scores       the stable eval loss, CLIP-T / CLIP-I / DINO, DreamBench prompts
                    used by train, evaluate, rare tokens
     render       every prompt at fixed seeds, its grid, validation previews

@@ -147,6 +147,34 @@ def adapter_disabled(model):
             network.set_multiplier(multiplier)
 
 
+@contextlib.contextmanager
+def adapter_scaled(model, scale):
+    """The adapter at `scale` times its trained strength for the block (validation at several strengths), then as
+    trained again: 0 is the base model exactly (adapter_disabled), None or 1 the adapter as trained. peft: each
+    layer's scaling times `scale` (restored exactly); LyCORIS: its multiplier."""
+    if scale is None or scale == 1:
+        yield model
+        return
+    if scale == 0:
+        with adapter_disabled(model):
+            yield model
+        return
+    network = getattr(model, "lycoris", None)
+    layers = [module for module in model.modules() if hasattr(module, "scaling") and hasattr(module, "lora_A")]
+    saved = network.multiplier if network is not None else [dict(layer.scaling) for layer in layers]
+    if network is not None:
+        network.set_multiplier(saved * scale)
+    for layer in layers:
+        layer.scale_layer(scale)
+    try:
+        yield model
+    finally:
+        if network is not None:
+            network.set_multiplier(saved)
+        for layer, scaling in zip(layers, saved if network is None else []):
+            layer.scaling.update(scaling)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Saving
 

@@ -250,3 +250,36 @@ def test_a_quantised_text_encoder_makes_its_own_text_cache(tiny_model, subject_d
     assert len(names) == 2  # one embedding per (caption, encoder identity): the int8 encoder's is its own
     plain, quantised = (files.load_tensors(str(tmp_path / "out" / "cache" / "text" / f))["prompt_embeds"] for f in names)
     assert 0 < (plain - quantised).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("adapter", ["lora", "lokr"])
+def test_validation_renders_each_lora_strength_and_strength_zero_is_the_base_model(tiny_model, subject_dir, tmp_path,
+                                                                                   adapter):
+    """--validation_lora_scales 0 0.5 1: each prompt and seed at each strength, side by side in the grid. Strength 0
+    draws exactly the base model's picture, 1 exactly the trained adapter's, 0.5 neither; the adapter is left as
+    trained."""
+    import numpy as np
+    from PIL import Image
+
+    from common import images, render
+
+    model = tiny_model("sd1")
+    extra = ["--lora_type", "lycoris", "--lycoris_config", write_json(tmp_path / "lokr.json", {
+        **ALGOS["lokr"], "apply_preset": PRESET})] if adapter == "lokr" else []
+    argv = train_argv(model, subject_dir, tmp_path / "out", "--max_train_steps", "2", "--learning_rate", "5e-2",
+                      "--validation_prompt", "a photo of ohwx toy", "--validation_steps", "2",
+                      "--num_validation_images", "1", "--validation_num_inference_steps", "2",
+                      "--validation_resolution", "64", "--validation_lora_scales", "0", "0.5", "1", *extra)
+    result = train_dreambooth.main(argv)
+    folder = tmp_path / "out" / "validation" / "step-2"
+    drawn = {scale: np.asarray(Image.open(folder / f"prompt00-seed0_scale{scale}.png")) for scale in ("0", "0.5", "1")}
+    args, info = train_dreambooth.parse_args(argv), model_info(model)
+    options = render.drawing_options(info, args, 2, train_dreambooth.validation_guidance(args, info), None, 64)
+    base = stock_pipeline(model)
+    trained = models.build_pipeline(info, result["unet"].eval(), base.vae, [base.tokenizer], [base.text_encoder])
+    for pipe, scale in ((base, "0"), (trained, "1")):
+        [[picture]] = render.render(pipe, ["a photo of ohwx toy"], 1, args.validation_seed, options)
+        assert np.array_equal(np.asarray(picture), drawn[scale]), scale
+    assert not np.array_equal(drawn["0.5"], drawn["0"]) and not np.array_equal(drawn["0.5"], drawn["1"])
+    grid = Image.open(folder / "grid.png")
+    assert grid.size[0] == images.ROW_LABEL_WIDTH + 3 * 64  # three strengths side by side, labelled
