@@ -567,7 +567,8 @@ def validation_guidance(args, info):
 
 
 def describe(args):
-    adapter = f"LyCORIS {args.lycoris['algo']}" if args.lora_type == "lycoris" else f"LoRA rank {args.lora_rank}"
+    adapter = f"LyCORIS {args.lycoris['algo']}" if args.lora_type == "lycoris" else \
+        f"{'DoRA' if args.use_dora else 'LoRA'} rank {args.lora_rank}"
     return "the whole UNet" if args.model_type == "full" else adapter
 
 
@@ -748,6 +749,11 @@ def check_args(args):
         raise SystemExit("--model_type full trains every UNet weight and saves a whole pipeline: it takes neither "
                          "--lora_type lycoris nor a quantised --base_model_precision or --text_encoder_N_precision "
                          "(those are for adapters); use --model_type lora")
+    if args.use_dora and (args.model_type == "full" or args.lora_type == "lycoris" or args.lora_format == "comfyui"):
+        raise SystemExit("--use_dora is peft's DoRA on the standard LoRA (--model_type lora --lora_type lora); LyCORIS "
+                         "takes \"dora_wd\": true in its config; and the kohya (ComfyUI) layout has no DoRA form that "
+                         "diffusers and ComfyUI read alike (diffusers drops dora_scale, ComfyUI normalises by the base "
+                         "weight alone): use --lora_format diffusers")
     if args.lora_type == "lycoris" and not args.lycoris_config:
         raise SystemExit("--lora_type lycoris needs --lycoris_config FILE.json (e.g. {\"algo\": \"lokr\", "
                          "\"linear_dim\": 10000, \"linear_alpha\": 1, \"factor\": 16})")
@@ -812,6 +818,8 @@ def build_parser():
     group.add_argument("--lora_layers", default=None,
                        help="explicit module names for the LoRA, comma-separated (e.g. \"attn.to_q,attn.to_k\"; "
                             "peft matches them as name suffixes); replaces --lora_target")
+    flags.add_bool(group, "--use_dora", help="DoRA (peft): a learned magnitude per output beside the LoRA's "
+                                            "direction; saved for load_lora_weights")
     group.add_argument("--lora_init", default="gaussian", choices=["gaussian", "default"],
                        help="init of the A matrices (B starts at zero either way, so step 0 is the base model)")
 

@@ -71,7 +71,7 @@ def add_lora(model, args, denoiser="unet"):
     targets = lora_target_modules(model, args, denoiser)
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
                         init_lora_weights=True if args.lora_init == "default" else args.lora_init,
-                        target_modules=targets)
+                        target_modules=targets, use_dora=bool(getattr(args, "use_dora", False)))
     try:
         model.add_adapter(config)
     except ValueError as err:  # peft: none of the names matched
@@ -195,10 +195,14 @@ def peft_metadata(config, prefix="unet"):
 
 
 def lora_matrices(unet):
-    """(module name, "down" | "up", fp32 tensor) for each matrix of the UNet's peft LoRA (peft's A is down, B up)."""
+    """(module name, "down" | "up" | "magnitude", fp32 tensor) for each matrix of the model's peft LoRA (peft's A is
+    down, B up; DoRA adds each module's magnitude vector)."""
     from peft.utils import get_peft_model_state_dict
 
     for key, value in get_peft_model_state_dict(unet).items():  # "<module>.lora_A.weight" / "<module>.lora_B.weight"
+        if key.endswith(".lora_magnitude_vector"):  # DoRA: one per module, [out] (a conv's [1, out, 1, 1])
+            yield key[:-len(".lora_magnitude_vector")], "magnitude", value.float()
+            continue
         module, kind = key.rsplit(".lora_", 1)
         yield module, "down" if kind.startswith("A") else "up", value.float()
 
@@ -208,9 +212,13 @@ def save_lora(model, path, metadata, prefix="unet"):
     / '.lora.up.weight', every key renamed here, not with diffusers' convert_state_dict_to_diffusers: that one
     renames attention layers only, and load_lora_weights judges the whole file's format by its first key, so a
     file that mixes the two (conv or time-embedding LoRAs first, --lora_target all) loses its attention LoRAs.
-    A transformer's (SD3, FLUX): 'transformer.<module>.lora_A.weight' / '.lora_B.weight', as diffusers saves them."""
-    names = {"down": "lora.down", "up": "lora.up"} if prefix == "unet" else {"down": "lora_A", "up": "lora_B"}
-    state = {f"{prefix}.{module}.{names[kind]}.weight": value for module, kind, value in lora_matrices(model)}
+    A transformer's (SD3, FLUX): 'transformer.<module>.lora_A.weight' / '.lora_B.weight', as diffusers saves them.
+    DoRA's magnitudes keep peft's name ('<prefix>.<module>.lora_magnitude_vector'), which load_lora_weights reads
+    (with use_dora in the metadata)."""
+    names = {"down": "lora.down.weight", "up": "lora.up.weight"} if prefix == "unet" else \
+        {"down": "lora_A.weight", "up": "lora_B.weight"}
+    names["magnitude"] = "lora_magnitude_vector"
+    state = {f"{prefix}.{module}.{names[kind]}": value for module, kind, value in lora_matrices(model)}
     files.save_safetensors_atomic(state, path, metadata)
 
 

@@ -26,7 +26,7 @@ TRAINING_KEYS = frozenset("""
     noise_offset num_train_epochs num_validation_images offload_frozen optimizer preview_vae prior_loss_target
     prior_loss_weight refiner_training_strength resume_from_checkpoint scheduled_sampling_max_step_offset scheduled_sampling_probability
     scheduled_sampling_ramp_steps scheduled_sampling_sampler scheduled_sampling_target skip_nan_steps snr_gamma
-    train_batch_size use_8bit_adam use_ema validation_class validation_ema validation_guidance_scale
+    train_batch_size use_8bit_adam use_dora use_ema validation_class validation_ema validation_guidance_scale
     validation_instance validation_lora_scales validation_negative_prompt validation_num_inference_steps validation_preview
     validation_preview_steps validation_prompt validation_resolution validation_seed validation_steps
     webhook_config weighting_scheme

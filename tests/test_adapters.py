@@ -283,3 +283,31 @@ def test_validation_renders_each_lora_strength_and_strength_zero_is_the_base_mod
     assert not np.array_equal(drawn["0.5"], drawn["0"]) and not np.array_equal(drawn["0.5"], drawn["1"])
     grid = Image.open(folder / "grid.png")
     assert grid.size[0] == images.ROW_LABEL_WIDTH + 3 * 64  # three strengths side by side, labelled
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_dora_trains_reloads_in_stock_diffusers_and_switches_off_to_the_base_model(tiny_model, subject_dir, tmp_path,
+                                                                                   family):
+    """--use_dora (peft's DoRA): the saved file holds each module's magnitude beside its LoRA matrices, and stock
+    load_lora_weights in a fresh pipeline reproduces the trained model's prediction; switched off (the base-model
+    prior target), the model predicts exactly what the base model does, magnitudes and all."""
+    model = tiny_model(family)
+    result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--use_dora", "--max_train_steps",
+                                              "3", "--learning_rate", "5e-2", "--lora_alpha", "8"))
+    trained = result["unet"]
+    denoiser = "unet" if family == "sd1" else "transformer"
+    inputs = unet_inputs(trained, family)
+    base = predict(getattr(fresh_pipeline(family, model), denoiser), inputs)
+    ours = predict(trained, inputs)
+    assert (ours - base).abs().max() > 1e-3  # it learned something
+    with safe_open(str(tmp_path / "out" / adapters.LORA_WEIGHTS_NAME), "pt") as handle:
+        magnitudes = [k for k in handle.keys() if k.endswith(".lora_magnitude_vector")]
+        assert magnitudes and all(k.startswith(f"{denoiser}.") for k in magnitudes)
+        assert json.loads(handle.metadata()["lora_adapter_metadata"])[f"{denoiser}.use_dora"] is True
+    pipe = fresh_pipeline(family, model)
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    assert torch.allclose(predict(getattr(pipe, denoiser), inputs), ours, atol=1e-5)
+    with adapters.adapter_disabled(trained):
+        assert torch.equal(predict(trained, inputs), base)
+    with pytest.raises(SystemExit, match="the kohya \\(ComfyUI\\) layout has no DoRA form"):
+        train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "x", "--use_dora", "--lora_format", "comfyui"))
