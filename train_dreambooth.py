@@ -36,7 +36,8 @@ from common import (adapters, caches, checkpoints, data, files, flags, images, m
                     quantise, render, scores, webhooks)
 
 ROLLOUT_SAMPLERS = ("unipc", "euler", "ddim", "dpm")  # models.SAMPLERS that step deterministically
-STEP_TOTALS = ("instance_loss", "instance_batches", "prior_loss", "prior_batches", "rollout_forwards")  # for the log
+STEP_TOTALS = ("instance_loss", "instance_batches", "prior_loss", "prior_batches", "dop_loss", "dop_batches",
+               "rollout_forwards")  # for the log
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,6 +120,37 @@ def batch_captions(batch, generator, dropout=0.0):
     return ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
 
 
+def dop_caption(args, caption):
+    """Differential output preservation's caption: `caption` with --dop_trigger replaced by --dop_class, or None where
+    DOP is off or the caption does not name the trigger (then there is nothing to preserve for it)."""
+    if args.dop_class is None or args.dop_trigger not in caption:
+        return None
+    return caption.replace(args.dop_trigger, args.dop_class)
+
+
+def with_dop_rows(args, info, model, batch, captions, text_embeds, options, inputs, target, masks, autocast):
+    """An instance batch's inputs with DOP's rows appended: for each caption naming the trigger, the same x_t and
+    timestep with the class caption, its target the base model's prediction for it (adapter off, no gradient). One
+    forward pass then serves both. Returns (inputs, target, masks, number of DOP rows: 0 without DOP)."""
+    noisy_latents, timesteps, cond = inputs
+    rows = [(i, dop_caption(args, caption)) for i, caption in enumerate(captions) if dop_caption(args, caption)]
+    if not rows or batch[0][0].is_regularisation:
+        return inputs, target, masks, 0
+    transforms = [entry.transform for entry, _ in batch]
+    index = torch.tensor([i for i, _ in rows], device=noisy_latents.device)
+    dop_cond = models.conditioning_on(models.conditioning(info, [text_embeds[c] for _, c in rows],
+                                                          [transforms[i] for i, _ in rows], **options),
+                                      noisy_latents.device, noisy_latents.dtype)
+    with torch.no_grad(), adapters.adapter_disabled(model), autocast():
+        base = models.predict(info, model, noisy_latents[index], timesteps[index], dop_cond)
+    rows_cond = models.conditioning_on(models.conditioning(
+        info, [text_embeds[c] for c in captions] + [text_embeds[c] for _, c in rows],
+        list(transforms) + [transforms[i] for i, _ in rows], **options), noisy_latents.device, noisy_latents.dtype)
+    masks = torch.cat([masks, torch.ones_like(masks[index])]) if masks is not None else None
+    return ((torch.cat([noisy_latents, noisy_latents[index]]), torch.cat([timesteps, timesteps[index]]), rows_cond),
+            torch.cat([target, base.to(target.dtype)]), masks, len(rows))
+
+
 def sample_latents(batch, generator, shift, scaling):
     """A batch's latents, each drawn from its image's cached VAE distribution (mean + std * N(0, 1), as
     vae.encode().latent_dist.sample() would), in the UNet's scale; and their masks (B, 1, h, w), or None."""
@@ -142,6 +174,15 @@ def masked_mse(pred, target, mask=None, normalize=True):
     if normalize:
         loss = loss / mask.mean(dim=(1, 2, 3)).clamp(min=1e-8)  # an all-black mask stays 0, not 0/0
     return loss
+
+
+def count_losses(totals, kind, loss, dop_losses):
+    """Add a micro-batch's loss (before its weight) to the step's totals for the log, and DOP's term when it has one."""
+    totals[f"{kind}_loss"] += loss.item()
+    totals[f"{kind}_batches"] += 1
+    if len(dop_losses):  # before --dop_weight
+        totals["dop_loss"] += dop_losses.mean().item()
+        totals["dop_batches"] += 1
 
 
 def rollout_probability(args, step):
@@ -326,14 +367,11 @@ def train(args, hooks):
                                                  ema, sampler)
     log = checkpoints.JsonlLog(os.path.join(args.output_dir, "logs"), first_step if resume_path else None) \
         if accelerator.is_main_process else None
-    eval_loss = eval_loss_function(args, info, accelerator, unwrapped, objective, eval_examples, ema, trainable)
-    if eval_loss is not None and first_step == 0:  # the starting point, for the curve
-        log.log(0, eval_loss())
-    if hooks is not None:
-        hooks.send("training_started", f"training {describe(args)} on {info.ref}: steps {first_step} to "
-                   f"{max_train_steps}", step=first_step, max_train_steps=max_train_steps)
-    bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step",
-               disable=not accelerator.is_main_process)
+    eval_loss = eval_loss_function(args, info, accelerator, unwrapped, objective, eval_examples, ema, trainable,
+                                   max_train_steps, log if first_step == 0 else None)  # logs the start, for the curve
+    webhooks.notify(hooks, "training_started", f"training {describe(args)} on {info.ref}: steps {first_step} to "
+                    f"{max_train_steps}", step=first_step, max_train_steps=max_train_steps)
+    bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step", disable=rank > 0)
     shift, scaling = models.latent_scaling(info)
     options = models.conditioning_options(info, args)  # a refiner's aesthetic score, FLUX.1-dev's guidance
 
@@ -385,24 +423,27 @@ def train(args, hooks):
                     base = models.predict(info, unwrapped, noisy_latents, timesteps, cond)
                 target = base if is_prior else target
 
+            # Differential output preservation (--dop_class): class-caption rows keeping the base model's prediction.
+            inputs, target, masks, dop = with_dop_rows(args, info, unwrapped, batch, captions, text_embeds, options,
+                                                       (noisy_latents, timesteps, cond), target, masks,
+                                                       accelerator.autocast)
+
             # Forward and loss. Gradients are synchronised across processes on the last micro-step only. Per
             # sample: the mean squared error over its mask (masked loss; over the whole latent without one), times
             # the objective's weight for its timestep (min-SNR; a flow weighting scheme); then the prior weight.
             last_micro = micro == args.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
                 with accelerator.autocast():
-                    pred = models.predict(info, unet, noisy_latents, timesteps, cond)
+                    pred = models.predict(info, unet, *inputs)
                 loss_per_sample = masked_mse(pred, target, masks, args.masked_loss_normalize)
-                weights = objective.loss_weights(timesteps)
+                weights = objective.loss_weights(inputs[1])
                 if weights is not None:
                     loss_per_sample = loss_per_sample * weights
-                unweighted = loss_per_sample.mean()
-                loss = unweighted * loss_weight
+                unweighted = loss_per_sample[:len(batch)].mean()
+                loss = unweighted * loss_weight + (args.dop_weight * loss_per_sample[len(batch):].mean() if dop else 0)
                 accelerator.backward(loss / args.gradient_accumulation_steps)
             loss_sum += loss.detach() / args.gradient_accumulation_steps
-            kind = "prior" if is_prior else "instance"
-            totals[f"{kind}_loss"] += unweighted.item()
-            totals[f"{kind}_batches"] += 1
+            count_losses(totals, "prior" if is_prior else "instance", unweighted, loss_per_sample[len(batch):])
         files.fault_point("backward")
 
         # The update, unless a loss (any process's) is NaN or infinite: then this batch's gradients are poisoned
@@ -423,9 +464,7 @@ def train(args, hooks):
         ema_decay = ema.update(trainable) if ema is not None and done % args.ema_update_interval == 0 else None
 
         # Log, with the stable eval loss every --eval_steps_interval steps and at the end.
-        evaluation = {}
-        if eval_loss is not None and (done % args.eval_steps_interval == 0 or done == max_train_steps):
-            evaluation = eval_loss()
+        evaluation = eval_loss(done) if eval_loss is not None else {}  # every --eval_steps_interval and at the end
         summed = accelerator.reduce(torch.tensor(list(totals.values()), device=device), reduction="sum")
         totals = dict(zip(STEP_TOTALS, summed.tolist()))
         if log is not None:
@@ -441,8 +480,7 @@ def train(args, hooks):
             path = checkpoints.save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed,
                                                ema, save_outputs if args.model_type == "lora" else None, skipped_nan)
             say(f"\nsaved {path}")
-            if hooks is not None:
-                hooks.send("checkpoint_saved", f"checkpoint at step {done}: {path}", step=done, path=path)
+            webhooks.notify(hooks, "checkpoint_saved", f"checkpoint at step {done}: {path}", step=done, path=path)
 
         # Validation images every --validation_steps.
         if args.validation_prompt and done % args.validation_steps == 0:
@@ -514,7 +552,7 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
     dropped from the plans); then every caption's embeddings, and the eval loss's examples (main process)."""
     train_datasets = [d for d in datasets if d.trains]
     text_dir = data.text_cache_dir(datasets, args)
-    empty = [""] if args.caption_dropout_probability else []  # caption dropout's empty caption, cached like any
+    empty = extra_captions(args, train_datasets, plans, say=accelerator.print)
     if accelerator.is_main_process:
         for dataset in train_datasets:
             plans[dataset.id], _ = caches.build_vae_cache(plans[dataset.id], info, accelerator.device,
@@ -533,6 +571,22 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
     eval_examples = scores.eval_examples(eval_entries, info, text_dir, models.conditioning_options(info, args)) \
         if accelerator.is_main_process and eval_entries else []
     return text_embeds, eval_examples
+
+
+def extra_captions(args, datasets, plans, say):
+    """Captions trained without being any image's: caption dropout's empty caption and DOP's class captions."""
+    extra = [""] if args.caption_dropout_probability else []
+    if args.dop_class is not None:
+        captions = {c for d in datasets if not d.is_regularisation_data for e in plans[d.id] for c in e.captions}
+        named = sorted(c for c in captions if dop_caption(args, c))
+        if not named:
+            raise SystemExit(f"--dop_trigger {args.dop_trigger!r} is in none of the instance captions (e.g. "
+                             f"{min(captions)!r}); give it as the captions write it (e.g. \"ohwx dog\")")
+        say(f"differential output preservation: {len(named)} of {len(captions)} instance caption(s) name "
+            f"{args.dop_trigger!r}; with it replaced ({dop_caption(args, named[0])!r}) they keep the base model's "
+            f"prediction (weight {args.dop_weight:g})")
+        extra += [dop_caption(args, c) for c in named]
+    return extra
 
 
 def load_model(args, info, device, say):
@@ -658,9 +712,12 @@ def output_writer(args, info, datasets, model, lora_config, ema, trainable):
     return save_outputs
 
 
-def eval_loss_function(args, info, accelerator, model, objective, examples, ema, trainable):
-    """eval_loss() -> the log's eval_loss, eval_loss_per_timestep (and eval_loss/ema): scores.stable_eval_loss, the
-    function evaluate.py runs, so the numbers agree. None without eval images (and on other processes)."""
+def eval_loss_function(args, info, accelerator, model, objective, examples, ema, trainable, last_step,
+                       start_log=None):
+    """eval_loss(step) -> the log's eval_loss, eval_loss_per_timestep (and eval_loss/ema) at every
+    --eval_steps_interval and the last step, else {}: scores.stable_eval_loss, the function evaluate.py runs, so the
+    numbers agree. None without eval images (and on other processes). With `start_log` (a run at step 0), the
+    starting point goes into it first."""
     if not examples:
         return None
 
@@ -668,7 +725,9 @@ def eval_loss_function(args, info, accelerator, model, objective, examples, ema,
         return scores.stable_eval_loss(info, model, objective, examples, args.eval_timesteps, args.eval_seed,
                                        accelerator.autocast)
 
-    def eval_loss():
+    def eval_loss(step=None):
+        if step is not None and step % args.eval_steps_interval and step != last_step:
+            return {}
         raw = loss()
         record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
         if ema is not None:
@@ -676,6 +735,8 @@ def eval_loss_function(args, info, accelerator, model, objective, examples, ema,
                 record["eval_loss/ema"] = loss()["mean"]
         return record
 
+    if start_log is not None:
+        start_log.log(0, eval_loss())
     return eval_loss
 
 
@@ -686,6 +747,8 @@ def step_record(args, step, loss, lr, step_time, epoch, totals, ema_decay, skipp
         record["loss/instance"] = totals["instance_loss"] / totals["instance_batches"]
     if totals["prior_batches"]:  # before --prior_loss_weight
         record["loss/prior"] = totals["prior_loss"] / totals["prior_batches"]
+    if totals["dop_batches"]:  # before --dop_weight
+        record["loss/dop"] = totals["dop_loss"] / totals["dop_batches"]
     if args.scheduled_sampling_max_step_offset:  # extra UNet passes (per sample) spent on rollouts
         record["rollout_forwards"] = int(totals["rollout_forwards"])
         record["rollout_probability"] = rollout_probability(args, step)
@@ -754,6 +817,10 @@ def check_args(args):
                          "takes \"dora_wd\": true in its config; and the kohya (ComfyUI) layout has no DoRA form that "
                          "diffusers and ComfyUI read alike (diffusers drops dora_scale, ComfyUI normalises by the base "
                          "weight alone): use --lora_format diffusers")
+    if (args.dop_class is None) != (args.dop_trigger is None) or (args.dop_class and args.model_type == "full"):
+        raise SystemExit("differential output preservation needs --dop_class and --dop_trigger together (e.g. "
+                         "\"dog\" and \"ohwx dog\"), and an adapter to switch off for the base model's prediction "
+                         "(--model_type lora)")
     if args.lora_type == "lycoris" and not args.lycoris_config:
         raise SystemExit("--lora_type lycoris needs --lycoris_config FILE.json (e.g. {\"algo\": \"lokr\", "
                          "\"linear_dim\": 10000, \"linear_alpha\": 1, \"factor\": 16})")
@@ -859,6 +926,12 @@ def build_parser():
                        help="regularisation batches learn the base model's own prediction (base_model; default for "
                             "adapters) or the class image (dataset: classic DreamBooth; the only choice for full)")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the regularisation loss")
+    group.add_argument("--dop_class", default=None,
+                       help="differential output preservation: on instance batches the caption with --dop_trigger "
+                            "replaced by this (e.g. \"dog\") keeps the base model's prediction, so the class keeps "
+                            "its look without regularisation images")
+    group.add_argument("--dop_trigger", default=None, help="what DOP replaces in the captions (e.g. \"ohwx dog\")")
+    group.add_argument("--dop_weight", type=float, default=1.0, help="weight of the DOP term")
     group.add_argument("--caption_dropout_probability", type=float, default=0.0,
                        help="each sample trains on the empty caption with this probability (e.g. 0.1), so the model "
                             "keeps drawing the subject's look without the identifier's context")
@@ -909,6 +982,12 @@ def build_parser():
     group.add_argument("--checkpoints_total_limit", type=int, default=None)
     group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
 
+    add_validation_args(parser)
+    return parser
+
+
+def add_validation_args(parser):
+    """Validation images during training: prompts, seeds, strengths, previews."""
     group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompt", nargs="+", default=None)
     group.add_argument("--validation_steps", type=int, default=100)
@@ -940,7 +1019,6 @@ def build_parser():
                             "the end and errors (see common/webhooks.py)")
     group.add_argument("--validation_ema", default=None, choices=["raw", "ema", "both"],
                        help="with --use_ema, which weights validation renders (default both, side by side)")
-    return parser
 
 
 def parse_args(argv=None):

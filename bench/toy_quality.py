@@ -52,9 +52,13 @@ VARIANTS = {
     "lora + ema": (["--use_ema", "--ema_decay", "0.99", "--ema_warmup"], False, False),
     "lycoris lokr": (["--lora_type", "lycoris"], False, False),
     "full": (["--model_type", "full"], False, False),
+    "lora + dora": (["--use_dora"], False, False),
+    "lora + caption dropout": (["--caption_dropout_probability", "0.1"], False, False),
+    "lora + prodigy": (["--optimizer", "prodigy", "--learning_rate", "1.0"], False, False),
 }
 SHORT = {"lora + prior (base_model)": "prior_base", "lora + prior (dataset)": "prior_dataset",
-         "lora + masks": "masks", "lora + rollouts": "rollouts", "lora + ema": "ema", "lycoris lokr": "lokr"}
+         "lora + masks": "masks", "lora + rollouts": "rollouts", "lora + ema": "ema", "lycoris lokr": "lokr",
+         "lora + dora": "dora", "lora + caption dropout": "caption_dropout", "lora + prodigy": "prodigy"}
 
 
 def subject_prompts(subject):

@@ -29,6 +29,8 @@ SHARDED_REFUSALS = {
     "--eval_steps_interval": (lambda a: a.eval_steps_interval, "the stable eval loss runs on the main process alone "
                               "(a sharded forward needs every process): evaluate.py computes it from the checkpoints"),
     "--use_ema": (lambda a: a.use_ema, "the average is kept whole by the main process, which holds a shard only"),
+    "--dop_class": (lambda a: a.dop_class, "only instance batches run the base model for it, and a sharded forward pass "
+                    "needs every process"),
     "--scheduled_sampling_max_step_offset": (lambda a: a.scheduled_sampling_max_step_offset, "each process rolls "
                                              "out a different number of samples, and a sharded forward pass needs "
                                              "all of them at once"),

@@ -16,7 +16,7 @@ from common.quantise import PRECISIONS
 # against its parser). A script that reads the training config passes over those of them it does not take.
 TRAINING_KEYS = frozenset("""
     adam_beta1 adam_beta2 adam_epsilon adam_weight_decay base_model_precision caption_dropout_probability
-    checkpointing_steps
+    checkpointing_steps dop_class dop_trigger dop_weight
     checkpoints_total_limit clip_model data_aesthetic_score data_sampling ema_decay ema_device ema_update_interval ema_warmup
     eval_seed eval_split eval_steps_interval eval_timesteps evaluation_type flow_shift flux_guidance_value
     gradient_accumulation_steps gradient_checkpointing learning_rate lora_alpha

@@ -253,3 +253,9 @@ class Webhooks:
 def load_webhooks(path, print_fn=print):
     """The webhooks of a config file, or None when no file is given."""
     return Webhooks(path, print_fn) if path else None
+
+
+def notify(hooks, event, message, **data):
+    """hooks.send(...) where there are webhooks (the main process of a run with --webhook_config); else nothing."""
+    if hooks is not None:
+        hooks.send(event, message, **data)

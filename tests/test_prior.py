@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, first_batches_are_prior_then_mixed, model_info, write_json
+from conftest import ROOT, first_batches_are_prior_then_mixed, model_info, write_json, train_argv
 
 from common import adapters, data, files, models
 import make_demo
@@ -323,3 +323,39 @@ def test_the_epoch_mix_is_printed_and_too_few_instance_samples_warned(tiny_model
                                      "--data_sampling", "uniform"))
     out = capsys.readouterr().out
     assert "50% of batches are instance batches" in out and "warning" not in out  # uniform: by probability alone
+
+
+def test_dop_keeps_the_class_caption_at_the_base_models_prediction(tiny_model, subject_dir, tmp_path, capsys):
+    """Differential output preservation without any regularisation image: the instance caption with "ohwx toy"
+    replaced by "a toy" rides along, its target the base model's prediction. At step 0 that term is exactly 0 (a
+    fresh adapter is the base model), then positive; the step's loss is the instance loss plus --dop_weight times it;
+    and the class prompt drifts far less from the base model than without DOP."""
+    model = tiny_model("sd1")
+    drift = {}
+    for dop in (True, False):
+        extra = ["--dop_class", "a toy", "--dop_trigger", "ohwx toy", "--dop_weight", "0.5"] if dop else []
+        result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / f"dop-{dop}", "--max_train_steps",
+                                                  "16", "--learning_rate", "5e-3", "--train_batch_size", "1", *extra))
+        drift[dop] = class_prediction_drift(model, result["unet"])
+    records = log_records(tmp_path / "dop-True")
+    # Step 0: zero up to float rounding (the student sees the row batched with the instance row, the base alone).
+    assert records[0]["loss/dop"] < 1e-10 and all(r["loss/dop"] > 1e-6 for r in records[1:])
+    assert all(r["loss"] == pytest.approx(r["loss/instance"] + 0.5 * r["loss/dop"]) for r in records)
+    assert "loss/dop" not in log_records(tmp_path / "dop-False")[0]
+    assert "1 of 1 instance caption(s) name 'ohwx toy'; with it replaced ('a photo of a toy')" in capsys.readouterr().out
+    assert drift[True] < 0.5 * drift[False], drift
+    with pytest.raises(SystemExit, match="'sks dog' is in none of the instance captions"):
+        train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "none", "--dop_class", "a dog",
+                                         "--dop_trigger", "sks dog"))
+    with pytest.raises(SystemExit, match="needs --dop_class and --dop_trigger together"):
+        train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "half", "--dop_class", "a dog"))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_dop_runs_on_the_other_families(tiny_model, subject_dir, tmp_path, family):
+    """The class-caption rows ride in the same forward pass on SDXL (time ids) and FLUX (packed tokens; SD3 shares its
+    transformer path): zero at step 0 up to rounding, then the adapter's departure on the class caption."""
+    train_dreambooth.main(train_argv(tiny_model(family), subject_dir, tmp_path / "out", "--max_train_steps", "3",
+                                     "--learning_rate", "5e-3", "--dop_class", "a toy", "--dop_trigger", "ohwx toy"))
+    records = log_records(tmp_path / "out")
+    assert records[0]["loss/dop"] < 1e-10 and records[-1]["loss/dop"] > 1e-8
