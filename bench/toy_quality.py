@@ -55,10 +55,12 @@ VARIANTS = {
     "lora + dora": (["--use_dora"], False, False),
     "lora + caption dropout": (["--caption_dropout_probability", "0.1"], False, False),
     "lora + prodigy": (["--optimizer", "prodigy", "--learning_rate", "1.0"], False, False),
+    "lora + dop": (["--dop_class", "shape", "--dop_trigger", "ohwx shape"], False, False),  # "a shape" stays the base's
 }
 SHORT = {"lora + prior (base_model)": "prior_base", "lora + prior (dataset)": "prior_dataset",
          "lora + masks": "masks", "lora + rollouts": "rollouts", "lora + ema": "ema", "lycoris lokr": "lokr",
-         "lora + dora": "dora", "lora + caption dropout": "caption_dropout", "lora + prodigy": "prodigy"}
+         "lora + dora": "dora", "lora + caption dropout": "caption_dropout", "lora + prodigy": "prodigy",
+         "lora + dop": "dop"}
 
 
 def subject_prompts(subject):
