@@ -1,6 +1,6 @@
 """The toy DreamBench: does DreamBooth learn a subject, and what does each option change? Measured on the toy model.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/toy_quality.py              # every variant, 3 subjects (~17 min)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/toy_quality.py              # every variant, 3 subjects (~25 min)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/toy_quality.py --variants lora full --subjects 0 --steps 200
 
 The subjects are ones the toy world never shows (toy/make_toy_data.py SUBJECTS: shapes painted in two colours, in
