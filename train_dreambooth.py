@@ -120,37 +120,6 @@ def batch_captions(batch, generator, dropout=0.0):
     return ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
 
 
-def dop_caption(args, caption):
-    """Differential output preservation's caption: `caption` with --dop_trigger replaced by --dop_class, or None where
-    DOP is off or the caption does not name the trigger (then there is nothing to preserve for it)."""
-    if args.dop_class is None or args.dop_trigger not in caption:
-        return None
-    return caption.replace(args.dop_trigger, args.dop_class)
-
-
-def with_dop_rows(args, info, model, batch, captions, text_embeds, options, inputs, target, masks, autocast):
-    """An instance batch's inputs with DOP's rows appended: for each caption naming the trigger, the same x_t and
-    timestep with the class caption, its target the base model's prediction for it (adapter off, no gradient). One
-    forward pass then serves both. Returns (inputs, target, masks, number of DOP rows: 0 without DOP)."""
-    noisy_latents, timesteps, cond = inputs
-    rows = [(i, dop_caption(args, caption)) for i, caption in enumerate(captions) if dop_caption(args, caption)]
-    if not rows or batch[0][0].is_regularisation:
-        return inputs, target, masks, 0
-    transforms = [entry.transform for entry, _ in batch]
-    index = torch.tensor([i for i, _ in rows], device=noisy_latents.device)
-    dop_cond = models.conditioning_on(models.conditioning(info, [text_embeds[c] for _, c in rows],
-                                                          [transforms[i] for i, _ in rows], **options),
-                                      noisy_latents.device, noisy_latents.dtype)
-    with torch.no_grad(), adapters.adapter_disabled(model), autocast():
-        base = models.predict(info, model, noisy_latents[index], timesteps[index], dop_cond)
-    rows_cond = models.conditioning_on(models.conditioning(
-        info, [text_embeds[c] for c in captions] + [text_embeds[c] for _, c in rows],
-        list(transforms) + [transforms[i] for i, _ in rows], **options), noisy_latents.device, noisy_latents.dtype)
-    masks = torch.cat([masks, torch.ones_like(masks[index])]) if masks is not None else None
-    return ((torch.cat([noisy_latents, noisy_latents[index]]), torch.cat([timesteps, timesteps[index]]), rows_cond),
-            torch.cat([target, base.to(target.dtype)]), masks, len(rows))
-
-
 def sample_latents(batch, generator, shift, scaling):
     """A batch's latents, each drawn from its image's cached VAE distribution (mean + std * N(0, 1), as
     vae.encode().latent_dist.sample() would), in the UNet's scale; and their masks (B, 1, h, w), or None."""
@@ -279,8 +248,9 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
     into validation/step-STEP/ with a grid (a row per prompt, a column per seed). With an EMA, --validation_ema
     picks the raw weights, the EMA weights, or both side by side; --validation_lora_scales draws each of those at
     each adapter strength. With `scoring` (--evaluation_type clip: the Scorer and the subject's CLIP embeddings) the
-    images are scored: returns {"validation/clip_t": ...} (with "/ema", "/scale0.5" variants), else {}. Webhooks get each prompt's images, and with `preview_vae` previews while they are
-    drawn. A refiner refines `sources` (render.refine_sources) instead; its rows start with each source."""
+    images are scored: returns {"validation/clip_t": ...} (with "/ema", "/scale0.5" variants), else {}. Webhooks
+    get each prompt's images, and with `preview_vae` previews while they are drawn. A refiner refines `sources`
+    (render.refine_sources) instead; its rows start with each source."""
     model = accelerator.unwrap_model(unet)
     vae, tokenizers, text_encoders = frozen
     for part in (vae, *text_encoders):  # no-op unless --offload_frozen left them in system memory
@@ -362,7 +332,7 @@ def train(args, hooks):
     trainable = adapters.trainable_parameters(unwrapped)
     ema = make_ema(args, accelerator, trainable, device, say)
     validate = make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks)
-    save_outputs = output_writer(args, info, datasets, unwrapped, lora_config, ema, trainable)
+    save_outputs = adapters.output_writer(args, info, datasets, unwrapped, lora_config, ema, trainable)
     first_step, skipped_nan = checkpoints.resume(args, accelerator, resume_path, unet, optimizer, lr_scheduler,
                                                  ema, sampler)
     log = checkpoints.JsonlLog(os.path.join(args.output_dir, "logs"), first_step if resume_path else None) \
@@ -424,9 +394,9 @@ def train(args, hooks):
                 target = base if is_prior else target
 
             # Differential output preservation (--dop_class): class-caption rows keeping the base model's prediction.
-            inputs, target, masks, dop = with_dop_rows(args, info, unwrapped, batch, captions, text_embeds, options,
-                                                       (noisy_latents, timesteps, cond), target, masks,
-                                                       accelerator.autocast)
+            inputs, target, masks, dop = objectives.with_dop_rows(
+                args, info, unwrapped, batch, captions, text_embeds, options, (noisy_latents, timesteps, cond), target,
+                masks, accelerator.autocast)
 
             # Forward and loss. Gradients are synchronised across processes on the last micro-step only. Per
             # sample: the mean squared error over its mask (masked loss; over the whole latent without one), times
@@ -552,7 +522,7 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
     dropped from the plans); then every caption's embeddings, and the eval loss's examples (main process)."""
     train_datasets = [d for d in datasets if d.trains]
     text_dir = data.text_cache_dir(datasets, args)
-    empty = extra_captions(args, train_datasets, plans, say=accelerator.print)
+    empty = objectives.extra_captions(args, train_datasets, plans, say=accelerator.print)
     if accelerator.is_main_process:
         for dataset in train_datasets:
             plans[dataset.id], _ = caches.build_vae_cache(plans[dataset.id], info, accelerator.device,
@@ -571,22 +541,6 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
     eval_examples = scores.eval_examples(eval_entries, info, text_dir, models.conditioning_options(info, args)) \
         if accelerator.is_main_process and eval_entries else []
     return text_embeds, eval_examples
-
-
-def extra_captions(args, datasets, plans, say):
-    """Captions trained without being any image's: caption dropout's empty caption and DOP's class captions."""
-    extra = [""] if args.caption_dropout_probability else []
-    if args.dop_class is not None:
-        captions = {c for d in datasets if not d.is_regularisation_data for e in plans[d.id] for c in e.captions}
-        named = sorted(c for c in captions if dop_caption(args, c))
-        if not named:
-            raise SystemExit(f"--dop_trigger {args.dop_trigger!r} is in none of the instance captions (e.g. "
-                             f"{min(captions)!r}); give it as the captions write it (e.g. \"ohwx dog\")")
-        say(f"differential output preservation: {len(named)} of {len(captions)} instance caption(s) name "
-            f"{args.dop_trigger!r}; with it replaced ({dop_caption(args, named[0])!r}) they keep the base model's "
-            f"prediction (weight {args.dop_weight:g})")
-        extra += [dop_caption(args, c) for c in named]
-    return extra
 
 
 def load_model(args, info, device, say):
@@ -695,21 +649,6 @@ def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, 
             log.log(step, values)
 
     return validate
-
-
-def output_writer(args, info, datasets, model, lora_config, ema, trainable):
-    """save_outputs(folder, step): the adapter file(s) in `folder` (a checkpoint or the output), the raw weights
-    and with --use_ema the average beside them."""
-    def save_outputs(folder, step):
-        path = adapters.save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder)
-        if ema is not None:
-            with ema.applied(trainable):
-                adapters.save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder,
-                                      adapters.EMA_SUFFIX, {"weights": "ema", "ema_decay": str(args.ema_decay),
-                                                            "ema_updates": str(ema.updates),
-                                                            "ema_start_share": f"{ema.start_share():.6f}"})
-        return path
-    return save_outputs
 
 
 def eval_loss_function(args, info, accelerator, model, objective, examples, ema, trainable, last_step,
@@ -885,8 +824,9 @@ def build_parser():
     group.add_argument("--lora_layers", default=None,
                        help="explicit module names for the LoRA, comma-separated (e.g. \"attn.to_q,attn.to_k\"; "
                             "peft matches them as name suffixes); replaces --lora_target")
-    flags.add_bool(group, "--use_dora", help="DoRA (peft): a learned magnitude per output beside the LoRA's "
-                                            "direction; saved for load_lora_weights")
+    flags.add_bool(group, "--use_dora",
+                   help="DoRA (peft): a learned magnitude per output beside the LoRA's direction; saved for "
+                        "load_lora_weights")
     group.add_argument("--lora_init", default="gaussian", choices=["gaussian", "default"],
                        help="init of the A matrices (B starts at zero either way, so step 0 is the base model)")
 

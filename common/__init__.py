@@ -10,13 +10,13 @@
                    used by train, evaluate, masks, regularisation, rare tokens
     models       the family table, loading, text encoding, conditioning, calling the UNet / transformer
                    used by train, evaluate, regularisation, rare tokens (cache through caches)
-    objectives   noise prediction (DDPM) or flow matching: timesteps, targets, weights, rollout steps
+    objectives   noise prediction (DDPM) or flow matching: timesteps, targets, weights, rollout steps; DOP's rows
                    used by train, evaluate
     quantise     quantised frozen weights (--base_model_precision, --text_encoder_N_precision)
                    used by cache, train, evaluate, regularisation
     caches       VAE latents and text embeddings on disk
                    used by cache, train, evaluate
-    adapters     LoRA / LyCORIS: add, switch off, save (diffusers and kohya layouts), load
+    adapters     LoRA (DoRA) / LyCORIS: add, switch off, scale, save (diffusers and kohya layouts), load
                    used by train, evaluate, regularisation
     checkpoints  checkpoints, exact resume, sharded (FSDP) saving, the training log, a full fine-tune's pipeline
                    used by train, evaluate

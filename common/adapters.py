@@ -366,6 +366,20 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
     return path
 
 
+def output_writer(args, info, datasets, model, lora_config, ema, trainable):
+    """save_outputs(folder, step) for training: the adapter file(s) in `folder` (a checkpoint or the output), the raw
+    weights and with --use_ema the average beside them (with how much of the untrained start it still holds)."""
+    def save_outputs(folder, step):
+        path = save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder)
+        if ema is not None:
+            metadata = {"weights": "ema", "ema_decay": str(args.ema_decay), "ema_updates": str(ema.updates),
+                        "ema_start_share": f"{ema.start_share():.6f}"}
+            with ema.applied(trainable):
+                save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder, EMA_SUFFIX, metadata)
+        return path
+    return save_outputs
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 

@@ -8,14 +8,16 @@ objectives, one interface, so the training loop reads the same for every family:
                      scheme and shifted; the transformer predicts the velocity eps - x0.
 Each draws (noise, t) for a batch from the batch's own generator, noises, gives the target and per-sample loss
 weights, the noise that a given x_t implies for its clean latent (the recomputed rollout target), a k-step rollout
-with the model's own predictions, and the fixed grid of the stable eval loss.
+with the model's own predictions, and the fixed grid of the stable eval loss. Beside them, for every family: the
+captions trained without being any image's (caption dropout's empty caption, DOP's class captions) and
+differential output preservation's rows, whose target is the base model's prediction.
 """
 
 import math
 
 import torch
 
-from common import models
+from common import adapters, models
 
 
 def for_model(info, args, device="cpu"):
@@ -240,3 +242,54 @@ def settle_flags(info, args):
         raise SystemExit(f"--weighting_scheme and --flow_shift apply to flow matching (SD3, FLUX.1); {info.ref} is "
                          f"{info.family}, trained on the DDPM schedule: use --snr_gamma for loss weighting")
     args.scheduled_sampling_sampler = args.scheduled_sampling_sampler or SAMPLER[info.spec.objective]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captions no image has, and differential output preservation's rows
+
+
+def extra_captions(args, datasets, plans, say):
+    """Captions trained without being any image's: caption dropout's empty caption and DOP's class captions."""
+    extra = [""] if args.caption_dropout_probability else []
+    if args.dop_class is not None:
+        captions = {c for d in datasets if not d.is_regularisation_data for e in plans[d.id] for c in e.captions}
+        named = sorted(c for c in captions if dop_caption(args, c))
+        if not named:
+            raise SystemExit(f"--dop_trigger {args.dop_trigger!r} is in none of the instance captions (e.g. "
+                             f"{min(captions)!r}); give it as the captions write it (e.g. \"ohwx dog\")")
+        say(f"differential output preservation: {len(named)} of {len(captions)} instance caption(s) name "
+            f"{args.dop_trigger!r}; with it replaced ({dop_caption(args, named[0])!r}) they keep the base model's "
+            f"prediction (weight {args.dop_weight:g})")
+        extra += [dop_caption(args, c) for c in named]
+    return extra
+
+
+def dop_caption(args, caption):
+    """Differential output preservation's caption: `caption` with --dop_trigger replaced by --dop_class, or None where
+    DOP is off or the caption does not name the trigger (then there is nothing to preserve for it)."""
+    if args.dop_class is None or args.dop_trigger not in caption:
+        return None
+    return caption.replace(args.dop_trigger, args.dop_class)
+
+
+def with_dop_rows(args, info, model, batch, captions, text_embeds, options, inputs, target, masks, autocast):
+    """An instance batch's inputs with DOP's rows appended: for each caption naming the trigger, the same x_t and
+    timestep with the class caption, its target the base model's prediction for it (adapter off, no gradient). One
+    forward pass then serves both. Returns (inputs, target, masks, number of DOP rows: 0 without DOP)."""
+    noisy_latents, timesteps, cond = inputs
+    rows = [(i, dop_caption(args, caption)) for i, caption in enumerate(captions) if dop_caption(args, caption)]
+    if not rows or batch[0][0].is_regularisation:
+        return inputs, target, masks, 0
+    transforms = [entry.transform for entry, _ in batch]
+    index = torch.tensor([i for i, _ in rows], device=noisy_latents.device)
+    dop_cond = models.conditioning_on(models.conditioning(info, [text_embeds[c] for _, c in rows],
+                                                          [transforms[i] for i, _ in rows], **options),
+                                      noisy_latents.device, noisy_latents.dtype)
+    with torch.no_grad(), adapters.adapter_disabled(model), autocast():
+        base = models.predict(info, model, noisy_latents[index], timesteps[index], dop_cond)
+    rows_cond = models.conditioning_on(models.conditioning(
+        info, [text_embeds[c] for c in captions] + [text_embeds[c] for _, c in rows],
+        transforms + [transforms[i] for i, _ in rows], **options), noisy_latents.device, noisy_latents.dtype)
+    masks = torch.cat([masks, torch.ones_like(masks[index])]) if masks is not None else None
+    return ((torch.cat([noisy_latents, noisy_latents[index]]), torch.cat([timesteps, timesteps[index]]), rows_cond),
+            torch.cat([target, base.to(target.dtype)]), masks, len(rows))
