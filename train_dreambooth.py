@@ -756,10 +756,11 @@ def check_args(args):
                          "takes \"dora_wd\": true in its config; and the kohya (ComfyUI) layout has no DoRA form that "
                          "diffusers and ComfyUI read alike (diffusers drops dora_scale, ComfyUI normalises by the base "
                          "weight alone): use --lora_format diffusers")
-    if (args.dop_class is None) != (args.dop_trigger is None) or (args.dop_class and args.model_type == "full"):
-        raise SystemExit("differential output preservation needs --dop_class and --dop_trigger together (e.g. "
-                         "\"dog\" and \"ohwx dog\"), and an adapter to switch off for the base model's prediction "
-                         "(--model_type lora)")
+    if (args.dop_class is None) != (args.dop_trigger is None) or "" in (args.dop_class, args.dop_trigger) or (
+            args.dop_class is not None and args.model_type == "full"):
+        raise SystemExit("differential output preservation needs --dop_class and --dop_trigger together, neither "
+                         "empty (e.g. \"dog\" and \"ohwx dog\"), and an adapter to switch off for the base model's "
+                         "prediction (--model_type lora)")
     if args.lora_type == "lycoris" and not args.lycoris_config:
         raise SystemExit("--lora_type lycoris needs --lycoris_config FILE.json (e.g. {\"algo\": \"lokr\", "
                          "\"linear_dim\": 10000, \"linear_alpha\": 1, \"factor\": 16})")

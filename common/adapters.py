@@ -129,20 +129,23 @@ def adapter_disabled(model):
     a layer with weight decomposition (dora_wd) computes weight_decompose(W + dW, multiplier), which keeps W + dW
     at multiplier 0, so its original forward is put back instead (restore) and its wrapper re-applied after."""
     network = getattr(model, "lycoris", None)
-    if network is None:
-        model.disable_adapters()
-    else:
+    restored = []
+    if network is not None:
         multiplier, decomposed = network.multiplier, [m for m in network.loras if getattr(m, "wd", False)]
-        network.set_multiplier(0.0)
-        for module in reversed(decomposed):
-            module.restore()
     try:
+        if network is None:
+            model.disable_adapters()
+        else:
+            network.set_multiplier(0.0)
+            for module in reversed(decomposed):
+                module.restore()
+                restored.append(module)
         yield model
     finally:
         if network is None:
             model.enable_adapters()
         else:
-            for module in decomposed:
+            for module in reversed(restored):  # re-applied in the order they were first applied
                 module.apply_to()
             network.set_multiplier(multiplier)
 
@@ -162,11 +165,11 @@ def adapter_scaled(model, scale):
     network = getattr(model, "lycoris", None)
     layers = [module for module in model.modules() if hasattr(module, "scaling") and hasattr(module, "lora_A")]
     saved = network.multiplier if network is not None else [dict(layer.scaling) for layer in layers]
-    if network is not None:
-        network.set_multiplier(saved * scale)
-    for layer in layers:
-        layer.scale_layer(scale)
     try:
+        if network is not None:
+            network.set_multiplier(saved * scale)
+        for layer in layers:
+            layer.scale_layer(scale)
         yield model
     finally:
         if network is not None:

@@ -29,8 +29,8 @@ SHARDED_REFUSALS = {
     "--eval_steps_interval": (lambda a: a.eval_steps_interval, "the stable eval loss runs on the main process alone "
                               "(a sharded forward needs every process): evaluate.py computes it from the checkpoints"),
     "--use_ema": (lambda a: a.use_ema, "the average is kept whole by the main process, which holds a shard only"),
-    "--dop_class": (lambda a: a.dop_class, "only instance batches run the base model for it, and a sharded forward pass "
-                    "needs every process"),
+    "--dop_class": (lambda a: a.dop_class is not None, "only instance batches run the base model for it, and a "
+                    "sharded forward pass needs every process"),
     "--scheduled_sampling_max_step_offset": (lambda a: a.scheduled_sampling_max_step_offset, "each process rolls "
                                              "out a different number of samples, and a sharded forward pass needs "
                                              "all of them at once"),
@@ -42,6 +42,8 @@ SHARDED_REFUSALS = {
                               "bitsandbytes' 8-bit state does not take sharded parameters"),
     "--optimizer prodigy": (lambda a: a.optimizer == "prodigy", "its step-size estimate sums over whole parameters; "
                             "each process would estimate from its shard alone"),
+    "--optimizer adafactor": (lambda a: a.optimizer == "adafactor", "its factored moments are plain tensors beside "
+                              "sharded parameters"),
 }
 
 
@@ -83,19 +85,24 @@ def whole_weights(accelerator, model, names):
     if not is_sharded(accelerator):
         yield
         return
-    modules, swapped = dict(model.named_modules()), []
-    for name in names:
-        owner, attr = name.rpartition(".")[::2]
-        module = modules[owner]
-        shard = module._parameters[attr]
-        whole = shard.full_tensor()  # a collective: every process gathers every parameter, in the same order
-        if accelerator.is_main_process:
-            module._parameters[attr] = torch.nn.Parameter(whole.detach().cpu(), requires_grad=shard.requires_grad)
-            swapped.append((module, attr, shard))
-        del whole
+    from torch.distributed.fsdp import FSDPModule
+
+    modules, swapped, sharded_class = dict(model.named_modules()), [], type(model)
     try:
+        for name in names:
+            owner, attr = name.rpartition(".")[::2]
+            module = modules[owner]
+            shard = module._parameters[attr]
+            whole = shard.full_tensor()  # a collective: every process gathers every parameter, in the same order
+            if accelerator.is_main_process:
+                module._parameters[attr] = torch.nn.Parameter(whole.detach().cpu(), requires_grad=shard.requires_grad)
+                swapped.append((module, attr, shard))
+            del whole
+        # fully_shard renamed the model's class (FSDPFluxTransformer2DModel): a saved config must name the real one
+        model.__class__ = next(c for c in sharded_class.__mro__ if not issubclass(c, FSDPModule))
         yield
     finally:
+        model.__class__ = sharded_class
         for module, attr, shard in swapped:
             module._parameters[attr] = shard
 
@@ -213,6 +220,7 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "num_processes": accelerator.num_processes, "model_type": args.model_type,
                 "ema_updates": ema.updates if ema is not None else None,
+                "ema_warmup": args.ema_warmup if ema is not None else None,
                 "skipped_nan_batches": skipped_nan,  # --skip_nan_steps counts over the whole run, resumes included
             }, os.path.join(tmp, STATE_FILE))
             shutil.rmtree(final, ignore_errors=True)
@@ -276,6 +284,9 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
     if missing:
         raise SystemExit(f"{path} does not match this run's trainable weights (missing e.g. {sorted(missing)[0]}); "
                          "was it written with other --model_type / --lora_* settings?")
+    if is_sharded(accelerator) and state["num_processes"] != accelerator.num_processes:
+        raise SystemExit(f"{path} holds the optimiser state of {state['num_processes']} sharded processes; resume it "
+                         f"with {state['num_processes']} (this run has {accelerator.num_processes})")
     load_whole_weights(accelerator, model, weights)
     optimizer_path = os.path.join(path, optimizer_file(accelerator))
     if not os.path.isfile(optimizer_path):
@@ -293,6 +304,9 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     ema_file = os.path.join(path, EMA_CHECKPOINT_FILE)
+    if ema is not None and state.get("ema_warmup", ema.warmup) != ema.warmup:  # its decays would differ from here on
+        print(f"warning: {path} was written with --ema_warmup {state['ema_warmup']}, this run has {ema.warmup}: "
+              "the average will differ from an uninterrupted run's")
     if ema is not None and os.path.isfile(ema_file):
         for name, value in files.load_tensors(ema_file).items():
             ema.shadow[name].copy_(value)

@@ -201,12 +201,14 @@ def missing_text_encoders(path, family, args):
 
 def flux_single_file(path, args):
     """A FLUX.1 file in Black Forest Labs' layout holds the transformer alone (in its own precision, kept: bf16 for
-    the released models); the VAE, text encoders and scheduler come from --single_file_config."""
+    the released models; an fp8 file is widened to bf16, for training); the VAE, text encoders and scheduler come
+    from --single_file_config, in the same precision."""
     import diffusers
 
     with safe_open(path, framework="pt") as handle:
         key = next(k for k in handle.keys() if k.endswith("img_in.weight"))
         width, dtype = handle.get_slice(key).get_shape()[0], handle.get_tensor(key).dtype
+    dtype = {torch.float32: torch.float32, torch.float16: torch.float16}.get(dtype, torch.bfloat16)  # fp8 -> bf16
     if width != 3072:  # diffusers' converter fixes every FLUX.1's width, 3072
         raise SystemExit(f"{path}: a FLUX transformer {width} wide; diffusers' converter reads the FLUX.1 width (3072) "
                          "only. Convert it to a diffusers folder with the tool that made it, and pass the folder")

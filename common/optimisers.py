@@ -5,6 +5,7 @@ bit-identical to an uninterrupted one whichever is chosen.
 """
 
 import importlib.util
+import os
 
 import torch
 
@@ -14,14 +15,18 @@ PACKAGES = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}  # the optiona
 def check_args(args):
     """Before any model work: --use_8bit_adam (diffusers' examples' flag) means adamw8bit; the optimiser's package
     must be installed; Prodigy with a small learning rate (the usual mistake) is warned about."""
+    if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit"):
+        raise SystemExit(f"--use_8bit_adam means --optimizer adamw8bit, but --optimizer {args.optimizer} was given "
+                         "too: keep one of them")
     if args.use_8bit_adam:
         args.optimizer = "adamw8bit"
     package = PACKAGES.get(args.optimizer)
     if package and importlib.util.find_spec(package) is None:
         raise SystemExit(f"--optimizer {args.optimizer} needs {package}: pip install {package}")
-    if args.optimizer == "prodigy" and args.learning_rate < 0.1:
+    if args.optimizer == "prodigy" and args.learning_rate < 0.1 and int(os.environ.get("RANK", "0")) == 0:
+        smaller = f"about {1 / args.learning_rate:,.0f} times smaller" if args.learning_rate > 0 else "zero"
         print(f"warning: Prodigy finds its own step size and --learning_rate multiplies it: 1.0 is the usual value; "
-              f"{args.learning_rate:g} makes every step about {1 / args.learning_rate:,.0f} times smaller")
+              f"{args.learning_rate:g} makes every step {smaller}")
 
 
 def make(args, parameters):

@@ -66,11 +66,15 @@ def decoding_outside_autocast(vae):
         with torch.autocast(latents.device.type, enabled=False):
             return type(vae).decode(vae, latents.to(vae.dtype), *args, **kwargs)
 
+    own = vae.__dict__.get("decode")  # an instance's own decode (rare), put back afterwards
     vae.decode = decode
     try:
         yield
     finally:
-        del vae.decode
+        if own is None:
+            del vae.decode
+        else:
+            vae.decode = own
 
 
 def prompt_grid(rows, prompts, sources=None, column_labels=(), cell=None):
