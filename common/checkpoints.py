@@ -13,6 +13,7 @@ import shutil
 import warnings
 
 import torch
+from safetensors import safe_open
 
 from common import adapters, files, models
 
@@ -107,14 +108,17 @@ def whole_weights(accelerator, model, names):
             module._parameters[attr] = shard
 
 
-def load_whole_weights(accelerator, model, weights):
-    """Whole trainable weights (a checkpoint's) into the model: copied, or under FSDP cut into each process's shard."""
+def load_whole_weights(accelerator, model, path):
+    """A checkpoint's whole trainable weights (trainable.safetensors) into the model: copied, or under FSDP read by
+    the main process alone (a full fine-tune's file is the whole model) and sent out cut into each process's shard."""
     if not is_sharded(accelerator):
-        model.load_state_dict(weights, strict=False)
+        model.load_state_dict(files.load_tensors(path), strict=False)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    weights = files.load_tensors(path) if accelerator.is_main_process else {}
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                  strict=False))
 
 
 def optimizer_file(accelerator):
@@ -279,15 +283,16 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
         state = json.load(handle)
     model = accelerator.unwrap_model(unet)
-    weights = files.load_tensors(os.path.join(path, "trainable.safetensors"))
-    missing = set(adapters.trainable_parameters(model)) - set(weights)
+    weights_path = os.path.join(path, "trainable.safetensors")
+    with safe_open(weights_path, framework="pt") as handle:
+        missing = set(adapters.trainable_parameters(model)) - set(handle.keys())
     if missing:
         raise SystemExit(f"{path} does not match this run's trainable weights (missing e.g. {sorted(missing)[0]}); "
                          "was it written with other --model_type / --lora_* settings?")
     if is_sharded(accelerator) and state["num_processes"] != accelerator.num_processes:
         raise SystemExit(f"{path} holds the optimiser state of {state['num_processes']} sharded processes; resume it "
                          f"with {state['num_processes']} (this run has {accelerator.num_processes})")
-    load_whole_weights(accelerator, model, weights)
+    load_whole_weights(accelerator, model, weights_path)
     optimizer_path = os.path.join(path, optimizer_file(accelerator))
     if not os.path.isfile(optimizer_path):
         written = "an unsharded" if os.path.isfile(os.path.join(path, "optimizer.pt")) else "a sharded (FSDP)"
