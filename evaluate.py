@@ -303,9 +303,13 @@ def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast
         files.save_image_atomic(render.prompt_grid(rows, drawn, sources, cell=cell), result["grid_path"])
         result.update(score([image for row in rows for image in row],
                             [prompts[p][1] for p, row in enumerate(rows) for _ in row]))
-        if examples:
+        if examples:  # an adapter with text-encoder layers (--train_text_encoder): captions read by them, now
+            encoders = [getattr(pipe, name) for _, name, _ in info.text_parts]
+            trained = any(hasattr(module, "lora_A") for encoder in encoders for module in encoder.modules())
+            texts = adapters.text_reader(info, None, (None, [getattr(pipe, name) for name, _, _ in info.text_parts],
+                                                      encoders), autocast) if trained else None
             loss = scores.stable_eval_loss(info, models.denoiser_of(pipe), objective, examples, args.eval_timesteps,
-                                           args.eval_seed, autocast)
+                                           args.eval_seed, autocast, texts)
             result["eval_loss"], result["eval_loss_per_timestep"] = loss["mean"], loss["per_timestep"]
     return result
 

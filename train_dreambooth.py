@@ -307,7 +307,8 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
     model.train(was_training)
     if args.offload_frozen:
         for part in (vae, *text_encoders):
-            part.to("cpu")
+            if not adapters.trainable_parameters(part):  # a trained text encoder runs every step: it stays
+                part.to("cpu")
     return results
 
 
@@ -323,8 +324,8 @@ def train(args, hooks):
     datasets, info, plans, eval_entries, seed, resume_path = plan_data(args, accelerator)
     text_embeds, eval_examples = build_caches(args, accelerator, info, datasets, plans, eval_entries)
     unet, objective, weight_dtype, lora_config = load_model(args, info, device, say)
-    frozen = load_frozen_parts(args, info, device, weight_dtype)  # VAE + text encoders: validation, a full save
-    optimizer = optimisers.make(args, adapters.trainable_parameters(unet).values())
+    frozen, text_of = load_frozen_parts(args, info, accelerator, weight_dtype, unet, text_embeds)  # + text_of(captions)
+    optimizer = optimisers.make(args, adapters.trainable_parameters(unet))
     sampler, batches_per_epoch, max_train_steps, lr_scheduler = plan_steps(args, datasets, plans, seed, world,
                                                                            optimizer, say)
     unet, optimizer = accelerator.prepare(unet, optimizer)  # unet: the trained forward (DDP syncs its gradients)
@@ -337,8 +338,9 @@ def train(args, hooks):
                                                  ema, sampler)
     log = checkpoints.JsonlLog(os.path.join(args.output_dir, "logs"), first_step if resume_path else None) \
         if accelerator.is_main_process else None
-    eval_loss = eval_loss_function(args, info, accelerator, unwrapped, objective, eval_examples, ema, trainable,
-                                   max_train_steps, log if first_step == 0 else None)  # logs the start, for the curve
+    eval_loss = scores.eval_loss_function(args, info, accelerator, unwrapped, objective, eval_examples, ema, trainable,
+                                          max_train_steps, log if first_step == 0 else None,  # the start, for the curve
+                                          text_of if args.train_text_encoder else None)
     webhooks.notify(hooks, "training_started", f"training {describe(args)} on {info.ref}: steps {first_step} to "
                     f"{max_train_steps}", step=first_step, max_train_steps=max_train_steps)
     bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step", disable=rank > 0)
@@ -356,14 +358,14 @@ def train(args, hooks):
             batch = batches[rank]
             generator = batch_generator(seed, batch_index)
 
-            # Inputs from the caches: a latent drawn from its image's VAE distribution, its mask (masked loss: cut
-            # with its image and averaged onto the latent grid when cached), the caption's embeddings (and SDXL's
-            # pooled text and size / crop / aesthetic time ids; SD3 / FLUX's pooled text, FLUX.1-dev's guidance).
+            # Inputs: a latent drawn from its image's cached VAE distribution, its mask (masked loss: cut with its
+            # image, averaged onto the latent grid), the caption's embeddings (cached; --train_text_encoder: read now
+            # by the trained encoders) with SDXL's pooled text and size / crop / aesthetic time ids, SD3 / FLUX's
+            # pooled text, FLUX.1-dev's guidance.
             latents, masks = sample_latents(batch, generator, shift, scaling)
             captions = batch_captions(batch, generator, args.caption_dropout_probability)
-            cond = models.conditioning(info, [text_embeds[caption] for caption in captions],
-                                       [entry.transform for entry, _ in batch], **options)
-            cond = models.conditioning_on(cond, device, weight_dtype)
+            texts, transforms = text_of(captions), [entry.transform for entry, _ in batch]
+            cond = models.conditioning(info, texts, transforms, **options, on=(device, weight_dtype))
 
             # Noise and timesteps (objectives.py: DDPM timesteps uniform over the schedule, or flow-matching noise
             # levels by the weighting scheme and shift), and the forward process's x_t.
@@ -383,20 +385,22 @@ def train(args, hooks):
 
             # Prior preservation: a batch comes from one dataset, so it is all instance or all regularisation. A
             # regularisation batch's loss is weighted by --prior_loss_weight; with the base_model target it learns
-            # the frozen base model's own prediction on the same x_t, timestep and caption (adapter off, no grad).
+            # the frozen base model's prediction on the same x_t, timestep and caption (adapter off, cached text).
             is_prior = batch[0][0].is_regularisation
             loss_weight = args.prior_loss_weight if is_prior else 1.0
             # A sharded model's forward pass needs every process: all run it when any process has a prior batch.
             if args.prior_loss_target == "base_model" and (is_prior or sharded and any(
                     other[0][0].is_regularisation for other in batches)):
+                base_cond = models.conditioning(info, [text_embeds[c] for c in captions], transforms, **options,
+                                                on=(device, weight_dtype)) if args.train_text_encoder else cond
                 with torch.no_grad(), adapters.adapter_disabled(unwrapped), accelerator.autocast():
-                    base = models.predict(info, unwrapped, noisy_latents, timesteps, cond)
+                    base = models.predict(info, unwrapped, noisy_latents, timesteps, base_cond)
                 target = base if is_prior else target
 
             # Differential output preservation (--dop_class): class-caption rows keeping the base model's prediction.
             inputs, target, masks, dop = objectives.with_dop_rows(
-                args, info, unwrapped, batch, captions, text_embeds, options, (noisy_latents, timesteps, cond), target,
-                masks, accelerator.autocast)
+                args, info, unwrapped, batch, captions, (texts, text_of, text_embeds), options,
+                (noisy_latents, timesteps, cond), target, masks, accelerator.autocast)
 
             # Forward and loss. Gradients are synchronised across processes on the last micro-step only. Per
             # sample: the mean squared error over its mask (masked loss; over the whole latent without one), times
@@ -580,15 +584,24 @@ def describe(args):
     return "the whole UNet" if args.model_type == "full" else adapter
 
 
-def load_frozen_parts(args, info, device, weight_dtype):
-    """(VAE, tokenizers, text encoders) when validation renders images or a full fine-tune saves a whole
-    pipeline; else None. With --offload_frozen they wait in system memory and visit the GPU only to render."""
-    if not (args.validation_prompt or args.model_type == "full"):
-        return None
-    frozen_device = "cpu" if args.offload_frozen else device
+def load_frozen_parts(args, info, accelerator, weight_dtype, unet, text_embeds):
+    """(VAE, tokenizers, text encoders) when validation renders images, a full fine-tune saves a whole pipeline or
+    --train_text_encoder puts a LoRA on the encoders (then held by the UNet too, in fp32); else None. With
+    --offload_frozen they wait in system memory and visit the GPU only to render (trained encoders stay). And
+    texts(captions), the captions' embeddings as training reads them (adapters.text_reader)."""
+    from diffusers.training_utils import cast_training_params
+
+    if not (args.validation_prompt or args.model_type == "full" or args.train_text_encoder):
+        return None, adapters.text_reader(info, text_embeds)
+    frozen_device = "cpu" if args.offload_frozen else accelerator.device
     vae = models.load_component(info, "vae").to(frozen_device)
     tokenizers, text_encoders = models.load_text_encoders(info, frozen_device, weight_dtype)
-    return vae, tokenizers, text_encoders
+    frozen = vae, tokenizers, text_encoders
+    if not args.train_text_encoder:
+        return frozen, adapters.text_reader(info, text_embeds)
+    adapters.add_text_encoder_lora(unet, info, text_encoders, args, accelerator.device)
+    cast_training_params(unet, torch.float32)
+    return frozen, adapters.text_reader(info, text_embeds, frozen, accelerator.autocast)
 
 
 def plan_steps(args, datasets, plans, seed, world, optimizer, say):
@@ -649,34 +662,6 @@ def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, 
             log.log(step, values)
 
     return validate
-
-
-def eval_loss_function(args, info, accelerator, model, objective, examples, ema, trainable, last_step,
-                       start_log=None):
-    """eval_loss(step) -> the log's eval_loss, eval_loss_per_timestep (and eval_loss/ema) at every
-    --eval_steps_interval and the last step, else {}: scores.stable_eval_loss, the function evaluate.py runs, so the
-    numbers agree. None without eval images (and on other processes). With `start_log` (a run at step 0), the
-    starting point goes into it first."""
-    if not examples:
-        return None
-
-    def loss():
-        return scores.stable_eval_loss(info, model, objective, examples, args.eval_timesteps, args.eval_seed,
-                                       accelerator.autocast)
-
-    def eval_loss(step=None):
-        if step is not None and step % args.eval_steps_interval and step != last_step:
-            return {}
-        raw = loss()
-        record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
-        if ema is not None:
-            with ema.applied(trainable):
-                record["eval_loss/ema"] = loss()["mean"]
-        return record
-
-    if start_log is not None:
-        start_log.log(0, eval_loss())
-    return eval_loss
 
 
 def step_record(args, step, loss, lr, step_time, epoch, totals, ema_decay, skipped_nan):
@@ -761,6 +746,12 @@ def check_args(args):
         raise SystemExit("differential output preservation needs --dop_class and --dop_trigger together, neither "
                          "empty (e.g. \"dog\" and \"ohwx dog\"), and an adapter to switch off for the base model's "
                          "prediction (--model_type lora)")
+    if args.train_text_encoder and (args.model_type == "full" or args.lora_type == "lycoris"):
+        raise SystemExit("--train_text_encoder puts a peft LoRA on the text encoders beside the UNet's, saved for "
+                         "load_lora_weights: use it with --model_type lora --lora_type standard (a full fine-tune "
+                         "saves whole models; a LyCORIS network covers the UNet alone)")
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise SystemExit("--text_encoder_lr is the trained text encoders' learning rate: add --train_text_encoder")
     if args.lora_type == "lycoris" and not args.lycoris_config:
         raise SystemExit("--lora_type lycoris needs --lycoris_config FILE.json (e.g. {\"algo\": \"lokr\", "
                          "\"linear_dim\": 10000, \"linear_alpha\": 1, \"factor\": 16})")
@@ -830,6 +821,12 @@ def build_parser():
                         "load_lora_weights")
     group.add_argument("--lora_init", default="gaussian", choices=["gaussian", "default"],
                        help="init of the A matrices (B starts at zero either way, so step 0 is the base model)")
+    flags.add_bool(group, "--train_text_encoder",
+                   help="a LoRA (the --lora_* settings) on the CLIP text encoder(s) too, as in the DreamBooth paper: "
+                        "the identifier's embedding learns the subject; captions are encoded every step (T5 stays "
+                        "frozen)")
+    group.add_argument("--text_encoder_lr", type=float, default=None,
+                       help="learning rate of the text encoders' LoRA (default: --learning_rate)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--learning_rate", type=float, default=1e-4)

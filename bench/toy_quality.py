@@ -56,11 +56,12 @@ VARIANTS = {
     "lora + caption dropout": (["--caption_dropout_probability", "0.1"], False, False),
     "lora + prodigy": (["--optimizer", "prodigy", "--learning_rate", "1.0"], False, False),
     "lora + dop": (["--dop_class", "shape", "--dop_trigger", "ohwx shape"], False, False),  # "a shape" stays the base's
+    "lora + text encoder": (["--train_text_encoder"], False, False),
 }
 SHORT = {"lora + prior (base_model)": "prior_base", "lora + prior (dataset)": "prior_dataset",
          "lora + masks": "masks", "lora + rollouts": "rollouts", "lora + ema": "ema", "lycoris lokr": "lokr",
          "lora + dora": "dora", "lora + caption dropout": "caption_dropout", "lora + prodigy": "prodigy",
-         "lora + dop": "dop"}
+         "lora + dop": "dop", "lora + text encoder": "text_encoder"}
 
 
 def subject_prompts(subject):

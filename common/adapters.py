@@ -35,6 +35,9 @@ TRANSFORMER_LORA_TARGETS = {
                                         "proj_mlp", "single_transformer_blocks.*.proj_out"],
     "all": None,  # every linear layer of the transformer
 }
+# --train_text_encoder: CLIP's attention projections, as diffusers' examples adapt them; the model's child holding them.
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TRAINED_TEXT_ENCODERS = "text_encoders"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"  # kohya layout: ComfyUI, A1111, diffusers
 EMA_SUFFIX = "_ema"  # pytorch_lora_weights_ema.safetensors (LoRA / LyCORIS) and ema/ (a full fine-tune's pipeline)
@@ -64,14 +67,18 @@ def lora_target_modules(model, args, denoiser="unet"):
     return r"(.*\.)?(" + "|".join(name.replace(".", r"\.").replace("*", r"\d+") for name in preset) + ")"
 
 
-def add_lora(model, args, denoiser="unet"):
-    """A peft LoRA on the model (a UNet, or with denoiser="transformer" an SD3 / FLUX transformer)."""
+def lora_config(args, targets):
+    """peft's LoraConfig from the --lora_* flags (and --use_dora) for the `targets` modules."""
     from peft import LoraConfig
 
-    targets = lora_target_modules(model, args, denoiser)
-    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
-                        init_lora_weights=True if args.lora_init == "default" else args.lora_init,
-                        target_modules=targets, use_dora=bool(getattr(args, "use_dora", False)))
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
+                      init_lora_weights=True if args.lora_init == "default" else args.lora_init,
+                      target_modules=targets, use_dora=bool(getattr(args, "use_dora", False)))
+
+
+def add_lora(model, args, denoiser="unet"):
+    """A peft LoRA on the model (a UNet, or with denoiser="transformer" an SD3 / FLUX transformer)."""
+    config = lora_config(args, lora_target_modules(model, args, denoiser))
     try:
         model.add_adapter(config)
     except ValueError as err:  # peft: none of the names matched
@@ -120,6 +127,35 @@ def add_lycoris(unet, config, source):
     network.apply_to()
     unet.add_module("lycoris", network)  # a child of the UNet: DDP, checkpoints and dtype casts all see it
     return network
+
+
+def add_text_encoder_lora(model, info, text_encoders, args, device):
+    """--train_text_encoder: a peft LoRA (the --lora_* settings) on the attention of each CLIP text encoder (T5
+    stays frozen). The encoders become a child of the trained model (`model.text_encoders`), so everything that
+    follows its trained weights (the optimiser, DDP's gradient sync, checkpoints, the EMA, switching the adapter
+    off or scaling it, the saved files) follows theirs too."""
+    held = torch.nn.ModuleDict()
+    for (_, name, reading), encoder in zip(info.text_parts, text_encoders):
+        if reading != "t5":
+            encoder.add_adapter(lora_config(args, TEXT_ENCODER_LORA_TARGETS))
+            if args.gradient_checkpointing:  # non-reentrant: the frozen embeddings' output needs no gradient
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            held[name] = encoder.to(device).train()
+    model.add_module(TRAINED_TEXT_ENCODERS, held)
+
+
+def text_reader(info, cached, frozen=None, autocast=contextlib.nullcontext):
+    """texts(captions) -> each caption's {"prompt_embeds", "pooled_prompt_embeds"}: from the text cache, or, given
+    the trained text encoders (`frozen`: (vae, tokenizers, text encoders)), encoded now, with gradients into their
+    LoRA (a trained encoder's output changes every step, so it cannot come from a cache)."""
+    if frozen is None:
+        return lambda captions: [cached[caption] for caption in captions]
+
+    def texts(captions):
+        with autocast():
+            encoded = models.encode_text(info, frozen[1], frozen[2], captions)
+        return [{key: value[i] for key, value in encoded.items()} for i in range(len(captions))]
+    return texts
 
 
 @contextlib.contextmanager
@@ -191,18 +227,38 @@ def run_metadata(args, info, datasets, step):
             "step": str(step)}
 
 
-def peft_metadata(config, prefix="unet"):
-    """diffusers reads the LoRA's config from this key (so an alpha other than the rank survives reloading)."""
-    adapter = {f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+def peft_metadata(configs):
+    """diffusers reads each part's LoRA config from this key ({"unet": config, "text_encoder": config, ...}), so an
+    alpha other than the rank, and DoRA, survive reloading."""
+    adapter = {f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v)
+               for prefix, config in configs.items() for k, v in config.to_dict().items()}
     return {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, sort_keys=True, default=str)}
+
+
+def trained_text_encoders(model):
+    """{pipeline name ("text_encoder", "text_encoder_2"): encoder} that --train_text_encoder put a LoRA on."""
+    return dict(getattr(model, TRAINED_TEXT_ENCODERS, None) or {})
+
+
+def text_encoder_matrices(model):
+    """(pipeline name, module, kind, tensor) for the trained text encoders' LoRA, the module named as in CLIP's
+    usual layout ("text_model.encoder.layers.0.self_attn.q_proj"; transformers 5 drops "text_model." from
+    CLIPTextModel, older loaders and other tools expect it)."""
+    for name, encoder in trained_text_encoders(model).items():
+        prefix = "" if hasattr(encoder, "text_model") else "text_model."
+        for module, kind, value in lora_matrices(encoder):
+            yield name, prefix + module, kind, value
 
 
 def lora_matrices(unet):
     """(module name, "down" | "up" | "magnitude", fp32 tensor) for each matrix of the model's peft LoRA (peft's A is
-    down, B up; DoRA adds each module's magnitude vector)."""
+    down, B up; DoRA adds each module's magnitude vector); the trained text encoders' apart (text_encoder_matrices)."""
     from peft.utils import get_peft_model_state_dict
 
-    for key, value in get_peft_model_state_dict(unet).items():  # "<module>.lora_A.weight" / "<module>.lora_B.weight"
+    # "<module>.lora_A.weight" / "<module>.lora_B.weight" (embeddings are never adapted: not looked for)
+    for key, value in get_peft_model_state_dict(unet, save_embedding_layers=False).items():
+        if key.startswith(TRAINED_TEXT_ENCODERS + "."):
+            continue
         if key.endswith(".lora_magnitude_vector"):  # DoRA: one per module, [out] (a conv's [1, out, 1, 1])
             yield key[:-len(".lora_magnitude_vector")], "magnitude", value.float()
             continue
@@ -218,10 +274,13 @@ def save_lora(model, path, metadata, prefix="unet"):
     A transformer's (SD3, FLUX): 'transformer.<module>.lora_A.weight' / '.lora_B.weight', as diffusers saves them.
     DoRA's magnitudes keep peft's name ('<prefix>.<module>.lora_magnitude_vector'), which load_lora_weights reads
     (with use_dora in the metadata)."""
-    names = {"down": "lora.down.weight", "up": "lora.up.weight"} if prefix == "unet" else \
-        {"down": "lora_A.weight", "up": "lora_B.weight"}
-    names["magnitude"] = "lora_magnitude_vector"
-    state = {f"{prefix}.{module}.{names[kind]}": value for module, kind, value in lora_matrices(model)}
+    names = {"down": "lora_A.weight", "up": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+    old_names = {**names, "down": "lora.down.weight", "up": "lora.up.weight"}
+    state = {f"{prefix}.{module}.{(old_names if prefix == 'unet' else names)[kind]}": value
+             for module, kind, value in lora_matrices(model)}
+    # The trained text encoders' (--train_text_encoder): 'text_encoder.<module>.lora_A.weight', as diffusers saves them
+    state.update({f"{encoder}.{module}.{names[kind]}": value
+                  for encoder, module, kind, value in text_encoder_matrices(model)})
     files.save_safetensors_atomic(state, path, metadata)
 
 
@@ -231,6 +290,18 @@ def kohya_lora(unet, alpha):
     state = {}
     for module, kind, value in lora_matrices(unet):
         name = "lora_unet_" + module.replace(".", "_")
+        state[f"{name}.lora_{kind}.weight"] = value
+        state[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return state
+
+
+def kohya_text_encoder_lora(model, family, alpha):
+    """The trained text encoders' LoRA in the kohya layout: lora_te_<module> for SD 1.x / 2.x's one encoder,
+    lora_te1_ / lora_te2_ for the first and second CLIP of SDXL, SD3 and FLUX.1 (as kohya's sd-scripts write them)."""
+    prefixes = {"text_encoder": "lora_te_" if family in ("sd1", "sd2") else "lora_te1_", "text_encoder_2": "lora_te2_"}
+    state = {}
+    for encoder, module, kind, value in text_encoder_matrices(model):
+        name = prefixes[encoder] + module.replace(".", "_")
         state[f"{name}.lora_{kind}.weight"] = value
         state[f"{name}.alpha"] = torch.tensor(float(alpha))
     return state
@@ -304,7 +375,8 @@ def kohya_transformer_lora(model, family):
     from diffusers.models.normalization import AdaLayerNormContinuous
 
     modules = dict(model.named_modules())
-    adapted = {name for name, module in modules.items() if hasattr(module, "lora_A") and "default" in module.lora_A}
+    adapted = {name for name, module in modules.items() if hasattr(module, "lora_A") and "default" in module.lora_A
+               and not name.startswith(TRAINED_TEXT_ENCODERS + ".")}
     state, written = {}, set()
     for original, parts in original_layout(model, family):
         if not adapted.intersection(parts):
@@ -343,13 +415,16 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
     kohya_path = os.path.join(folder, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
     network = getattr(unet, "lycoris", None)
     if network is None:
+        configs = {info.spec.denoiser: lora_config, **{name: encoder.peft_config["default"]
+                                                       for name, encoder in trained_text_encoders(unet).items()}}
         save_lora(unet, path, {
-            **metadata, **peft_metadata(lora_config, info.spec.denoiser), "lora_rank": str(args.lora_rank),
+            **metadata, **peft_metadata(configs), "lora_rank": str(args.lora_rank),
             "lora_alpha": str(args.lora_alpha or args.lora_rank), "lora_target": args.lora_layers or args.lora_target},
             info.spec.denoiser)
         if args.lora_format == "comfyui":
             state = (kohya_lora(unet, args.lora_alpha or args.lora_rank) if info.spec.denoiser == "unet"
                      else kohya_transformer_lora(unet, info.family))
+            state.update(kohya_text_encoder_lora(unet, info.family, args.lora_alpha or args.lora_rank))
             files.save_safetensors_atomic(state, kohya_path, metadata)
         return path
     state = {key: value.float() for key, value in network.state_dict().items()}

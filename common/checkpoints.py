@@ -37,6 +37,8 @@ SHARDED_REFUSALS = {
                                              "all of them at once"),
     "--lora_type lycoris": (lambda a: a.lora_type == "lycoris", "LyCORIS replaces the layers' forward passes and "
                             "keeps its weights in a network of its own, outside the sharded model"),
+    "--train_text_encoder": (lambda a: a.train_text_encoder, "the text encoders run outside the sharded model, each "
+                             "process holding them whole"),
     "--base_model_precision": (lambda a: a.base_model_precision != "no_change", "quantised weights cannot be "
                                "sharded; quantise to fit one card instead (the README's memory plan)"),
     "--optimizer adamw8bit": (lambda a: a.optimizer == "adamw8bit" or a.use_8bit_adam,

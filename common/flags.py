@@ -24,7 +24,8 @@ TRAINING_KEYS = frozenset("""
     lr_warmup_steps lycoris_config masked_loss_normalize max_grad_norm max_train_steps mixed_precision mode_scale
     model_type
     noise_offset num_train_epochs num_validation_images offload_frozen optimizer preview_vae prior_loss_target
-    prior_loss_weight refiner_training_strength resume_from_checkpoint scheduled_sampling_max_step_offset scheduled_sampling_probability
+    prior_loss_weight refiner_training_strength resume_from_checkpoint scheduled_sampling_max_step_offset
+    scheduled_sampling_probability text_encoder_lr train_text_encoder
     scheduled_sampling_ramp_steps scheduled_sampling_sampler scheduled_sampling_target skip_nan_steps snr_gamma
     train_batch_size use_8bit_adam use_dora use_ema validation_class validation_ema validation_guidance_scale
     validation_instance validation_lora_scales validation_negative_prompt validation_num_inference_steps validation_preview

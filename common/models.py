@@ -434,9 +434,15 @@ def read_text_encoder(tokenizer, encoder, prompts, reading, max_length):
     return output.hidden_states[-2], output[0] if output[0].ndim == 2 else None
 
 
-@torch.no_grad()
 def encode_prompt(info, tokenizers, text_encoders, prompts):
-    """Prompt embeddings exactly as the family's diffusers pipeline computes them in encode_prompt.
+    """encode_text without gradients: what the caches and every frozen use read."""
+    with torch.no_grad():
+        return encode_text(info, tokenizers, text_encoders, prompts)
+
+
+def encode_text(info, tokenizers, text_encoders, prompts):
+    """Prompt embeddings exactly as the family's diffusers pipeline computes them in encode_prompt, with gradients
+    where the encoders have trainable weights (--train_text_encoder: a LoRA on the CLIP encoders).
 
     SD 1.x / 2.x: the text encoder's last hidden state (SD 2's shipped encoder is already cut to the penultimate
     layer). SDXL: penultimate hidden states of both encoders concatenated, pooled output of the second. SD3: the
@@ -488,11 +494,12 @@ def conditioning_options(info, args):
     return {}
 
 
-def conditioning(info, texts, transforms, aesthetic_score=None, guidance=None):
-    """The denoiser's keyword arguments besides the noisy latents and timesteps, for a batch: each sample's cached
+def conditioning(info, texts, transforms, aesthetic_score=None, guidance=None, on=None):
+    """The denoiser's keyword arguments besides the noisy latents and timesteps, for a batch: each sample's
     text embeddings (`texts`: {"prompt_embeds", "pooled_prompt_embeds"} each) as encoder_hidden_states; for SDXL
     added_cond_kwargs: the pooled text and the time ids of each sample's crop (`transforms`); for SD3 / FLUX the
-    pooled text as pooled_projections, and a guidance-distilled FLUX's guidance value per sample."""
+    pooled text as pooled_projections, and a guidance-distilled FLUX's guidance value per sample. With `on`
+    ((device, dtype)): moved there by conditioning_on."""
     cond = {"encoder_hidden_states": torch.stack([text["prompt_embeds"] for text in texts])}
     if info.spec.time_ids:
         cond["added_cond_kwargs"] = {
@@ -503,7 +510,7 @@ def conditioning(info, texts, transforms, aesthetic_score=None, guidance=None):
         cond["pooled_projections"] = torch.stack([text["pooled_prompt_embeds"] for text in texts])
         if guidance is not None:
             cond["guidance"] = torch.full((len(texts),), float(guidance))
-    return cond
+    return cond if on is None else conditioning_on(cond, *on)
 
 
 def map_conditioning(function, cond):

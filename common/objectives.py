@@ -242,6 +242,10 @@ def settle_flags(info, args):
         raise SystemExit(f"--weighting_scheme and --flow_shift apply to flow matching (SD3, FLUX.1); {info.ref} is "
                          f"{info.family}, trained on the DDPM schedule: use --snr_gamma for loss weighting")
     args.scheduled_sampling_sampler = args.scheduled_sampling_sampler or SAMPLER[info.spec.objective]
+    if args.train_text_encoder and info.spec.refines:
+        raise SystemExit(f"--train_text_encoder: {info.ref} is an SDXL refiner, trained on the last, low-noise part "
+                         "of the schedule, where the caption barely steers the picture; train the text encoders with "
+                         "the base model's LoRA instead")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,24 +276,26 @@ def dop_caption(args, caption):
     return caption.replace(args.dop_trigger, args.dop_class)
 
 
-def with_dop_rows(args, info, model, batch, captions, text_embeds, options, inputs, target, masks, autocast):
+def with_dop_rows(args, info, model, batch, captions, texts, options, inputs, target, masks, autocast):
     """An instance batch's inputs with DOP's rows appended: for each caption naming the trigger, the same x_t and
-    timestep with the class caption, its target the base model's prediction for it (adapter off, no gradient). One
-    forward pass then serves both. Returns (inputs, target, masks, number of DOP rows: 0 without DOP)."""
+    timestep with the class caption, its target the base model's prediction for it (adapter off, no gradient; the
+    base text encoders' embeddings from the cache). One forward pass then serves both. `texts`: (the batch's text
+    embeddings, texts(captions) for more as training reads them, the cached ones). Returns (inputs, target, masks,
+    number of DOP rows: 0 without DOP)."""
     noisy_latents, timesteps, cond = inputs
+    batch_texts, text_of, cached = texts
     rows = [(i, dop_caption(args, caption)) for i, caption in enumerate(captions) if dop_caption(args, caption)]
     if not rows or batch[0][0].is_regularisation:
         return inputs, target, masks, 0
     transforms = [entry.transform for entry, _ in batch]
     index = torch.tensor([i for i, _ in rows], device=noisy_latents.device)
-    dop_cond = models.conditioning_on(models.conditioning(info, [text_embeds[c] for _, c in rows],
-                                                          [transforms[i] for i, _ in rows], **options),
-                                      noisy_latents.device, noisy_latents.dtype)
+    on = (noisy_latents.device, noisy_latents.dtype)
+    dop_cond = models.conditioning(info, [cached[c] for _, c in rows], [transforms[i] for i, _ in rows], **options,
+                                   on=on)
     with torch.no_grad(), adapters.adapter_disabled(model), autocast():
         base = models.predict(info, model, noisy_latents[index], timesteps[index], dop_cond)
-    rows_cond = models.conditioning_on(models.conditioning(
-        info, [text_embeds[c] for c in captions] + [text_embeds[c] for _, c in rows],
-        transforms + [transforms[i] for i, _ in rows], **options), noisy_latents.device, noisy_latents.dtype)
+    rows_cond = models.conditioning(info, batch_texts + text_of([c for _, c in rows]),
+                                    transforms + [transforms[i] for i, _ in rows], **options, on=on)
     masks = torch.cat([masks, torch.ones_like(masks[index])]) if masks is not None else None
     return ((torch.cat([noisy_latents, noisy_latents[index]]), torch.cat([timesteps, timesteps[index]]), rows_cond),
             torch.cat([target, base.to(target.dtype)]), masks, len(rows))

@@ -29,9 +29,17 @@ def check_args(args):
               f"{args.learning_rate:g} makes every step {smaller}")
 
 
-def make(args, parameters):
-    """The --optimizer over `parameters`, with the --learning_rate and --adam_* settings."""
-    params, betas = list(parameters), (args.adam_beta1, args.adam_beta2)
+def make(args, trainable):
+    """The --optimizer over the `trainable` {name: parameter}, with the --learning_rate and --adam_* settings; the
+    trained text encoders' LoRA (--train_text_encoder) in a group of its own at --text_encoder_lr."""
+    from common.adapters import TRAINED_TEXT_ENCODERS
+
+    text = [p for name, p in trainable.items() if name.startswith(TRAINED_TEXT_ENCODERS + ".")]
+    params = [{"params": [p for name, p in trainable.items() if not name.startswith(TRAINED_TEXT_ENCODERS + ".")]}]
+    if text:
+        params.append({"params": text, "lr": args.learning_rate if args.text_encoder_lr is None
+                       else args.text_encoder_lr})
+    betas = (args.adam_beta1, args.adam_beta2)
     if args.optimizer == "prodigy":  # diffusers' examples' settings: bias correction, safeguarded warm-up
         from prodigyopt import Prodigy
 

@@ -38,12 +38,13 @@ def eval_examples(entries, info, text_dir, options=None):
     texts = caches.load_text_embeddings([entry.captions[0] for entry in entries], info, text_dir)
     shift, scale = models.latent_scaling(info)
     return [{"latents": (files.load_tensors(entry.cache_path)["mean"][None] - shift) * scale,
-             "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], **(options or {}))}
+             "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], **(options or {})),
+             "caption": entry.captions[0], "transform": entry.transform, "options": options or {}}
             for entry in entries]
 
 
 @torch.no_grad()
-def stable_eval_loss(info, model, objective, examples, count=8, seed=0, autocast=None):
+def stable_eval_loss(info, model, objective, examples, count=8, seed=0, autocast=None, texts=None):
     """A loss that can be compared across steps, checkpoints and runs: every example is noised at the same
     `count` fixed timesteps (objective.eval_timesteps: DDPM timesteps, or flow noise levels) with the same fixed
     noise (from `seed`), in eval mode, and the global RNG is left exactly as it was (a training run that evaluates
@@ -51,6 +52,7 @@ def stable_eval_loss(info, model, objective, examples, count=8, seed=0, autocast
 
     `examples`: [{"latents": (1, C, h, w), "cond": the denoiser's conditioning for it (models.conditioning)}].
     `autocast`: a context manager for mixed precision (training passes accelerator.autocast).
+    `texts`: with trained text encoders, adapters.text_reader's texts(captions): each caption is encoded by them now.
     Returns {"mean": float, "per_timestep": {t: float}}."""
     timesteps = objective.eval_timesteps(count)
     device, dtype = model.device, model.dtype
@@ -64,7 +66,9 @@ def stable_eval_loss(info, model, objective, examples, count=8, seed=0, autocast
             noise = noise.expand_as(latents)
             noisy = objective.add_noise(latents, noise, timesteps)
             target = objective.target(latents, noise, timesteps)
-            cond = models.map_conditioning(lambda t: t.expand(len(timesteps), *t.shape[1:]), example["cond"])
+            cond = example["cond"] if texts is None else models.conditioning(
+                info, texts([example["caption"]]), [example["transform"]], **example["options"])
+            cond = models.map_conditioning(lambda t: t.expand(len(timesteps), *t.shape[1:]), cond)
             with (autocast or contextlib.nullcontext)():
                 pred = models.predict(info, model, noisy.to(device, dtype), timesteps.to(device),
                                       models.conditioning_on(cond, device, dtype))
@@ -73,6 +77,34 @@ def stable_eval_loss(info, model, objective, examples, count=8, seed=0, autocast
     per_timestep = totals / max(1, len(examples))
     return {"mean": per_timestep.mean().item(),
             "per_timestep": {objective.label(t): value.item() for t, value in zip(timesteps, per_timestep)}}
+
+
+def eval_loss_function(args, info, accelerator, model, objective, examples, ema, trainable, last_step,
+                       start_log=None, texts=None):
+    """Training's eval_loss(step) -> the log's eval_loss, eval_loss_per_timestep (and eval_loss/ema) at every
+    --eval_steps_interval and the last step, else {}: stable_eval_loss, the function evaluate.py runs, so the
+    numbers agree. None without eval images (and on other processes). With `start_log` (a run at step 0), the
+    starting point goes into it first. `texts`: the trained text encoders' reader (stable_eval_loss)."""
+    if not examples:
+        return None
+
+    def loss():
+        return stable_eval_loss(info, model, objective, examples, args.eval_timesteps, args.eval_seed,
+                                accelerator.autocast, texts)
+
+    def eval_loss(step=None):
+        if step is not None and step % args.eval_steps_interval and step != last_step:
+            return {}
+        raw = loss()
+        record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
+        if ema is not None:
+            with ema.applied(trainable):
+                record["eval_loss/ema"] = loss()["mean"]
+        return record
+
+    if start_log is not None:
+        start_log.log(0, eval_loss())
+    return eval_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -48,14 +48,15 @@ def run_launched(command):
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
-@pytest.mark.parametrize("family,launcher_name", [("sd1", "accelerate"), ("flux", "torchrun")])  # each launcher once
+@pytest.mark.parametrize("family,launcher_name,extra", [("sd1", "accelerate", []),  # each launcher once
+                                                        ("flux", "torchrun", ["--train_text_encoder"])])
 def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(tiny_model, subject_dir, tmp_path,
-                                                                               family, launcher_name):
+                                                                               family, launcher_name, extra):
     model = tiny_model(family)
     # Two processes x batch 1 see the same batches, with the same noise and rollouts, as one process x batch 1 x
-    # accumulation 2; the main process keeps the EMA.
+    # accumulation 2; the main process keeps the EMA. A trained text encoder's gradients are synchronised too.
     common_flags = ["--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "2",
-                    "--scheduled_sampling_max_step_offset", "3", "--use_ema", "--ema_decay", "0.5"]
+                    "--scheduled_sampling_max_step_offset", "3", "--use_ema", "--ema_decay", "0.5", *extra]
     single = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "single", *common_flags,
                                               "--gradient_accumulation_steps", "2"))
     argv = train_argv(model, subject_dir, tmp_path / "ddp", *common_flags)
@@ -74,6 +75,7 @@ def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(ti
         # move weights by the order of one step (lr 1e-3). A tenth of a step tells the two apart.
         for key in ours:
             assert torch.allclose(ddp[key], ours[key], atol=1e-4), key
+        assert any(key.startswith("text_encoder.") for key in ours) == bool(extra)
     assert single["steps"] == 3
 
 
@@ -188,13 +190,14 @@ def test_a_sharded_run_refuses_what_needs_the_whole_model_on_one_process(tiny_mo
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     args = train_dreambooth.parse_args(train_argv(tiny_model("flux"), subject_dir, tmp_path / "out",
-                                                  "--validation_prompt", "a toy", "--use_ema"))
+                                                  "--validation_prompt", "a toy", "--use_ema", "--train_text_encoder"))
     sharded = SimpleNamespace(distributed_type=DistributedType.FSDP,
                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
     with pytest.raises(SystemExit) as refused:
         checkpoints.check_sharding(sharded, args)
     assert "--validation_prompt: validation renders on the main process alone" in str(refused.value)
     assert "--use_ema: the average is kept whole by the main process" in str(refused.value)
+    assert "--train_text_encoder: the text encoders run outside the sharded model" in str(refused.value)
     sharded.state.fsdp_plugin.fsdp_version = 1
     with pytest.raises(SystemExit, match="set 'fsdp_version: 2' as examples/fsdp.yaml does"):
         checkpoints.check_sharding(sharded, train_dreambooth.parse_args(train_argv(tiny_model("flux"), subject_dir,

@@ -80,14 +80,17 @@ def log_records(output_dir):
     return [json.loads(line) for line in open(os.path.join(output_dir, "logs", "train_log.jsonl"))]
 
 
-@pytest.mark.parametrize("family,model_type", [("sd1", "lora"), ("sd1", "full"), ("flux", "lora"), ("sd3", "full")])
+@pytest.mark.parametrize("family,model_type", [("sd1", "lora"), ("sd1", "full"), ("flux", "lora"), ("sd3", "full"),
+                                               ("sdxl", "lora+text")])
 def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model, subject_dir, tmp_path, family,
                                                                       model_type):
     model = tiny_model(family)
     out = tmp_path / "out"
-    train_dreambooth.main(train_argv(model, subject_dir, out, "--model_type", model_type, "--max_train_steps", "4",
-                                     "--checkpointing_steps", "2", "--eval_split", "2", "--eval_steps_interval", "2",
-                                     "--use_ema", "--ema_decay", "0.5", prompt="ohwx toy"))
+    text = ["--train_text_encoder"] if model_type == "lora+text" else []  # captions read by the trained encoders
+    train_dreambooth.main(train_argv(model, subject_dir, out, "--model_type", model_type.split("+")[0],
+                                     "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_split", "2",
+                                     "--eval_steps_interval", "2", "--use_ema", "--ema_decay", "0.5", *text,
+                                     prompt="ohwx toy"))
     logged = {r["step"]: r for r in log_records(out) if "eval_loss" in r}
     assert sorted(logged) == [0, 2, 4]
     for weights, key in (("raw", "eval_loss"), ("ema", "eval_loss/ema")):

@@ -142,7 +142,7 @@ def lora_file(model, folder):
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
     path = os.path.join(folder, adapters.LORA_WEIGHTS_NAME)
-    adapters.save_lora(unet, path, adapters.peft_metadata(config, denoiser), denoiser)
+    adapters.save_lora(unet, path, adapters.peft_metadata({denoiser: config}), denoiser)
     return path
 
 

@@ -190,14 +190,16 @@ def test_validation_images_are_written_and_do_not_change_training(tiny_model, su
         assert torch.equal(param, adapters.trainable_parameters(shown["unet"])[name]), name
 
 
-def test_gradient_checkpointing_gives_the_same_weights(tiny_model, subject_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--train_text_encoder"]])
+def test_gradient_checkpointing_gives_the_same_weights(tiny_model, subject_dir, tmp_path, extra):
     model = tiny_model("sd1")
-    plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "a", "--max_train_steps", "2"))
+    plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "a", "--max_train_steps", "2", *extra))
     checkpointed = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "b", "--max_train_steps", "2",
-                                                    "--gradient_checkpointing"))
+                                                    "--gradient_checkpointing", *extra))
     a = adapters.trainable_parameters(plain["unet"])
     b = adapters.trainable_parameters(checkpointed["unet"])
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(k.startswith("text_encoders.") and "lora_B" in k and a[k].any() for k in a) == bool(extra)
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_in_fp32(tiny_model, subject_dir, tmp_path):
