@@ -32,8 +32,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from common import (adapters, caches, checkpoints, data, files, flags, images, models, objectives, optimisers,
-                    quantise, render, scores, webhooks)
+from common import (adapters, caches, cards, checkpoints, data, files, flags, images, models, objectives,
+                    optimisers, quantise, render, scores, webhooks)
 
 ROLLOUT_SAMPLERS = ("unipc", "euler", "ddim", "dpm")  # models.SAMPLERS that step deterministically
 STEP_TOTALS = ("instance_loss", "instance_batches", "prior_loss", "prior_batches", "dop_loss", "dop_batches",
@@ -439,11 +439,11 @@ def train(args, hooks):
 
         # Log, with the stable eval loss every --eval_steps_interval steps and at the end.
         evaluation = eval_loss(done) if eval_loss is not None else {}  # every --eval_steps_interval and at the end
-        summed = accelerator.reduce(torch.tensor(list(totals.values()), device=device), reduction="sum")
-        totals = dict(zip(STEP_TOTALS, summed.tolist()))
+        totals = dict(zip(STEP_TOTALS, accelerator.reduce(torch.tensor(list(totals.values()), device=device)).tolist()))
         if log is not None:
-            record = step_record(args, step, mean_loss, lr_scheduler.get_last_lr()[0], time.perf_counter() - started,
-                                 sampler.drawn / batches_per_epoch, totals, ema_decay, skipped_nan)
+            record = checkpoints.step_record(args, mean_loss, lr_scheduler.get_last_lr()[0],
+                                             time.perf_counter() - started, sampler.drawn / batches_per_epoch, totals,
+                                             ema_decay, skipped_nan, rollout_probability(args, step))
             log.log(done, {**record, **evaluation})
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         bar.update(1)
@@ -518,6 +518,8 @@ def plan_data(args, accelerator):
     if info.guidance_embeds:
         say(f"guidance-distilled model: trained with guidance {args.flux_guidance_value:g} (--flux_guidance_value); "
             f"validation draws with {validation_guidance(args, info):g}")
+    if accelerator.is_main_process:  # every flag checked: the run as settled, to repeat it
+        cards.write_run_args(args, args.output_dir, seed, flags.option_names(build_parser()))
     return datasets, info, plans, eval_entries, seed, resume_path
 
 
@@ -615,6 +617,9 @@ def plan_steps(args, datasets, plans, seed, world, optimizer, say):
     batches_per_epoch = sampler.batches_per_epoch()
     steps_per_epoch = max(1, math.ceil(math.ceil(batches_per_epoch / world) / args.gradient_accumulation_steps))
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if max_train_steps < 100 and not args.max_train_steps:
+        say(f"warning: {max_train_steps} steps ({args.num_train_epochs} epoch(s) of {steps_per_epoch} steps) is too "
+            "few to learn a subject; DreamBooth runs take about 100 steps per photo: set --max_train_steps (e.g. 800)")
     # Stepped by hand once per optimiser step (accelerate would step it once per process): its length is the run's.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
@@ -664,25 +669,6 @@ def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, 
     return validate
 
 
-def step_record(args, step, loss, lr, step_time, epoch, totals, ema_decay, skipped_nan):
-    """One line of train_log.jsonl (without its step)."""
-    record = {"loss": loss, "lr": lr, "step_time": step_time, "epoch": epoch}
-    if totals["instance_batches"]:
-        record["loss/instance"] = totals["instance_loss"] / totals["instance_batches"]
-    if totals["prior_batches"]:  # before --prior_loss_weight
-        record["loss/prior"] = totals["prior_loss"] / totals["prior_batches"]
-    if totals["dop_batches"]:  # before --dop_weight
-        record["loss/dop"] = totals["dop_loss"] / totals["dop_batches"]
-    if args.scheduled_sampling_max_step_offset:  # extra UNet passes (per sample) spent on rollouts
-        record["rollout_forwards"] = int(totals["rollout_forwards"])
-        record["rollout_probability"] = rollout_probability(args, step)
-    if ema_decay is not None:
-        record["ema_decay"] = ema_decay
-    if skipped_nan:
-        record["skipped_nan_batches"] = skipped_nan
-    return record
-
-
 def save_final(args, info, accelerator, model, frozen, ema, trainable, save_outputs, validate, log, hooks, steps):
     """The trained adapter (or a full fine-tune's whole pipeline, and its EMA as ema/), a last validation round if
     the last step had none, and the end of the log."""
@@ -696,6 +682,7 @@ def save_final(args, info, accelerator, model, frozen, ema, trainable, save_outp
     if accelerator.is_main_process:
         if args.validation_prompt and steps % args.validation_steps != 0:
             validate(steps, log)
+        save_outputs(args.output_dir, steps, card_only=True)  # the model card, with the last validation grid
         log.close()
         accelerator.print(f"saved {path}")
         if ema is not None:  # what is left of the untrained start in the exported average
@@ -717,6 +704,10 @@ def save_final(args, info, accelerator, model, frozen, ema, trainable, save_outp
 
 def check_args(args):
     """Refuse impossible settings before any model work."""
+    args.mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.mixed_precision not in ("no", "bf16", "fp16"):
+        raise SystemExit(f"accelerate's config asks for mixed precision {args.mixed_precision}; this trainer takes "
+                         "no, bf16 or fp16: pass --mixed_precision")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise SystemExit("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
     if args.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
@@ -853,8 +844,9 @@ def build_parser():
     group.add_argument("--adam_beta2", type=float, default=0.999)
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-8)
-    group.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
-                       help="compute precision; trainable weights stay fp32")
+    group.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
+                       help="compute precision; trainable weights stay fp32 (default: what `accelerate launch` was "
+                            "configured with, else no)")
     flags.add_bool(group, "--gradient_checkpointing")
     group.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's value")
     group.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.05-0.1: darker darks, brighter lights")

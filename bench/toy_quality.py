@@ -57,11 +57,13 @@ VARIANTS = {
     "lora + prodigy": (["--optimizer", "prodigy", "--learning_rate", "1.0"], False, False),
     "lora + dop": (["--dop_class", "shape", "--dop_trigger", "ohwx shape"], False, False),  # "a shape" stays the base's
     "lora + text encoder": (["--train_text_encoder"], False, False),
+    "lora + text encoder (lr / 10)": (["--train_text_encoder", "--text_encoder_lr", "1e-4"], False, False),
 }
 SHORT = {"lora + prior (base_model)": "prior_base", "lora + prior (dataset)": "prior_dataset",
          "lora + masks": "masks", "lora + rollouts": "rollouts", "lora + ema": "ema", "lycoris lokr": "lokr",
          "lora + dora": "dora", "lora + caption dropout": "caption_dropout", "lora + prodigy": "prodigy",
-         "lora + dop": "dop", "lora + text encoder": "text_encoder"}
+         "lora + dop": "dop", "lora + text encoder": "text_encoder",
+         "lora + text encoder (lr / 10)": "text_encoder_lr"}
 
 
 def subject_prompts(subject):

@@ -20,6 +20,8 @@
                    used by train, evaluate, regularisation
     checkpoints  checkpoints, exact resume, sharded (FSDP) saving, the training log, a full fine-tune's pipeline
                    used by train, evaluate
+    cards        beside the weights: metadata other tools read, args.json, the model card
+                   used by train
     optimisers   the optimiser: AdamW, 8-bit AdamW, Prodigy or Adafactor
                    used by train
     scores       the stable eval loss, CLIP-T / CLIP-I / DINO, DreamBench prompts

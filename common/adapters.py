@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from common import data, files, models
+from common import cards, files, models
 
 # --lora_target presets: module-name suffixes peft adapts, for a UNet and for an SD3 / FLUX transformer.
 LORA_TARGETS = {
@@ -218,15 +218,6 @@ def adapter_scaled(model, scale):
 # Saving
 
 
-def run_metadata(args, info, datasets, step):
-    """What a person wants to know about an adapter file later, as safetensors metadata (strings)."""
-    prompts = sorted({p for d in datasets if d.trains and not d.is_regularisation_data and d.instance_prompt
-                      for p in data.as_list(d.instance_prompt)})
-    return {"base_model": str(info.ref), "family": info.family, "prediction_type": info.prediction_type,
-            "base_model_precision": args.base_model_precision, "instance_prompts": json.dumps(prompts),
-            "step": str(step)}
-
-
 def peft_metadata(configs):
     """diffusers reads each part's LoRA config from this key ({"unet": config, "text_encoder": config, ...}), so an
     alpha other than the rank, and DoRA, survive reloading."""
@@ -410,8 +401,9 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
     """Write the trained adapter into `folder`: diffusers-format LoRA (and --lora_format comfyui: the kohya layout
     too), or the LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load).
     `suffix` names a variant: "_ema" writes pytorch_lora_weights_ema.safetensors (and ..._ema_comfyui)."""
-    metadata = {**run_metadata(args, info, datasets, step), **(extra_metadata or {})}
     path = os.path.join(folder, LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors"))
+    metadata = {**cards.run_metadata(args, info, datasets, step, os.path.basename(path)[:-len(".safetensors")]),
+                **(extra_metadata or {})}
     kohya_path = os.path.join(folder, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
     network = getattr(unet, "lycoris", None)
     if network is None:
@@ -446,9 +438,15 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
 
 def output_writer(args, info, datasets, model, lora_config, ema, trainable):
     """save_outputs(folder, step) for training: the adapter file(s) in `folder` (a checkpoint or the output), the raw
-    weights and with --use_ema the average beside them (with how much of the untrained start it still holds)."""
-    def save_outputs(folder, step):
+    weights and with --use_ema the average beside them (with how much of the untrained start it still holds); a
+    checkpoint's model card. The output folder's card follows the last validation round, so the run's end writes
+    it alone (card_only, for a full fine-tune's pipeline too)."""
+    def save_outputs(folder, step, card_only=False):
+        if card_only:
+            return write_card(args, info, datasets, folder, step)
         path = save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder)
+        if folder != args.output_dir:
+            write_card(args, info, datasets, folder, step)
         if ema is not None:
             metadata = {"weights": "ema", "ema_decay": str(args.ema_decay), "ema_updates": str(ema.updates),
                         "ema_start_share": f"{ema.start_share():.6f}"}
@@ -456,6 +454,12 @@ def output_writer(args, info, datasets, model, lora_config, ema, trainable):
                 save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder, EMA_SUFFIX, metadata)
         return path
     return save_outputs
+
+
+def write_card(args, info, datasets, folder, step):
+    """The model card (cards.write_model_card) of the adapter or pipeline in `folder`, naming its kohya file if any."""
+    kohya = KOHYA_WEIGHTS_NAME if os.path.isfile(os.path.join(folder, KOHYA_WEIGHTS_NAME)) else None
+    cards.write_model_card(args, info, datasets, folder, step, LORA_WEIGHTS_NAME, kohya)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -394,6 +394,26 @@ def read_log(path, until_step=None):
     return records
 
 
+def step_record(args, loss, lr, step_time, epoch, totals, ema_decay, skipped_nan, rollout_probability):
+    """One line of train_log.jsonl (without its step): the loss and its parts, lr, time, epoch, and what the run's
+    options add (rollouts, the EMA's decay, skipped batches)."""
+    record = {"loss": loss, "lr": lr, "step_time": step_time, "epoch": epoch}
+    if totals["instance_batches"]:
+        record["loss/instance"] = totals["instance_loss"] / totals["instance_batches"]
+    if totals["prior_batches"]:  # before --prior_loss_weight
+        record["loss/prior"] = totals["prior_loss"] / totals["prior_batches"]
+    if totals["dop_batches"]:  # before --dop_weight
+        record["loss/dop"] = totals["dop_loss"] / totals["dop_batches"]
+    if args.scheduled_sampling_max_step_offset:  # extra UNet passes (per sample) spent on rollouts
+        record["rollout_forwards"] = int(totals["rollout_forwards"])
+        record["rollout_probability"] = rollout_probability
+    if ema_decay is not None:
+        record["ema_decay"] = ema_decay
+    if skipped_nan:
+        record["skipped_nan_batches"] = skipped_nan
+    return record
+
+
 class JsonlLog:
     """One JSON object per line; TensorBoard scalars too when tensorboard is installed.
 

@@ -422,6 +422,11 @@ def prepare(args, print_fn=print):
     and its family (configs only: no weights), and plan every image at the model's native size unless a
     resolution is given. Returns (datasets, model info, {dataset id: [ImageEntry]})."""
     datasets = load_datasets(args)
+    for dataset in datasets:
+        if dataset.caption_strategy == "filename" and dataset.instance_prompt is None and dataset.trains:
+            print_fn(f"warning: dataset {dataset.id!r} has no instance_prompt, so its captions come from the file "
+                     "names (ohwx_dog_03.jpg -> \"ohwx dog\"); give --instance_prompt (or \"instance_prompt\" / "
+                     "\"caption_strategy\" in the data config) if that is not what you meant")
     info = models.resolve_model(args)
     for dataset in datasets:
         dataset.resolution = dataset.resolution or info.native_resolution

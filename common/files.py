@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+UMASK = os.umask(0o022)  # the process's umask (read by setting it, so set straight back)
+os.umask(UMASK)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -48,9 +50,11 @@ _FAULT_COUNTS = {}
 
 
 def fsync_replace(tmp_path, final_path):
-    """Flush a finished temporary file to disk and rename it into place: readers see all of it or nothing."""
+    """Flush a finished temporary file to disk and rename it into place: readers see all of it or nothing. It gets
+    the permissions of any new file (0644 under the usual umask), not the 0600 of a private temporary file."""
     with open(tmp_path, "rb") as handle:
         os.fsync(handle.fileno())
+    os.chmod(tmp_path, 0o666 & ~UMASK)
     fault_point("write")
     os.replace(tmp_path, final_path)
 

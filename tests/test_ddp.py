@@ -64,7 +64,7 @@ def test_two_cpu_processes_train_the_lora_one_process_with_accumulation_would(ti
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 process(es)" in result.stdout
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoint-2")) == [
-        "ema.safetensors", "optimizer.pt", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors",
+        "README.md", "ema.safetensors", "optimizer.pt", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors",
         "rng_0.pt", "rng_1.pt", "scheduler.pt", "trainable.safetensors", "training_state.json"]
     for name in (adapters.LORA_WEIGHTS_NAME, "pytorch_lora_weights_ema.safetensors"):
         ddp = load_file(str(tmp_path / "ddp" / name))
