@@ -135,6 +135,22 @@ def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy"
             "--max_train_steps", "4", "--learning_rate", "1e-3", "--lora_rank", "4", *map(str, extra)]
 
 
+def resumed_weights(argv, whole, resumed, checkpoint):
+    """Train again from `whole`'s folder `checkpoint` into `resumed` (the same flags, --resume_from_checkpoint
+    latest); returns (the uninterrupted run's adapter file, the resumed run's) as tensor dicts."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import train_dreambooth
+
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(whole, checkpoint), os.path.join(resumed, checkpoint))
+    train_dreambooth.main([*argv[:argv.index("--output_dir")], "--output_dir", str(resumed),
+                           *argv[argv.index("--output_dir") + 2:], "--resume_from_checkpoint", "latest"])
+    return [load_file(os.path.join(folder, "pytorch_lora_weights.safetensors")) for folder in (whole, resumed)]
+
+
 @pytest.fixture(scope="session")
 def tiny_clipseg(tmp_path_factory):
     """A tiny random CLIPSeg model with its processor, saved as a local folder (64 px input, the real one 352)."""

@@ -1,11 +1,10 @@
 """--train_text_encoder: a LoRA on the CLIP text encoders, encoded every step, saved for load_lora_weights and kohya."""
 
 import os
-import shutil
 
 import pytest
 import torch
-from conftest import predict, stock_pipeline, train_argv, unet_inputs
+from conftest import predict, resumed_weights, stock_pipeline, train_argv, unet_inputs
 from safetensors.torch import load_file
 
 import train_dreambooth
@@ -75,12 +74,7 @@ def test_text_encoder_lr_is_its_own_group_and_a_resumed_run_ends_bit_identical(t
     argv = train_argv(model, subject_dir, tmp_path / "whole", "--train_text_encoder", "--text_encoder_lr", "5e-4",
                       "--max_train_steps", "3", "--checkpointing_steps", "2", "--lora_init", "default")
     train_dreambooth.main(argv)
-    whole = load_file(str(tmp_path / "whole" / adapters.LORA_WEIGHTS_NAME))
-    os.makedirs(tmp_path / "resumed")
-    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    train_dreambooth.main([*argv[:argv.index("--output_dir")], "--output_dir", str(tmp_path / "resumed"),
-                           *argv[argv.index("--output_dir") + 2:], "--resume_from_checkpoint", "latest"])
-    resumed = load_file(str(tmp_path / "resumed" / adapters.LORA_WEIGHTS_NAME))
+    whole, resumed = resumed_weights(argv, tmp_path / "whole", tmp_path / "resumed", "checkpoint-2")
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
     for prefix in ("text_encoder.", "text_encoder_2.", "unet."):  # every part learned (B starts at zero)
         assert any(v.abs().max() > 0 for k, v in whole.items() if k.startswith(prefix) and ("lora_B" in k or "up" in k))

@@ -3,7 +3,6 @@ a killed-and-resumed run ends where an uninterrupted one does, full fine-tunes s
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import model_info, predict, stock_pipeline, unet_inputs, ROOT, train_argv, write_json
+from conftest import model_info, predict, resumed_weights, stock_pipeline, unet_inputs, ROOT, train_argv, write_json
 from safetensors.torch import load_file
 
 from common import adapters, checkpoints, data, files, images, models, objectives
@@ -222,12 +221,7 @@ def test_each_optimizer_trains_and_resumes_exactly(tiny_model, subject_dir, tmp_
     argv = train_argv(model, subject_dir, tmp_path / "whole", "--optimizer", optimizer, "--learning_rate", lr,
                       "--max_train_steps", "3", "--checkpointing_steps", "2", "--lora_init", "default")
     train_dreambooth.main(argv)
-    whole = load_file(str(tmp_path / "whole" / adapters.LORA_WEIGHTS_NAME))
-    os.makedirs(tmp_path / "resumed")
-    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    train_dreambooth.main([*argv[:argv.index("--output_dir")], "--output_dir", str(tmp_path / "resumed"),
-                           *argv[argv.index("--output_dir") + 2:], "--resume_from_checkpoint", "latest"])
-    resumed = load_file(str(tmp_path / "resumed" / adapters.LORA_WEIGHTS_NAME))
+    whole, resumed = resumed_weights(argv, tmp_path / "whole", tmp_path / "resumed", "checkpoint-2")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     assert any(v.abs().max() > 0 for k, v in whole.items() if "lora.up" in k)  # B starts at zero: it moved
     train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "adamw", "--max_train_steps", "3",
