@@ -55,7 +55,8 @@ def settings(args, info, prompts, width, height):
     """What determines the images: a folder only ever holds images made with one set of these."""
     lora = None
     if args.lora:
-        lora_file = args.lora if os.path.isfile(args.lora) else os.path.join(args.lora, adapters.LORA_WEIGHTS_NAME)
+        lora_file = args.lora if os.path.isfile(args.lora) else os.path.join(
+            args.lora, adapters.weight_names(adapters.output_name_of(args.lora))[0])
         lora = {"path": os.path.abspath(args.lora), "digest": files.sampled_digest(lora_file)}
     model = os.path.abspath(info.ref) if os.path.exists(info.ref) else info.ref  # ./m and /abs/m are one model
     return {"model": model, "family": info.family, "variant": args.variant, "prompts": prompts,

@@ -8,12 +8,15 @@ transformer on one subject.
 
 Reads the base model (diffusers folder, hub id or single file), the data config and the caches (VAE latents and
 text embeddings; missing or stale ones are built first, exactly as cache_latents.py does). Writes to --output_dir:
-    pytorch_lora_weights.safetensors      the LoRA (diffusers format: pipe.load_lora_weights(output_dir))
+    pytorch_lora_weights.safetensors      the LoRA (diffusers format: pipe.load_lora_weights(output_dir));
+                                          --output_name NAME names it NAME.safetensors
     model_index.json, unet/, ...          instead, with --model_type full: a complete diffusers pipeline
     pytorch_lora_weights_ema.safetensors  with --use_ema: the averaged weights (ema/ for a full fine-tune)
     checkpoint-STEP/                      resumable state every --checkpointing_steps
     validation/step-STEP/                 validation images (one PNG each, plus grid.png)
-    logs/train_log.jsonl                  one JSON line per step (loss, lr, time); TensorBoard too when installed
+    logs/train_log.jsonl                  one JSON line per step (loss, lr, time)
+    logs/dreambooth/                      the same and the validation grids for TensorBoard (--report_to)
+    README.md, args.json                  the model card; every flag, to repeat the run (--config args.json)
 
 Reading order: the training maths (the batch stream, the masked loss, min-SNR, rollouts, EMA), validation, then
 train(): a few named set-up steps and the loop, one optimiser step per iteration, in which every feature is one
@@ -23,6 +26,7 @@ checkpoints live in common/ (common/__init__.py lists what is where).
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import random
@@ -32,7 +36,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from common import (adapters, caches, cards, checkpoints, data, files, flags, images, models, objectives,
+from common import (adapters, caches, cards, checkpoints, data, files, flags, hub, images, models, objectives,
                     optimisers, quantise, render, scores, webhooks)
 
 ROLLOUT_SAMPLERS = ("unipc", "euler", "ddim", "dpm")  # models.SAMPLERS that step deterministically
@@ -336,8 +340,7 @@ def train(args, hooks):
     save_outputs = adapters.output_writer(args, info, datasets, unwrapped, lora_config, ema, trainable)
     first_step, skipped_nan = checkpoints.resume(args, accelerator, resume_path, unet, optimizer, lr_scheduler,
                                                  ema, sampler)
-    log = checkpoints.JsonlLog(os.path.join(args.output_dir, "logs"), first_step if resume_path else None) \
-        if accelerator.is_main_process else None
+    log = open_log(args, accelerator, first_step if resume_path else None, seed)
     eval_loss = scores.eval_loss_function(args, info, accelerator, unwrapped, objective, eval_examples, ema, trainable,
                                           max_train_steps, log if first_step == 0 else None,  # the start, for the curve
                                           text_of if args.train_text_encoder else None)
@@ -480,8 +483,18 @@ def start_accelerator(args):
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     # LyCORIS module dropout skips whole modules in some steps: DDP must expect parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool((args.lycoris or {}).get("module_dropout")))
-    return checkpoints.check_sharding(Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu,
-                                                  kwargs_handlers=[ddp]), args)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu, kwargs_handlers=[ddp],
+                              log_with=checkpoints.tracker_names(args.report_to),
+                              project_dir=os.path.join(args.output_dir, "logs"))
+    return checkpoints.check_sharding(accelerator, args)
+
+
+def open_log(args, accelerator, resumed_at, seed):
+    """The main process's log: logs/train_log.jsonl, and the --report_to trackers with the run's flags."""
+    if not accelerator.is_main_process:
+        return None
+    config = cards.run_args(args, seed, flags.option_names(build_parser()))
+    return checkpoints.JsonlLog(os.path.join(args.output_dir, "logs"), resumed_at, accelerator, config)
 
 
 def plan_data(args, accelerator):
@@ -490,6 +503,10 @@ def plan_data(args, accelerator):
     from accelerate.utils import set_seed
 
     say = accelerator.print
+    if args.with_prior_preservation:
+        with accelerator.main_process_first():  # the main process makes any missing class images; the rest read them
+            if accelerator.is_main_process:
+                data.make_class_images(args, say)
     datasets, info, plans = data.prepare(args, print_fn=say)
     if args.validation_prompt and (args.evaluation_type == "clip" or info.spec.refines):
         data.subject_dataset(datasets)  # scored against, or refined: a run without subject pictures stops here
@@ -665,6 +682,7 @@ def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, 
         values = run_validation(args, info, accelerator, unet, frozen, step, ema, scoring, hooks, preview_vae, sources)
         if values:
             log.log(step, values)
+        log.log_image(step, "validation", os.path.join(args.output_dir, "validation", f"step-{step}", "grid.png"))
 
     return validate
 
@@ -691,7 +709,10 @@ def save_final(args, info, accelerator, model, frozen, ema, trainable, save_outp
         if hooks is not None:
             hooks.send("training_finished", f"finished {steps} steps; saved {path}", step=steps, path=path)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.end_training()  # the trackers' files closed: what goes up is complete
+    if args.push_to_hub and accelerator.is_main_process:
+        hub.push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                        say=accelerator.print)
     if torch.distributed.is_initialized():
         # Shut the process group down while Python runs normally: left to the interpreter's exit, freeing the DDP
         # reducer joins gloo's worker threads while holding the GIL one of them waits for (an exit that hangs).
@@ -713,6 +734,7 @@ def check_args(args):
     if args.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise SystemExit("--mixed_precision bf16: this GPU has no bf16 support; use fp16")
     optimisers.check_args(args)
+    check_output_args(args)
     if not 0 <= args.caption_dropout_probability <= 1:
         raise SystemExit(f"--caption_dropout_probability {args.caption_dropout_probability:g}: a probability, 0 to 1")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -781,29 +803,56 @@ def check_args(args):
         raise SystemExit(f"--validation_ema {args.validation_ema} renders the EMA weights: add --use_ema")
 
 
+def check_output_args(args):
+    """The output's names, the trackers, the hub, and diffusers' names for our settings."""
+    if args.output_kohya_format:
+        args.lora_format = "comfyui"
+    if args.output_name is not None and (not args.output_name.strip() or os.path.basename(args.output_name) !=
+                                         args.output_name or args.output_name.endswith(".safetensors")):
+        raise SystemExit(f"--output_name {args.output_name!r}: a file name without folder or .safetensors, e.g. "
+                         "ohwx_dog")
+    if args.report_to in ("wandb",) and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--report_to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline logs "
+                         "without a network), or use --report_to tensorboard")
+    if args.push_to_hub and not args.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id, the repository to create or update (e.g. you/ohwx-dog)")
+    if args.push_to_hub:
+        hub.check_push(args.hub_model_id, args.hub_token)  # the id's form and a token, before hours of training
+    if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt and args.num_class_images > 0):
+        raise SystemExit("--with_prior_preservation needs --class_data_dir DIR, --class_prompt TEXT (e.g. \"a photo "
+                         "of a dog\") and --num_class_images N (at least 1)")
+    if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
+        raise SystemExit("--class_data_dir and --class_prompt describe the regularisation images: add "
+                         "--with_prior_preservation (or list the folder in the data config with "
+                         "\"is_regularisation_data\": true)")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.HelpFormatter)
     flags.add_model_args(parser)
     flags.add_data_args(parser)
-    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--train_batch_size", type=int, default=1, help="images per step and process")
     parser.add_argument("--data_sampling", default="auto", choices=["auto", "uniform"],
                         help="auto: datasets drawn by probability x images x (repeats+1); uniform: by probability")
 
     group = parser.add_argument_group("what to train")
-    group.add_argument("--model_type", default="lora", choices=["lora", "full"])
+    group.add_argument("--model_type", default="lora", choices=["lora", "full"],
+                       help="lora: an adapter on the frozen model; full: every weight of the UNet or transformer")
     group.add_argument("--lora_type", default="standard", choices=["standard", "lycoris"],
                        help="standard: peft LoRA (--lora_* flags); lycoris: LyCORIS, configured by --lycoris_config")
     group.add_argument("--lycoris_config", default=None, help="LyCORIS config JSON (algo, dims, factor, apply_preset)")
     group.add_argument("--lora_format", default="diffusers", choices=["diffusers", "comfyui"],
                        help="comfyui: also write the kohya key layout (pytorch_lora_weights_comfyui.safetensors)")
+    flags.add_bool(group, "--output_kohya_format", help="the same as --lora_format comfyui (diffusers' name)")
     group.add_argument("--base_model_precision", default="no_change", choices=quantise.PRECISIONS,
                        help="quantise the frozen UNet (LoRA/LyCORIS only); int8-quanto is the recommended one")
     flags.add_bool(group, "--offload_frozen",
                    help="keep the VAE and text encoders in system memory between validations (GPU memory)")
-    group.add_argument("--lora_rank", type=int, default=16)
+    group.add_argument("--lora_rank", "--rank", type=int, default=16, help="the LoRA's rank (its size)")
     group.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1.0)")
-    group.add_argument("--lora_dropout", type=float, default=0.0)
-    group.add_argument("--lora_target", default="attention", choices=list(adapters.LORA_TARGETS))
+    group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA's input while training")
+    group.add_argument("--lora_target", default="attention", choices=list(adapters.LORA_TARGETS),
+                       help="which layers get the LoRA (common/adapters.py LORA_TARGETS lists each set's modules)")
     group.add_argument("--lora_layers", default=None,
                        help="explicit module names for the LoRA, comma-separated (e.g. \"attn.to_q,attn.to_k\"; "
                             "peft matches them as name suffixes); replaces --lora_target")
@@ -820,16 +869,17 @@ def build_parser():
                        help="learning rate of the text encoders' LoRA (default: --learning_rate)")
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (see --optimizer)")
     group.add_argument("--lr_scheduler", default="constant",
                        choices=["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
-                                "polynomial"])
-    group.add_argument("--lr_warmup_steps", type=int, default=0)
+                                "polynomial"], help="the learning rate's course over the run")
+    group.add_argument("--lr_warmup_steps", type=int, default=0, help="steps of linear rise from 0 to the lr")
     group.add_argument("--lr_num_cycles", type=int, default=1, help="cosine_with_restarts: number of restarts")
     group.add_argument("--lr_power", type=float, default=1.0, help="polynomial: power")
     group.add_argument("--max_train_steps", type=int, default=None, help="optimiser steps (wins over epochs)")
-    group.add_argument("--num_train_epochs", type=int, default=1)
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--num_train_epochs", type=int, default=1, help="passes over the data (if no --max_train_steps)")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="batches whose gradients add up to one optimiser step")
     group.add_argument("--skip_nan_steps", type=int, default=0,
                        help="drop up to N batches whose loss is NaN or infinite (default 0: the first one stops "
                             "the run)")
@@ -840,14 +890,15 @@ def build_parser():
                             "use --learning_rate 1.0 (the adam_* flags apply to it); adafactor: factored second "
                             "moments, the least memory, lrs as for adamw")
     flags.add_bool(group, "--use_8bit_adam", help="the same as --optimizer adamw8bit")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam's first-moment decay")
+    group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam's second-moment decay")
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="decoupled weight decay")
+    group.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam's denominator floor")
     group.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
                        help="compute precision; trainable weights stay fp32 (default: what `accelerate launch` was "
                             "configured with, else no)")
-    flags.add_bool(group, "--gradient_checkpointing")
+    flags.add_bool(group, "--gradient_checkpointing",
+                   help="recompute activations in the backward pass: much less memory, about a third slower")
     group.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's value")
     group.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.05-0.1: darker darks, brighter lights")
     flags.add_bool(group, "--masked_loss_normalize", default=True,
@@ -866,89 +917,24 @@ def build_parser():
                        help="each sample trains on the empty caption with this probability (e.g. 0.1), so the model "
                             "keeps drawing the subject's look without the identifier's context")
 
-    group = parser.add_argument_group("flow matching (SD3, FLUX.1): which noise levels are trained, and how weighted")
-    group.add_argument("--weighting_scheme", default="logit_normal",
-                       choices=["logit_normal", "uniform", "mode", "cosmap", "sigma_sqrt"],
-                       help="how noise levels are drawn (logit_normal, mode: denser mid-range, as the SD3 paper) "
-                            "and weighted (cosmap, sigma_sqrt: per-sample loss weights)")
-    group.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
-    group.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
-    group.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
-    group.add_argument("--flow_shift", type=flags.number_or_auto, default=None,
-                       help="shift of the noise levels towards noise: a number S (static), or auto (FLUX.1-dev's "
-                            "resolution-dependent shift, as its pipeline draws). Default: the model's scheduler "
-                            "(SD3 3.0, FLUX.1-dev auto, schnell 1.0), i.e. the levels it is drawn at")
-
-    group = parser.add_argument_group("scheduled sampling (rollouts): train on the model's own imperfect x_t")
-    group.add_argument("--scheduled_sampling_max_step_offset", type=int, default=0,
-                       help="K: a rolled-out sample starts k ~ U{1..K} timesteps higher (0 = off; 5-10 is typical)")
-    group.add_argument("--scheduled_sampling_probability", type=float, default=1.0,
-                       help="share of samples rolled out once the ramp is done")
-    group.add_argument("--scheduled_sampling_ramp_steps", type=int, default=0,
-                       help="the probability rises linearly from 0 over this many steps (0: full from the start)")
-    group.add_argument("--scheduled_sampling_sampler", default=None, choices=ROLLOUT_SAMPLERS,
-                       help="default unipc; flow matching (SD3, FLUX.1) rolls out with Euler only")
-    group.add_argument("--scheduled_sampling_target", default="recomputed", choices=["recomputed", "original"],
-                       help="recomputed: the target implies the true clean latent from the rolled-out x_t; "
-                            "original: the clean trajectory's target")
-
-    group = parser.add_argument_group("EMA: a moving average of the trained weights, saved beside them")
-    flags.add_bool(group, "--use_ema")
-    group.add_argument("--ema_decay", type=float, default=0.999)
-    group.add_argument("--ema_update_interval", type=int, default=1, help="update the average every N steps")
-    group.add_argument("--ema_device", default="cpu", choices=["cpu", "accelerator"],
-                       help="cpu: the average lives in system memory, not on the GPU")
-    flags.add_bool(group, "--ema_warmup", default=True,
-                   help="decay min(ema_decay, (1+s)/(10+s)) after s updates, so the average leaves the untrained start "
-                        "fast (on by default: without it, decay 0.999 still holds 45%% of the start after 800 steps)")
-
+    flags.add_flow_args(parser)
+    flags.add_rollout_args(parser, ROLLOUT_SAMPLERS)
+    flags.add_ema_args(parser)
     flags.add_eval_args(parser)
     flags.add_conditioning_args(parser)
     parser.add_argument("--eval_steps_interval", type=int, default=0,
                         help="log the stable eval loss every N steps (eval datasets and/or --eval_split images)")
 
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpointing_steps", type=int, default=500)
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--checkpointing_steps", type=int, default=500,
+                       help="save a resumable checkpoint-N folder every N steps")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None,
+                       help="keep only the newest N checkpoints (default: all)")
     group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
 
-    add_validation_args(parser)
+    flags.add_validation_args(parser)
+    flags.add_output_args(parser)
     return parser
-
-
-def add_validation_args(parser):
-    """Validation images during training: prompts, seeds, strengths, previews."""
-    group = parser.add_argument_group("validation")
-    group.add_argument("--validation_prompt", nargs="+", default=None)
-    group.add_argument("--validation_steps", type=int, default=100)
-    group.add_argument("--num_validation_images", type=int, default=2)
-    group.add_argument("--validation_lora_scales", type=float, nargs="+", default=None,
-                       help="render each prompt and seed at these adapter strengths side by side (e.g. 0 0.5 1; 0 is "
-                            "the base model, for comparison)")
-    group.add_argument("--validation_num_inference_steps", type=int, default=25)
-    group.add_argument("--validation_guidance_scale", type=float, default=None,
-                       help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev's embedded guidance)")
-    group.add_argument("--validation_negative_prompt", default=None)
-    group.add_argument("--validation_resolution", type=int, default=None, help="default: the model's native size")
-    group.add_argument("--validation_seed", type=int, default=0)
-    group.add_argument("--validation_instance", default=None,
-                       help="fills {instance} in validation prompts (e.g. \"ohwx dog\")")
-    group.add_argument("--validation_class", default=None,
-                       help="fills {class}, and replaces the instance in the text CLIP-T scores (e.g. \"dog\")")
-    group.add_argument("--evaluation_type", default="none", choices=["none", "clip"],
-                       help="clip: score validation images (CLIP-T, CLIP-I against the subject) into the log")
-    group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="for --evaluation_type clip")
-    flags.add_bool(group, "--validation_preview",
-                   help="send in-progress pictures of validation images to the webhooks (Tiny AutoEncoder)")
-    group.add_argument("--validation_preview_steps", type=int, default=1,
-                       help="a preview every N denoising steps and at the last (default: every step, as the reference)")
-    group.add_argument("--preview_vae", default=None,
-                       help="Tiny AutoEncoder (default: the family's, madebyollin/taesd, taesdxl, taesd3 or taef1)")
-    group.add_argument("--webhook_config", default=None,
-                       help="JSON: raw and/or discord webhooks for start, checkpoints, validation images, previews, "
-                            "the end and errors (see common/webhooks.py)")
-    group.add_argument("--validation_ema", default=None, choices=["raw", "ema", "both"],
-                       help="with --use_ema, which weights validation renders (default both, side by side)")
 
 
 def parse_args(argv=None):

@@ -30,6 +30,9 @@
                    used by train, evaluate
     webhooks     notices to your own endpoint or Discord
                    used by train
+    hub          the Hugging Face hub: a base model or VAE fetched by its id; --push_to_hub: the output folder as a
+                 model repo
+                   used by every script that loads a model (through models), train
 
 A script imports the modules it needs (`from common import data, models`) and calls them by module, so a call
 says where its code lives: `data.load_datasets(args)`, `caches.build_vae_cache(...)`.

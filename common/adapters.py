@@ -396,15 +396,24 @@ def kohya_transformer_lora(model, family):
     return state
 
 
+def weight_names(output_name=None, suffix=""):
+    """(diffusers-layout file, kohya-layout file) of an adapter: pytorch_lora_weights.safetensors and
+    pytorch_lora_weights_comfyui.safetensors, or with --output_name NAME: NAME.safetensors and NAME_comfyui.safetensors;
+    `suffix` "_ema" names the average's (pytorch_lora_weights_ema.safetensors, NAME_ema_comfyui.safetensors)."""
+    stem = (output_name or LORA_WEIGHTS_NAME[:-len(".safetensors")]) + suffix
+    return f"{stem}.safetensors", f"{stem}_comfyui.safetensors"
+
+
 def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, folder, suffix="",
                  extra_metadata=None):
     """Write the trained adapter into `folder`: diffusers-format LoRA (and --lora_format comfyui: the kohya layout
     too), or the LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load).
     `suffix` names a variant: "_ema" writes pytorch_lora_weights_ema.safetensors (and ..._ema_comfyui)."""
-    path = os.path.join(folder, LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors"))
+    name, kohya_name = weight_names(args.output_name, suffix)
+    path = os.path.join(folder, name)
     metadata = {**cards.run_metadata(args, info, datasets, step, os.path.basename(path)[:-len(".safetensors")]),
                 **(extra_metadata or {})}
-    kohya_path = os.path.join(folder, KOHYA_WEIGHTS_NAME.replace("_comfyui", f"{suffix}_comfyui"))
+    kohya_path = os.path.join(folder, kohya_name)
     network = getattr(unet, "lycoris", None)
     if network is None:
         configs = {info.spec.denoiser: lora_config, **{name: encoder.peft_config["default"]
@@ -431,7 +440,7 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
                                        if key.endswith(".alpha") else value for key, value in state.items()},
                                       kohya_path, metadata)
     elif not suffix and folder == args.output_dir:
-        print(f"note: no {KOHYA_WEIGHTS_NAME}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads "
+        print(f"note: no {kohya_name}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads "
               "them)")
     return path
 
@@ -458,8 +467,9 @@ def output_writer(args, info, datasets, model, lora_config, ema, trainable):
 
 def write_card(args, info, datasets, folder, step):
     """The model card (cards.write_model_card) of the adapter or pipeline in `folder`, naming its kohya file if any."""
-    kohya = KOHYA_WEIGHTS_NAME if os.path.isfile(os.path.join(folder, KOHYA_WEIGHTS_NAME)) else None
-    cards.write_model_card(args, info, datasets, folder, step, LORA_WEIGHTS_NAME, kohya)
+    name, kohya = weight_names(args.output_name)
+    cards.write_model_card(args, info, datasets, folder, step, name,
+                           kohya if os.path.isfile(os.path.join(folder, kohya)) else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,8 +478,9 @@ def write_card(args, info, datasets, folder, step):
 
 def load_adapter(pipe, path):
     """Apply a trained adapter to a pipeline's UNet: a LyCORIS file with LyCORIS's own loader, anything else with
-    diffusers' load_lora_weights. `path` is a .safetensors file or an output folder."""
-    file = path if os.path.isfile(path) else os.path.join(path, LORA_WEIGHTS_NAME)
+    diffusers' load_lora_weights. `path` is a .safetensors file or an output folder (its --output_name is read
+    from its args.json)."""
+    file = path if os.path.isfile(path) else os.path.join(path, weight_names(output_name_of(path))[0])
     with safe_open(file, framework="pt") as handle:
         is_lycoris = any(key.startswith("lycoris_") for key in handle.keys())
         config = json.loads((handle.metadata() or {}).get("lycoris_config", "{}"))
@@ -491,6 +502,12 @@ def load_adapter(pipe, path):
         finally:
             diffusers_logging.set_verbosity(verbosity)
     return pipe
+
+
+def output_name_of(folder):
+    """The --output_name a training output folder was written with (its args.json), or None."""
+    record = os.path.join(folder, "args.json")
+    return files.read_json(record).get("output_name") if os.path.isfile(record) else None
 
 
 def unload_adapter(pipe):

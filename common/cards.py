@@ -89,13 +89,17 @@ def run_metadata(args, info, datasets, step, title):
     return {**ours, **kohya, **spec}
 
 
-def write_run_args(args, folder, seed, flag_names):
-    """args.json: the run's flags (`flag_names`) as given and settled, a --config's keys included, with the seed it
-    drew and without secrets (flags left unset are left out): `--config args.json` repeats the run."""
+def run_args(args, seed, flag_names):
+    """The run's flags (`flag_names`) as given and settled, a --config's keys included, with the seed it drew and
+    without secrets (flags left unset are left out)."""
     values = {key: value for key, value in vars(args).items()
               if key in flag_names and value is not None and key not in SECRET_FLAGS and key != "config"}
-    values["seed"] = seed
-    files.write_text_atomic(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n",
+    return {**values, "seed": seed}
+
+
+def write_run_args(args, folder, seed, flag_names):
+    """args.json (run_args): `--config args.json` repeats the run."""
+    files.write_text_atomic(json.dumps(run_args(args, seed, flag_names), indent=2, sort_keys=True, default=str) + "\n",
                             os.path.join(folder, "args.json"))
 
 

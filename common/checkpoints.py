@@ -20,6 +20,7 @@ from common import adapters, files, models
 STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 EMA_CHECKPOINT_FILE = "ema.safetensors"
 LOG_FILE = "train_log.jsonl"
+TRACKER_PROJECT = "dreambooth"  # TensorBoard: OUTPUT_DIR/logs/dreambooth; wandb: the project's name
 
 
 # What a sharded (FSDP) run refuses, each with the reason: flag -> (is it set?, why it cannot run sharded yet).
@@ -415,34 +416,56 @@ def step_record(args, loss, lr, step_time, epoch, totals, ema_decay, skipped_nan
 
 
 class JsonlLog:
-    """One JSON object per line; TensorBoard scalars too when tensorboard is installed.
+    """One JSON object per line, and the same numbers (and the validation grids) to the --report_to trackers.
 
     The log is the run's record, so it must read like an uninterrupted run's: a resumed run (`resumed_at` = the
     checkpoint's step) keeps the lines up to that step and drops the rest (steps it will redo, and a line a kill
-    cut in half); a run that starts afresh starts an empty log."""
+    cut in half); a run that starts afresh starts an empty log. TensorBoard purges its events past that step too.
+    `accelerator`: an Accelerator made with log_with (tracker_names); `config`: the run's flags for the trackers."""
 
-    def __init__(self, folder, resumed_at=None):
+    def __init__(self, folder, resumed_at=None, accelerator=None, config=None):
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, LOG_FILE)
         kept = read_log(path, until_step=resumed_at) if resumed_at is not None else []
         files.write_text_atomic("".join(json.dumps(record) + "\n" for record in kept), path)
         self.handle = open(path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
-        except ImportError:
-            self.tensorboard = None
+        self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
+        if self.accelerator is not None:
+            # Trackers take scalars: a list (validation prompts, lora scales) goes as its text.
+            flat = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                    for key, value in (config or {}).items()}
+            purge = {"tensorboard": {"purge_step": resumed_at}} if resumed_at is not None else {}
+            self.accelerator.init_trackers(TRACKER_PROJECT, config=flat, init_kwargs=purge)
 
     def log(self, step, values):
         self.handle.write(json.dumps({"step": step, **values}) + "\n")
         self.handle.flush()
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, step)
+        if self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_image(self, step, name, path):
+        """An image file (a validation grid) to every tracker, at `step`."""
+        if self.accelerator is None:
+            return
+        import numpy as np
+
+        from common.images import load_image
+
+        picture = np.asarray(load_image(path))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, picture, step, dataformats="HWC")
+                tracker.writer.flush()
+            else:  # wandb (wandb.Image of each array)
+                tracker.log_images({name: [picture]}, step=step)
 
     def close(self):
         self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+
+
+def tracker_names(report_to):
+    """--report_to as accelerate's log_with: all means tensorboard, and wandb where it is installed."""
+    import importlib.util
+
+    wandb = ["wandb"] if importlib.util.find_spec("wandb") is not None else []
+    return {"none": None, "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", *wandb]}[report_to]

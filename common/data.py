@@ -98,7 +98,8 @@ def validate_dataset(raw, index, source):
         raise SystemExit(f"{where}: every dataset needs an 'id'")
     for name, value in raw.items():
         if name not in DATASET_KEYS:
-            raise SystemExit(f"{where}: unknown key '{name}'; did you mean '{closest(name, DATASET_KEYS)}'?")
+            hint = closest(name, DATASET_KEYS)
+            raise SystemExit(f"{where}: unknown key '{name}'" + (f"; did you mean '{hint}'?" if hint else ""))
         kind, allowed = DATASET_KEYS[name]
         if value is None and name != "id":
             continue
@@ -146,6 +147,9 @@ def load_datasets(args):
     else:
         raise SystemExit("no data: give --data_backend_config FILE.json, or --instance_data_dir DIR --instance_prompt TEXT")
 
+    if getattr(args, "with_prior_preservation", False):  # diffusers' flags for a regularisation dataset
+        raw = raw + [{"id": "class", "instance_data_dir": args.class_data_dir, "instance_prompt": args.class_prompt,
+                      "is_regularisation_data": True}]
     datasets = [validate_dataset(entry, i, source) for i, entry in enumerate(raw)]
     seen = {}
     for dataset in datasets:
@@ -169,6 +173,35 @@ def load_datasets(args):
             dataset.cache_dir_vae = os.path.join(cache_root, "vae", files.safe_folder_name(dataset.id))
     refuse_outputs_among_data(datasets, args, source)
     return datasets
+
+
+def make_class_images(args, say=print):
+    """--with_prior_preservation: the base model draws what --class_data_dir lacks of --num_class_images, by
+    make_regularisation.py (its file names and manifest, so a re-run adds only what is missing)."""
+    import subprocess
+    import sys
+
+    folder = args.class_data_dir
+    have = [n for n in os.listdir(folder) if n.lower().endswith(images.IMAGE_EXTENSIONS)] \
+        if os.path.isdir(folder) else []
+    if len(have) >= args.num_class_images:
+        return
+    if have and not os.path.isfile(os.path.join(folder, ".regularisation.json")):
+        raise SystemExit(f"--class_data_dir {folder}: {len(have)} images, fewer than --num_class_images "
+                         f"{args.num_class_images}, and not made by make_regularisation.py (which adds only to its own "
+                         "folders): add images, lower --num_class_images, or give an empty folder to have them made")
+    say(f"--with_prior_preservation: {folder} holds {len(have)} of {args.num_class_images} class images; the base "
+        "model makes the rest (make_regularisation.py)")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "make_regularisation.py")
+    command = [sys.executable, script, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+               "--class_prompt", args.class_prompt, "--num_images", str(args.num_class_images), "--output_dir", folder]
+    for flag in ("revision", "variant", "single_file_config", "pretrained_vae_model_name_or_path",
+                 *(f"text_encoder_{i}_precision" for i in (1, 2, 3))):
+        if getattr(args, flag, None) not in (None, "no_change"):
+            command += [f"--{flag}", str(getattr(args, flag))]
+    command += ["--local_files_only"] * bool(args.local_files_only) + ["--allow_pickle"] * bool(args.allow_pickle)
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"--with_prior_preservation: making the class images in {folder} failed (the reason is above)")
 
 
 def check_mask_link(dataset, seen, source):

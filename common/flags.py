@@ -9,7 +9,7 @@ those scripts pass over the ones they do not take themselves while still refusin
 import argparse
 import difflib
 
-from common import files
+from common import files, simpletuner
 from common.quantise import PRECISIONS
 
 # train_dreambooth.py's flags beyond add_model_args and add_data_args (tests/test_config.py checks this list
@@ -31,12 +31,14 @@ TRAINING_KEYS = frozenset("""
     validation_instance validation_lora_scales validation_negative_prompt validation_num_inference_steps validation_preview
     validation_preview_steps validation_prompt validation_resolution validation_seed validation_steps
     webhook_config weighting_scheme
+    output_kohya_format rank report_to push_to_hub hub_model_id hub_token hub_private_repo
 """.split())
 
 
 def closest(name, choices):
-    """The known name most like `name`, for 'did you mean' messages."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.0)
+    """The known name most like `name`, for 'did you mean' messages; None when none is close (a hint far from
+    the typo misleads more than no hint)."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return match[0] if match else None
 
 
@@ -108,22 +110,34 @@ def read_config_file(path, parser, also_known=()):
     """Values from a config.json for this parser: keys are flag names with or without the leading '--'.
 
     `also_known` names keys that belong to a sibling script (cache_latents.py reads the training config and
-    passes over TRAINING_KEYS); anything else unknown is an error that suggests the closest flag."""
+    passes over TRAINING_KEYS). SimpleTuner's keys are read in our terms where they mean one of our flags (see
+    common/simpletuner.py). Anything else unknown is an error, with the closest flag when one is close; every
+    problem of the file is listed at once."""
     raw = files.read_json(path, "--config")
     if not isinstance(raw, dict):
         raise SystemExit(f"{path}: a config file holds one JSON object of flag names and values")
     actions = {opt[2:]: action for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    defaults = {name: action.default for name, action in actions.items()}
+    raw, notes, problems = simpletuner.translate(simpletuner.unwrap(raw), defaults, also_known)
     values = {}
     for key, value in raw.items():
         name = key.lstrip("-")
         if name == "config":
             continue
         if name not in actions:
-            if name in also_known:
-                continue
-            hint = closest(name, list(actions) + list(also_known))
-            raise SystemExit(f"{path}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
-        values[actions[name].dest] = config_value(actions[name], key, value, path)
+            if name not in also_known:
+                hint = closest(name, list(actions) + list(also_known))
+                problems.append(f"unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
+            continue
+        try:
+            values[actions[name].dest] = config_value(actions[name], key, value, path)
+        except SystemExit as err:
+            problems.append(str(err).removeprefix(f"{path}: "))
+    if len(problems) == 1:
+        raise SystemExit(f"{path}: {problems[0]}")
+    if problems:
+        raise SystemExit(f"{path}: {len(problems)} keys cannot be used here:\n  - " + "\n  - ".join(problems))
+    simpletuner.say(path, notes)
     return values
 
 
@@ -147,6 +161,9 @@ def add_model_args(parser):
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     group.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
     add_bool(group, "--local_files_only", help="never contact the hub; use the local hub cache only")
+    group.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="a VAE to use instead of the model's own (a folder or hub id holding its config.json, "
+                            "e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's VAE without fp16 overflow)")
     group.add_argument("--single_file_config", default=None,
                        help="for a single-file checkpoint: a diffusers folder or hub id holding its component configs")
     add_allow_pickle_arg(group)
@@ -174,11 +191,26 @@ def add_data_args(parser):
     group.add_argument("--instance_prompt", default=None, help="simple case: the caption of every subject image")
     group.add_argument("--resolution", type=float, default=None,
                        help="default dataset resolution (default: the model's native size)")
-    group.add_argument("--resolution_type", default="pixel_area", choices=["pixel", "area", "pixel_area"])
-    group.add_argument("--output_dir", default="output")
+    group.add_argument("--resolution_type", default="pixel_area", choices=["pixel", "area", "pixel_area"],
+                       help="what --resolution measures: pixel, the shorter side in px; area, megapixels; pixel_area, "
+                            "the area of a square of that side (aspect buckets keep it)")
+    group.add_argument("--output_dir", default="output", help="where the weights, checkpoints, logs and images go")
+    group.add_argument("--output_name", default=None,
+                       help="file name (without .safetensors) of the saved adapter, e.g. ohwx_dog (default: "
+                            "pytorch_lora_weights, as diffusers names it); ComfyUI keeps many LoRAs in one folder")
     group.add_argument("--cache_dir", default=None, help="root of the caches (default: OUTPUT_DIR/cache)")
     group.add_argument("--seed", type=int, default=None, help="makes a run reproducible (random crops included)")
     group.add_argument("--vae_batch_size", type=int, default=4, help="images per VAE encode when caching")
+    # diffusers' DreamBooth example's way to ask for prior preservation, for commands that carry over
+    add_bool(group, "--with_prior_preservation",
+             help="add a regularisation dataset: the --class_data_dir images captioned --class_prompt (training "
+                  "has the base model make the missing ones when the folder holds fewer than --num_class_images, "
+                  "as make_regularisation.py does)")
+    group.add_argument("--class_data_dir", default=None, help="with --with_prior_preservation: the class images")
+    group.add_argument("--class_prompt", default=None, help="with --with_prior_preservation: their caption, e.g. "
+                                                            "\"a photo of a dog\"")
+    group.add_argument("--num_class_images", type=int, default=100,
+                       help="with --with_prior_preservation: how many class images the folder should hold")
 
 
 def add_eval_args(parser):
@@ -202,3 +234,112 @@ def add_conditioning_args(parser):
                        help="the refiner's aesthetic-score conditioning for the training images")
     group.add_argument("--refiner_training_strength", type=float, default=0.2,
                        help="the refiner trains (and is validated) on the lowest-noise share of the timesteps")
+
+
+def add_flow_args(parser):
+    """SD3 and FLUX.1: which noise levels are trained, and how they are weighted."""
+    group = parser.add_argument_group("flow matching (SD3, FLUX.1): which noise levels are trained, and how weighted")
+    group.add_argument("--weighting_scheme", default="logit_normal",
+                       choices=["logit_normal", "uniform", "mode", "cosmap", "sigma_sqrt"],
+                       help="how noise levels are drawn (logit_normal, mode: denser mid-range, as the SD3 paper) "
+                            "and weighted (cosmap, sigma_sqrt: per-sample loss weights)")
+    group.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
+    group.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
+    group.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
+    group.add_argument("--flow_shift", type=number_or_auto, default=None,
+                       help="shift of the noise levels towards noise: a number S (static), or auto (FLUX.1-dev's "
+                            "resolution-dependent shift, as its pipeline draws). Default: the model's scheduler "
+                            "(SD3 3.0, FLUX.1-dev auto, schnell 1.0), i.e. the levels it is drawn at")
+
+
+def add_rollout_args(parser, samplers):
+    """Scheduled sampling: `samplers` are the deterministic ones a rollout may use."""
+    group = parser.add_argument_group("scheduled sampling (rollouts): train on the model's own imperfect x_t")
+    group.add_argument("--scheduled_sampling_max_step_offset", type=int, default=0,
+                       help="K: a rolled-out sample starts k ~ U{1..K} timesteps higher (0 = off; 5-10 is typical)")
+    group.add_argument("--scheduled_sampling_probability", type=float, default=1.0,
+                       help="share of samples rolled out once the ramp is done")
+    group.add_argument("--scheduled_sampling_ramp_steps", type=int, default=0,
+                       help="the probability rises linearly from 0 over this many steps (0: full from the start)")
+    group.add_argument("--scheduled_sampling_sampler", default=None, choices=samplers,
+                       help="default unipc; flow matching (SD3, FLUX.1) rolls out with Euler only")
+    group.add_argument("--scheduled_sampling_target", default="recomputed", choices=["recomputed", "original"],
+                       help="recomputed: the target implies the true clean latent from the rolled-out x_t; "
+                            "original: the clean trajectory's target")
+
+
+def add_ema_args(parser):
+    group = parser.add_argument_group("EMA: a moving average of the trained weights, saved beside them")
+    add_bool(group, "--use_ema", help="keep a moving average of the trained weights; validation and the saved output use it")
+    group.add_argument("--ema_decay", type=float, default=0.999, help="the average's decay per update")
+    group.add_argument("--ema_update_interval", type=int, default=1, help="update the average every N steps")
+    group.add_argument("--ema_device", default="cpu", choices=["cpu", "accelerator"],
+                       help="cpu: the average lives in system memory, not on the GPU")
+    add_bool(group, "--ema_warmup", default=True,
+                   help="decay min(ema_decay, (1+s)/(10+s)) after s updates, so the average leaves the untrained start "
+                        "fast (on by default: without it, decay 0.999 still holds 45%% of the start after 800 steps)")
+
+
+def add_validation_args(parser):
+    """Validation images during training: prompts, seeds, strengths, previews."""
+    group = parser.add_argument_group("validation")
+    group.add_argument("--validation_prompt", nargs="+", default=None,
+                       help="prompts drawn every --validation_steps (may hold {instance} and {class}); none: no validation")
+    group.add_argument("--validation_steps", type=int, default=100, help="draw the validation prompts every N steps")
+    group.add_argument("--num_validation_images", type=int, default=2, help="seeds per prompt")
+    group.add_argument("--validation_lora_scales", type=float, nargs="+", default=None,
+                       help="render each prompt and seed at these adapter strengths side by side (e.g. 0 0.5 1; 0 is "
+                            "the base model, for comparison)")
+    group.add_argument("--validation_num_inference_steps", type=int, default=25, help="sampler steps per image")
+    group.add_argument("--validation_guidance_scale", type=float, default=None,
+                       help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev's embedded guidance)")
+    group.add_argument("--validation_negative_prompt", default=None, help="negative prompt for validation images")
+    group.add_argument("--validation_resolution", type=int, default=None, help="default: the model's native size")
+    group.add_argument("--validation_seed", type=int, default=0,
+                       help="image k of each prompt uses seed + k, the same at every step")
+    group.add_argument("--validation_instance", default=None,
+                       help="fills {instance} in validation prompts (e.g. \"ohwx dog\")")
+    group.add_argument("--validation_class", default=None,
+                       help="fills {class}, and replaces the instance in the text CLIP-T scores (e.g. \"dog\")")
+    group.add_argument("--evaluation_type", default="none", choices=["none", "clip"],
+                       help="clip: score validation images (CLIP-T, CLIP-I against the subject) into the log")
+    group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="for --evaluation_type clip")
+    add_bool(group, "--validation_preview",
+                   help="send in-progress pictures of validation images to the webhooks (Tiny AutoEncoder)")
+    group.add_argument("--validation_preview_steps", type=int, default=1,
+                       help="a preview every N denoising steps and at the last (default: every step, as the reference)")
+    group.add_argument("--preview_vae", default=None,
+                       help="Tiny AutoEncoder (default: the family's, madebyollin/taesd, taesdxl, taesd3 or taef1)")
+    group.add_argument("--webhook_config", default=None,
+                       help="JSON: raw and/or discord webhooks for start, checkpoints, validation images, previews, "
+                            "the end and errors (see common/webhooks.py)")
+    group.add_argument("--validation_ema", default=None, choices=["raw", "ema", "both"],
+                       help="with --use_ema, which weights validation renders (default both, side by side)")
+
+
+def add_output_args(parser):
+    """Where the result goes besides --output_dir: the trackers that follow the run, and the Hugging Face hub."""
+    group = parser.add_argument_group("logging and sharing")
+    group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
+                       help="trackers besides logs/train_log.jsonl (always written): scalars every logged step, "
+                            "validation grids as images. tensorboard: OUTPUT_DIR/logs/dreambooth; wandb needs the "
+                            "wandb package (WANDB_MODE=offline runs without a network); all: both, wandb when installed")
+    add_bool(group, "--push_to_hub", help="upload the output folder (weights, model card, args.json, validation "
+                                          "images, logs) to the Hugging Face hub at the end; needs --hub_model_id")
+    group.add_argument("--hub_model_id", default=None, help="the hub repository to push to, e.g. you/ohwx-dog-lora")
+    group.add_argument("--hub_token", default=None,
+                       help="hub token with write access (default: HF_TOKEN or `hf auth login`'s); never saved")
+    add_bool(group, "--hub_private_repo", help="create the hub repository private")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows every flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        value = action.default
+        shown = "none" if value is None else ("on" if value else "off") if isinstance(value, bool) else \
+            " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from common import files, quantise
+from common import files, hub, quantise
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class ModelInfo:
     model_index: dict = None
     model_config: dict = None  # the UNet's or transformer's config
     vae_config: dict = None
+    vae_folder: str = None  # --pretrained_vae_model_name_or_path: a folder holding the VAE used instead of vae/
     scheduler_config: dict = None
     t5_max_length: int = 0  # --t5_max_sequence_length, or the family's default
     text_dtype: torch.dtype = torch.float32  # cached text embeddings are stored in the compute dtype (--mixed_precision)
@@ -266,23 +267,6 @@ def convert_single_file(path, args, cache_root):
     return folder
 
 
-def download_model(ref, args):
-    """A hub id -> the local snapshot folder diffusers would load from (only the parts training needs)."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.download(
-            ref, revision=args.revision, variant=args.variant, local_files_only=args.local_files_only,
-            use_safetensors=None if getattr(args, "allow_pickle", False) else True, safety_checker=None,
-            feature_extractor=None, image_encoder=None,
-        )
-    except Exception as err:
-        offline = " (offline: HF_HUB_OFFLINE or --local_files_only is set)" if args.local_files_only or \
-            os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise SystemExit(f"could not get model {ref!r} from the hub{offline}: {err}. Check the id, or give a local "
-                         "diffusers folder.") from None
-
-
 def resolve_model(args):
     """Find the model (folder, hub id or single file), read its configs and detect its family. Loads no weights."""
     ref = args.pretrained_model_name_or_path
@@ -293,7 +277,7 @@ def resolve_model(args):
     elif os.path.isdir(ref):
         folder = ref
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith("."):  # owner/name: a hub id
-        folder = download_model(ref, args)
+        folder = hub.download_model(ref, args)
     else:
         raise SystemExit(f"--pretrained_model_name_or_path {ref}: no such folder or file (nor a hub id owner/name)")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -308,6 +292,7 @@ def resolve_model(args):
     if not allow_pickle:
         files.refuse_pickle_only_weights(ref, folder, model_index)
     model_config = files.read_json(os.path.join(folder, denoiser, "config.json"))
+    vae_folder = find_vae(args)
     scheduler_config = files.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     family = detect_family(model_index, model_config, ref)
     t5_max_length = getattr(args, "t5_max_sequence_length", None) or FAMILIES[family].t5_max_length
@@ -321,17 +306,37 @@ def resolve_model(args):
         prediction_type="flow" if FAMILIES[family].objective == "flow" else
         scheduler_config.get("prediction_type", "epsilon"),
         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
-        vae_config=files.read_json(os.path.join(folder, "vae", "config.json")),
+        vae_config=files.read_json(os.path.join(vae_folder or os.path.join(folder, "vae"), "config.json")),
+        vae_folder=vae_folder,
         text_encoder_precisions={name: getattr(args, f"text_encoder_{i}_precision", "no_change") or "no_change"
                                  for i, name in enumerate(("text_encoder", "text_encoder_2", "text_encoder_3"), 1)},
         allow_pickle=allow_pickle,
     )
 
 
+def find_vae(args):
+    """--pretrained_vae_model_name_or_path as a local folder holding the VAE's config.json (a hub id is fetched;
+    a pipeline folder's vae/ is used), or None."""
+    ref = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if ref and not os.path.isdir(ref) and re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
+        ref = hub.download_vae(ref, args)
+    folder = ref and (os.path.join(ref, "vae") if os.path.isdir(os.path.join(ref, "vae")) else ref)
+    if folder and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise SystemExit(f"--pretrained_vae_model_name_or_path {ref}: no config.json there (nor in vae/); give a "
+                         "folder holding a diffusers VAE, or its hub id")
+    return folder
+
+
+def component_location(info, subfolder):
+    """(folder, subfolder) from_pretrained loads a component from: the model's, or the VAE given instead."""
+    return (info.vae_folder, None) if subfolder == "vae" and info.vae_folder else (info.folder, subfolder)
+
+
 def component_identity(info, subfolder):
     """A fingerprint of one model component (configs hashed whole, weight files sampled), for cache validity."""
     digest = hashlib.sha256(f"{subfolder}|{info.variant}".encode())
-    root = os.path.join(info.folder, subfolder)
+    folder, inside = component_location(info, subfolder)
+    root = os.path.join(folder, inside or "")
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         if name.endswith((".json", ".txt")):
@@ -358,7 +363,10 @@ def load_component(info, subfolder, dtype=torch.float32):
         kwargs = {"torch_dtype" if library == "diffusers" else "dtype": dtype, "variant": info.variant,
                   "use_safetensors": None if info.allow_pickle else True}
     try:
-        return getattr(module, class_name).from_pretrained(info.folder, subfolder=subfolder, **kwargs)
+        folder, inside = component_location(info, subfolder)
+        if inside is None:  # a VAE given on its own: its files have their own names (no --variant)
+            kwargs["variant"] = None
+        return getattr(module, class_name).from_pretrained(folder, subfolder=inside, **kwargs)
     except (OSError, ValueError) as err:
         raise SystemExit(f"{info.ref}: cannot load {subfolder} ({err})") from None
 

@@ -201,7 +201,16 @@ def tiny_scorers(tmp_path_factory):
     return clip_folder, dino_folder
 
 
-# Local HTTP servers for the webhook tests
+# Local HTTP servers for the webhook and hub tests
+
+
+def serve_locally(handler):
+    """Start a threaded HTTP server on a free local port with this request handler class: (server, its URL)."""
+    handler.log_message = lambda self, *args: None  # keep pytest's output quiet
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
 class Server:
@@ -224,13 +233,7 @@ class Server:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *args):  # keep pytest's output quiet
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.httpd, self.url = serve_locally(Handler)
 
     def stop(self):
         self.release.set()

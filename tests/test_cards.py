@@ -89,3 +89,44 @@ def test_mixed_precision_follows_accelerate_launch_and_traps_are_warned(tiny_mod
     out = capsys.readouterr().out
     assert "is too few to learn a subject" in out and "set --max_train_steps" in out
     assert "captions come from the file names" in out
+
+
+def test_tensorboard_gets_the_run_s_scalars_config_and_validation_grid(tiny_model, subject_dir, tmp_path):
+    """--report_to tensorboard (the default): the event file holds every logged step's loss (equal to the JSONL
+    log's), the run's flags, and the validation grid as an image of the grid's size."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from common import checkpoints, images
+
+    out = tmp_path / "out"
+    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "3",
+                                     "--validation_prompt", "a ohwx toy", "--validation_steps", "2",
+                                     "--num_validation_images", "1", "--validation_num_inference_steps", "2"))
+    folder = out / "logs" / checkpoints.TRACKER_PROJECT
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0}).Reload()
+    logged = {r["step"]: r["loss"] for r in checkpoints.read_log(str(out / "logs" / checkpoints.LOG_FILE))
+              if "loss" in r}
+    scalars = {e.step: e.value for e in events.Scalars("loss")}
+    assert scalars.keys() == logged.keys() == {1, 2, 3}
+    assert all(abs(scalars[s] - logged[s]) < 1e-6 for s in logged)  # TensorBoard stores float32
+    pictures = events.Images("validation")
+    assert [p.step for p in pictures] == [2, 3]
+    width, height = images.load_image(str(out / "validation" / "step-3" / "grid.png")).size
+    assert (pictures[-1].width, pictures[-1].height) == (width, height)
+    hparams = [open(os.path.join(root, name)).read() for root, _, names in os.walk(folder) for name in names
+               if name == "hparams.yml"]
+    assert len(hparams) == 1 and yaml.safe_load(hparams[0])["max_train_steps"] == 3
+
+
+def test_report_to_none_writes_no_tracker_and_wandb_missing_is_named(tiny_model, subject_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "1",
+                                     "--report_to", "none"))
+    assert sorted(os.listdir(out / "logs")) == ["train_log.jsonl"]
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else
+                        importlib.machinery.PathFinder.find_spec(name))
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "w", "--report_to", "wandb"))
+    assert not (tmp_path / "w").exists()
