@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 		--output_dir demo/class --resolution 64 --num_inference_steps 20 --guidance_scale 5
 	$(PY) cache_latents.py --config demo/config.json
 	$(PY) train_dreambooth.py --config demo/config.json
-	$(PY) evaluate.py --config demo/config.json --instance_prompt "ohwx shape" --class_prompt shape \
+	$(PY) evaluate.py --config demo/config.json --validation_instance "ohwx shape" --validation_class shape \
 		--validation_prompt "a {instance}" "a {instance} on a green background" "a large {instance} at the left" \
 		--num_images_per_prompt 3 --num_inference_steps 20 --guidance_scale 5 --clip_model none \
 		--toy_scorer toy/scorer.safetensors

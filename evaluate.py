@@ -6,7 +6,8 @@
 Evaluates the base model (as step 0), every complete checkpoint-N in --checkpoints (or only those named with
 --only) and the final output there, with --weights raw or ema. For each, with the same seeds throughout:
   - images: every prompt (--validation_prompt, --prompts_file or --prompt_set dreambench; "{instance}" becomes
-    --instance_prompt and "{class}" --class_prompt) at --num_images_per_prompt seeds;
+    --validation_instance and "{class}" --validation_class, as in training, or --instance_prompt / --class_prompt
+    given here) at --num_images_per_prompt seeds, drawn as training's validation draws them (common/render.py);
   - scores, as in the DreamBooth paper (raw cosines): CLIP-T (each image against its prompt, with the class in
     place of the instance: CLIP does not know the identifier), CLIP-I and DINO (mean pairwise cosine between the
     generated images and the real subject images);
@@ -14,19 +15,22 @@ Evaluates the base model (as step 0), every complete checkpoint-N in --checkpoin
   - the stable eval loss (scores.stable_eval_loss, the function training logs with --eval_steps_interval) on the
     data config's eval datasets and/or --eval_split held-out images: pass the training run's data, --seed and
     --eval_split, and the numbers equal the training log's.
-Also reads the training config.json (--config; its output_dir is then the run to evaluate). Writes to
---evaluation_dir (default CHECKPOINTS/evaluation):
+Also reads the training config.json (--config; its output_dir is then the run to evaluate), validation settings
+included (--num_validation_images, --validation_seed, --validation_num_inference_steps, --validation_guidance_scale,
+--validation_resolution, --validation_negative_prompt; the command line wins): `python evaluate.py --config
+config.json` draws again, pixel for pixel, the validation images training drew at each checkpoint's step.
+Writes to --evaluation_dir (default CHECKPOINTS/evaluation):
     metrics.json, metrics.csv          one entry per evaluated model
     images/NAME/pPP-seedS.png, grids/NAME.png (a row per prompt, a column per seed)
     plots/scores.png, plots/eval_loss_by_timestep.png
-    report.html                        everything on one page, images embedded: open it in any browser
+    report.html                        everything on one page (common/report.py): scores with the best marked,
+                                       plots, the real photos, base vs final per prompt, every checkpoint; small
+                                       embedded thumbnails linking to the images: open it in any browser
 """
 
 import argparse
-import base64
 import contextlib
 import csv
-import html
 import io
 import os
 import sys
@@ -36,24 +40,24 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from common import (adapters, caches, checkpoints, data, files, flags, images, models, objectives, quantise, render,
-                    scores)
+                    report, scores)
 
-METRICS = ("clip_t", "clip_i", "dino", "toy_subject", "eval_loss")
+METRICS, LABELS = report.METRICS, report.LABELS  # the scores: metrics.csv's columns, the report's
 GRID_THUMB = 256  # the widest a picture is drawn in a grid (the pictures themselves are saved whole)
-LABELS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "toy_subject": "subject (toy)",
-          "eval_loss": "eval loss"}
+GRID_SMALLEST = 128  # a smaller picture (a toy model's 32-64 px) is enlarged in its grid, nearest-neighbour
+DINO_MODEL = "facebook/dino-vits16"  # DINO's model when CLIP scores and --dino_model is not named
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What to evaluate
 
 
-def find_targets(folder, only, weights):
+def find_targets(folder, only, weights, output_name=None):
     """[(name, step, kind, path)]: the base model, the checkpoints and the final output, in step order.
     kind: "base", "adapter" (a LoRA / LyCORIS file) or "full" (a full fine-tune: a saved pipeline folder, or a
     checkpoint's state file of the UNet / transformer)."""
     suffix = adapters.EMA_SUFFIX if weights == "ema" else ""
-    adapter_name = adapters.LORA_WEIGHTS_NAME.replace(".safetensors", f"{suffix}.safetensors")
+    adapter_name = adapters.weight_names(output_name or adapters.output_name_of(folder), suffix)[0]
     targets = [("base", 0, "base", None)]
     for path in checkpoints.list_checkpoints(folder):
         name = os.path.basename(path)
@@ -142,52 +146,20 @@ def read_prompts(args):
         templates = args.validation_prompt
     else:
         templates = ["a photo of {instance}"]
-    if any("{class}" in t for t in templates) and not args.class_prompt:
-        raise SystemExit("the prompts use {class}: pass --class_prompt (e.g. \"dog\")")
-    return [scores.fill_prompt(t, args.instance_prompt, args.class_prompt or args.instance_prompt) for t in templates]
+    if any("{class}" in t for t in templates) and not args.validation_class:
+        raise SystemExit("the prompts use {class}: pass --class_prompt (e.g. \"dog\"), or --validation_class as "
+                         "training names it")
+    return [fill(t, args) for t in templates]
+
+
+def fill(template, args):
+    """(prompt to generate, prompt CLIP-T scores against), {instance} and {class} filled as training's validation
+    fills them (train_dreambooth.run_validation): the class falls back on the instance."""
+    return scores.fill_prompt(template, args.validation_instance, args.validation_class or args.validation_instance)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
-
-
-def write_plots(results, folder):
-    """plots/scores.png (each metric against the step) and plots/eval_loss_by_timestep.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(folder, exist_ok=True)
-    paths = {}
-    shown = [m for m in METRICS if any(r.get(m) is not None for r in results)]
-    if shown:
-        figure, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
-        for axis, metric in zip(axes[0], shown):
-            points = [(r["step"], r[metric]) for r in results if r.get(metric) is not None and r["step"] is not None]
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-            axis.set_title(LABELS[metric])
-            axis.set_xlabel("step")
-            axis.grid(alpha=0.3)
-        figure.tight_layout()
-        paths["scores"] = os.path.join(folder, "scores.png")
-        figure.savefig(paths["scores"], dpi=100)
-        plt.close(figure)
-    with_loss = [r for r in results if r.get("eval_loss_per_timestep")]
-    if with_loss:
-        figure, axis = plt.subplots(figsize=(6, 3.6))
-        for r in with_loss:
-            curve = r["eval_loss_per_timestep"]
-            axis.plot([int(t) for t in curve], list(curve.values()), marker=".", label=f"{r['name']} (step {r['step']})")
-        axis.set_xlabel("timestep")
-        axis.set_ylabel("eval loss")
-        axis.legend(fontsize=7)
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        paths["eval_loss_by_timestep"] = os.path.join(folder, "eval_loss_by_timestep.png")
-        figure.savefig(paths["eval_loss_by_timestep"], dpi=100)
-        plt.close(figure)
-    return paths
 
 
 def write_metrics(folder, settings, prompts, results):
@@ -204,47 +176,6 @@ def write_metrics(folder, settings, prompts, results):
     files.write_text_atomic(table.getvalue(), os.path.join(folder, "metrics.csv"))
 
 
-def embedded(path):
-    with open(path, "rb") as handle:
-        return "data:image/png;base64," + base64.b64encode(handle.read()).decode()
-
-
-def write_report(path, settings, results, prompts, plots):
-    """report.html: settings, the metrics table, the plots and every grid, with all images embedded."""
-    def cell(value):
-        return "" if value is None else f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
-
-    header = "".join(f"<th>{LABELS.get(k, k)}</th>" for k in ("name", "step", *METRICS))
-    rows = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k in ("name", "step", *METRICS)) + "</tr>"
-                   for r in results)
-    figures = "".join(f'<figure><img src="{embedded(p)}" alt="{html.escape(k)}"><figcaption>{html.escape(k)}'
-                      "</figcaption></figure>" for k, p in plots.items())
-    prompt_list = "".join(f"<li>{html.escape(generate)}</li>" for generate, _ in prompts)
-    grids = "".join(f'<section><h3>{html.escape(r["name"])} (step {cell(r["step"])})</h3>'
-                    f'<img class="grid" src="{embedded(r["grid_path"])}" alt="grid {html.escape(r["name"])}"></section>'
-                    for r in results if r.get("grid_path"))
-    settings_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-                            for k, v in settings.items())
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Evaluation: {html.escape(str(settings.get("checkpoints")))}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}} figure{{display:inline-block}}
-img.grid{{image-rendering:pixelated}}</style></head><body>
-<h1>Evaluation</h1>
-<h2>Scores</h2><p>CLIP-T, CLIP-I and DINO are raw cosines (the DreamBooth paper's scale; higher is better), as is
-the toy scorer's subject fidelity (centred features, toy models only);
-the eval loss is the stable eval loss (lower is better).</p>
-<table><tr>{header}</tr>{rows}</table>
-<h2>Plots</h2>{figures or "<p>(no scores to plot)</p>"}
-<h2>Images</h2><p>Rows: the prompts below, in order (each row is labelled with its prompt). Columns: the seeds,
-the same for every model (a refiner's rows start with the image it refines).</p>
-<ol>{prompt_list}</ol>{grids}
-<h2>Settings</h2><table>{settings_rows}</table>
-</body></html>
-"""
-    files.write_text_atomic(page, path)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -254,11 +185,11 @@ def image_scorer(args, real_paths, device):
     real subject images, whose embeddings are computed once here. The models load before anything is cached, so
     a refused one (pickle weights) stops the run with nothing written."""
     scorer = toy = real = real_clip = real_dino = None
-    if args.clip_model != "none":
-        scorer = scores.Scorer(args.clip_model, None if args.dino_model == "none" else args.dino_model, device,
-                               args.allow_pickle)
+    clip, dino = (None if name == "none" else name for name in (args.clip_model, args.dino_model))
+    if clip or dino:
+        scorer = scores.Scorer(clip, dino, device, args.allow_pickle)
         real = [images.load_image(path) for path in real_paths]
-        real_clip = scorer.clip_images(real)
+        real_clip = scorer.clip_images(real) if scorer.clip is not None else None
         real_dino = scorer.dino_images(real) if scorer.dino is not None else None
     if args.toy_scorer:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy"))
@@ -294,13 +225,18 @@ def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast
     drawn = [generate for generate, _ in prompts]
     with weights_of(pipe, target, info):
         rows = render.render(pipe, drawn, args.num_images_per_prompt, args.validation_seed, options, sources,
-                             autocast, lambda p, seed: os.path.join(out, "images", name, f"p{p:02d}-seed{seed}.png"),
-                             desc=f"images ({name})")
-        width, height = rows[0][0].size
+                             autocast, lambda p, seed: report.image_path(out, name, p, seed), desc=f"images ({name})")
+        # The grid: a row per prompt, a column per seed, each labelled; small pictures enlarged, big ones shrunk.
+        shown = [[images.enlarged(image, GRID_SMALLEST) for image in row] for row in rows]
+        shown_sources = [(c, images.enlarged(image, GRID_SMALLEST)) for c, image in sources] if sources else None
+        width, height = shown[0][0].size
         scale = min(1.0, GRID_THUMB / width)
         cell = (max(1, round(width * scale)), max(1, round(height * scale)))
+        labels = ["refined from"] if sources else []
+        labels += [f"seed {args.validation_seed + i}" for i in range(len(rows[0]))]
         result["grid_path"] = os.path.join(out, "grids", f"{name}.png")
-        files.save_image_atomic(render.prompt_grid(rows, drawn, sources, cell=cell), result["grid_path"])
+        grid = render.prompt_grid(shown, drawn, shown_sources, column_labels=labels, cell=cell)
+        files.save_image_atomic(grid, result["grid_path"])
         result.update(score([image for row in rows for image in row],
                             [prompts[p][1] for p, row in enumerate(rows) for _ in row]))
         if examples:  # an adapter with text-encoder layers (--train_text_encoder): captions read by them, now
@@ -322,9 +258,12 @@ def check_args(args):
         raise SystemExit(f"--checkpoints {args.checkpoints}: no such folder (a training --output_dir)")
     if args.num_images_per_prompt < 1:
         raise SystemExit("--num_images_per_prompt must be 1 or more")
-    if not args.instance_prompt:
+    if not args.validation_instance:
         raise SystemExit("--instance_prompt (e.g. \"ohwx dog\") is needed: it fills {instance} in the prompts (and "
-                         "captions --instance_data_dir images; a data config's own captions are kept)")
+                         "captions --instance_data_dir images; a data config's own captions are kept); or "
+                         "--validation_instance, as a training config names it")
+    if args.dino_model is None:  # DINO comes with CLIP unless named: --clip_model none alone still skips the scores
+        args.dino_model = "none" if args.clip_model == "none" else DINO_MODEL
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise SystemExit("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
     quantise.check_text_encoder_precisions(args)
@@ -338,7 +277,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     out = args.evaluation_dir or os.path.join(args.checkpoints, "evaluation")
-    targets = find_targets(args.checkpoints, args.only, args.weights)
+    targets = find_targets(args.checkpoints, args.only, args.weights, args.output_name)
     prompts = read_prompts(args)
 
     # --- Data: the subject's images (CLIP-I / DINO references) and the eval-loss images, planned as training did.
@@ -355,8 +294,7 @@ def main(argv=None):
     sources = None
     if info.spec.refines:
         sources = render.refine_sources(plans[subject.id], args.num_images_per_prompt, args.validation_seed)
-        prompts = [scores.fill_prompt(caption, args.instance_prompt, args.class_prompt or args.instance_prompt)
-                   for caption, _ in sources]
+        prompts = [fill(caption, args) for caption, _ in sources]
         print(f"warning: an SDXL refiner refines images: the prompts are ignored; {len(sources)} subject images are "
               f"refined at strength {args.refiner_training_strength:g}, with their captions")
     # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
@@ -373,11 +311,12 @@ def main(argv=None):
                                      resolution)
     os.makedirs(out, exist_ok=True)
     settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
-                "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
+                "instance": args.validation_instance, "class": args.validation_class,
                 "prompt_set": args.prompt_set, "subject_kind": args.subject_kind,
                 "num_images_per_prompt": args.num_images_per_prompt, "validation_seed": args.validation_seed,
                 "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                "resolution": resolution, "mixed_precision": args.mixed_precision, "clip_model": args.clip_model,
+                "negative_prompt": args.negative_prompt, "resolution": resolution,
+                "mixed_precision": args.mixed_precision, "clip_model": args.clip_model,
                 "dino_model": args.dino_model, "toy_scorer": args.toy_scorer, "eval_images": len(examples),
                 "eval_timesteps": args.eval_timesteps, "eval_seed": args.eval_seed, "real_images": len(real_paths)}
     print(f"evaluating {len(targets)} models x {len(prompts)} prompts x {1 if sources else args.num_images_per_prompt} "
@@ -389,15 +328,13 @@ def main(argv=None):
         write_metrics(out, settings, prompts, results)  # after every model: a crash later keeps what is done
 
     # --- The plots and the page.
-    plots = write_plots(results, os.path.join(out, "plots"))
-    report = os.path.join(out, "report.html")
-    write_report(report, settings, results, prompts, plots)
+    page = report.write_report(out, settings, results, prompts, real_paths)
     widths = {m: max(11, len(LABELS[m]) + 2) for m in METRICS}
     print(f"\n{'name':<16}{'step':>7}" + "".join(f"{LABELS[m]:>{widths[m]}}" for m in METRICS))
     for r in results:
         print(f"{r['name']:<16}{'' if r['step'] is None else r['step']:>7}"
               + "".join(f"{'-' if r.get(m) is None else format(r[m], '.4f'):>{widths[m]}}" for m in METRICS))
-    print(f"\nreport: {report}")
+    print(f"\nreport: {page}")
     return results
 
 
@@ -418,36 +355,59 @@ def build_parser():
     group.add_argument("--evaluation_dir", default=None, help="where results go (default CHECKPOINTS/evaluation)")
     group.add_argument("--only", nargs="+", default=None, help="names to evaluate, e.g. checkpoint-400 final")
     group.add_argument("--weights", default="raw", choices=["raw", "ema"], help="ema: the --use_ema averages")
-    group = parser.add_argument_group("images")
-    group.add_argument("--class_prompt", default=None, help="the class noun, e.g. \"dog\" (CLIP-T's text side)")
+    # Named as in evaluate.py and as in training (--num_validation_images ...): a training config's validation
+    # settings apply here, so its validation images are drawn again; the command line wins.
+    group = parser.add_argument_group("images (a training config's validation settings apply)")
     group.add_argument("--validation_prompt", nargs="+", default=None, help="prompts; {instance} and {class} filled")
+    group.add_argument("--validation_instance", default=None,
+                       help="fills {instance}, as in training (default: --instance_prompt; an --instance_prompt on "
+                            "the command line wins over a config's --validation_instance)")
+    group.add_argument("--validation_class", default=None,
+                       help="the class noun, e.g. \"dog\": fills {class} and stands in for the instance in CLIP-T's "
+                            "text; --class_prompt on the command line does the same, and wins over a config's")
     group.add_argument("--prompts_file", default=None, help="one prompt per line")
     group.add_argument("--prompt_set", default="custom", choices=["custom", "dreambench"],
                        help="dreambench: the 25 DreamBench prompt templates for --subject_kind")
     group.add_argument("--subject_kind", default="object", choices=["object", "live"])
-    group.add_argument("--num_images_per_prompt", type=int, default=4)
+    group.add_argument("--num_images_per_prompt", "--num_validation_images", type=int, default=4,
+                       help="seeds per prompt")
     group.add_argument("--validation_seed", type=int, default=0, help="image i of every prompt uses seed + i")
-    group.add_argument("--num_inference_steps", type=int, default=25)
-    group.add_argument("--guidance_scale", type=float, default=None,
+    group.add_argument("--num_inference_steps", "--validation_num_inference_steps", type=int, default=25)
+    group.add_argument("--guidance_scale", "--validation_guidance_scale", type=float, default=None,
                        help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev)")
-    group.add_argument("--negative_prompt", default=None)
-    group.add_argument("--image_resolution", type=int, default=None, help="default: the model's native size")
+    group.add_argument("--negative_prompt", "--validation_negative_prompt", default=None)
+    group.add_argument("--image_resolution", "--validation_resolution", type=int, default=None,
+                       help="default: the model's native size")
     group = parser.add_argument_group("precision (as the run trained, so the eval loss equals its log)")
     group.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
                        help="the training run's: adapters are evaluated on a base in this dtype, under autocast")
     group.add_argument("--base_model_precision", default="no_change",
                        help="read from a training config; the base is evaluated unquantised (noted when set)")
     group = parser.add_argument_group("scores")
-    group.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="'none' skips the scores")
-    group.add_argument("--dino_model", default="facebook/dino-vits16", help="'none' skips DINO")
+    group.add_argument("--clip_model", default="openai/clip-vit-base-patch32",
+                       help="'none' skips CLIP-T and CLIP-I (and DINO, unless --dino_model names one)")
+    group.add_argument("--dino_model", default=None,
+                       help=f"'none' skips DINO; DINO scores without CLIP too (default: {DINO_MODEL} when CLIP scores)")
     group.add_argument("--toy_scorer", default=None, help="for toy models (toy/): subject fidelity read by the toy "
                                                           "world's scorer, e.g. toy/scorer.safetensors")
     return parser
 
 
+def placeholder_words(args, typed):
+    """What {instance} and {class} become: training's --validation_instance / --validation_class (from its config),
+    unless evaluate.py's own --instance_prompt / --class_prompt are on the command line (`typed`: the command line
+    alone). {instance} falls back on the instance caption. A config's class_prompt is not the class: training
+    captions its class images with it ("a photo of a dog")."""
+    instance = typed.validation_instance or typed.instance_prompt or args.validation_instance or args.instance_prompt
+    return instance, typed.validation_class or typed.class_prompt or args.validation_class
+
+
 def parse_args(argv=None):
     # The training config.json works here too: its training keys are known, not typos.
-    return flags.parse_args_with_config(build_parser(), argv, also_known=flags.TRAINING_KEYS)
+    args = flags.parse_args_with_config(build_parser(), argv, also_known=flags.TRAINING_KEYS)
+    typed = build_parser().parse_args(argv)  # without the config: what this command line itself says
+    args.validation_instance, args.validation_class = placeholder_words(args, typed)
+    return args
 
 
 if __name__ == "__main__":

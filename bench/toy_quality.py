@@ -257,8 +257,7 @@ def table(rows):
 
 
 def write_report(path, args, per_subject, pictures, reals, ceilings):
-    from common import files, images
-    import evaluate
+    from common import files, images, report
 
     folder = os.path.dirname(path)
     sections = []
@@ -269,7 +268,7 @@ def write_report(path, args, per_subject, pictures, reals, ceilings):
         sections.append(f"<h2>Subject {subject}: {html.escape(' / '.join(make_toy_data.SUBJECTS[subject]))}</h2>"
                         f"<p>Real pictures against each other: subject fidelity {ceilings[subject]:.3f}.</p>"
                         f"<pre>{html.escape(table(rows))}</pre>"
-                        f'<h3>The training pictures</h3><img src="{evaluate.embedded(sheet)}">')
+                        f'<h3>The training pictures</h3><img src="{report.embedded(sheet)}">')
         for name, drawn in pictures[subject].items():
             slug = f"subject{subject}_" + SHORT.get(name, name).replace(" ", "_")
             subject_sheet = os.path.join(folder, "images", f"{slug}_subject.png")
@@ -280,8 +279,8 @@ def write_report(path, args, per_subject, pictures, reals, ceilings):
             r = rows[name]
             sections.append(f"<h3>{html.escape(name)}</h3><p>subject {r['subject']:.3f}, prompt {r['prompt']:.2f}, "
                             f"drift {r['drift']:.3f}, world {r['world']:.2f}</p>"
-                            f'<img src="{evaluate.embedded(subject_sheet)}"> '
-                            f'<img src="{evaluate.embedded(prior_sheet)}">')
+                            f'<img src="{report.embedded(subject_sheet)}"> '
+                            f'<img src="{report.embedded(prior_sheet)}">')
     ceiling = sum(ceilings.values()) / len(ceilings)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Toy DreamBench</title>

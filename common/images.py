@@ -24,6 +24,7 @@ MIN_IMAGE_EDGE = 16  # below this an image holds no usable detail at any bucket 
 EXIF_ORIENTATION = 0x0112
 ROW_LABEL_WIDTH = 160  # pixels of text at the left of a grid row (a prompt)
 LINE_HEIGHT = 12  # of PIL's default font
+COLUMN_LABEL_HEIGHT = 14  # a line of text over each grid column (a seed, a weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def image_grid(images, columns, cell=None, captions=None, column_labels=(), row_
     wrapped = [wrap_label(measure, caption, width - 4) for caption in captions or []]
     caption_height = 2 + LINE_HEIGHT * max((len(lines) for lines in wrapped), default=1) if captions else 0
     left = ROW_LABEL_WIDTH if row_labels else 0
-    top = 14 if column_labels else 0
+    top = COLUMN_LABEL_HEIGHT if column_labels else 0
     grid = Image.new("RGB", (left + columns * width, top + rows * (height + caption_height)), "white")
     draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images if first is None else [first, *images]):
@@ -265,6 +266,15 @@ def image_grid(images, columns, cell=None, captions=None, column_labels=(), row_
         for n, line in enumerate(lines):
             draw.text((3, top + row * (height + caption_height) + 2 + n * LINE_HEIGHT), line, fill="black")
     return grid
+
+
+def enlarged(image, at_least):
+    """A small picture (a toy model's 32-64 px) enlarged by a whole factor, nearest-neighbour, until its longer side
+    is at least `at_least` px: each pixel becomes a sharp square rather than a blur. A bigger one is left as it is."""
+    factor = math.ceil(at_least / max(image.size))
+    if factor < 2:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def wrap_label(draw, label, width, max_lines=3):

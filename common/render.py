@@ -49,7 +49,7 @@ def render(pipe, prompts, count, first_seed, options, sources=None, autocast=con
             call["image"] = sources[p][1]
         if preview_for is not None:
             call.update(callback_on_step_end=preview_for(p, seed), callback_on_step_end_tensor_inputs=["latents"])
-        with torch.no_grad(), autocast(), decoding_outside_autocast(pipe.vae):
+        with torch.no_grad(), autocast(), decoding_outside_autocast(pipe.vae), predicting_in_fp32(pipe):
             image = pipe(**call).images[0]
         if path_for is not None:
             files.save_image_atomic(image, path_for(p, seed))
@@ -75,6 +75,21 @@ def decoding_outside_autocast(vae):
             del vae.decode
         else:
             vae.decode = own
+
+
+@contextlib.contextmanager
+def predicting_in_fp32(pipe):
+    """The denoiser's prediction in fp32, as training's model gives it under mixed precision (accelerate wraps a
+    prepared model's forward so): the scheduler then steps fp32 latents. Without this, evaluate.py's model, not
+    prepared, would return bf16 / fp16 and its latents would stay so: pictures a few levels off training's validation
+    ones at the same step and seed. A no-op in fp32 and for training's own model."""
+    from accelerate.utils import convert_to_fp32
+
+    hook = models.denoiser_of(pipe).register_forward_hook(lambda module, inputs, output: convert_to_fp32(output))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def prompt_grid(rows, prompts, sources=None, column_labels=(), cell=None):

@@ -131,17 +131,22 @@ def fill_prompt(template, instance, class_prompt):
 class Scorer:
     """CLIP (image and text) and DINO (ViT, CLS token) embeddings, L2-normalised, for the paper's three scores:
     CLIP-T = mean cosine(image, its prompt); CLIP-I and DINO = mean pairwise cosine(generated, real images).
-    Models by local folder or hub id, safetensors only unless `allow_pickle`; `dino_model=None` skips DINO."""
+    Models by local folder or hub id, safetensors only unless `allow_pickle`; either may be None (not loaded, its
+    scores skipped): DINO alone needs no CLIP."""
 
     def __init__(self, clip_model, dino_model=None, device="cpu", allow_pickle=False):
         from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
 
+        if not (clip_model or dino_model):
+            raise ValueError("a Scorer needs a CLIP model, a DINO model or both")
         self.device = device
-        clip_weights = files.safe_weights(clip_model, allow_pickle)
-        dino_weights = files.safe_weights(dino_model, allow_pickle) if dino_model else {}  # both refused before either loads
-        self.clip = CLIPModel.from_pretrained(clip_model, **clip_weights).to(device).eval()
-        self.clip_processor = CLIPProcessor.from_pretrained(clip_model)
-        self.dino = self.dino_processor = None
+        # Both refused (pickle-only weights) before either loads.
+        clip_weights = files.safe_weights(clip_model, allow_pickle) if clip_model else {}
+        dino_weights = files.safe_weights(dino_model, allow_pickle) if dino_model else {}
+        self.clip = self.clip_processor = self.dino = self.dino_processor = None
+        if clip_model:
+            self.clip = CLIPModel.from_pretrained(clip_model, **clip_weights).to(device).eval()
+            self.clip_processor = CLIPProcessor.from_pretrained(clip_model)
         if dino_model:
             self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False, **dino_weights).to(device).eval()
             self.dino_processor = AutoImageProcessor.from_pretrained(dino_model)
@@ -168,12 +173,16 @@ class Scorer:
         cls = self.dino(pixel_values=pixels).last_hidden_state[:, 0]
         return torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
 
-    def scores(self, images, score_prompts, real_clip, real_dino=None):
+    def scores(self, images, score_prompts, real_clip=None, real_dino=None):
         """{"clip_t", "clip_i", "dino"} for generated `images` (each with its scoring prompt) against the real
-        subject images' embeddings (from clip_images / dino_images, computed once)."""
-        image_embeds = self.clip_images(images)
-        result = {"clip_t": (image_embeds * self.clip_texts(score_prompts)).sum(-1).mean().item(),
-                  "clip_i": (image_embeds @ real_clip.T).mean().item()}
+        subject images' embeddings (from clip_images / dino_images, computed once); each score whose model and
+        real embeddings are there."""
+        result = {}
+        if self.clip is not None:
+            image_embeds = self.clip_images(images)
+            result["clip_t"] = (image_embeds * self.clip_texts(score_prompts)).sum(-1).mean().item()
+            if real_clip is not None:
+                result["clip_i"] = (image_embeds @ real_clip.T).mean().item()
         if self.dino is not None and real_dino is not None:
             result["dino"] = (self.dino_images(images) @ real_dino.T).mean().item()
         return result

@@ -131,7 +131,8 @@ def test_refiner_validation_refines_subject_images_and_evaluate_does_too(tiny_mo
     assert all(r["eval_loss"] == logged[r["step"]]["eval_loss"] for r in results)
     assert all(int(t) < 200 for t in results[-1]["eval_loss_per_timestep"])  # the refiner's own range
     grid = Image.open(out / "evaluation" / "grids" / "final.png")
-    assert grid.size == (images.ROW_LABEL_WIDTH + 2 * 64, 2 * 64)  # each row: the source, then its refinement
+    # each row: the source, then its refinement, 64 px pictures drawn at 128; seed labels over the columns
+    assert grid.size == (images.ROW_LABEL_WIDTH + 2 * 128, images.COLUMN_LABEL_HEIGHT + 2 * 128)
 
 
 def test_a_full_refiner_fine_tune_saves_an_img2img_pipeline(tiny_model, subject_dir, tmp_path):
