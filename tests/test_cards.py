@@ -130,3 +130,23 @@ def test_report_to_none_writes_no_tracker_and_wandb_missing_is_named(tiny_model,
     with pytest.raises(SystemExit, match="pip install wandb"):
         train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, tmp_path / "w", "--report_to", "wandb"))
     assert not (tmp_path / "w").exists()
+
+
+def test_wandb_offline_gets_the_validation_grids(tiny_model, subject_dir, tmp_path, monkeypatch):
+    """--report_to wandb with WANDB_MODE=offline (wandb is optional: skipped where it is not installed): the run is
+    written locally, each validation grid as an image of the grid's size at its step."""
+    pytest.importorskip("wandb")
+    from common import images
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    out = tmp_path / "out"
+    train_dreambooth.main(train_argv(tiny_model("sd1"), subject_dir, out, "--max_train_steps", "3", "--report_to",
+                                     "wandb", "--validation_prompt", "a ohwx toy", "--validation_steps", "2",
+                                     "--num_validation_images", "1", "--validation_num_inference_steps", "2"))
+    media = sorted((tmp_path / "wandb").glob("wandb/offline-run-*/files/media/images/validation_*.png"))
+    assert sorted(int(p.name.split("_")[1]) for p in media) == [2, 3]
+    for path in media:
+        step = path.name.split("_")[1]
+        assert images.load_image(str(path)).size == images.load_image(
+            str(out / "validation" / f"step-{step}" / "grid.png")).size

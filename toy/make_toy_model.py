@@ -75,6 +75,36 @@ def build_components(seed=0):
     return tokenizer, text_encoder, vae, unet
 
 
+def build_sd3_components(vae_from, seed=0):
+    """SD3's parts in small: two CLIP text encoders with projections in CLIP-L's and CLIP-G's places (their
+    penultimate states side by side are the context, their projections the pooled vector; no T5, which SD3 may
+    leave out: the pipeline pads with zeros), the UNet model's trained VAE (its latent space: the VAE is not what is
+    being shown here), and an SD3 transformer over 2 x 2 latent patches."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    import make_demo
+
+    tokenizer = make_demo.tiny_tokenizer(words=make_toy_data.TOY_WORDS)
+    tokenizer.model_max_length = 16
+    encoders = []
+    for index in range(2):
+        torch.manual_seed(seed + index)
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)).eval().requires_grad_(False))
+    vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae").eval().requires_grad_(False)
+    vae.register_to_config(shift_factor=0.0)  # SD3's VAE has a shift; this one's latents are centred already
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
+        num_layers=6, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=2 * HIDDEN,
+        caption_projection_dim=128, pooled_projection_dim=2 * 32, pos_embed_max_size=32)
+    return tokenizer, encoders, vae, transformer
+
+
 def pictures(count, seed):
     """(pixels in [-1, 1], captions, attributes, shape masks at latent size (N, 1, 16, 16) in [0, 1]) of `count`
     pictures whose combinations training may see."""
@@ -134,9 +164,12 @@ def encode_texts(tokenizer, text_encoder, captions):
     return embeds
 
 
-def train_unet(unet, latents, captions, embeds, scheduler, steps, batch_size, learning_rate, seconds, ema_decay=0.999,
-               snapshot=None, seed=2, ema_warmup=True, shape_masks=None, shape_weight=0.0):
-    """v-prediction training for `steps` or `seconds`, whichever ends first. The learning rate warms up, then
+def train_denoiser(model, latents, conditions, empty, noising, forward, steps, batch_size, learning_rate, seconds,
+                   ema_decay=0.999, snapshot=None, seed=2, ema_warmup=True, shape_masks=None, shape_weight=0.0):
+    """Train `model` for `steps` or `seconds`, whichever ends first. `conditions`: per-picture tensors (the
+    caption's context, for SD3 its pooled vector too), `empty`: the empty caption's, used 10 % of the time
+    (classifier-free guidance works); `noising(x0, noise, generator)` -> (noisy latents, timesteps, target) is
+    the objective, `forward(model, noisy, timesteps, conditions)` the prediction. The learning rate warms up, then
     follows a cosine to zero over the time budget (so a run that stops at its budget has cooled down), and an
     exponential moving average of the weights is what is returned (sharper pictures than the raw weights).
     `snapshot`: a .safetensors path the average is written to every 10 minutes, to look at a run in progress.
@@ -146,7 +179,7 @@ def train_unet(unet, latents, captions, embeds, scheduler, steps, batch_size, le
     tells a triangle from a circle) hardly registers next to the flat background."""
     import math
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-2)
     warmup = min(500, steps // 10 + 1)
     started = time.monotonic()
 
@@ -155,23 +188,22 @@ def train_unet(unet, latents, captions, embeds, scheduler, steps, batch_size, le
         return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     generator = torch.Generator().manual_seed(seed)
-    caption_embeds = torch.stack([embeds[c] for c in captions])
-    empty = embeds[""]
-    average = [p.detach().clone() for p in unet.parameters()]
+    average = [p.detach().clone() for p in model.parameters()]
     next_snapshot = started + 600
-    unet.train()
-    bar = tqdm(range(steps), desc="training the UNet", unit="step")
+    model.train()
+    bar = tqdm(range(steps), desc=f"training the {type(model).__name__}", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate * rate(step)
         index = torch.randint(0, len(latents), (batch_size,), generator=generator)
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        cond = caption_embeds[index].clone()
-        cond[torch.rand(batch_size, generator=generator) < 0.1] = empty  # caption dropout: guidance works
-        pred = unet(scheduler.add_noise(x0, noise, t), t, cond).sample
-        error = (pred - scheduler.get_velocity(x0, noise, t)) ** 2
+        noisy, timesteps, target = noising(x0, noise, generator)
+        cond = [condition[index].clone() for condition in conditions]
+        dropped = torch.rand(batch_size, generator=generator) < 0.1  # caption dropout: guidance works
+        for condition, nothing in zip(cond, empty):
+            condition[dropped] = nothing
+        error = (forward(model, noisy, timesteps, cond) - target) ** 2
         if shape_weight:
             weight = 1 + shape_weight * shape_masks[index]
             loss = (error * weight).mean() / weight.mean()
@@ -179,26 +211,45 @@ def train_unet(unet, latents, captions, embeds, scheduler, steps, batch_size, le
             loss = error.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
         with torch.no_grad():
-            torch._foreach_lerp_(average, [p.detach() for p in unet.parameters()], 1 - decay)
+            torch._foreach_lerp_(average, [p.detach() for p in model.parameters()], 1 - decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         if snapshot and time.monotonic() > next_snapshot:
             from safetensors.torch import save_file
 
-            names = [name for name, _ in unet.named_parameters()]
+            names = [name for name, _ in model.named_parameters()]
             save_file({n: v.contiguous() for n, v in zip(names, average)}, snapshot)
             next_snapshot += 600
         if time.monotonic() - started > seconds:
-            print(f"time budget reached after {step + 1} UNet steps")
+            print(f"time budget reached after {step + 1} steps")
             break
     with torch.no_grad():
-        for parameter, value in zip(unet.parameters(), average):
+        for parameter, value in zip(model.parameters(), average):
             parameter.copy_(value)
-    return unet.eval()
+    return model.eval()
+
+
+def v_prediction(scheduler):
+    """The UNet's objective: a DDPM timestep, the noisy latent, the velocity target."""
+    def noising(x0, noise, generator):
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        return scheduler.add_noise(x0, noise, t), t, scheduler.get_velocity(x0, noise, t)
+    return noising
+
+
+def flow_matching(shift):
+    """SD3's objective (rectified flow): a noise level s from the logit-normal of the SD3 paper, shifted towards
+    noise by `shift`, x_s = (1 - s) x0 + s noise, the velocity noise - x0 as target; the timestep is 1000 s."""
+    def noising(x0, noise, generator):
+        s = torch.sigmoid(torch.randn(len(x0), generator=generator))
+        s = shift * s / (1 + (shift - 1) * s)
+        level = s.view(-1, 1, 1, 1)
+        return (1 - level) * x0 + level * noise, s * 1000, noise - x0
+    return noising
 
 
 def held_out_accuracy(pipe, count=128, seed=99):
@@ -222,27 +273,12 @@ def held_out_accuracy(pipe, count=128, seed=99):
     return sum(right) / len(right), images, wanted
 
 
-def main(argv=None):
+def make_unet_model(args, pixels, captions, masks, seconds):
+    """The SD 1.x-shaped model: the VAE trained first, then the UNet on its latents (v-prediction, zero terminal
+    SNR). Returns its StableDiffusionPipeline."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
 
-    from common import files, images
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default=os.path.join(HERE, "model"))
-    parser.add_argument("--pictures", type=int, default=20000)
-    parser.add_argument("--vae_steps", type=int, default=1600)
-    parser.add_argument("--unet_steps", type=int, default=12000)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=5e-4)
-    parser.add_argument("--minutes", type=float, default=60.0, help="stop the UNet training at this time budget")
-    parser.add_argument("--snapshot", default=None, help="write the UNet's averaged weights here every 10 minutes")
-    parser.add_argument("--init_from", default=None,
-                        help="a saved toy model to continue: keeps its text encoder and VAE, trains its UNet further")
-    parser.add_argument("--seed", type=int, default=2, help="draws the UNet's batches, noise and timesteps")
-    parser.add_argument("--shape_weight", type=float, default=4.0,
-                        help="extra loss weight on the shape's pixels (0: a plain mean over the picture)")
-    args = parser.parse_args(argv)
-    started = time.monotonic()
+    from common import files
 
     tokenizer, text_encoder, vae, unet = build_components()
     if args.init_from:  # the saved weights into freshly built parts, so the configs stay exactly these
@@ -256,7 +292,7 @@ def main(argv=None):
             scaling_factor=files.read_json(os.path.join(args.init_from, "vae", "config.json"))["scaling_factor"])
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
           f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M, text {len(tokenizer)} tokens")
-    pixels, captions, _, masks = pictures(args.pictures, seed=0)
+    started = time.monotonic()
     if not args.init_from:
         vae = train_vae(vae, pixels, args.vae_steps)
     with torch.no_grad():
@@ -274,23 +310,101 @@ def main(argv=None):
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
                               timestep_spacing="trailing", clip_sample=False, steps_offset=1)
-    seconds = args.minutes * 60 - (time.monotonic() - started)  # the budget counts the VAE's time too
-    unet = train_unet(unet, latents, captions, embeds, scheduler, args.unet_steps, args.batch_size,
-                      args.learning_rate, seconds, snapshot=args.snapshot, seed=args.seed,
-                      ema_warmup=not args.init_from, shape_masks=masks, shape_weight=args.shape_weight)
-
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    seconds -= time.monotonic() - started  # the budget counts the VAE's time too
+    unet = train_denoiser(unet, latents, [torch.stack([embeds[c] for c in captions])], [embeds[""]],
+                          v_prediction(scheduler), lambda model, noisy, t, cond: model(noisy, t, cond[0]).sample,
+                          args.steps, args.batch_size, args.learning_rate, seconds, snapshot=args.snapshot,
+                          seed=args.seed, ema_warmup=not args.init_from, shape_masks=masks,
+                          shape_weight=args.shape_weight)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=UniPCMultistepScheduler.from_config(scheduler.config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def make_sd3_model(args, pixels, captions, masks, seconds):
+    """The SD3-shaped model: the UNet model's VAE as it is, an SD3 transformer trained by flow matching on its
+    latents, captions encoded by the pipeline's own encode_prompt. Returns its StableDiffusion3Pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tokenizer, encoders, vae, transformer = build_sd3_components(args.vae_from)
+    if args.init_from:  # the saved weights into freshly built parts (the VAE is --vae_from's either way)
+        from safetensors.torch import load_file
+
+        for part, name in ((encoders[0], "text_encoder/model.safetensors"),
+                           (encoders[1], "text_encoder_2/model.safetensors"),
+                           (transformer, "transformer/diffusion_pytorch_model.safetensors")):
+            part.load_state_dict(load_file(os.path.join(args.init_from, name)))
+    print(f"transformer {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f} M parameters, VAE from "
+          f"{args.vae_from}, text {len(tokenizer)} tokens")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift),
+        text_encoder=encoders[0], text_encoder_2=encoders[1], text_encoder_3=None, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, tokenizer_3=None)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        unique = sorted(set(captions)) + [""]
+        context, pooled = [], []
+        for start in tqdm(range(0, len(unique), 256), desc="encoding captions", unit="batch"):
+            embeds, _, vectors, _ = pipe.encode_prompt(unique[start:start + 256], None, None,
+                                                       do_classifier_free_guidance=False)
+            context.append(embeds)
+            pooled.append(vectors)
+        context, pooled = torch.cat(context), torch.cat(pooled)
+    row = {caption: i for i, caption in enumerate(unique)}
+    rows = torch.tensor([row[c] for c in captions])
+
+    def forward(model, noisy, t, cond):
+        return model(hidden_states=noisy, timestep=t, encoder_hidden_states=cond[0],
+                     pooled_projections=cond[1]).sample
+
+    pipe.transformer = train_denoiser(
+        transformer, latents, [context[rows], pooled[rows]], [context[-1], pooled[-1]], flow_matching(args.shift),
+        forward, args.steps, args.batch_size, args.learning_rate, seconds, snapshot=args.snapshot, seed=args.seed,
+        ema_warmup=not args.init_from, shape_masks=masks, shape_weight=args.shape_weight)
+    return pipe
+
+
+def main(argv=None):
+    from common import images
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", default="sd1", choices=["sd1", "sd3"],
+                        help="sd1: the UNet model (toy/model); sd3: the SD3-shaped flow-matching model (toy/model_sd3)")
+    parser.add_argument("--output_dir", default=None, help="default: toy/model (sd1) or toy/model_sd3 (sd3)")
+    parser.add_argument("--pictures", type=int, default=20000)
+    parser.add_argument("--vae_steps", type=int, default=1600, help="sd1: the VAE's training steps")
+    parser.add_argument("--vae_from", default=os.path.join(HERE, "model"),
+                        help="sd3: the model whose trained VAE it uses (default: the UNet model)")
+    parser.add_argument("--steps", "--unet_steps", type=int, default=12000, help="the denoiser's steps at most")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--shift", type=float, default=1.0,
+                        help="sd3: the noise-level shift of training and sampling (1.0: none; 64 px pictures have "
+                             "little to gain from SD3's 3.0, chosen for 1024 px)")
+    parser.add_argument("--minutes", type=float, default=60.0, help="stop the training at this time budget")
+    parser.add_argument("--snapshot", default=None, help="write the denoiser's averaged weights here every 10 minutes")
+    parser.add_argument("--init_from", default=None,
+                        help="a saved toy model to continue: keeps its text encoder and VAE, trains its denoiser further")
+    parser.add_argument("--seed", type=int, default=2, help="draws the denoiser's batches, noise and timesteps")
+    parser.add_argument("--shape_weight", type=float, default=4.0,
+                        help="extra loss weight on the shape's pixels (0: a plain mean over the picture)")
+    parser.add_argument("--held_out", type=int, default=128, help="generations the held-out accuracy is measured on")
+    args = parser.parse_args(argv)
+    args.output_dir = args.output_dir or os.path.join(HERE, "model" if args.family == "sd1" else "model_sd3")
+    started = time.monotonic()
+    pixels, captions, _, masks = pictures(args.pictures, seed=0)
+    seconds = args.minutes * 60 - (time.monotonic() - started)
+    make = make_unet_model if args.family == "sd1" else make_sd3_model
+    pipe = make(args, pixels, captions, masks, seconds)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(args.output_dir, safe_serialization=True)
-    accuracy, drawn, wanted = held_out_accuracy(pipe)
+    accuracy, drawn, wanted = held_out_accuracy(pipe, args.held_out)
     images.contact_sheet(drawn, [f"{a['colour']} {a['shape']}" for _, a in wanted],
                          args.output_dir.rstrip("/") + "_held_out_samples.png", thumb=96)  # beside, not in, the model
     print(f"held-out caption combinations: shape and colour right in {accuracy:.0%} of {len(wanted)} generations")
     print(f"saved {args.output_dir} in {(time.monotonic() - started) / 60:.1f} min")
     return accuracy
-
 
 if __name__ == "__main__":
     main()
