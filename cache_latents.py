@@ -19,10 +19,11 @@ from common import caches, data, flags, quantise
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.HelpFormatter)
     flags.add_model_args(parser)
     flags.add_data_args(parser)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the VAE and text encoders run")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
                         help="the training run's: text embeddings are stored in its compute dtype")
     # A training config.json also holds training flags: not ours, but not typos either.

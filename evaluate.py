@@ -343,7 +343,7 @@ def main(argv=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.HelpFormatter)
     flags.add_model_args(parser)
     flags.add_data_args(parser)
     parser.set_defaults(output_dir=None)
@@ -368,14 +368,17 @@ def build_parser():
     group.add_argument("--prompts_file", default=None, help="one prompt per line")
     group.add_argument("--prompt_set", default="custom", choices=["custom", "dreambench"],
                        help="dreambench: the 25 DreamBench prompt templates for --subject_kind")
-    group.add_argument("--subject_kind", default="object", choices=["object", "live"])
+    group.add_argument("--subject_kind", default="object", choices=["object", "live"],
+                       help="which DreamBench prompt list: objects or live subjects (animals)")
     group.add_argument("--num_images_per_prompt", "--num_validation_images", type=int, default=4,
                        help="seeds per prompt")
     group.add_argument("--validation_seed", type=int, default=0, help="image i of every prompt uses seed + i")
-    group.add_argument("--num_inference_steps", "--validation_num_inference_steps", type=int, default=25)
+    group.add_argument("--num_inference_steps", "--validation_num_inference_steps", type=int, default=25,
+                       help="sampler steps per image")
     group.add_argument("--guidance_scale", "--validation_guidance_scale", type=float, default=None,
                        help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev)")
-    group.add_argument("--negative_prompt", "--validation_negative_prompt", default=None)
+    group.add_argument("--negative_prompt", "--validation_negative_prompt", default=None,
+                       help="negative prompt for every image")
     group.add_argument("--image_resolution", "--validation_resolution", type=int, default=None,
                        help="default: the model's native size")
     group = parser.add_argument_group("precision (as the run trained, so the eval loss equals its log)")

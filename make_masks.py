@@ -113,14 +113,15 @@ def overlay(image_path, mask_path, size=160):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.HelpFormatter)
     parser.add_argument("--input_dir", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--output_dir", required=True, help="masks go here, at the images' relative paths, as .png")
-    parser.add_argument("--method", default="clipseg", choices=["clipseg", "alpha"])
+    parser.add_argument("--method", default="clipseg", choices=["clipseg", "alpha"],
+                        help="clipseg: find --text_input with CLIPSeg; alpha: the images' own transparency")
     parser.add_argument("--text_input", default=None, help="what to keep, e.g. 'person' or 'dog, leash' (OR-ed)")
     parser.add_argument("--model", default="CIDAS/clipseg-rd64-refined", help="CLIPSeg hub id or local folder")
-    parser.add_argument("--revision", default=None)
-    flags.add_bool(parser, "--local_files_only")
+    parser.add_argument("--revision", default=None, help="hub revision of the CLIPSeg model")
+    flags.add_bool(parser, "--local_files_only", help="never contact the hub; use the local hub cache only")
     flags.add_allow_pickle_arg(parser)
     parser.add_argument("--threshold", type=float, default=0.4,
                         help="CLIPSeg probability above which a pixel is subject (raise it for tighter masks)")
@@ -131,7 +132,8 @@ def parse_args(argv=None):
                         help="nothing found: write a white mask (train on the whole image), write nothing, or stop")
     flags.add_bool(parser, "--overwrite", help="remake masks that exist (otherwise they are kept, so a re-run resumes)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per CLIPSeg forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where CLIPSeg runs")
     parser.add_argument("--preview", default=None, help="write a contact sheet of every image with its mask (PNG)")
     return parser.parse_args(argv)
 

@@ -111,26 +111,28 @@ def load_generator_pipeline(args, info):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.HelpFormatter)
     flags.add_model_args(parser)
     parser.add_argument("--class_prompt", default=None, help="e.g. 'a photo of a man'")
     parser.add_argument("--class_prompts_file", default=None, help="varied, descriptive prompts, one per line (cycled)")
-    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--negative_prompt", default=None, help="negative prompt for every image")
     parser.add_argument("--num_images", type=int, required=True, help="how many images the folder should hold")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--output_dir", required=True, help="the folder of class images (and their captions)")
+    parser.add_argument("--num_inference_steps", type=int, default=30, help="sampler steps per image")
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev)")
     parser.add_argument("--resolution", type=int, default=None, help="square size (default: the model's native size)")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None, help="image width (default: --resolution)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: --resolution)")
     parser.add_argument("--batch_size", type=int, default=4, help="keep it when resuming for bit-identical images")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    parser.add_argument("--scheduler", default="default", choices=["default", *models.SAMPLERS])
+    parser.add_argument("--scheduler", default="default", choices=["default", *models.SAMPLERS],
+                        help="the sampler (default: the model's own)")
     parser.add_argument("--lora", default=None, help="generate with this LoRA applied (a file or an output folder)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs")
     parser.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32",
-                        choices=["fp32", "fp16", "bf16"])
+                        choices=["fp32", "fp16", "bf16"], help="the precision the model draws in")
     parser.add_argument("--cache_dir", default=None, help="for a converted single-file model (default: OUTPUT_DIR/.cache)")
     parser.add_argument("--preview", default=None, help="contact sheet PNG (default: OUTPUT_DIR_preview.png)")
     args = parser.parse_args(argv)

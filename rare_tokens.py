@@ -173,10 +173,10 @@ def rank_names(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.HelpFormatter)
     flags.add_model_args(parser)
     parser.add_argument("--output_dir", default="output", help="where a single-file checkpoint is converted")
-    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--cache_dir", default=None, help="for a converted single-file model (default: OUTPUT_DIR/cache)")
     parser.add_argument("--count", type=int, default=20, help="how many candidates to list")
     parser.add_argument("--common_words", type=int, default=10000,
                         help="the first N whole-word merges count as common words (default 10000)")
@@ -184,8 +184,10 @@ def parse_args(argv=None):
     parser.add_argument("--check", nargs="+", default=None, metavar="WORD", help="report on these words instead")
     parser.add_argument("--images", default=None, help="subject images, for --names")
     parser.add_argument("--names", default=None, help="candidate names, one per line: ranked by CLIP similarity")
-    parser.add_argument("--name_template", default="a photo of {name}")
-    parser.add_argument("--clip_model", default="openai/clip-vit-base-patch32")
+    parser.add_argument("--name_template", default="a photo of {name}",
+                        help="the text each candidate is scored in ({name}: the candidate)")
+    parser.add_argument("--clip_model", default="openai/clip-vit-base-patch32",
+                        help="with --images --names: the CLIP model that finds the names the subject looks like")
     args = parser.parse_args(argv)
     if bool(args.images) != bool(args.names):
         parser.error("--images and --names go together")

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from conftest import train_argv
 from PIL import Image
@@ -30,6 +31,25 @@ def test_help_gives_every_training_flag_a_meaning_and_its_default():
     text = parser.format_help()  # argparse %-formats the help: a stray % would raise here
     assert "--learning_rate LEARNING_RATE\n" in text and "(default: 0.0001)" in text
     assert "(default: off)" in text and "(default: none)" in text
+
+
+@pytest.mark.parametrize("script", ["cache_latents", "evaluate", "make_masks", "make_regularisation", "rare_tokens"])
+def test_every_other_script_s_help_gives_each_flag_a_meaning_and_its_default(script, monkeypatch):
+    import importlib
+
+    class Built(Exception):
+        pass
+
+    def stop(parser, *args, **kwargs):  # the script's parser, as it is about to read the command line
+        raise Built(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    with pytest.raises(Built) as built:
+        importlib.import_module(script).parse_args([])
+    parser = built.value.args[0]
+    assert parser.formatter_class is flags.HelpFormatter
+    assert [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help] == []
+    parser.format_help()  # no stray % in any help
 
 
 def test_a_diffusers_command_trains_with_prior_preservation_and_its_own_class_images(tiny_model, subject_dir,
