@@ -468,8 +468,8 @@ def encode_text(info, tokenizers, text_encoders, prompts):
         if vector is not None:
             pooled.append(vector)
     if t5 is None and any(reading == "t5" for _, _, reading in info.spec.text_parts) and sequences:
-        # SD3 without its T5: zeros of the transformer's context width, as long as a CLIP sequence
-        t5 = torch.zeros(len(prompts), tokenizers[0].model_max_length, info.model_config["joint_attention_dim"],
+        # SD3 without its T5: as its pipeline, max_sequence_length zeros of the transformer's context width
+        t5 = torch.zeros(len(prompts), info.t5_max_length, info.model_config["joint_attention_dim"],
                          device=sequences[0].device, dtype=sequences[0].dtype)
     embeds = torch.cat(sequences, dim=-1) if sequences else None
     if t5 is not None:

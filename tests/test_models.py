@@ -117,10 +117,12 @@ def load_pipeline(family, path):
         path, local_files_only=True)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3", "sd3-no-t5", "flux", "flux-schnell"])
-def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family):
+@pytest.mark.parametrize("family, t5_length", [(family, None) for family in ("sd1", "sd2", "sdxl", "sd3", "sd3-no-t5",
+                                                                             "flux", "flux-schnell")]
+                         + [("sd3-no-t5", 100)])  # without T5, the pipeline pads with max_sequence_length zeros
+def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_length):
     path = tiny_model(family)
-    info = models.resolve_model(model_args(path, tmp_path, t5_max_sequence_length=None))
+    info = models.resolve_model(model_args(path, tmp_path, t5_max_sequence_length=t5_length))
     tokenizers, encoders = models.load_text_encoders(info)
     prompts = ["a photo of ohwx dog", "a very long prompt " * 30]  # the second one is truncated at 77 tokens
     ours = models.encode_prompt(info, tokenizers, encoders, prompts)
@@ -133,8 +135,8 @@ def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family):
             else:
                 embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=info.t5_max_length)
         assert torch.equal(ours["pooled_prompt_embeds"], pooled) and torch.equal(ours["prompt_embeds"], embeds)
-        # SD3: 77 CLIP tokens then 77 T5 tokens (zeros without T5); FLUX: T5 only
-        assert embeds.shape[1] == {"sd3": 154, "flux": info.t5_max_length}[info.family]
+        # SD3: 77 CLIP tokens then the T5 tokens (zeros without T5); FLUX: T5 only
+        assert embeds.shape[1] == {"sd3": 77 + info.t5_max_length, "flux": info.t5_max_length}[info.family]
         assert (family == "sd3-no-t5") == bool((embeds[:, 77:] == 0).all())
         return
     pipe = load_pipeline(family, path)

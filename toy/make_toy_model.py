@@ -252,7 +252,7 @@ def flow_matching(shift):
     return noising
 
 
-def held_out_accuracy(pipe, count=128, seed=99):
+def held_out_accuracy(pipe, count=128, seed=99, **drawing):
     """Share of generations from unseen caption combinations whose shape and colour the toy scorer reads right."""
     import toy_scorer
 
@@ -267,7 +267,7 @@ def held_out_accuracy(pipe, count=128, seed=99):
     for start in range(0, count, 16):
         chunk = wanted[start:start + 16]
         images += pipe([t for t, _ in chunk], height=64, width=64, num_inference_steps=25, guidance_scale=5.0,
-                       generator=torch.Generator().manual_seed(seed + start)).images
+                       generator=torch.Generator().manual_seed(seed + start), **drawing).images
     read = toy_scorer.predict(scorer, images)
     right = [r["shape"] == a["shape"] and r["colour"] == a["colour"] for r, (_, a) in zip(read, wanted)]
     return sum(right) / len(right), images, wanted
@@ -275,7 +275,7 @@ def held_out_accuracy(pipe, count=128, seed=99):
 
 def make_unet_model(args, pixels, captions, masks, seconds):
     """The SD 1.x-shaped model: the VAE trained first, then the UNet on its latents (v-prediction, zero terminal
-    SNR). Returns its StableDiffusionPipeline."""
+    SNR). Returns its StableDiffusionPipeline and the options it draws with (none beyond the usual)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
 
     from common import files
@@ -318,13 +318,20 @@ def make_unet_model(args, pixels, captions, masks, seconds):
                           shape_weight=args.shape_weight)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=UniPCMultistepScheduler.from_config(scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False), {}
 
 
 def make_sd3_model(args, pixels, captions, masks, seconds):
     """The SD3-shaped model: the UNet model's VAE as it is, an SD3 transformer trained by flow matching on its
-    latents, captions encoded by the pipeline's own encode_prompt. Returns its StableDiffusion3Pipeline."""
+    latents, captions encoded by the pipeline's own encode_prompt. Returns its StableDiffusion3Pipeline and the
+    options it draws with."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from common import models
+
+    # Without a T5 the pipeline pads the context with max_sequence_length zeros: as long as the training scripts
+    # use by default for SD3, so the model is trained on the context it will be given.
+    drawing = {"max_sequence_length": models.FAMILIES["sd3"].t5_max_length}
 
     tokenizer, encoders, vae, transformer = build_sd3_components(args.vae_from)
     if args.init_from:  # the saved weights into freshly built parts (the VAE is --vae_from's either way)
@@ -347,7 +354,7 @@ def make_sd3_model(args, pixels, captions, masks, seconds):
         context, pooled = [], []
         for start in tqdm(range(0, len(unique), 256), desc="encoding captions", unit="batch"):
             embeds, _, vectors, _ = pipe.encode_prompt(unique[start:start + 256], None, None,
-                                                       do_classifier_free_guidance=False)
+                                                       do_classifier_free_guidance=False, **drawing)
             context.append(embeds)
             pooled.append(vectors)
         context, pooled = torch.cat(context), torch.cat(pooled)
@@ -362,7 +369,7 @@ def make_sd3_model(args, pixels, captions, masks, seconds):
         transformer, latents, [context[rows], pooled[rows]], [context[-1], pooled[-1]], flow_matching(args.shift),
         forward, args.steps, args.batch_size, args.learning_rate, seconds, snapshot=args.snapshot, seed=args.seed,
         ema_warmup=not args.init_from, shape_masks=masks, shape_weight=args.shape_weight)
-    return pipe
+    return pipe, drawing
 
 
 def main(argv=None):
@@ -396,10 +403,10 @@ def main(argv=None):
     pixels, captions, _, masks = pictures(args.pictures, seed=0)
     seconds = args.minutes * 60 - (time.monotonic() - started)
     make = make_unet_model if args.family == "sd1" else make_sd3_model
-    pipe = make(args, pixels, captions, masks, seconds)
+    pipe, drawing = make(args, pixels, captions, masks, seconds)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(args.output_dir, safe_serialization=True)
-    accuracy, drawn, wanted = held_out_accuracy(pipe, args.held_out)
+    accuracy, drawn, wanted = held_out_accuracy(pipe, args.held_out, **drawing)
     images.contact_sheet(drawn, [f"{a['colour']} {a['shape']}" for _, a in wanted],
                          args.output_dir.rstrip("/") + "_held_out_samples.png", thumb=96)  # beside, not in, the model
     print(f"held-out caption combinations: shape and colour right in {accuracy:.0%} of {len(wanted)} generations")
