@@ -22,6 +22,14 @@ latents must not move under a trained UNet) and the UNet trains on, with a new w
 drawn with another --seed. `--shape_weight` (default 4) counts the shape's pixels more in the loss: what lifted
 small shapes, which a plain mean over the picture let the model draw as blobs (an earlier model, 4,784 steps
 without it: 68 % in all, shape right in 47 % of small ones).
+`--family sd3` trains the flow-matching counterpart instead (default folder toy/model_sd3): an SD3-shaped pipeline
+on the UNet model's VAE (its latent space; the VAE is not what this model shows), two small frozen CLIPs with
+projections in CLIP-L's and CLIP-G's places and no T5 (SD3 may leave it out), and a 6-layer SD3 transformer over
+2 x 2 latent patches (3.5 M parameters, 0.48 s per step of 32 on 2 cores), trained by rectified flow with SD3's
+logit-normal noise levels (no shift: `--shift`, 64 px pictures), the same caption dropout, shape weight and EMA.
+SD3 rather than FLUX.1: its pipeline draws with classifier-free guidance, as the UNet model does, so a model trained
+from scratch with caption dropout draws well; a FLUX.1-dev-shaped one draws with an embedded guidance value that
+needs guidance distillation from a teacher, and a schnell-shaped one needs step distillation.
 Some caption combinations (HELD_OUT) are never shown, so the model is tested on combinations it has not seen:
 generations from them are read by toy/toy_scorer.py, and the share with the right shape and colour is printed.
 """
