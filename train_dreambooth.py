@@ -811,7 +811,7 @@ def check_output_args(args):
                                          args.output_name or args.output_name.endswith(".safetensors")):
         raise SystemExit(f"--output_name {args.output_name!r}: a file name without folder or .safetensors, e.g. "
                          "ohwx_dog")
-    if args.report_to in ("wandb",) and importlib.util.find_spec("wandb") is None:
+    if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise SystemExit("--report_to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline logs "
                          "without a network), or use --report_to tensorboard")
     if args.push_to_hub and not args.hub_model_id:
