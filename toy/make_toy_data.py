@@ -104,7 +104,8 @@ def toy_sample(index, seed=0, full=False, with_mask=False):
 
 # The subjects: shapes in two colours, which the world never shows. "ohwx" names one in a prompt.
 SUBJECTS = [("circle", "red", "yellow"), ("square", "blue", "white"), ("triangle", "green", "orange"),
-            ("diamond", "purple", "yellow")]
+            ("diamond", "purple", "yellow"), ("circle", "blue", "white"), ("square", "orange", "black"),
+            ("triangle", "purple", "white"), ("diamond", "red", "green")]
 
 
 def subject_samples(subject, count, seed=0):
