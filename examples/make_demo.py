@@ -2,6 +2,7 @@
 toy model (toy/model), a small pipeline that draws the toy world of coloured shapes.
 
     python examples/make_demo.py demo/        # then: make demo runs masks, class images, caches, training, evaluation
+    python examples/make_demo.py demo_sd3/ toy/model_sd3    # the same on the flow-matching toy model
 
 Point the same configs at a real model and real photos to train for real.
 
@@ -297,7 +298,8 @@ def main(argv=None):
     make_regularisation.py (class pictures -> class/), cache_latents.py, train_dreambooth.py, evaluate.py."""
     argv = sys.argv[1:] if argv is None else argv
     root = os.path.abspath(argv[0] if argv else "demo")
-    model = argv[1] if len(argv) > 1 else TOY_MODEL
+    model = argv[1] if len(argv) > 1 else TOY_MODEL  # toy/model_sd3: make demo FAMILY=sd3
+    model = os.path.abspath(model) if os.path.isdir(model) else model
     os.makedirs(root, exist_ok=True)
     write_toy_subject(root)
     cache = os.path.join(root, "cache")

@@ -1,10 +1,11 @@
-"""The demo's own steps (as `make demo` runs them, shortened) keep working on the toy model: masks from cut-outs,
+"""The demo's own steps (as `make demo` runs them, shortened) keep working on both toy models: masks from cut-outs,
 class pictures, caches, training with masks and prior loss, evaluation with the toy scorer."""
 
 import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import cache_latents
@@ -16,9 +17,13 @@ from common import adapters, images
 import train_dreambooth
 
 
-def test_demo_steps_run_and_train_with_masks_and_class_pictures(tmp_path):
+TOY_MODELS = {"sd1": make_demo.TOY_MODEL, "sd3": os.path.join(make_demo.ROOT, "toy", "model_sd3")}
+
+
+@pytest.mark.parametrize("family", sorted(TOY_MODELS))  # make demo, and make demo FAMILY=sd3
+def test_demo_steps_run_and_train_with_masks_and_class_pictures(tmp_path, family):
     root = tmp_path / "demo"
-    make_demo.main([str(root)])
+    make_demo.main([str(root), TOY_MODELS[family]])
     make_masks.main(["--input_dir", str(root / "cutouts"), "--output_dir", str(root / "subject_masks"),
                      "--method", "alpha", "--preview", str(root / "masks_preview.png")])
     # A mask is white on the subject (where the cut-out is opaque) and black on the background.
@@ -26,7 +31,7 @@ def test_demo_steps_run_and_train_with_masks_and_class_pictures(tmp_path):
     mask = np.asarray(Image.open(root / "subject_masks" / "ohwx_00.png"))
     assert mask.shape == alpha.shape == (64, 64)
     assert (mask[alpha == 255] >= 240).all() and (mask[alpha == 0] <= 15).all()
-    make_regularisation.main(["--pretrained_model_name_or_path", make_demo.TOY_MODEL, "--class_prompt", "a shape",
+    make_regularisation.main(["--pretrained_model_name_or_path", TOY_MODELS[family], "--class_prompt", "a shape",
                               "--num_images", "4", "--output_dir", str(root / "class"), "--resolution", "64",
                               "--num_inference_steps", "4", "--device", "cpu", "--dtype", "fp32"])
     plans = cache_latents.main(["--config", str(root / "config.json")])
