@@ -46,8 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "toy")]
 
 import make_toy_data  # noqa: E402
-
-TOY_MODELS = {"sd1": os.path.join(ROOT, "toy", "model"), "sd3": os.path.join(ROOT, "toy", "model_sd3")}
+from make_toy_model import SHIPPED as TOY_MODELS  # noqa: E402
 INSTANCE_PROMPT = "a ohwx shape"
 CLASS_PROMPT = "a shape"
 
@@ -510,13 +509,12 @@ def main(argv=None):
     text = (f"mean ± standard deviation over subjects {', '.join(map(str, args.subjects))} and training seeds "
             f"{', '.join(map(str, args.train_seeds))} (real pictures against each other: {ceiling:.3f}; "
             f"{(time.monotonic() - started) / 60:.1f} min in all)\n{table(mean, ceiling)}")
-    files_written = {"table.md": text + "\n", "results.json": json.dumps(
-        {"settings": vars(args), "mean": mean, "runs": runs,
-         "subjects": {str(k): v for k, v in per_subject.items()},
-         "real_vs_real": {str(k): v for k, v in ceilings.items()}}, indent=2)}
-    for name, content in files_written.items():
-        with open(os.path.join(work, name), "w") as handle:
-            handle.write(content)
+    with open(os.path.join(work, "table.md"), "w") as handle:
+        handle.write(text + "\n")
+    with open(os.path.join(work, "results.json"), "w") as handle:
+        json.dump({"settings": vars(args), "mean": mean, "runs": runs,
+                   "subjects": {str(k): v for k, v in per_subject.items()},
+                   "real_vs_real": {str(k): v for k, v in ceilings.items()}}, handle, indent=2)
     write_report(os.path.join(work, "report.html"), args, per_subject, images, reals, ceilings, mean)
     print(f"\n{text}\n\nreport: {os.path.join(work, 'report.html')}")
     return mean

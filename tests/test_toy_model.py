@@ -18,7 +18,7 @@ import toy_scorer  # noqa: E402
 from common import adapters, files, models  # noqa: E402
 import train_dreambooth  # noqa: E402
 
-TOY_MODELS = {"sd1": os.path.join(ROOT, "toy", "model"), "sd3": os.path.join(ROOT, "toy", "model_sd3")}
+TOY_MODELS = make_toy_model.SHIPPED
 FAMILIES = pytest.mark.parametrize("family", sorted(TOY_MODELS))
 
 

@@ -60,6 +60,7 @@ import make_toy_data  # noqa: E402
 
 HIDDEN = 64  # text width = UNet cross-attention width
 LATENT_FACTOR = 4  # the VAE's 64 px -> 16 x 16
+SHIPPED = {"sd1": os.path.join(HERE, "model"), "sd3": os.path.join(HERE, "model_sd3")}  # the toy models, by family
 
 
 def held_out(attributes):
@@ -416,7 +417,7 @@ def main(argv=None):
                         help="extra loss weight on the shape's pixels (0: a plain mean over the picture)")
     parser.add_argument("--held_out", type=int, default=128, help="generations the held-out accuracy is measured on")
     args = parser.parse_args(argv)
-    args.output_dir = args.output_dir or os.path.join(HERE, "model" if args.family == "sd1" else "model_sd3")
+    args.output_dir = args.output_dir or SHIPPED[args.family]
     started = time.monotonic()
     pixels, captions, _, masks = pictures(args.pictures, seed=0)
     seconds = args.minutes * 60 - (time.monotonic() - started)
