@@ -481,6 +481,8 @@ def start_accelerator(args):
 
     # cpu=True where there is no GPU: then `torchrun --nproc_per_node N` starts N CPU processes (gloo DDP).
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    if torch.cuda.is_available():  # cuDNN attention's backward fails on FLUX's shapes (seen with torch 2.11 on an
+        torch.backends.cuda.enable_cudnn_sdp(False)  # H200: "mha_graph.execute(...).is_good()"); flash attention runs
     # LyCORIS module dropout skips whole modules in some steps: DDP must expect parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool((args.lycoris or {}).get("module_dropout")))
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=on_cpu, kwargs_handlers=[ddp],

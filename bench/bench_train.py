@@ -365,7 +365,7 @@ def flux_step(transformer, latents, noise, sigmas, embeds, pooled, text_ids):
     noisy = (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
     tokens = transformer(hidden_states=models.pack(noisy), timestep=sigmas, guidance=latents.new_ones(b),
                          pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                         img_ids=models.image_ids(h, w), return_dict=False)[0]
+                         img_ids=models.image_ids(h, w, latents.device), return_dict=False)[0]
     return F.mse_loss(models.unpack(tokens, h, w).float(), (noise - latents).float())
 
 

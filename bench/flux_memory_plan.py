@@ -165,12 +165,35 @@ def activations(tokens, args):
     return full, checkpointed, {"per double block": double, "per single block": single, "outside blocks": outside}
 
 
+def lora_parameters(args):
+    """Trainable parameters of our LoRA (--lora_rank, --lora_target) on FLUX.1-dev's transformer."""
+    from diffusers import FluxTransformer2DModel
+
+    from common import adapters
+
+    model = on_meta(lambda: FluxTransformer2DModel(**FLUX_DEV))
+    model.requires_grad_(False)
+    adapters.add_lora(model, argparse.Namespace(lora_rank=args.lora_rank, lora_alpha=None, lora_dropout=0.0,
+                                                lora_init="default", lora_target=args.lora_target, lora_layers=None),
+                      "transformer")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def training_peak(args, precision, resolution):
+    """The plan's peak of a training step alone (no validation visit), with --gradient_checkpointing: the
+    transformer at `precision`, the LoRA with AdamW, the checkpointed activations and the overhead (bytes)."""
+    from diffusers import FluxTransformer2DModel
+
+    linear, other = linear_split(on_meta(lambda: FluxTransformer2DModel(**FLUX_DEV)))
+    transformer = linear * bytes_per_weight()[precision] + other * 2
+    _, checkpointed, _ = activations((resolution // 16) ** 2, args)
+    return transformer + 16 * lora_parameters(args) + OVERHEAD + checkpointed
+
+
 def main(argv=None):
     args = parse_args(argv)
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from common import adapters
 
     counts = {"transformer": linear_split(on_meta(lambda: FluxTransformer2DModel(**FLUX_DEV))),
               "T5-XXL": linear_split(on_meta(lambda: T5EncoderModel(T5Config(**T5_XXL)))),
@@ -195,12 +218,7 @@ def main(argv=None):
         print(f"activations at {size} px ({tokens} image + {TEXT_TOKENS} text tokens), LoRA {args.lora_target} "
               f"rank {args.lora_rank}: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in parts.items())
               + f"; whole model {full / GiB:.1f} GiB, with --gradient_checkpointing {checkpointed / GiB:.2f} GiB")
-    model = on_meta(lambda: FluxTransformer2DModel(**FLUX_DEV))
-    model.requires_grad_(False)
-    adapters.add_lora(model, argparse.Namespace(lora_rank=args.lora_rank, lora_alpha=None, lora_dropout=0.0,
-                                                lora_init="default", lora_target=args.lora_target, lora_layers=None),
-                      "transformer")
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = lora_parameters(args)
     print(f"LoRA: {lora / 1e6:.1f} M trainable parameters: {16 * lora / GiB:.2f} GiB with AdamW "
           f"({10 * lora / GiB:.2f} GiB with --use_8bit_adam)")
 
