@@ -22,6 +22,8 @@ same prompts at the same seeds. The scores, in the spirit of the DreamBooth pape
   eval loss  the stable eval loss on 4 held-out pictures of the subject, at the last step (EMA: the average's)
 
 The ceiling for subject fidelity is what 4 other real pictures of the subject score against the training ones.
+The row "drawn as asked" is a perfect model's: the toy world's renderer draws the subject exactly as each subject
+prompt asks (8 pictures a prompt, what the prompt leaves open varied as in the real pictures), scored the same way.
 --sweep runs the recipes of SWEEP instead of the variants: changes to prior preservation (learning rate, rank,
 steps, repeats, prior weight and target, DOP, captions that describe each picture, masks, caption dropout, EMA) in
 search of one that learns the subject without forgetting (the bar: subject fidelity at least the real pictures',
@@ -133,6 +135,28 @@ def subject_prompts(subject):
             ("a ohwx shape at the top", {"place": "at the top"}),
             (f"a large ohwx shape in the center on a {free[1]} background",
              {"size": "large", "place": "in the center", "background": free[1]})]
+
+
+def drawn_as_asked(subject, per_prompt=8):
+    """The subject drawn exactly as each subject prompt asks, by the toy world's own renderer, with what a prompt
+    leaves open (size, place, background) varied as in the real pictures: what a perfect model would draw.
+    Returns (images, {head: value asked} per image)."""
+    import random
+
+    shape, colour, stripes = make_toy_data.SUBJECTS[subject]
+    backgrounds = [c for c in sorted(make_toy_data.COLOURS) if c not in (colour, stripes)]
+    rng = random.Random(subject)
+    drawn, asked = [], []
+    for _, ask in subject_prompts(subject):
+        for _ in range(per_prompt):
+            attributes = {"size": rng.choice(sorted(make_toy_data.SIZES)), "background": rng.choice(backgrounds),
+                          "place": rng.choice(sorted(make_toy_data.PLACES)), **ask}
+            drawn.append(make_toy_data.draw(shape, colour, stripes=stripes, **attributes)[0])
+            asked.append(ask)
+    return drawn, asked
+
+
+AS_ASKED = "drawn as asked"
 
 
 WORLD_PROMPTS = [("a red circle on a blue background", {"shape": "circle", "colour": "red"}),
@@ -341,6 +365,8 @@ def mean_rows(runs):
 
 
 def meets_bar(row, ceiling):
+    if any(row[key] is None for key in ("subject", *BAR)):
+        return False
     return (row["subject"] >= ceiling and row["prompt"] >= BAR["prompt"] and row["drift"] <= BAR["drift"]
             and row["world"] >= BAR["world"])
 
@@ -372,9 +398,10 @@ def table(rows, ceiling=None):
     return "\n".join(lines)
 
 
-def frontier_plot(path, rows, ceiling):
+def frontier_plot(path, rows, ceiling, as_asked=None):
     """Subject fidelity against prior drift for every variant (means, with the spread as error bars), the bar's
-    corner marked: what learning the subject costs in forgetting."""
+    corner marked, and the subject fidelity of the subject drawn as asked (dotted): what learning the subject costs
+    in forgetting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,12 +413,16 @@ def frontier_plot(path, rows, ceiling):
         axis.errorbar(r["drift"], r["subject"], xerr=spread.get("drift"), yerr=spread.get("subject"), marker="o",
                       capsize=2, alpha=0.8)
         axis.annotate(name, (r["drift"], r["subject"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    axis.set_xlim(left=0)
     axis.axhline(ceiling, color="tab:green", linestyle="--", linewidth=1)
+    if as_asked is not None:
+        axis.axhline(as_asked, color="tab:gray", linestyle=":", linewidth=1)
+        axis.text(axis.get_xlim()[1], as_asked, f"{AS_ASKED} ", fontsize=8, ha="right", va="bottom", color="tab:gray")
     axis.axvline(BAR["drift"], color="tab:red", linestyle="--", linewidth=1)
     axis.text(BAR["drift"], ceiling, "the bar: above and to the left of here ", fontsize=8, ha="right", va="bottom")
     axis.set_xlabel("prior drift (1 - similarity to the base model's class and world pictures; lower is better)")
     axis.set_ylabel("subject fidelity (higher is better)")
-    axis.set_title("Learning against forgetting (dashed: real pictures against each other, drift 0.20)")
+    axis.set_title("Learning against forgetting (dashed: real pictures against each other, drift 0.20)", fontsize=10)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -405,7 +436,8 @@ def write_report(path, args, per_subject, pictures, reals, ceilings, mean):
     folder = os.path.dirname(path)
     ceiling = sum(ceilings.values()) / len(ceilings)
     plot = os.path.join(folder, "images", "frontier.png")
-    frontier_plot(plot, {k: v for k, v in mean.items() if k != "base model"}, ceiling)
+    frontier_plot(plot, {k: v for k, v in mean.items() if k not in ("base model", AS_ASKED)}, ceiling,
+                  mean[AS_ASKED]["subject"])
     sections = []
     for subject, rows in per_subject.items():
         asked = subject_prompts(subject)
@@ -418,15 +450,18 @@ def write_report(path, args, per_subject, pictures, reals, ceilings, mean):
         for name, drawn in pictures[subject].items():
             name_slug = f"subject{subject}_" + slug(name)
             subject_sheet = os.path.join(folder, "images", f"{name_slug}_subject.png")
-            images.contact_sheet(drawn["subject"], [p for p, _ in asked for _ in range(args.seeds)], subject_sheet,
+            per_prompt = len(drawn["subject"]) // len(asked)
+            images.contact_sheet(drawn["subject"], [p for p, _ in asked for _ in range(per_prompt)], subject_sheet,
                                  thumb=96)
             prior_sheet = os.path.join(folder, "images", f"{name_slug}_prior.png")
-            images.contact_sheet(drawn["prior"], PRIOR_PROMPTS, prior_sheet, thumb=96)
+            if drawn["prior"]:
+                images.contact_sheet(drawn["prior"], PRIOR_PROMPTS, prior_sheet, thumb=96)
             r = rows[name]
-            sections.append(f"<h3>{html.escape(name)}</h3><p>subject {r['subject']:.3f}, prompt {r['prompt']:.2f}, "
-                            f"drift {r['drift']:.3f}, world {r['world']:.2f}</p>"
+            scores = ", ".join(f"{key} {r[key]:.3f}" for key in ("subject", "prompt", "drift", "world")
+                               if r[key] is not None)
+            sections.append(f"<h3>{html.escape(name)}</h3><p>{scores}</p>"
                             f'<img src="{report.embedded(subject_sheet)}"> '
-                            f'<img src="{report.embedded(prior_sheet)}">')
+                            + (f'<img src="{report.embedded(prior_sheet)}">' if drawn["prior"] else ""))
     recipes = "".join(f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(describe(RECIPES[name]))}</code></td>"
                       f"</tr>" for name in args.variants)
     page = f"""<!DOCTYPE html>
@@ -488,8 +523,12 @@ def main(argv=None):
         ceilings[subject] = toy_scorer.subject_fidelity(scorer, held_out, reals[subject])
         base_row, base_images = score(base, args, scorer, subject, reals[subject], base_prior, base_prior)
         base_row.update(eval_loss=None, seconds=None)
-        subject_runs = [{"base model": dict(base_row)} for _ in args.train_seeds]
-        images[subject] = {"base model": base_images}
+        perfect, perfect_asked = drawn_as_asked(subject)
+        perfect_row = {"subject": toy_scorer.subject_fidelity(scorer, perfect, reals[subject]),
+                       "prompt": toy_scorer.prompt_fidelity(scorer, perfect, perfect_asked),
+                       "drift": None, "world": None, "eval_loss": None, "seconds": None}
+        subject_runs = [{"base model": dict(base_row), AS_ASKED: perfect_row} for _ in args.train_seeds]
+        images[subject] = {"base model": base_images, AS_ASKED: {"subject": perfect, "prior": []}}
         for name in args.variants:
             for seed, run in zip(args.train_seeds, subject_runs):
                 output, seconds, eval_loss, full = train_variant(args, subject_work, name, class_dir, seed)
