@@ -22,8 +22,10 @@ same prompts at the same seeds. The scores, in the spirit of the DreamBooth pape
   eval loss  the stable eval loss on 4 held-out pictures of the subject, at the last step (EMA: the average's)
 
 The ceiling for subject fidelity is what 4 other real pictures of the subject score against the training ones.
-The row "drawn as asked" is a perfect model's: the toy world's renderer draws the subject exactly as each subject
-prompt asks (8 pictures a prompt, what the prompt leaves open varied as in the real pictures), scored the same way.
+The row "base model, other seed" gives the drift's scale: the base model's own class and world pictures drawn at
+other seeds. The row "drawn as asked" is a perfect model's: the toy world's renderer draws the subject exactly as
+each subject prompt asks (8 pictures a prompt, what the prompt leaves open varied as in the real pictures), scored
+the same way.
 --sweep runs the recipes of SWEEP instead of the variants: changes to prior preservation (learning rate, rank,
 steps, repeats, prior weight and target, DOP, captions that describe each picture, masks, caption dropout, EMA) in
 search of one that learns the subject without forgetting (the bar: subject fidelity at least the real pictures',
@@ -113,6 +115,16 @@ SWEEP = {
     "prior, ema": Recipe(PRIOR + ("--use_ema", "--ema_decay", "0.99", "--ema_warmup"), class_pictures=True),
     "prior (dataset), described, dop": Recipe(("--prior_loss_target", "dataset") + DOP, class_pictures=True,
                                               captions="described"),
+    # Described captions with more learning: they keep prompt fidelity, can more steps or capacity win the subject?
+    "prior, described, lr 2e-3": Recipe(PRIOR + ("--learning_rate", "2e-3"), class_pictures=True,
+                                        captions="described"),
+    "prior, described, 400 steps": Recipe(PRIOR + ("--max_train_steps", "400"), class_pictures=True,
+                                          captions="described"),
+    "prior, described, weight 2": Recipe(PRIOR + ("--prior_loss_weight", "2"), class_pictures=True,
+                                         captions="described"),
+    "prior, described, rank 16": Recipe(PRIOR + ("--lora_rank", "16"), class_pictures=True, captions="described"),
+    "prior, described, text encoder": Recipe(PRIOR + ("--train_text_encoder",), class_pictures=True,
+                                             captions="described"),
 }
 RECIPES = {**VARIANTS, **SWEEP}
 
@@ -157,6 +169,7 @@ def drawn_as_asked(subject, per_prompt=8):
 
 
 AS_ASKED = "drawn as asked"
+RESEEDED = "base model, other seed"
 
 
 WORLD_PROMPTS = [("a red circle on a blue background", {"shape": "circle", "colour": "red"}),
@@ -398,10 +411,10 @@ def table(rows, ceiling=None):
     return "\n".join(lines)
 
 
-def frontier_plot(path, rows, ceiling, as_asked=None):
+def frontier_plot(path, rows, ceiling, as_asked=None, reseeded=None):
     """Subject fidelity against prior drift for every variant (means, with the spread as error bars), the bar's
     corner marked, and the subject fidelity of the subject drawn as asked (dotted): what learning the subject costs
-    in forgetting."""
+    in forgetting, and the drift of the base model's own pictures at other seeds (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,7 +424,7 @@ def frontier_plot(path, rows, ceiling, as_asked=None):
     for name, r in rows.items():
         spread = r.get("spread") or {}
         axis.errorbar(r["drift"], r["subject"], xerr=spread.get("drift"), yerr=spread.get("subject"), marker="o",
-                      capsize=2, alpha=0.8)
+                      capsize=2, elinewidth=0.6, alpha=0.8)
         axis.annotate(name, (r["drift"], r["subject"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     axis.set_xlim(left=0)
     axis.axhline(ceiling, color="tab:green", linestyle="--", linewidth=1)
@@ -419,6 +432,10 @@ def frontier_plot(path, rows, ceiling, as_asked=None):
         axis.axhline(as_asked, color="tab:gray", linestyle=":", linewidth=1)
         axis.text(axis.get_xlim()[1], as_asked, f"{AS_ASKED} ", fontsize=8, ha="right", va="bottom", color="tab:gray")
     axis.axvline(BAR["drift"], color="tab:red", linestyle="--", linewidth=1)
+    if reseeded is not None:
+        axis.axvline(reseeded, color="tab:gray", linestyle=":", linewidth=1)
+        axis.text(reseeded, axis.get_ylim()[0], f" {RESEEDED}", fontsize=8, rotation=90, va="bottom",
+                  color="tab:gray")
     axis.text(BAR["drift"], ceiling, "the bar: above and to the left of here ", fontsize=8, ha="right", va="bottom")
     axis.set_xlabel("prior drift (1 - similarity to the base model's class and world pictures; lower is better)")
     axis.set_ylabel("subject fidelity (higher is better)")
@@ -436,8 +453,8 @@ def write_report(path, args, per_subject, pictures, reals, ceilings, mean):
     folder = os.path.dirname(path)
     ceiling = sum(ceilings.values()) / len(ceilings)
     plot = os.path.join(folder, "images", "frontier.png")
-    frontier_plot(plot, {k: v for k, v in mean.items() if k not in ("base model", AS_ASKED)}, ceiling,
-                  mean[AS_ASKED]["subject"])
+    frontier_plot(plot, {k: v for k, v in mean.items() if k not in ("base model", AS_ASKED, RESEEDED)}, ceiling,
+                  mean[AS_ASKED]["subject"], mean[RESEEDED]["drift"])
     sections = []
     for subject, rows in per_subject.items():
         asked = subject_prompts(subject)
@@ -514,6 +531,9 @@ def main(argv=None):
                                   "--device", "cpu", "--dtype", "fp32"])
     base = load_variant(args.model)
     base_prior = draw(base, PRIOR_PROMPTS, 1, args)
+    # The drift's scale: the base model itself at other seeds (its pictures of the same prompts drawn afresh).
+    reseeded = {"subject": None, "prompt": None, "world": None, "eval_loss": None, "seconds": None,
+                "drift": 1 - toy_scorer.paired_similarity(scorer, draw(base, PRIOR_PROMPTS, 2, args)[1::2], base_prior)}
     runs, per_subject, images, reals, ceilings = [], {}, {}, {}, {}
     for subject in args.subjects:
         subject_work = os.path.join(work, f"subject{subject}")
@@ -527,7 +547,8 @@ def main(argv=None):
         perfect_row = {"subject": toy_scorer.subject_fidelity(scorer, perfect, reals[subject]),
                        "prompt": toy_scorer.prompt_fidelity(scorer, perfect, perfect_asked),
                        "drift": None, "world": None, "eval_loss": None, "seconds": None}
-        subject_runs = [{"base model": dict(base_row), AS_ASKED: perfect_row} for _ in args.train_seeds]
+        subject_runs = [{"base model": dict(base_row), RESEEDED: reseeded, AS_ASKED: perfect_row}
+                        for _ in args.train_seeds]
         images[subject] = {"base model": base_images, AS_ASKED: {"subject": perfect, "prior": []}}
         for name in args.variants:
             for seed, run in zip(args.train_seeds, subject_runs):
