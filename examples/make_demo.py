@@ -334,7 +334,7 @@ def main(argv=None):
         "lora_rank": 8,
         "lora_target": "all",  # the stripes are fine detail, drawn by the convolutions at full latent size
         "prior_loss_target": "base_model",
-        "prior_loss_weight": 0.1,
+        "prior_loss_weight": 2.0,  # the toy DreamBench sweep's best (docs/benchmarks.md)
         "checkpointing_steps": 100,
         "checkpoints_total_limit": 3,
         "validation_prompt": ["a ohwx shape", "a ohwx shape on a green background", "a large ohwx shape at the left"],
