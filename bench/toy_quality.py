@@ -412,9 +412,9 @@ def table(rows, ceiling=None):
 
 
 def frontier_plot(path, rows, ceiling, as_asked=None, reseeded=None):
-    """Subject fidelity against prior drift for every variant (means, with the spread as error bars), the bar's
-    corner marked, and the subject fidelity of the subject drawn as asked (dotted): what learning the subject costs
-    in forgetting, and the drift of the base model's own pictures at other seeds (dotted)."""
+    """Subject fidelity against prior drift for every variant (means, with the spread as error bars): what learning
+    the subject costs in forgetting. Marked: the bar's corner (dashed), the subject drawn as asked and the base
+    model's own pictures at other seeds (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
