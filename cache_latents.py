@@ -8,6 +8,8 @@ Writes, per image and bucket, one safetensors file in the dataset's cache_dir_va
 source fingerprint, the resize/crop transform and the VAE identity as metadata), and one safetensors file per
 caption in the text_embeds cache_dir. Entries that are up to date are skipped without loading any model; a
 touched or replaced image, a changed crop setting or another VAE makes exactly the affected entries stale.
+A model without a VAE (DeepFloyd IF, in pixel space) gets each picture itself, resized and cropped to its bucket,
+in [-1, 1], in place of the latent (its mask at full resolution): the photos are decoded and checked once.
 train_dreambooth.py calls the same functions, so running this first is optional.
 """
 

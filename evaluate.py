@@ -301,21 +301,24 @@ def main(argv=None):
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     tokenizers, text_encoders = models.load_text_encoders(info, device, dtype)
     pipe = models.build_pipeline(info, models.load_component(info, info.spec.denoiser, dtype).to(device),
-                                 models.load_component(info, "vae").to(device), tokenizers, text_encoders)
+                                 models.load_vae(info, device), tokenizers, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    resolution = args.image_resolution or images.round_to(info.native_resolution, info.spec.bucket_step)
+    size, *more = render.picture_sizes(info, args.image_resolution, "--image_resolution")
+    if more and not sources:
+        print(f"note: evaluate.py draws one size, the first of --image_resolution ({render.size_label(size)}); give "
+              "--image_resolution to choose another")
     if args.guidance_scale is None:
         args.guidance_scale = info.spec.guidance_scale
     options = render.drawing_options(info, args, args.num_inference_steps, args.guidance_scale, args.negative_prompt,
-                                     resolution)
+                                     size)
     os.makedirs(out, exist_ok=True)
     settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
                 "instance": args.validation_instance, "class": args.validation_class,
                 "prompt_set": args.prompt_set, "subject_kind": args.subject_kind,
                 "num_images_per_prompt": args.num_images_per_prompt, "validation_seed": args.validation_seed,
                 "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                "negative_prompt": args.negative_prompt, "resolution": resolution,
+                "negative_prompt": args.negative_prompt, "resolution": render.size_label(size),
                 "mixed_precision": args.mixed_precision, "clip_model": args.clip_model,
                 "dino_model": args.dino_model, "toy_scorer": args.toy_scorer, "eval_images": len(examples),
                 "eval_timesteps": args.eval_timesteps, "eval_seed": args.eval_seed, "real_images": len(real_paths)}
@@ -379,8 +382,9 @@ def build_parser():
                        help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev)")
     group.add_argument("--negative_prompt", "--validation_negative_prompt", default=None,
                        help="negative prompt for every image")
-    group.add_argument("--image_resolution", "--validation_resolution", type=int, default=None,
-                       help="default: the model's native size")
+    group.add_argument("--image_resolution", "--validation_resolution", type=flags.picture_sizes, default=None,
+                       help="the pictures' size: a square's side or WIDTHxHEIGHT (of a training config's several, the "
+                            "first). Default: the model's native size")
     group = parser.add_argument_group("precision (as the run trained, so the eval loss equals its log)")
     group.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
                        help="the training run's: adapters are evaluated on a base in this dtype, under autocast")

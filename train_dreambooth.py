@@ -126,11 +126,13 @@ def batch_captions(batch, generator, dropout=0.0):
 
 def sample_latents(batch, generator, shift, scaling):
     """A batch's latents, each drawn from its image's cached VAE distribution (mean + std * N(0, 1), as
-    vae.encode().latent_dist.sample() would), in the UNet's scale; and their masks (B, 1, h, w), or None."""
+    vae.encode().latent_dist.sample() would; IF's cache holds the picture itself), in the UNet's scale; and their
+    masks (B, 1, h, w), or None."""
     latents, masks = [], []
     for entry, _ in batch:
         cached = files.load_tensors(entry.cache_path)
-        latents.append(cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))
+        noise = torch.randn(cached["mean"].shape, generator=generator)
+        latents.append(cached["mean"] + cached["std"] * noise if "std" in cached else cached["mean"])  # IF: pixels
         masks.append(cached.get("mask"))
     return (torch.stack(latents) - shift) * scaling, torch.stack(masks) if masks[0] is not None else None
 
@@ -246,6 +248,18 @@ class EMA:
 # Validation
 
 
+def validation_previews(args, info, hooks, preview_vae, step, drawn, size):
+    """preview_for(prompt index, seed) for render: --validation_preview's callbacks (None without it)."""
+    if not (args.validation_preview and hooks is not None):
+        return None
+    latent_size = size and (size[1] // info.vae_scale_factor, size[0] // info.vae_scale_factor)  # FLUX: to unpack
+
+    def preview_for(p, seed):
+        return render.preview_sender(hooks, preview_vae, args.validation_preview_steps, step, drawn[p], seed,
+                                     latent_size, args.validation_num_inference_steps)
+    return preview_for
+
+
 def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scoring=None, hooks=None, preview_vae=None,
                    sources=None):
     """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable)
@@ -257,14 +271,12 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
     (render.refine_sources) instead; its rows start with each source."""
     model = accelerator.unwrap_model(unet)
     vae, tokenizers, text_encoders = frozen
-    for part in (vae, *text_encoders):  # no-op unless --offload_frozen left them in system memory
+    for part in filter(None, (vae, *text_encoders)):  # no-op unless --offload_frozen left them in system memory
         part.to(accelerator.device)
     pipe = models.build_pipeline(info, model, vae, tokenizers, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
-    resolution = int(args.validation_resolution or images.round_to(info.native_resolution, info.spec.bucket_step))
-    options = render.drawing_options(info, args, args.validation_num_inference_steps, validation_guidance(args, info),
-                                     args.validation_negative_prompt, resolution)
+    sizes = [None] if sources else render.picture_sizes(info, args.validation_resolution)  # a refiner: the sources'
     # Prompts may hold {instance} / {class}; CLIP-T scores against the class in place of the instance.
     instance = args.validation_instance or ""
     prompts = [scores.fill_prompt(text, instance, args.validation_class or instance)
@@ -279,38 +291,41 @@ def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scorin
         tag = ("/ema" if variant == "ema" else "") + ("" if scale is None else f"/scale{scale:g}")
         name, suffix = {"raw": "raw", "ema": "EMA"}[variant], tag.replace("/", "_")  # files: _ema, _scale0.5
         label = name if scale is None else f"LoRA x{scale:g}" if weights == ["raw"] else f"{name} LoRA x{scale:g}"
-
-        def path_for(p, seed):
-            return os.path.join(folder, f"prompt{p:02d}-seed{seed}{suffix}.png")
-
-        def preview_for(p, seed):
-            return render.preview_sender(hooks, preview_vae, args.validation_preview_steps, step, drawn[p], seed,
-                                         (resolution // info.vae_scale_factor,) * 2)
-
         averaged = ema.applied(adapters.trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
-        previews = preview_for if preview_vae is not None and hooks is not None else None
+        made = [[] for _ in prompts]  # this variant's pictures, every size
         with averaged, adapters.adapter_scaled(model, scale):
-            made = render.render(pipe, drawn, args.num_validation_images, args.validation_seed, options, sources,
-                                 accelerator.autocast, path_for, previews, f"validation images (step {step}{tag})")
-        for p, pictures in enumerate(made):
-            rows[p] += pictures
-            if hooks is not None:
-                hooks.send("validation_image", drawn[p] + (" (EMA weights)" if variant == "ema" else "") +
-                           ("" if scale is None else f" (LoRA x{scale:g})"), step=step,
-                           images=pictures, prompt=drawn[p], weights=variant, lora_scale=scale)
+            for size in sizes:  # several sizes: each file and grid group named by its size
+                sized = f"-{render.size_label(size)}" if len(sizes) > 1 else ""
+                made_here = render.render(
+                    pipe, drawn, args.num_validation_images, args.validation_seed,
+                    render.drawing_options(info, args, args.validation_num_inference_steps,
+                                           validation_guidance(args, info), args.validation_negative_prompt, size),
+                    sources, accelerator.autocast,
+                    lambda p, seed: os.path.join(folder, f"prompt{p:02d}-seed{seed}{suffix}{sized}.png"),
+                    validation_previews(args, info, hooks, preview_vae, step, drawn, size),
+                    f"validation images (step {step}{tag}{sized.replace('-', ' ')})")
+                for p, pictures in enumerate(made_here):
+                    rows[p] += pictures
+                    made[p] += pictures
+                    if hooks is not None:
+                        hooks.send("validation_image", drawn[p] + (" (EMA weights)" if variant == "ema" else "") +
+                                   ("" if scale is None else f" (LoRA x{scale:g})") + sized.replace("-", " at "),
+                                   step=step, images=pictures, prompt=drawn[p], weights=variant, lora_scale=scale)
+                labels.append(" ".join(part for part in (label if len(variants) > 1 or sources else "",
+                                                         render.size_label(size) if len(sizes) > 1 else "") if part))
         if scoring is not None:
             scorer, real_clip = scoring
             values = scorer.scores([image for row in made for image in row],
                                    [prompts[p][1] for p, row in enumerate(made) for _ in row], real_clip)
             results.update({f"validation/{k}{tag}": v for k, v in values.items()})
-        labels.append(label)
-    labels = labels if len(variants) > 1 or sources else []
-    grid = render.prompt_grid(rows, drawn, sources, ["source", *labels] if sources else labels)
+    labels = labels if any(labels) else []
+    cell = (max(w for w, _ in sizes), max(h for _, h in sizes)) if len(sizes) > 1 else None
+    grid = render.prompt_grid(rows, drawn, sources, ["source", *labels] if sources else labels, cell=cell)
     files.save_image_atomic(grid, os.path.join(folder, "grid.png"))
     files.write_text_atomic("\n".join(drawn) + "\n", os.path.join(folder, "prompts.txt"))
     model.train(was_training)
     if args.offload_frozen:
-        for part in (vae, *text_encoders):
+        for part in filter(None, (vae, *text_encoders)):
             if not adapters.trainable_parameters(part):  # a trained text encoder runs every step: it stays
                 part.to("cpu")
     return results
@@ -531,6 +546,9 @@ def plan_data(args, accelerator):
     say(f"model: {info.ref} ({info.family}, {info.prediction_type}); datasets: "
         + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
     objectives.settle_flags(info, args)
+    models.refuse_flags_of_other_families(info, args, build_parser())
+    if args.validation_prompt and not info.spec.refines:  # a size its pipeline cannot draw: refused now
+        render.picture_sizes(info, args.validation_resolution)
     if info.spec.refines:
         say(f"SDXL refiner: text encoder 2 only, --refiner_training_strength {args.refiner_training_strength:g}, "
             f"aesthetic score {args.data_aesthetic_score:g}")
@@ -615,7 +633,7 @@ def load_frozen_parts(args, info, accelerator, weight_dtype, unet, text_embeds):
     if not (args.validation_prompt or args.model_type == "full" or args.train_text_encoder):
         return None, adapters.text_reader(info, text_embeds)
     frozen_device = "cpu" if args.offload_frozen else accelerator.device
-    vae = models.load_component(info, "vae").to(frozen_device)
+    vae = models.load_vae(info, frozen_device)
     tokenizers, text_encoders = models.load_text_encoders(info, frozen_device, weight_dtype)
     frozen = vae, tokenizers, text_encoders
     if not args.train_text_encoder:
@@ -677,7 +695,7 @@ def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, 
                           f"{args.refiner_training_strength:g}")
         sources = render.refine_sources(plans[data.subject_dataset(datasets).id], args.num_validation_images,
                                         args.validation_seed)
-    if args.validation_preview:  # a Tiny AutoEncoder turns in-progress latents into pictures for the webhooks
+    if args.validation_preview and not info.spec.pixels:  # a Tiny AutoEncoder turns in-progress latents into pictures
         preview_vae = render.load_preview_vae(args.preview_vae or info.spec.preview_vae, args.allow_pickle, device)
 
     def validate(step, log):

@@ -19,11 +19,13 @@ from safetensors import safe_open
 from common import cards, files, models
 
 # --lora_target presets: module-name suffixes peft adapts, for a UNet and for an SD3 / FLUX transformer.
+# IF's attention also projects the text into keys and values of its own (add_k_proj, add_v_proj; SD's UNets have none)
+_UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 LORA_TARGETS = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
-            "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+    "attention": _UNET_ATTENTION,
+    "attention_ff": _UNET_ATTENTION + ["ff.net.0.proj", "ff.net.2"],
+    "all": _UNET_ATTENTION + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
+                              "time_emb_proj"],
 }
 # The joint attention of SD3 and FLUX has a text (context) stream beside the image stream: add_*_proj, to_add_out.
 _JOINT_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -432,7 +434,10 @@ def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, 
     files.save_safetensors_atomic(state, path, {**metadata, "lycoris_config": json.dumps(lycoris_config)})
     files.write_json_atomic(lycoris_config, os.path.join(folder, "lycoris_config.json"))
     # lora/locon tensors are kohya's own under another prefix; anything else (loha, lokr, DoRA, scalars, a
-    # module_algo_map that mixes algorithms) has no kohya form, and only LyCORIS's loader reads it.
+    # module_algo_map that mixes algorithms) has no kohya form, and only LyCORIS's loader reads it. (IF: no tool
+    # reads kohya's layout for it.)
+    if info.spec.pixels:
+        return path
     if info.spec.denoiser == "unet" and all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                                             for key in state):
         multiplier = lycoris_config.get("multiplier", 1.0)  # kohya has no multiplier: it goes into alpha

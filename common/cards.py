@@ -18,10 +18,10 @@ SECRET_FLAGS = ("hub_token",)  # never written into args.json or a card
 # Stability's model spec (modelspec.architecture) and kohya's ss_base_model_version, per family
 ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
                  "sdxl-refiner": "stable-diffusion-xl-v1-refiner", "sd3": "stable-diffusion-3",
-                 "flux": "flux-1-dev"}
+                 "flux": "flux-1-dev", "if": "deepfloyd-if-i"}
 KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 HUB_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl",
-            "sdxl-refiner": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
+            "sdxl-refiner": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux", "if": "deepfloyd-if"}
 
 
 def public_name(ref):
@@ -152,6 +152,9 @@ def write_model_card(args, info, datasets, folder, step, weight_name, kohya_name
     else:
         load = [f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
                 f'pipe.load_lora_weights("{output}", weight_name="{weight_name}")']
+    if info.spec.pixels and adapter != "full":  # IF: only the noise half trained (a full fine-tune is saved so)
+        load.append('pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, '
+                    'variance_type="fixed_small")')
     grid, grid_step = latest_grid(args.output_dir) if os.path.abspath(folder) == os.path.abspath(args.output_dir) \
         else (None, None)
     lines = front + ["", f"# {title_of(args, info, prompts)}", "",
@@ -165,7 +168,7 @@ def write_model_card(args, info, datasets, folder, step, weight_name, kohya_name
     if kohya_name:
         lines += ["", f"In ComfyUI, A1111 / Forge and other kohya-format tools: `{kohya_name}` (put it in the "
                   "`loras` folder)."]
-    elif adapter != "full":
+    elif adapter != "full" and not info.spec.pixels:
         lines += ["", "This file is in diffusers' layout; train with `--lora_format comfyui` for a kohya-format file "
                   "that ComfyUI and A1111 read."]
     lines += ["", "Trained with `train_dreambooth.py`; every flag of the run is in `args.json`."]

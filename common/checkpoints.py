@@ -349,7 +349,8 @@ def save_full_model(info, model, frozen, output_dir, ema=None, trainable=None):
     """A full fine-tune (trained in fp32) as a pipeline in output_dir, with the frozen parts in fp32 beside it, and
     with an EMA its average as output_dir/ema, loadable the same way."""
     vae, tokenizers, text_encoders = frozen
-    vae, text_encoders = vae.to(torch.float32), [encoder.to(torch.float32) for encoder in text_encoders]
+    vae = vae and vae.to(torch.float32)  # (IF has none)
+    text_encoders = [encoder.to(torch.float32) for encoder in text_encoders]
     save_full_pipeline(info, model, vae, tokenizers, text_encoders, output_dir)
     if ema is not None:
         with ema.applied(trainable):

@@ -67,6 +67,19 @@ def number_or_auto(value):
     return shift
 
 
+def picture_sizes(value):
+    """argparse type for --validation_resolution: one size or several, comma-separated, each a square's side or
+    WIDTHxHEIGHT, as the reference writes them (64,96,64x96,96x64). Returns [(width, height), ...]."""
+    sizes = []
+    for part in str(value).lower().replace(" ", "").split(","):
+        width, _, height = part.partition("x")
+        if not width.isdigit() or not (height or width).isdigit() or int(width) < 1 or int(height or width) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a size: give a square's side or WIDTHxHEIGHT, several "
+                                             "comma-separated (e.g. 1024 or 1024,832x1216)")
+        sizes.append((int(width), int(height or width)))
+    return sizes
+
+
 def add_bool(parser, name, default=False, help=None):
     """A true/false flag: a bare `--name` means true, `--name false` and config.json's true/false work too."""
     parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help)
@@ -167,10 +180,11 @@ def add_model_args(parser):
     group.add_argument("--single_file_config", default=None,
                        help="for a single-file checkpoint: a diffusers folder or hub id holding its component configs")
     add_allow_pickle_arg(group)
-    for i in (1, 2, 3):
-        group.add_argument(f"--text_encoder_{i}_precision", default="no_change", choices=PRECISIONS,
+    for i in (1, 2, 3):  # --text_encoder_precision: the first (IF's only one, its T5)
+        group.add_argument(f"--text_encoder_{i}_precision", *(["--text_encoder_precision"] if i == 1 else []),
+                           default="no_change", choices=PRECISIONS,
                            help=f"quantise text encoder {i} (for caching and validation images; SD3's T5 is 3, "
-                                "FLUX's 2)")
+                                "FLUX's 2, IF's 1)")
     group.add_argument("--t5_max_sequence_length", type=int, default=None,
                        help="T5 tokens per caption (SD3, FLUX.1). Default: 77 for SD3 (as diffusers' SD3 "
                             "example), 512 for FLUX.1-dev, 256 for schnell; at most 512")
@@ -294,7 +308,9 @@ def add_validation_args(parser):
     group.add_argument("--validation_guidance_scale", type=float, default=None,
                        help="default: the family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX.1-dev's embedded guidance)")
     group.add_argument("--validation_negative_prompt", default=None, help="negative prompt for validation images")
-    group.add_argument("--validation_resolution", type=int, default=None, help="default: the model's native size")
+    group.add_argument("--validation_resolution", type=picture_sizes, default=None,
+                       help="the pictures' size: a square's side or WIDTHxHEIGHT; several, comma-separated, are each "
+                            "drawn and shown side by side (e.g. 64,96,64x96,96x64). Default: the model's native size")
     group.add_argument("--validation_seed", type=int, default=0,
                        help="image k of each prompt uses seed + k, the same at every step")
     group.add_argument("--validation_instance", default=None,

@@ -13,13 +13,11 @@ What each family is trained to predict lives in objectives.py.
 import hashlib
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 
-from common import files, hub, quantise
+from common import files, hub, quantise, single_file
 
 
 @dataclass(frozen=True)
@@ -28,13 +26,14 @@ class Family:
 
     # (tokenizer, text encoder, what is read from it) in pipeline order: "last" hidden state (SD 1/2),
     # "penultimate" hidden state plus the projected pooled vector if it has one (SDXL, SD3), "pooled" output only
-    # (FLUX's CLIP), "t5" (its last hidden state, --t5_max_sequence_length tokens; optional for SD3)
+    # (FLUX's CLIP), "t5" (its last hidden state, --t5_max_sequence_length tokens; optional for SD3), "t5 masked"
+    # (DeepFloyd IF: the caption lower-cased, 77 tokens, read with their attention mask)
     text_parts: tuple
     time_ids: str  # SDXL micro-conditioning: "size" (original size, crop, target size), "aesthetic", or None
     pipeline: str  # the diffusers pipeline that draws with it (and converts its single-file checkpoints)
     pipeline_options: dict  # what that pipeline is built with besides the components
     single_file_options: dict  # ... and what its from_single_file needs
-    preview_vae: str  # the Tiny AutoEncoder that previews its latents
+    preview_vae: str  # the Tiny AutoEncoder that previews its latents (None: the latents are the picture)
     refines: bool = False  # an img2img refiner: trained on the low-noise end; it refines pictures, cannot draw them
     denoiser: str = "unet"  # the trained model's subfolder: "unet" or "transformer"
     objective: str = "noise"  # objectives.py: "noise" (DDPM, eps / v) or "flow" (flow matching, velocity)
@@ -44,6 +43,7 @@ class Family:
     size_multiple: int = 8  # what its pipeline draws: width and height multiples of this (FLUX / SD3: 16)
     t5_max_length: int = 0  # default --t5_max_sequence_length (0: no T5)
     guidance_scale: float = 7.5  # default validation / evaluation guidance
+    pixels: bool = False  # DeepFloyd IF: no VAE; the denoiser works on the picture itself, in [-1, 1]
 
 
 _SD = dict(text_parts=(("tokenizer", "text_encoder", "last"),), time_ids=None,
@@ -73,7 +73,13 @@ FAMILIES = {
                    time_ids=None, pipeline="FluxPipeline", pipeline_options={}, single_file_options={},
                    preview_vae="madebyollin/taef1", denoiser="transformer", objective="flow", packed=True,
                    bucket_step=16, size_multiple=16, t5_max_length=512, guidance_scale=3.5),
+    # DeepFloyd IF stage I: a pixel-space UNet (64 px) that predicts the noise and the range of its learned variance
+    "if": Family(text_parts=(("tokenizer", "text_encoder", "t5 masked"),), time_ids=None, pipeline="IFPipeline",
+                 pipeline_options={"safety_checker": None, "feature_extractor": None, "watermarker": None,
+                                   "requires_safety_checker": False},
+                 single_file_options={}, preview_vae=None, pixels=True, bucket_step=8, guidance_scale=7.0),
 }
+IF_TEXT_LENGTH = 77  # IF's T5 reads 77 tokens: the length it was trained with, fixed in its pipeline
 # The trained transformer's class (its config's _class_name) -> its family.
 TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 # Sampler names of the flags (make_regularisation.py --scheduler, --scheduled_sampling_sampler): diffusers classes.
@@ -117,7 +123,8 @@ class ModelInfo:
 
     @property
     def vae_scale_factor(self):
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+        """Pixels per latent cell: 8 for SD's VAEs, 1 in pixel space (IF)."""
+        return 1 if self.spec.pixels else 2 ** (len(self.vae_config["block_out_channels"]) - 1)
 
     @property
     def native_resolution(self):
@@ -131,15 +138,23 @@ class ModelInfo:
 def detect_family(model_index, unet_config, where):
     """The model family from its own configs, so tiny test models are detected like real ones.
 
-    SD3 / FLUX.1: the class of the transformer. SDXL: the UNet takes 'text_time' added conditioning; the refiner has no first text encoder and scores
-    aesthetics. SD 2.x: 1024-wide cross-attention (OpenCLIP-H) or, for small models, linear attention
-    projections (an SD 2 trait SD 1 UNets lack). Everything else with a CLIP text encoder is SD 1.x."""
+    SD3 / FLUX.1: the class of the transformer. DeepFloyd IF: no VAE, a UNet that projects its text
+    (encoder_hid_dim) and predicts twice the channels it denoises (the noise and its variance); stage II also takes
+    the low-resolution picture (6 channels in) and its noise level as a class label. SDXL: the UNet takes
+    'text_time' added conditioning; the refiner has no first text encoder and scores aesthetics. SD 2.x: 1024-wide
+    cross-attention (OpenCLIP-H) or, for small models, linear attention projections (an SD 2 trait SD 1 UNets
+    lack). Everything else with a CLIP text encoder is SD 1.x."""
     if "transformer" in model_index:
         family = TRANSFORMER_FAMILIES.get(unet_config.get("_class_name"))
         if family is None:
             raise SystemExit(f"{where}: a {unet_config.get('_class_name')} transformer is not a model this tool "
                              f"trains (it trains {', '.join(TRANSFORMER_FAMILIES)} and SD 1.x/2.x/SDXL UNets)")
         return family
+    if "vae" not in model_index and unet_config.get("encoder_hid_dim") and unet_config.get("out_channels") == 6:
+        if unet_config.get("in_channels") == 6 and unet_config.get("class_embed_type") == "timestep":
+            raise SystemExit(f"{where}: a DeepFloyd IF stage II (super-resolution) UNet; this tool trains stage I "
+                             "(DeepFloyd/IF-I-*) so far, stage II is not supported yet")
+        return "if"
     if unet_config.get("addition_embed_type") == "text_time":
         has_te1 = (model_index.get("text_encoder") or [None])[0] is not None
         if model_index.get("requires_aesthetics_score") or not has_te1:
@@ -154,126 +169,13 @@ def detect_family(model_index, unet_config, where):
     return "sd1"
 
 
-def single_file_family(path):
-    """The family of an original-format (LDM / A1111) checkpoint, from its tensor names."""
-    with safe_open(path, framework="pt") as handle:
-        keys = set(handle.keys())
-    if any(k.split("model.diffusion_model.")[-1].startswith("double_blocks.") for k in keys):
-        return "flux"
-    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
-        return "sd3"
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        return "sdxl-refiner"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    raise SystemExit(f"{path}: not a Stable Diffusion checkpoint this tool recognises (no text-encoder tensors found)")
-
-
-# Text encoders an SD3 single file may leave out (Stability ships some files without them): (key prefix, class).
-SINGLE_FILE_TEXT_ENCODERS = {"sd3": {"text_encoder": ("text_encoders.clip_l.", "CLIPTextModelWithProjection"),
-                                     "text_encoder_2": ("text_encoders.clip_g.", "CLIPTextModelWithProjection"),
-                                     "text_encoder_3": ("text_encoders.t5xxl.", "T5EncoderModel")}}
-
-
-def missing_text_encoders(path, family, args):
-    """The text encoders a single file lacks, loaded from --single_file_config (None where that model has none
-    either: SD3 without T5), as from_single_file takes them."""
-    import transformers
-
-    parts = SINGLE_FILE_TEXT_ENCODERS.get(family, {})
-    with safe_open(path, framework="pt") as handle:
-        missing = [name for name, (prefix, _) in parts.items() if not any(k.startswith(prefix) for k in handle.keys())]
-    if missing and not args.single_file_config:
-        raise SystemExit(f"{path} holds no {', '.join(missing)}: give --single_file_config the diffusers folder or hub "
-                         "id of the same model to take them from")
-    loaded = {}
-    for name in missing:
-        try:
-            loaded[name] = getattr(transformers, parts[name][1]).from_pretrained(
-                args.single_file_config, subfolder=name, local_files_only=args.local_files_only)
-        except OSError:  # the model has none (SD3 without its optional T5)
-            loaded[name] = loaded[name.replace("text_encoder", "tokenizer")] = None
-    return loaded
-
-
-def flux_single_file(path, args):
-    """A FLUX.1 file in Black Forest Labs' layout holds the transformer alone (in its own precision, kept: bf16 for
-    the released models; an fp8 file is widened to bf16, for training); the VAE, text encoders and scheduler come
-    from --single_file_config, in the same precision."""
-    import diffusers
-
-    with safe_open(path, framework="pt") as handle:
-        key = next(k for k in handle.keys() if k.endswith("img_in.weight"))
-        width, dtype = handle.get_slice(key).get_shape()[0], handle.get_tensor(key).dtype
-    dtype = {torch.float32: torch.float32, torch.float16: torch.float16}.get(dtype, torch.bfloat16)  # fp8 -> bf16
-    if width != 3072:  # diffusers' converter fixes every FLUX.1's width, 3072
-        raise SystemExit(f"{path}: a FLUX transformer {width} wide; diffusers' converter reads the FLUX.1 width (3072) "
-                         "only. Convert it to a diffusers folder with the tool that made it, and pass the folder")
-    if not args.single_file_config:
-        raise SystemExit(f"{path} holds the FLUX transformer alone: give --single_file_config the diffusers folder or "
-                         "hub id of the same model (black-forest-labs/FLUX.1-dev or FLUX.1-schnell) for the VAE, text "
-                         "encoders and scheduler")
-    transformer = diffusers.FluxTransformer2DModel.from_single_file(
-        path, config=args.single_file_config, subfolder="transformer", torch_dtype=dtype,
-        local_files_only=args.local_files_only)
-    return diffusers.FluxPipeline.from_pretrained(args.single_file_config, transformer=transformer, torch_dtype=dtype,
-                                                  local_files_only=args.local_files_only)
-
-
-def convert_single_file(path, args, cache_root):
-    """Load a single-file checkpoint with diffusers' from_single_file once and keep it as a diffusers folder.
-
-    Later runs (and caching) then load the folder directly; the folder name carries the file's fingerprint, so an
-    edited checkpoint is converted again."""
-    import diffusers
-
-    if not path.endswith(".safetensors"):
-        raise SystemExit(f"{path}: only .safetensors single-file checkpoints are loaded (a .ckpt file is a pickle "
-                         "that can run code); convert it to safetensors first")
-    family = single_file_family(path)
-    folder = os.path.join(cache_root, "converted",
-                          f"{files.safe_folder_name(os.path.basename(path))}-{files.sampled_digest(path)[:12]}")
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
-        return folder
-    print(f"converting single-file checkpoint {path} ({family}) to a diffusers folder in {folder}")
-    try:
-        if family == "flux":
-            pipe = flux_single_file(path, args)
-        else:
-            pipe = getattr(diffusers, FAMILIES[family].pipeline).from_single_file(
-                path, config=args.single_file_config, local_files_only=args.local_files_only,
-                **FAMILIES[family].single_file_options, **missing_text_encoders(path, family, args))
-    except SystemExit:
-        raise
-    except Exception as err:  # diffusers raises many kinds here; all mean the same to the user
-        raise SystemExit(f"{path}: from_single_file failed ({err}). Offline, pass --single_file_config with a diffusers "
-                         "folder (or cached hub id) of the same architecture.") from None
-    unloaded = [f"{name}.{key}" for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)
-                for key, value in part.state_dict().items() if value.device.type == "meta"]
-    if unloaded:  # diffusers leaves weights it found no tensor for uninitialised instead of failing
-        raise SystemExit(f"{path}: from_single_file left {len(unloaded)} weights unloaded (e.g. {unloaded[0]}); the "
-                         "checkpoint does not match the architecture of --single_file_config")
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def resolve_model(args):
     """Find the model (folder, hub id or single file), read its configs and detect its family. Loads no weights."""
     ref = args.pretrained_model_name_or_path
     if not ref:
         raise SystemExit("--pretrained_model_name_or_path is required: a diffusers folder, a hub id or a .safetensors file")
     if os.path.isfile(ref):
-        folder = convert_single_file(ref, args, args.cache_dir or os.path.join(args.output_dir, "cache"))
+        folder = single_file.convert_single_file(ref, args, args.cache_dir or os.path.join(args.output_dir, "cache"))
     elif os.path.isdir(ref):
         folder = ref
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith("."):  # owner/name: a hub id
@@ -285,16 +187,22 @@ def resolve_model(args):
                          "model_index.json, or at a single .safetensors checkpoint.")
     model_index = files.read_json(os.path.join(folder, "model_index.json"))
     denoiser = "transformer" if "transformer" in model_index else "unet"
-    for part in (f"{denoiser}/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
+    for part in (f"{denoiser}/config.json", "scheduler/scheduler_config.json"):
         if not os.path.isfile(os.path.join(folder, part)):
             raise SystemExit(f"{ref}: the model folder has no {part}; it is incomplete or not a text-to-image model")
     allow_pickle = bool(getattr(args, "allow_pickle", False))
     if not allow_pickle:
         files.refuse_pickle_only_weights(ref, folder, model_index)
     model_config = files.read_json(os.path.join(folder, denoiser, "config.json"))
-    vae_folder = find_vae(args)
     scheduler_config = files.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     family = detect_family(model_index, model_config, ref)
+    if FAMILIES[family].pixels and getattr(args, "pretrained_vae_model_name_or_path", None):
+        raise SystemExit(f"--pretrained_vae_model_name_or_path: {ref} is {family}, which works on pixels and has no "
+                         "VAE; leave the flag out")
+    vae_folder = find_vae(args)
+    if not (FAMILIES[family].pixels or vae_folder or os.path.isfile(os.path.join(folder, "vae", "config.json"))):
+        raise SystemExit(f"{ref}: the model folder has no vae/config.json; it is incomplete or not a text-to-image "
+                         "model")
     t5_max_length = getattr(args, "t5_max_sequence_length", None) or FAMILIES[family].t5_max_length
     if family == "flux" and not model_config.get("guidance_embeds"):
         t5_max_length = getattr(args, "t5_max_sequence_length", None) or 256  # schnell's, as its pipeline card
@@ -306,12 +214,41 @@ def resolve_model(args):
         prediction_type="flow" if FAMILIES[family].objective == "flow" else
         scheduler_config.get("prediction_type", "epsilon"),
         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
-        vae_config=files.read_json(os.path.join(vae_folder or os.path.join(folder, "vae"), "config.json")),
+        vae_config=None if FAMILIES[family].pixels else
+        files.read_json(os.path.join(vae_folder or os.path.join(folder, "vae"), "config.json")),
         vae_folder=vae_folder,
         text_encoder_precisions={name: getattr(args, f"text_encoder_{i}_precision", "no_change") or "no_change"
                                  for i, name in enumerate(("text_encoder", "text_encoder_2", "text_encoder_3"), 1)},
         allow_pickle=allow_pickle,
     )
+
+
+# Flags that mean something for some families only: (what they apply to, whether `info` is one). Given for a model
+# of another family (set to other than their default), they are refused rather than silently ignored.
+FAMILY_FLAGS = {
+    "preview_vae": ("families with a VAE (IF's in-progress image is the picture; its previews need none)",
+                    lambda info: not info.spec.pixels),
+    "t5_max_sequence_length": ("SD3 and FLUX.1 (IF's T5 reads 77 tokens, fixed by its pipeline)",
+                               lambda info: info.spec.t5_max_length > 0),
+    "flux_guidance_value": ("a guidance-distilled FLUX.1 (dev)", lambda info: info.guidance_embeds),
+    "data_aesthetic_score": ("the SDXL refiner", lambda info: info.spec.time_ids == "aesthetic"),
+    "refiner_training_strength": ("the SDXL refiner", lambda info: info.spec.refines),
+    "lora_format": ("the families ComfyUI and A1111 draw with (kohya's layout; not IF)",
+                    lambda info: not info.spec.pixels),
+    "validation_resolution": ("models that draw from a prompt (an SDXL refiner refines the subject's pictures at "
+                              "their own sizes)", lambda info: not info.spec.refines),
+}
+
+
+def refuse_flags_of_other_families(info, args, parser):
+    """A flag of FAMILY_FLAGS given for a model it does not apply to is an error (`parser`: a fresh one of the
+    script, for the defaults); so is --train_text_encoder where the model has no CLIP encoder to train (IF)."""
+    for name, (applies_to, applies) in FAMILY_FLAGS.items():
+        if getattr(args, name, None) != parser.get_default(name) and not applies(info):
+            raise SystemExit(f"--{name} applies to {applies_to}; {info.ref} is {info.family}: leave it out")
+    if getattr(args, "train_text_encoder", False) and all(part[2].startswith("t5") for part in info.text_parts):
+        raise SystemExit(f"--train_text_encoder trains a LoRA on CLIP text encoders; {info.ref} ({info.family}) reads "
+                         "its captions with T5 alone, which stays frozen (and cached): leave the flag out")
 
 
 def find_vae(args):
@@ -371,6 +308,11 @@ def load_component(info, subfolder, dtype=torch.float32):
         raise SystemExit(f"{info.ref}: cannot load {subfolder} ({err})") from None
 
 
+def load_vae(info, device="cpu", dtype=torch.float32):
+    """The frozen VAE, or None for a family without one (IF works on pixels)."""
+    return None if info.spec.pixels else load_component(info, "vae", dtype).to(device).requires_grad_(False)
+
+
 def load_text_encoders(info, device="cpu", dtype=torch.float32):
     """The family's tokenizers and frozen text encoders: loaded in `dtype`, then quantised as
     --text_encoder_N_precision asks (a quantised weight's dtype cannot change afterwards)."""
@@ -388,7 +330,7 @@ def load_pipeline(info, device="cpu", dtype=torch.float32):
     """The model's own inference pipeline (its scheduler included), every component loaded from the folder."""
     tokenizers, text_encoders = load_text_encoders(info, device, dtype)
     denoiser = load_component(info, info.spec.denoiser, dtype).to(device)
-    vae = load_component(info, "vae", dtype).to(device)  # SDXL's pipeline upcasts its VAE itself (force_upcast)
+    vae = load_vae(info, device, dtype)  # SDXL's pipeline upcasts its VAE itself (force_upcast)
     return build_pipeline(info, denoiser, vae, tokenizers, text_encoders)
 
 
@@ -396,8 +338,10 @@ def build_pipeline(info, denoiser, vae, tokenizers, text_encoders, scheduler=Non
     """The family's diffusers inference pipeline from components already in memory (for validation images)."""
     import diffusers
 
-    parts = {info.spec.denoiser: denoiser, "vae": vae, "scheduler": scheduler or load_component(info, "scheduler"),
+    parts = {info.spec.denoiser: denoiser, "scheduler": scheduler or drawing_scheduler(info),
              **info.spec.pipeline_options}
+    if not info.spec.pixels:
+        parts["vae"] = vae
     for (tokenizer_name, encoder_name, _) in info.spec.text_parts:  # an optional part it lacks (SD3's T5): None
         parts[tokenizer_name], parts[encoder_name] = None, None
     for (tokenizer_name, encoder_name, _), tokenizer, encoder in zip(info.text_parts, tokenizers, text_encoders):
@@ -410,8 +354,22 @@ def denoiser_of(pipe):
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
+def drawing_scheduler(info):
+    """The model's own scheduler, as its pipeline draws with it. IF's predicts a learned variance that training
+    leaves as it was (only the noise half is trained: see predict), so a trained IF draws with the fixed variance
+    instead, as diffusers' DreamBooth guide runs an IF LoRA."""
+    scheduler = load_component(info, "scheduler")
+    if scheduler.config.get("variance_type") in ("learned", "learned_range"):
+        scheduler = type(scheduler).from_config(scheduler.config, variance_type="fixed_small")
+    return scheduler
+
+
 def drawing_call_options(info):
-    """What every call of the family's pipeline takes besides the prompt and sizes: T5's sequence length as trained."""
+    """What every call of the family's pipeline takes besides the prompt and sizes: T5's sequence length as trained;
+    for IF the caption read as the training read it (lower-cased; its pipeline's default also strips URLs and
+    punctuation where bs4 and ftfy are installed)."""
+    if info.spec.pixels:
+        return {"clean_caption": False}
     return {"max_sequence_length": info.t5_max_length} if info.spec.t5_max_length else {}
 
 
@@ -428,10 +386,14 @@ def sampler(name, scheduler_config, **overrides):
 
 def read_text_encoder(tokenizer, encoder, prompts, reading, max_length):
     """(sequence, pooled) from one text encoder as its family's pipeline reads it (either may be None)."""
+    if reading == "t5 masked":  # IF's pipeline lower-cases and strips the caption, and masks T5's padding
+        prompts = [prompt.lower().strip() for prompt in prompts]
     tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     ids = tokens.input_ids.to(encoder.device)
     if reading == "t5":  # T5 without an attention mask, as the SD3 and FLUX pipelines run it
         return encoder(ids)[0], None
+    if reading == "t5 masked":
+        return encoder(ids, attention_mask=tokens.attention_mask.to(encoder.device))[0], None
     if reading == "last":
         mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
         return encoder(ids, attention_mask=mask)[0], None
@@ -456,10 +418,11 @@ def encode_text(info, tokenizers, text_encoders, prompts):
     layer). SDXL: penultimate hidden states of both encoders concatenated, pooled output of the second. SD3: the
     two CLIPs' penultimate states concatenated, zero-padded to T5's width and followed along the sequence by T5's
     (zeros where the model has no T5); pooled = both CLIPs' pooled vectors. FLUX.1: T5's sequence, CLIP's pooled.
+    IF: T5's sequence (its padding masked inside T5; the UNet reads all 77 positions, as IF's pipeline gives them).
     Returns {"prompt_embeds": (B, L, D)} plus "pooled_prompt_embeds": (B, D') where the family has one."""
     sequences, pooled, t5 = [], [], None
     for (_, _, reading), tokenizer, encoder in zip(info.text_parts, tokenizers, text_encoders):
-        length = info.t5_max_length if reading == "t5" else tokenizer.model_max_length
+        length = {"t5": info.t5_max_length, "t5 masked": IF_TEXT_LENGTH}.get(reading, tokenizer.model_max_length)
         sequence, vector = read_text_encoder(tokenizer, encoder, prompts, reading, length)
         if reading == "t5":
             t5 = sequence
@@ -542,7 +505,10 @@ def conditioning_on(cond, device, dtype):
 
 
 def latent_scaling(info):
-    """(shift, scale): the denoiser sees (vae latent - shift) * scale (SD3 and FLUX.1 have a shift)."""
+    """(shift, scale): the denoiser sees (vae latent - shift) * scale (SD3 and FLUX.1 have a shift; IF sees the
+    pixels as they are)."""
+    if info.spec.pixels:
+        return 0.0, 1.0
     return info.vae_config.get("shift_factor") or 0.0, info.vae_config.get("scaling_factor", 0.18215)
 
 
@@ -572,7 +538,11 @@ def predict(info, model, noisy, timesteps, cond):
     noise levels in (0, 1) for a flow transformer — with a batch's conditioning, in the latents' shape. FLUX's
     tokens are packed in and unpacked out here, so a latent-space mask weights its loss unchanged."""
     if info.spec.denoiser == "unet":
-        return model(noisy, timesteps, **cond).sample
+        # IF's UNet predicts the noise and, after it, the range of its learned variance. Only the noise half is
+        # trained (as diffusers' IF DreamBooth does): the variance term of IF's own loss needs the full
+        # variational bound, and a LoRA on a few images learns the subject from the noise alone; the trained model
+        # then draws with a fixed variance (drawing_scheduler).
+        return model(noisy, timesteps, **cond).sample[:, :noisy.shape[1]]
     timestep = timesteps.to(noisy.dtype if noisy.is_floating_point() else torch.float32) * info.spec.timestep_scale
     if not info.spec.packed:
         return model(hidden_states=noisy, timestep=timestep, return_dict=False, **cond)[0]

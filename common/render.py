@@ -14,15 +14,34 @@ from tqdm.auto import tqdm
 from common import files, images, models
 
 
-def drawing_options(info, args, steps, guidance_scale, negative_prompt, resolution):
-    """The pipeline's keyword arguments shared by every picture of a round: text-to-image at `resolution`, or for a
-    refiner img2img at --refiner_training_strength with --data_aesthetic_score."""
+def picture_sizes(info, requested, flag="--validation_resolution"):
+    """The (width, height) of the pictures to draw: `requested` (the flag's list), or the model's native square.
+    Each side must be a multiple of what the family's pipeline draws (8 px; SD3 and FLUX.1: 16)."""
+    if not requested:
+        side = images.round_to(info.native_resolution, info.spec.bucket_step)
+        return [(side, side)]
+    step = info.spec.size_multiple
+    bad = [f"{width}x{height}" for width, height in requested if width % step or height % step]
+    if bad:
+        raise SystemExit(f"{flag}: {', '.join(bad)}: {info.family}'s pipeline draws sizes whose sides are multiples "
+                         f"of {step} px")
+    return list(requested)
+
+
+def size_label(size):
+    return f"{size[0]}x{size[1]}"
+
+
+def drawing_options(info, args, steps, guidance_scale, negative_prompt, size):
+    """The pipeline's keyword arguments shared by every picture of a round: text-to-image at `size` (width, height;
+    a number: a square), or for a refiner img2img at --refiner_training_strength with --data_aesthetic_score."""
     options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                    **models.drawing_call_options(info))
     if info.spec.refines:
         options.update(strength=args.refiner_training_strength, aesthetic_score=args.data_aesthetic_score)
     else:
-        options.update(height=resolution, width=resolution)
+        width, height = (size, size) if isinstance(size, int) else size
+        options.update(height=height, width=width)
     return options
 
 
@@ -38,8 +57,8 @@ def render(pipe, prompts, count, first_seed, options, sources=None, autocast=con
            preview_for=None, desc="images"):
     """Each prompt drawn at seeds first_seed, first_seed + 1, ... (`count` of them); with `sources` (a refiner),
     each prompt's source image refined once at first_seed. `options`: drawing_options.
-    path_for(prompt index, seed) names the file each picture is saved to; preview_for(prompt index, seed) gives a
-    callback_on_step_end (validation previews). Returns a list of pictures per prompt."""
+    path_for(prompt index, seed) names the file each picture is saved to; preview_for(prompt index, seed) gives the
+    call's preview callback (validation previews: preview_sender). Returns a list of pictures per prompt."""
     rows = [[] for _ in prompts]
     jobs = [(p, i) for p in range(len(prompts)) for i in range(1 if sources else count)]
     for p, i in tqdm(jobs, desc=desc, unit="img", leave=False):
@@ -48,8 +67,9 @@ def render(pipe, prompts, count, first_seed, options, sources=None, autocast=con
         if sources:
             call["image"] = sources[p][1]
         if preview_for is not None:
-            call.update(callback_on_step_end=preview_for(p, seed), callback_on_step_end_tensor_inputs=["latents"])
-        with torch.no_grad(), autocast(), decoding_outside_autocast(pipe.vae), predicting_in_fp32(pipe):
+            call.update(preview_for(p, seed))
+        vae = getattr(pipe, "vae", None)  # IF has none
+        with torch.no_grad(), autocast(), decoding_outside_autocast(vae), predicting_in_fp32(pipe):
             image = pipe(**call).images[0]
         if path_for is not None:
             files.save_image_atomic(image, path_for(p, seed))
@@ -61,7 +81,11 @@ def render(pipe, prompts, count, first_seed, options, sources=None, autocast=con
 def decoding_outside_autocast(vae):
     """The pipeline's VAE decode runs outside autocast, in the VAE's own dtype. Under fp16 autocast a VAE held in fp32
     would still convolve in fp16, and diffusers' own upcast (force_upcast) never triggers, as it looks at the weights'
-    dtype: SDXL's VAE then overflows into black or NaN images. The denoiser still runs under autocast."""
+    dtype: SDXL's VAE then overflows into black or NaN images. The denoiser still runs under autocast. (IF: no VAE.)"""
+    if vae is None:
+        yield
+        return
+
     def decode(latents, *args, **kwargs):
         with torch.autocast(latents.device.type, enabled=False):
             return type(vae).decode(vae, latents.to(vae.dtype), *args, **kwargs)
@@ -117,25 +141,36 @@ def decode_preview(preview_vae, latents, latent_size=None):
     """A quick picture of in-progress latents: the Tiny AutoEncoder decodes the pipeline's latents, in
     milliseconds, where the full VAE would take seconds. FLUX's packed tokens are unpacked first (`latent_size`:
     the latent's height and width); the latents are unscaled as the pipeline would for this decoder (a Tiny
-    AutoEncoder's own scale is 1 and shift 0: it reads the pipeline's latents as they are)."""
+    AutoEncoder's own scale is 1 and shift 0: it reads the pipeline's latents as they are). Without a preview VAE
+    (IF, in pixel space) the in-progress image is the picture."""
     from PIL import Image
 
     if latents.ndim == 3:
         latents = models.unpack(latents, *latent_size)
-    config = preview_vae.config
-    latents = latents / config.get("scaling_factor", 1.0) + (config.get("shift_factor") or 0.0)
-    image = preview_vae.decode(latents[:1].to(preview_vae.device, preview_vae.dtype)).sample[0]
+    if preview_vae is None:
+        image = latents[0]
+    else:
+        config = preview_vae.config
+        latents = latents / config.get("scaling_factor", 1.0) + (config.get("shift_factor") or 0.0)
+        image = preview_vae.decode(latents[:1].to(preview_vae.device, preview_vae.dtype)).sample[0]
     return Image.fromarray(((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
-def preview_sender(hooks, preview_vae, every, step, prompt, seed, latent_size=None):
-    """A callback_on_step_end that sends a preview every `every` denoising steps and at the last one
-    (`latent_size`: for FLUX, the latent's height and width, to unpack its tokens)."""
-    def callback(pipe, index, timestep, tensors):
-        done, total = index + 1, pipe.num_timesteps  # the steps this call runs (img2img runs only the last ones)
+def preview_sender(hooks, preview_vae, every, step, prompt, seed, latent_size=None, steps=None):
+    """The pipeline-call keywords that send a preview every `every` denoising steps and at the last one: a
+    callback_on_step_end (`latent_size`: for FLUX, the latent's height and width, to unpack its tokens), or for IF,
+    whose pipeline has the older per-step `callback` and no Tiny AutoEncoder (`preview_vae` None), a callback over
+    its `steps` denoising steps."""
+    def send(done, total, latents):
         if done % every == 0 or done == total:
             hooks.send("preview_image", f"{prompt} (denoising step {done}/{total})", step=step,
-                       images=[decode_preview(preview_vae, tensors["latents"], latent_size)], prompt=prompt, seed=seed,
+                       images=[decode_preview(preview_vae, latents, latent_size)], prompt=prompt, seed=seed,
                        denoising_step=done)
+
+    if preview_vae is None:
+        return {"callback": lambda index, timestep, latents: send(index + 1, steps, latents), "callback_steps": 1}
+
+    def callback(pipe, index, timestep, tensors):
+        send(index + 1, pipe.num_timesteps, tensors["latents"])  # the steps this call runs (img2img: the last ones)
         return tensors
-    return callback
+    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}

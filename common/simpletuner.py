@@ -336,21 +336,8 @@ def optimizer_name(value):
     return value, None
 
 
-def square_side(value):
-    """SimpleTuner's "1024x1024" (or a comma-separated list of them); validation images here are squares."""
-    text = str(value).strip().lower()
-    if "x" not in text and "," not in text:
-        return value, None
-    sizes = [part.strip().split("x") for part in text.split(",")]
-    if len(sizes) != 1 or len(sizes[0]) != 2 or sizes[0][0] != sizes[0][1]:
-        raise Refused(f"validation images here are squares of one size, --validation_resolution being the side: "
-                      f"{value!r} is not one square (e.g. \"1024x1024\" or 1024)")
-    return int(sizes[0][0]), "the square's side"
-
-
 SHARED_VALUES = {
     "optimizer": optimizer_name,
-    "validation_resolution": square_side,
     "report_to": lambda value: ("tensorboard", "local charts, as TensorBoard under OUTPUT_DIR/logs")
     if value == "simpletuner" else (value, None),
     "lr_scheduler": lambda value: ("cosine", "SimpleTuner's alias") if value == "cosine_with_warmup" else (value, None),

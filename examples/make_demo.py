@@ -171,7 +171,7 @@ def tiny_unet(family, sample_size=8, seed=0):
 
 def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_size=8, tokenizer=None):
     """Save a tiny random diffusers pipeline of the given family (sd1, sd2, sdxl, sdxl-refiner, sd3, flux,
-    flux-schnell; sd3-no-t5: SD3 without its optional T5) to `folder` (with `tokenizer`, e.g. the real CLIP
+    flux-schnell, if; sd3-no-t5: SD3 without its optional T5) to `folder` (with `tokenizer`, e.g. the real CLIP
     vocabulary, instead of the tiny hand-made one)."""
     from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
@@ -180,6 +180,9 @@ def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_siz
     if family.startswith(("sd3", "flux")):
         pipe = tiny_flow_pipeline(family, tokenizer)
         pipe.save_pretrained(folder, safe_serialization=True)
+        return folder
+    if family == "if":
+        tiny_if_pipeline().save_pretrained(folder, safe_serialization=True)
         return folder
     vae, unet = tiny_vae(), tiny_unet(family, sample_size)
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -229,6 +232,28 @@ def tiny_flow_pipeline(family, tokenizer):
     return FluxPipeline(transformer=tiny_flux_transformer(guidance_embeds=dev), vae=tiny_flow_vae(0.1159, 0.3611),
                         scheduler=scheduler, text_encoder=tiny_text_encoder(tokenizer, hidden_act="quick_gelu"),
                         text_encoder_2=tiny_t5(t5_tokenizer), tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
+
+
+def tiny_if_pipeline(seed=0):
+    """DeepFloyd IF stage I: no VAE, a pixel-space UNet (3 channels in, 6 out: the noise and the range of its
+    learned variance) reading T5's sequence through its encoder_hid_dim projection, on IF's cosine DDPM schedule."""
+    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=8, addition_embed_type="text",
+        addition_embed_type_num_heads=2, cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift",
+        act_fn="gelu", norm_num_groups=16)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                              beta_end=0.02, thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5,
+                              prediction_type="epsilon", variance_type="learned_range")
+    return IFPipeline(tokenizer=tokenizer, text_encoder=tiny_t5(tokenizer), unet=unet, scheduler=scheduler,
+                      safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
 
 def draw_subject(width, height, seed, cutout=False):

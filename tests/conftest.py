@@ -91,6 +91,9 @@ def unet_inputs(unet, family, seed=0, size=8):
     config = unet.config
     if family.startswith(("sd3", "flux")):
         return transformer_inputs(config, family, generator, size)
+    if family == "if":  # pixels (3 channels); T5's 77 positions, projected by the UNet (encoder_hid_dim)
+        return {"sample": torch.randn(1, 3, 2 * size, 2 * size, generator=generator), "timestep": torch.tensor([321]),
+                "encoder_hidden_states": torch.randn(1, 77, config.encoder_hid_dim, generator=generator)}
     inputs = {"sample": torch.randn(1, 4, size, size, generator=generator), "timestep": torch.tensor([321]),
               "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator)}
     if family in ("sdxl", "sdxl-refiner"):  # the refiner's time ids: sizes, crop and an aesthetic score (5 values)
@@ -128,8 +131,15 @@ def predict(unet, inputs):
         return unet.eval()(**inputs, return_dict=False)[0]
 
 
-def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy", resolution=64):
-    """Command-line flags for a short, fast training run on a tiny model."""
+def resolution_for(model):
+    """What the tests train a tiny model at: 64 px (8 x 8 latents); IF, in pixel space, at 32 px."""
+    with open(os.path.join(model, "model_index.json"), encoding="utf-8") as handle:
+        return 32 if json.load(handle)["_class_name"] == "IFPipeline" else 64
+
+
+def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy", resolution=None):
+    """Command-line flags for a short, fast training run on a tiny model (at resolution_for(model) unless given)."""
+    resolution = resolution or resolution_for(model)
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", data_dir, "--instance_prompt", prompt,
             "--output_dir", str(output_dir), "--resolution", str(resolution), "--seed", "7", "--train_batch_size", "2",
             "--max_train_steps", "4", "--learning_rate", "1e-3", "--lora_rank", "4", *map(str, extra)]

@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from conftest import model_info, train_argv
+from conftest import model_info, resolution_for, train_argv
 from PIL import Image
 
 from common import adapters, images, models, render, scores
@@ -74,10 +74,13 @@ def test_scores_agree_with_a_direct_computation(tiny_scorers):
 
 
 def eval_argv(model, subject_dir, checkpoints, *extra):
+    """The training run's data and pictures at its resolution (resolution_for: 64 px, IF 32; FLUX's native size is
+    1024 px, whatever the model's width)."""
+    side = str(resolution_for(model))
     return ["--pretrained_model_name_or_path", model, "--checkpoints", str(checkpoints), "--instance_data_dir",
-            subject_dir, "--instance_prompt", "ohwx toy", "--class_prompt", "toy", "--resolution", "64", "--seed", "7",
+            subject_dir, "--instance_prompt", "ohwx toy", "--class_prompt", "toy", "--resolution", side, "--seed", "7",
             "--eval_split", "2", "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--image_resolution",
-            "64", *map(str, extra)]  # (FLUX's native size is 1024 px, whatever the model's width)
+            side, *map(str, extra)]
 
 
 def log_records(output_dir):
@@ -85,7 +88,7 @@ def log_records(output_dir):
 
 
 @pytest.mark.parametrize("family,model_type", [("sd1", "lora"), ("sd1", "full"), ("flux", "lora+text"),
-                                               ("sd3", "full")])
+                                               ("sd3", "full"), ("if", "lora")])
 def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model, subject_dir, tmp_path, family,
                                                                       model_type):
     model = tiny_model(family)
@@ -103,7 +106,7 @@ def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model
         assert [(r["name"], r["step"]) for r in results] == [("base", 0), ("checkpoint-2", 2), ("final", 4)]
         for r in results:
             assert r["eval_loss"] == logged[r["step"]][key if r["step"] else "eval_loss"], (weights, r["name"])
-            key_type = int if family == "sd1" else float  # DDPM timesteps, or flow noise levels
+            key_type = float if family in ("flux", "sd3") else int  # flow noise levels, or DDPM timesteps
             assert r["eval_loss_per_timestep"] == {key_type(t): v for t, v in
                                                    logged[r["step"]]["eval_loss_per_timestep"].items()} or weights == "ema"
     assert logged[4]["eval_loss"] != logged[0]["eval_loss"] != logged[4]["eval_loss/ema"]
@@ -470,18 +473,18 @@ def test_evaluate_reads_a_training_configs_validation_settings_and_its_own_flags
         return (args.validation_instance, args.validation_class, args.num_images_per_prompt, args.validation_seed,
                 args.num_inference_steps, args.guidance_scale, args.image_resolution, args.negative_prompt)
 
-    assert drawing(evaluate.parse_args(["--config", config])) == ("ohwx toy", "toy", 3, 5, 7, 3.0, 48, "blurry")
+    assert drawing(evaluate.parse_args(["--config", config])) == ("ohwx toy", "toy", 3, 5, 7, 3.0, [(48, 48)], "blurry")
     overridden = evaluate.parse_args(["--config", config, "--instance_prompt", "sks toy", "--class_prompt", "figure",
                                       "--num_images_per_prompt", "1", "--guidance_scale", "1.5"])
-    assert drawing(overridden) == ("sks toy", "figure", 1, 5, 7, 1.5, 48, "blurry")
+    assert drawing(overridden) == ("sks toy", "figure", 1, 5, 7, 1.5, [(48, 48)], "blurry")
     unset = write_json(tmp_path / "unset.json", {"instance_prompt": "ohwx toy", "class_prompt": "a photo of a toy"})
     assert drawing(evaluate.parse_args(["--config", unset]))[:2] == ("ohwx toy", None)  # evaluate.py's defaults
     assert drawing(evaluate.parse_args(["--config", unset]))[2:] == (4, 0, 25, None, None, None)
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("family,precision", [("sd1", "no"), ("sd1", "bf16"), ("if", "no")])
 def test_evaluate_with_the_training_config_draws_the_validation_images_pixel_for_pixel(tiny_model, subject_dir,
-                                                                                        tmp_path, precision):
+                                                                                        tmp_path, family, precision):
     """Given only the training config, evaluate.py draws each checkpoint as training's validation drew it at that
     step: the same prompts ({instance} is validation_instance, not the caption), seeds, steps, guidance, negative
     prompt and resolution (none of them the defaults), the same pixels. In bf16 too: there training's model predicts
@@ -490,8 +493,9 @@ def test_evaluate_with_the_training_config_draws_the_validation_images_pixel_for
 
     out = tmp_path / "out"
     config = write_json(tmp_path / "config.json", {
-        "pretrained_model_name_or_path": tiny_model("sd1"), "instance_data_dir": subject_dir,
-        "instance_prompt": "a photo of ohwx toy", "output_dir": str(out), "resolution": 64, "seed": 7,
+        "pretrained_model_name_or_path": tiny_model(family), "instance_data_dir": subject_dir,
+        "instance_prompt": "a photo of ohwx toy", "output_dir": str(out), "resolution": 32 if family == "if" else 64,
+        "seed": 7,
         "train_batch_size": 2, "max_train_steps": 4, "learning_rate": 1e-2, "lora_rank": 4, "checkpointing_steps": 2,
         "validation_prompt": ["{instance} on the beach", "a {class} in the snow"], "validation_instance": "ohwx toy",
         "validation_class": "toy", "validation_steps": 2, "num_validation_images": 2, "validation_seed": 5,

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import train_argv, write_json
+from conftest import resolution_for, train_argv, write_json
 from PIL import Image, ImageDraw
 
 import cache_latents
@@ -421,7 +421,7 @@ def masked_run(model, config, output_dir, steps):
                                   "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--lora_rank", "4"])
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "if"])
 def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_path, family):
     """FLUX: the loss is taken on unpacked latents, so a latent-grid mask weights it unchanged."""
     os.makedirs(tmp_path / "white")
@@ -429,7 +429,7 @@ def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_pa
         Image.new("L", Image.open(os.path.join(subject_dir, name)).size, 255).save(tmp_path / "white" / name)
     model = tiny_model(family)
     plain = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "plain"))
-    config = masked_data_config(tmp_path, subject_dir, tmp_path / "white", resolution=64)
+    config = masked_data_config(tmp_path, subject_dir, tmp_path / "white", resolution=resolution_for(model))
     masked = masked_run(model, config, tmp_path / "masked", steps=4)
     a = adapters.trainable_parameters(plain["unet"])
     b = adapters.trainable_parameters(masked["unet"])

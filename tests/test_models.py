@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common import models
+from common import models, single_file
 from conftest import stock_pipeline
 
 
@@ -20,12 +20,13 @@ def model_args(path, tmp_path, **extra):
 
 @pytest.mark.parametrize("family,prediction_type", [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction"),
                                                     ("sdxl", "epsilon"), ("sd3", "flow"), ("flux", "flow"),
-                                                    ("flux-schnell", "flow")])
+                                                    ("flux-schnell", "flow"), ("if", "epsilon")])
 def test_family_and_prediction_type_come_from_the_configs(tiny_model, tmp_path, family, prediction_type):
     info = models.resolve_model(model_args(tiny_model(family, prediction_type), tmp_path))
     assert (info.family, info.prediction_type) == (family.split("-")[0], prediction_type)
-    assert info.vae_scale_factor == 8
-    assert info.native_resolution == (1024 if family.startswith("flux") else 64)  # FLUX: no sample_size, 1024 px
+    assert info.vae_scale_factor == (1 if family == "if" else 8)  # IF works on pixels
+    # FLUX: no sample_size, 1024 px; the tiny IF's UNet draws 16 px (the real stage I: 64)
+    assert info.native_resolution == {"flux": 1024, "flux-schnell": 1024, "if": 16}.get(family, 64)
     # FLUX.1-dev embeds its guidance and reads 512 T5 tokens, schnell neither; SD3 77 (diffusers' SD3 example)
     assert (info.guidance_embeds, info.t5_max_length) == {"flux": (True, 512), "flux-schnell": (False, 256),
                                                           "sd3": (False, 77)}.get(family, (False, 0))
@@ -44,6 +45,13 @@ def test_real_model_configs_are_detected_by_their_dimensions():
                                 {**sdxl, "cross_attention_dim": 1280}, "m") == "sdxl-refiner"
     with pytest.raises(SystemExit, match="inpainting"):
         models.detect_family(index, {**sd15, "in_channels": 9}, "m")
+    # DeepFloyd IF: no VAE in the folder; T5 projected by encoder_hid_dim; noise + variance out (IF-I-XL's values)
+    if_index = {"text_encoder": ["transformers", "T5EncoderModel"], "unet": ["diffusers", "UNet2DConditionModel"]}
+    stage_1 = {"in_channels": 3, "out_channels": 6, "encoder_hid_dim": 4096, "cross_attention_dim": 4096,
+               "addition_embed_type": "text", "sample_size": 64}
+    assert models.detect_family(if_index, stage_1, "m") == "if"
+    with pytest.raises(SystemExit, match="stage II"):  # the x4 upscaler: the low-res picture in, its noise level
+        models.detect_family(if_index, {**stage_1, "in_channels": 6, "class_embed_type": "timestep"}, "m")
 
 
 def test_sdxl_refiner_is_told_apart_from_the_base(tiny_model, tmp_path):
@@ -91,16 +99,16 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
     for family, key in cases.items():
         path = str(tmp_path / f"{family}.safetensors")
         save_file({key: torch.zeros(1), "model.diffusion_model.out.2.bias": torch.zeros(1)}, path)
-        assert models.single_file_family(path) == family
+        assert single_file.single_file_family(path) == family
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)},
               str(tmp_path / "sd3.safetensors"))
-    assert models.single_file_family(str(tmp_path / "sd3.safetensors")) == "sd3"
+    assert single_file.single_file_family(str(tmp_path / "sd3.safetensors")) == "sd3"
     for prefix in ("", "model.diffusion_model."):  # Black Forest Labs' file; ComfyUI's, with the prefix
         save_file({prefix + "double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "flux.safetensors"))
-        assert models.single_file_family(str(tmp_path / "flux.safetensors")) == "flux"
+        assert single_file.single_file_family(str(tmp_path / "flux.safetensors")) == "flux"
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="not a Stable Diffusion checkpoint"):
-        models.single_file_family(str(tmp_path / "other.safetensors"))
+        single_file.single_file_family(str(tmp_path / "other.safetensors"))
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
@@ -118,14 +126,24 @@ def load_pipeline(family, path):
 
 
 @pytest.mark.parametrize("family, t5_length", [(family, None) for family in ("sd1", "sd2", "sdxl", "sd3", "sd3-no-t5",
-                                                                             "flux", "flux-schnell")]
+                                                                             "flux", "flux-schnell", "if")]
                          + [("sd3-no-t5", 100)])  # without T5, the pipeline pads with max_sequence_length zeros
 def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_length):
     path = tiny_model(family)
     info = models.resolve_model(model_args(path, tmp_path, t5_max_sequence_length=t5_length))
     tokenizers, encoders = models.load_text_encoders(info)
     prompts = ["a photo of ohwx dog", "a very long prompt " * 30]  # the second one is truncated at 77 tokens
+    if family == "if":  # IF's pipeline lower-cases and strips the caption first
+        prompts.append("  A Photo of OHWX Dog ")
     ours = models.encode_prompt(info, tokenizers, encoders, prompts)
+    if family == "if":  # T5 with its padding masked, 77 tokens; the caption read as the pipeline reads it
+        pipe = stock_pipeline(path)
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                           clean_caption=False)
+        assert torch.equal(ours["prompt_embeds"], embeds) and embeds.shape[1] == 77
+        assert torch.equal(embeds[2], embeds[0]) and "pooled_prompt_embeds" not in ours
+        return
     if info.spec.denoiser == "transformer":  # SD3 / FLUX: the stock pipeline, T5 at the length we train with
         pipe = stock_pipeline(path)
         with torch.no_grad():  # as the pipeline's __call__ runs it (T5's attention kernel differs under grad)

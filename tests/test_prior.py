@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, first_batches_are_prior_then_mixed, model_info, write_json, train_argv
+from conftest import ROOT, first_batches_are_prior_then_mixed, model_info, resolution_for, write_json, train_argv
 
 from common import adapters, data, files, models
 import make_demo
@@ -146,7 +146,7 @@ def lora_file(model, folder):
     return path
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "sd3"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "sd3", "if"])
 def test_lora_is_applied_when_generating(tiny_model, tmp_path, family):
     model = tiny_model(family)
     plain = make_regularisation.main(reg_argv(model, tmp_path / "plain", "--num_images", "1"))
@@ -222,12 +222,12 @@ def test_the_adapter_is_switched_back_on_even_when_the_prior_pass_raises(tiny_mo
     assert torch.equal(predict_random_input(unet), adapted)
 
 
-def prior_data(tmp_path, subject_dir, class_images=4, repeats=1):
+def prior_data(tmp_path, subject_dir, class_images=4, repeats=1, resolution=64):
     reg = make_demo.make_subject_images(str(tmp_path / "class"), sizes=((64, 64),) * class_images)
     return write_json(tmp_path / "data.json", [
-        {"id": "subject", "instance_data_dir": subject_dir, "instance_prompt": "a photo of ohwx toy", "resolution": 64,
-         "repeats": repeats},
-        {"id": "class", "instance_data_dir": reg, "instance_prompt": "a photo of a toy", "resolution": 64,
+        {"id": "subject", "instance_data_dir": subject_dir, "instance_prompt": "a photo of ohwx toy",
+         "resolution": resolution, "repeats": repeats},
+        {"id": "class", "instance_data_dir": reg, "instance_prompt": "a photo of a toy", "resolution": resolution,
          "is_regularization_data": True},
     ])
 
@@ -242,12 +242,12 @@ def log_records(output_dir):
     return [json.loads(line) for line in open(os.path.join(output_dir, "logs", "train_log.jsonl"))]
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "if"])
 def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(tiny_model, subject_dir, tmp_path,
                                                                                family):
-    data = prior_data(tmp_path, subject_dir)
+    data = prior_data(tmp_path, subject_dir, resolution=resolution_for(tiny_model(family)))
     seed = next(s for s in range(100) if first_batches_are_prior_then_mixed(data, s, 8))
-    weighting = ["--snr_gamma", "5"] if family == "sd1" else ["--weighting_scheme", "cosmap"]
+    weighting = ["--weighting_scheme", "cosmap"] if family == "flux" else ["--snr_gamma", "5"]
     result = train_dreambooth.main(prior_argv(tiny_model(family), data, tmp_path / "out", seed, "--max_train_steps",
                                               "8", *weighting))
     records = log_records(tmp_path / "out")
@@ -351,7 +351,7 @@ def test_dop_keeps_the_class_caption_at_the_base_models_prediction(tiny_model, s
         train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "half", "--dop_class", "a dog"))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "flux", "if"])
 def test_dop_runs_on_the_other_families(tiny_model, subject_dir, tmp_path, family):
     """The class-caption rows ride in the same forward pass on SDXL (time ids) and FLUX (packed tokens; SD3 shares its
     transformer path): zero at step 0 up to rounding, then the adapter's departure on the class caption."""

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import first_batches_are_prior_then_mixed, model_info, train_argv, unet_inputs, write_json
+from conftest import first_batches_are_prior_then_mixed, model_info, resolution_for, train_argv, unet_inputs, write_json
 
 from common import adapters, models, objectives
 import make_demo
@@ -241,7 +241,7 @@ def test_the_prior_target_is_the_base_model_on_the_students_rolled_out_input(tin
     assert torch.allclose(target, base, atol=1e-6)  # one rollout (the student's), the base model judged on it
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "if"])
 def test_rollouts_work_with_lycoris_masks_prior_ema_and_full_finetunes(tiny_model, tmp_path, family):
     from PIL import Image
 
@@ -253,12 +253,13 @@ def test_rollouts_work_with_lycoris_masks_prior_ema_and_full_finetunes(tiny_mode
         mask.paste(255, (16, 16, 48, 48))
         mask.save(tmp_path / "masks" / name)
     reg = make_demo.make_subject_images(str(tmp_path / "class"), sizes=((64, 64),) * 2)
+    resolution = resolution_for(model)
     data = write_json(tmp_path / "data.json", [
-        {"id": "subject", "instance_data_dir": subject, "instance_prompt": "ohwx toy", "resolution": 64,
+        {"id": "subject", "instance_data_dir": subject, "instance_prompt": "ohwx toy", "resolution": resolution,
          "conditioning_data": "masks"},
         {"id": "masks", "dataset_type": "conditioning", "conditioning_type": "mask",
          "instance_data_dir": str(tmp_path / "masks")},
-        {"id": "class", "instance_data_dir": reg, "instance_prompt": "a toy", "resolution": 64,
+        {"id": "class", "instance_data_dir": reg, "instance_prompt": "a toy", "resolution": resolution,
          "is_regularisation_data": True}])
     lycoris = write_json(tmp_path / "lokr.json", {"algo": "lokr", "linear_dim": 10000, "linear_alpha": 1, "factor": 4})
     common_argv = ["--pretrained_model_name_or_path", model, "--data_backend_config", data, "--seed", "2",

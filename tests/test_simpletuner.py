@@ -64,13 +64,14 @@ def test_sd1x_example_is_read_whole_and_passes_the_checks(capsys):
         "validation_prompt": ["domokun holding a sign"], "validation_seed": 42, "validation_steps": 50,
         "data_backend_config": "tests/data/simpletuner/multidatabackend-small-dreambooth-512px.json",
         # its keys and values in SimpleTuner's own words
-        "checkpointing_steps": 50, "validation_guidance_scale": 7.0, "optimizer": "adamw", "validation_resolution": 512,
+        "checkpointing_steps": 50, "validation_guidance_scale": 7.0, "optimizer": "adamw",
+        "validation_resolution": [(512, 512)],
     }
     assert {name: getattr(args, name) for name in expected} == expected
     out = capsys.readouterr().out
     for note in ["'checkpoint_step_interval' 50 -> --checkpointing_steps 50",
                  "'validation_guidance' 7.0 -> --validation_guidance_scale 7.0",
-                 "'optimizer' 'adamw_bf16' read as 'adamw'", "'validation_resolution' '512x512' read as 512",
+                 "'optimizer' 'adamw_bf16' read as 'adamw'",
                  "'disable_bucket_pruning' passed over: buckets are never pruned here",
                  "'model_family' passed over: the family (SD 1.x/2.x, SDXL, SD3, FLUX.1) is read from the model's own",
                  "'push_checkpoints_to_hub' False passed over", "'validation_prompt_library' False passed over",
@@ -87,7 +88,8 @@ def test_flux_example_refuses_value_clipping_alone_and_reads_the_rest(tmp_path, 
     # No pretrained_model_name_or_path in the example: SimpleTuner's default FLUX.1 weights (flavour krea).
     assert args.pretrained_model_name_or_path == "black-forest-labs/flux.1-krea-dev"
     assert (args.flow_shift, args.checkpointing_steps, args.validation_steps) == (3.0, 10, 50)
-    assert (args.validation_guidance_scale, args.validation_resolution, args.optimizer) == (4.0, 1024, "adamw")
+    assert (args.validation_guidance_scale, args.validation_resolution, args.optimizer) == \
+        (4.0, [(1024, 1024)], "adamw")
     assert (args.base_model_precision, args.lora_rank, args.lora_alpha) == ("int8-quanto", 16, 16.0)
     assert args.validation_negative_prompt == "ugly, cropped, blurry, low-quality, mediocre average"
     out = capsys.readouterr().out
@@ -112,7 +114,7 @@ def test_examples_list_every_refused_key_with_its_reason(tmp_path, name, refused
     assert message == "\n".join(lines)
     # Without them the rest is read.
     args = train_dreambooth.parse_args(["--config", without(path, tmp_path, *[k.lstrip("-") for k in refused])])
-    assert args.validation_resolution == 1024 and args.optimizer == "adamw"
+    assert args.validation_resolution == [(1024, 1024)] and args.optimizer == "adamw"
 
 
 def test_sdxl_lycoris_example_without_its_refused_keys_is_a_lycoris_run(tmp_path):
@@ -205,7 +207,7 @@ def test_a_config_of_mappable_keys_parses_to_the_expected_args(tmp_path, capsys)
     assert args.validation_prompt == ["a photo of ohwx dog", "your prompt to validate on",
                                       "another prompt to validate on"]
     assert (args.validation_resolution, args.optimizer, args.adam_weight_decay, args.adam_epsilon) == \
-        (1024, "adamw", 0.0, 1e-6)
+        ([(1024, 1024)], "adamw", 0.0, 1e-6)
     assert (args.validation_ema, args.ema_device, args.validation_lora_scales) == ("both", "cpu", [0.8])
     assert (args.report_to, args.lr_scheduler, args.data_sampling) == ("tensorboard", "constant_with_warmup", "auto")
     # SimpleTuner's seed 0 draws a fresh seed; its noise_offset without offset_noise: true does nothing.
@@ -238,12 +240,15 @@ def test_options_of_families_not_trained_here_are_refused_naming_the_family(tmp_
     assert "'validation_num_video_frames': an option of SimpleTuner's video models" in message
 
 
-def test_non_square_validation_resolution_is_refused_with_the_reason(tmp_path):
-    for value in ["1024x768", "1024x1024,768x768"]:
+def test_validation_resolutions_are_read_as_sizes_and_a_bad_one_is_refused(tmp_path):
+    """SimpleTuner's (and the reference's) sizes: WIDTHxHEIGHT or a square's side, several comma-separated."""
+    for value, sizes in [("1024x768", [(1024, 768)]), ("1024x1024,768x768", [(1024, 1024), (768, 768)]),
+                         ("64,96,64x96,96x64", [(64, 64), (96, 96), (64, 96), (96, 64)]), (512, [(512, 512)])]:
         path = write_json(tmp_path / "config.json", {"validation_resolution": value})
-        message = refusal_message(["--config", path])
-        assert message.startswith(f"{path}: 'validation_resolution': validation images here are squares of one size")
-        assert repr(value) in message
+        assert train_dreambooth.parse_args(["--config", path]).validation_resolution == sizes
+    path = write_json(tmp_path / "config.json", {"validation_resolution": "1024xwide"})
+    assert refusal_message(["--config", path]).startswith(f"{path}: 'validation_resolution' has a bad value "
+                                                          "'1024xwide': '1024xwide' is not a size")
 
 
 def test_a_mapped_key_that_contradicts_our_own_key_is_refused(tmp_path):

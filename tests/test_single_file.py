@@ -17,7 +17,7 @@ from ldm_checkpoint import (SD1_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PR
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common import models
+from common import models, single_file
 
 PROMPTS = ["a photo of ohwx dog", "a red robot on the beach"]
 
@@ -84,7 +84,7 @@ def assert_same_outputs(original, converted):
 
 def check_single_file_round_trip(folder, family, tmp_path, monkeypatch):
     checkpoint = save_ldm_checkpoint(folder, str(tmp_path / f"tiny-{family}.safetensors"), family)
-    assert models.single_file_family(checkpoint) == family
+    assert single_file.single_file_family(checkpoint) == family
     args = model_args(checkpoint, tmp_path, single_file_config=folder)
 
     info = models.resolve_model(args)
@@ -162,7 +162,7 @@ def test_an_sd3_file_without_text_encoders_takes_them_from_the_config_folder(tin
     --single_file_config (none for T5 where that model has none), and the result is the same model."""
     folder = tiny_model(family)
     checkpoint = save_sd3_checkpoint(folder, str(tmp_path / "sd3.safetensors"))
-    assert models.single_file_family(checkpoint) == "sd3"
+    assert single_file.single_file_family(checkpoint) == "sd3"
     with pytest.raises(SystemExit, match="holds no text_encoder, text_encoder_2, text_encoder_3: give "
                                          "--single_file_config"):
         models.resolve_model(model_args(checkpoint, tmp_path))
@@ -208,7 +208,7 @@ def test_a_flux_file_in_black_forest_labs_layout_loads_with_its_parts_from_the_c
     checkpoint = str(tmp_path / "flux1-ohwx.safetensors")
     save_file({key: value.contiguous() for key, value in flux_to_original(wide, expected).items()}, checkpoint)
     del wide
-    assert models.single_file_family(checkpoint) == "flux"
+    assert single_file.single_file_family(checkpoint) == "flux"
     with pytest.raises(SystemExit, match="holds the FLUX transformer alone: give --single_file_config"):
         models.resolve_model(model_args(checkpoint, tmp_path))
 

@@ -18,15 +18,8 @@ from common import adapters, checkpoints, data, files, images, models, objective
 import train_dreambooth
 
 
-def load_pipeline(family, folder):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    return cls.from_pretrained(folder, local_files_only=True)
-
-
 @pytest.mark.parametrize("target", list(adapters.LORA_TARGETS))
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "if"])
 def test_saved_lora_reloads_in_diffusers_and_reproduces_our_prediction(tiny_model, subject_dir, tmp_path, family,
                                                                        target):
     """Every --lora_target: with conv and time-embedding LoRAs ("all"), a file mixing key formats once lost its
@@ -36,7 +29,7 @@ def test_saved_lora_reloads_in_diffusers_and_reproduces_our_prediction(tiny_mode
     ours = result["unet"].eval()
     inputs = unet_inputs(ours, family)
 
-    pipe = load_pipeline(family, model)
+    pipe = stock_pipeline(model)
     base = predict(pipe.unet, inputs)
     pipe.load_lora_weights(str(tmp_path / "out"))
     reloaded = predict(pipe.unet, inputs)
@@ -62,12 +55,12 @@ def test_lora_alpha_scales_the_adapter_after_reloading(tiny_model, subject_dir, 
     model = tiny_model("sd1")
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_alpha", "1"))
     inputs = unet_inputs(result["unet"], "sd1")
-    pipe = load_pipeline("sd1", model)
+    pipe = stock_pipeline(model)
     pipe.load_lora_weights(str(tmp_path / "out"))
     assert torch.allclose(predict(pipe.unet, inputs), predict(result["unet"].eval(), inputs), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "if"])
 def test_full_finetune_writes_a_pipeline_that_reproduces_our_unet(tiny_model, subject_dir, tmp_path, family):
     model = tiny_model(family)
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--model_type", "full",
@@ -344,3 +337,34 @@ def test_first_step_loss_equals_the_v_prediction_objective_computed_by_hand(tiny
         pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds).sample
     expected = torch.nn.functional.mse_loss(pred, scheduler.get_velocity(latents, noise, timesteps)).item()
     assert logged == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "if"])
+def test_several_validation_sizes_are_each_drawn_named_and_labelled_in_one_grid(tiny_model, subject_dir, tmp_path,
+                                                                                family):
+    """--validation_resolution 32,48,32x48,48x32 (the reference's form): every prompt and seed at each size, each
+    file named by its size and the same picture a one-size run draws at that size; the grid holds them side by side
+    under a label per size. A size the pipeline cannot draw is refused before any work."""
+    from PIL import Image
+
+    model = tiny_model(family)
+
+    def run(out, sizes):
+        return train_argv(model, subject_dir, out, "--max_train_steps", "1", "--validation_prompt",
+                          "a photo of ohwx toy", "--validation_steps", "1", "--num_validation_images", "1",
+                          "--validation_num_inference_steps", "2", "--validation_resolution", sizes)
+
+    train_dreambooth.main(run(tmp_path / "several", "32,48,32x48,48x32"))
+    folder = tmp_path / "several" / "validation" / "step-1"
+    for width, height in ((32, 32), (48, 48), (32, 48), (48, 32)):
+        assert Image.open(folder / f"prompt00-seed0-{width}x{height}.png").size == (width, height)
+    train_dreambooth.main(run(tmp_path / "one", "32x48"))
+    alone = Image.open(tmp_path / "one" / "validation" / "step-1" / "prompt00-seed0.png")
+    assert np.array_equal(np.asarray(alone), np.asarray(Image.open(folder / "prompt00-seed0-32x48.png")))
+    grid = Image.open(folder / "grid.png")
+    assert grid.size == (images.ROW_LABEL_WIDTH + 4 * 48, images.COLUMN_LABEL_HEIGHT + 48)  # cells fit the largest
+    header = np.asarray(grid.convert("L"))[:images.COLUMN_LABEL_HEIGHT, images.ROW_LABEL_WIDTH:]
+    assert all((header[:, i * 48:(i + 1) * 48] < 128).any() for i in range(4))  # a label over each size
+    with pytest.raises(SystemExit, match="--validation_resolution: 36x36: .* multiples of 8 px"):
+        train_dreambooth.main(run(tmp_path / "bad", "36"))
+    assert not os.path.exists(tmp_path / "bad" / "cache")

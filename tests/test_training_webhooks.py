@@ -40,11 +40,13 @@ def received(server):
     return [json.loads(request["body"]) for request in server.requests]
 
 
-@pytest.mark.parametrize("family,every,denoising_steps", [("sd1", 2, [2, 4, 5]), ("flux", None, [1, 2, 3, 4, 5])])
+@pytest.mark.parametrize("family,every,denoising_steps", [("sd1", 2, [2, 4, 5]), ("flux", None, [1, 2, 3, 4, 5]),
+                                                          ("if", 2, [2, 4, 5])])
 def test_training_sends_its_events_and_validation_previews(tiny_model, subject_dir, tmp_path, serve, tiny_taesd,
                                                            capfd, monkeypatch, family, every, denoising_steps):
-    """FLUX: its previews unpack the pipeline's packed tokens for the 16-channel Tiny AutoEncoder. Previews come every
-    --validation_preview_steps N denoising steps and at the last; by default every step, as the reference sends them."""
+    """FLUX: its previews unpack the pipeline's packed tokens for the 16-channel Tiny AutoEncoder; IF's in-progress
+    image is the picture, previewed with no Tiny AutoEncoder. Previews come every --validation_preview_steps N
+    denoising steps and at the last; by default every step, as the reference sends them."""
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)  # a hub token in the environment is never written either
     server = serve()
     config = write_json(tmp_path / "hooks.json", {"webhook_type": "raw", "callback_url": server.url + "/hook",
@@ -56,7 +58,8 @@ def test_training_sends_its_events_and_validation_previews(tiny_model, subject_d
                                      "--validation_num_inference_steps", "5", "--validation_preview",
                                      *(["--validation_preview_steps", every] if every else []),
                                      "--validation_resolution", "64",
-                                     "--preview_vae", tiny_taesd(16 if family == "flux" else 4),
+                                     *([] if family == "if" else  # IF: no Tiny AutoEncoder
+                                       ["--preview_vae", tiny_taesd(16 if family == "flux" else 4)]),
                                      "--webhook_config", config))
     events = received(server)
     assert [e["type"] for e in events] == ["training_started", "checkpoint_saved",
