@@ -2,7 +2,7 @@
 side in one run on the same small IF pipeline.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_if.py --example PATH/train_dreambooth_lora.py
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_if.py --example PATH/train_dreambooth_lora.py --steps 60 --rounds 3
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_if.py --example PATH/train_dreambooth_lora.py --steps 160 --rounds 3
 
 --example is diffusers' examples/dreambooth/train_dreambooth_lora.py (from a clone of github.com/huggingface/diffusers;
 it trains IF stage I, and this bench gives it the flags its README gives for IF: --pre_compute_text_embeddings
@@ -103,11 +103,24 @@ class Normalize:
 '''
 
 
+# Runs the example with the stand-in importable only once transformers, peft and diffusers are loaded (they would
+# take a torchvision they find for a real one and import more of it).
+LAUNCHER = "-c", """
+import runpy, sys
+import diffusers, peft, transformers, transformers.models.t5.modeling_t5  # noqa: F401
+sys.path.insert(0, sys.argv[1])
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--example", required=True,
                         help="diffusers' examples/dreambooth/train_dreambooth_lora.py")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps (default 40)")
+    parser.add_argument("--steps", type=int, default=80,
+                        help="timed steps (default 80; with fewer, the start-up time of each run, which varies by a "
+                             "second or so, shows in the result)")
     parser.add_argument("--warmup", type=int, default=5, help="steps of the short run (default 5)")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--lora_rank", type=int, default=4)
@@ -149,7 +162,8 @@ def command(side, args, model, pictures, output_dir, steps):
     if side == "ours":
         return [sys.executable, os.path.join(ROOT, "train_dreambooth.py"), *shared, "--lora_rank", str(args.lora_rank),
                 "--lora_target", "attention", "--checkpointing_steps", "0", "--lr_scheduler", "constant"]
-    return [sys.executable, args.example, *shared, "--rank", str(args.lora_rank), "--checkpointing_steps", "100000",
+    return [sys.executable, *LAUNCHER, os.path.join(os.path.dirname(output_dir), "stand_in"), args.example, *shared,
+            "--rank", str(args.lora_rank), "--checkpointing_steps", "100000",
             "--pre_compute_text_embeddings", "--tokenizer_max_length", "77", "--text_encoder_use_attention_mask",
             "--lr_scheduler", "constant", "--report_to", "tensorboard", "--dataloader_num_workers", "0"]
 
@@ -163,7 +177,7 @@ def run(cmd, log_path, env):
         wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         with open(log_path, encoding="utf-8") as handle:
-            raise SystemExit(f"{os.path.basename(cmd[1])} failed; log {log_path}:\n{handle.read()[-3000:]}")
+            raise SystemExit(f"a training run failed; log {log_path}:\n{handle.read()[-3000:]}")
     return wall, usage.ru_maxrss / 1024
 
 
@@ -187,7 +201,6 @@ def main(argv=None):
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     try:
         model, pictures = build(work, args.images)
-        env["PYTHONPATH"] = os.pathsep.join([os.path.join(work, "stand_in"), env.get("PYTHONPATH", "")])
         results = {"ours": [], "example": []}
         order = [side for r in range(args.rounds) for side in (("ours", "example") if r % 2 == 0 else
                                                                ("example", "ours"))]
