@@ -145,6 +145,22 @@ def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy"
             "--max_train_steps", "4", "--learning_rate", "1e-3", "--lora_rank", "4", *map(str, extra)]
 
 
+def first_step(model, data_dir, output_dir, *extra):
+    """Train one step of batch 1 at learning rate 0 and replay what it drew: (the logged loss, the model's info, the
+    batch's cache entry and caption, the batch's generator, positioned where the step began drawing)."""
+    import train_dreambooth
+    from common import data
+
+    argv = train_argv(model, data_dir, output_dir, "--max_train_steps", "1", "--train_batch_size", "1",
+                      "--learning_rate", "0", *extra)
+    train_dreambooth.main(argv)
+    with open(os.path.join(output_dir, "logs", "train_log.jsonl"), encoding="utf-8") as handle:
+        logged = json.loads(handle.readline())["loss"]
+    datasets, info, plans = data.prepare(train_dreambooth.parse_args(argv), print_fn=lambda *a: None)
+    [(entry, caption)] = train_dreambooth.BatchSampler(datasets, plans, 1, 7).next()
+    return logged, info, entry, caption, train_dreambooth.batch_generator(7, 0)
+
+
 def resumed_weights(argv, whole, resumed, checkpoint):
     """Train again from `whole`'s folder `checkpoint` into `resumed` (the same flags, --resume_from_checkpoint
     latest); returns (the uninterrupted run's adapter file, the resumed run's) as tensor dicts."""

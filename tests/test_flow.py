@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import model_info, predict, train_argv, unet_inputs
+from conftest import first_step, model_info, predict, train_argv, unet_inputs
 from ldm_checkpoint import mmdit_to_original
 
 from common import data, files, models, objectives
@@ -104,17 +104,8 @@ def test_first_step_loss_equals_the_flow_matching_objective_computed_by_hand(tin
     shift and scale, and the transformer called as its pipeline calls it (FLUX: packed tokens, ids, guidance)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    model = tiny_model(family)
-    out = tmp_path / "out"
-    argv = train_argv(model, subject_dir, out, "--max_train_steps", "1", "--train_batch_size", "1",
-                      "--learning_rate", "0", *(["--flux_guidance_value", "2.5"] if family == "flux" else []))
-    train_dreambooth.main(argv)
-    logged = json.loads(open(out / "logs" / "train_log.jsonl").readline())["loss"]
-
-    args = train_dreambooth.parse_args(argv)
-    datasets, info, plans = data.prepare(args, print_fn=lambda *a: None)
-    [(entry, caption)] = train_dreambooth.BatchSampler(datasets, plans, 1, 7).next()
-    generator = train_dreambooth.batch_generator(7, 0)
+    guidance = ["--flux_guidance_value", "2.5"] if family == "flux" else []
+    logged, info, entry, caption, generator = first_step(tiny_model(family), subject_dir, tmp_path / "out", *guidance)
     cached = files.load_tensors(entry.cache_path)
     latents = (cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))[None]
     latents = (latents - info.vae_config["shift_factor"]) * info.vae_config["scaling_factor"]

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import predict, stock_pipeline, train_argv, unet_inputs, write_json
+from conftest import first_step, predict, stock_pipeline, train_argv, unet_inputs, write_json
 from PIL import Image, ImageDraw
 
 import train_dreambooth
@@ -60,16 +60,7 @@ def test_first_step_loss_is_the_noise_half_of_the_unets_output_computed_by_hand(
     from diffusers import DDPMScheduler
 
     model = tiny_model("if")
-    out = tmp_path / "out"
-    argv = train_argv(model, subject_dir, out, "--max_train_steps", "1", "--train_batch_size", "1", "--learning_rate",
-                      "0")
-    train_dreambooth.main(argv)
-    logged = json.loads(open(out / "logs" / "train_log.jsonl").readline())["loss"]
-
-    args = train_dreambooth.parse_args(argv)
-    datasets, info, plans = data.prepare(args, print_fn=lambda *a: None)
-    [(entry, caption)] = train_dreambooth.BatchSampler(datasets, plans, 1, 7).next()
-    generator = train_dreambooth.batch_generator(7, 0)
+    logged, _, entry, caption, generator = first_step(model, subject_dir, tmp_path / "out")
     picture = images.image_to_tensor(images.apply_transform(images.load_image(entry.path), entry.transform))[None]
     torch.randn(picture.shape[1:], generator=generator)  # the latent's sample (a VAE cache's std), unused here
     noise = torch.randn(picture.shape, generator=generator)
