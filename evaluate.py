@@ -215,7 +215,7 @@ def eval_loss_examples(args, info, datasets, eval_entries, device):
     eval_entries, _ = caches.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
     text_dir = data.text_cache_dir(datasets, args)
     caches.build_text_cache([e.captions[0] for e in eval_entries], info, text_dir, device)
-    return scores.eval_examples(eval_entries, info, text_dir, models.conditioning_options(info, args))
+    return scores.eval_examples(eval_entries, info, text_dir, args)
 
 
 def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast, score, examples, objective, out):
@@ -232,7 +232,7 @@ def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast
         width, height = shown[0][0].size
         scale = min(1.0, GRID_THUMB / width)
         cell = (max(1, round(width * scale)), max(1, round(height * scale)))
-        labels = ["refined from"] if sources else []
+        labels = [("refined" if info.spec.refines else "enlarged") + " from"] if sources else []
         labels += [f"seed {args.validation_seed + i}" for i in range(len(rows[0]))]
         result["grid_path"] = os.path.join(out, "grids", f"{name}.png")
         grid = render.prompt_grid(shown, drawn, shown_sources, column_labels=labels, cell=cell)
@@ -290,13 +290,13 @@ def main(argv=None):
     examples = eval_loss_examples(args, info, datasets, eval_entries, device)
     objective = objectives.for_model(info, args)
 
-    # A refiner cannot draw from a prompt: it refines subject images (their captions as prompts), as in training.
+    # A refiner (IF stage II) cannot draw from a prompt: it refines (enlarges) subject images, their captions as
+    # prompts, as in training.
     sources = None
-    if info.spec.refines:
-        sources = render.refine_sources(plans[subject.id], args.num_images_per_prompt, args.validation_seed)
+    if info.spec.draws_from_pictures:
+        sources = render.refine_sources(info, plans[subject.id], args.num_images_per_prompt, args.validation_seed)
         prompts = [fill(caption, args) for caption, _ in sources]
-        print(f"warning: an SDXL refiner refines images: the prompts are ignored; {len(sources)} subject images are "
-              f"refined at strength {args.refiner_training_strength:g}, with their captions")
+        print(f"warning: the prompts are ignored: {render.sources_note(info, args, sources)}")
     # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     tokenizers, text_encoders = models.load_text_encoders(info, device, dtype)

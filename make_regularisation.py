@@ -151,6 +151,10 @@ def main(argv=None):
     if info.spec.refines:
         raise SystemExit(f"{info.ref} is an SDXL refiner: it refines images and cannot draw class images from a "
                          "prompt. Make them with the SDXL base model (the refiner trains on the same folder).")
+    if info.spec.upscales > 1:
+        raise SystemExit(f"{info.ref} is DeepFloyd IF stage II: it enlarges pictures and cannot draw class images from "
+                         "a prompt. Make them with stage I (DeepFloyd/IF-I-*) and enlarge them with stage II's "
+                         "pipeline, or use photos of the class; at the size stage II trains, they serve as they are.")
     if args.scheduler != "default" and info.spec.objective == "flow":
         raise SystemExit(f"--scheduler {args.scheduler}: the samplers to choose from are for SD 1.x/2.x/SDXL; "
                          f"{info.ref} ({info.family}) is a flow-matching model: leave --scheduler default (its own "

@@ -362,8 +362,8 @@ def train(args, hooks):
     webhooks.notify(hooks, "training_started", f"training {describe(args)} on {info.ref}: steps {first_step} to "
                     f"{max_train_steps}", step=first_step, max_train_steps=max_train_steps)
     bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step", disable=rank > 0)
-    shift, scaling = models.latent_scaling(info)
-    options = models.conditioning_options(info, args)  # a refiner's aesthetic score, FLUX.1-dev's guidance
+    # Besides the text: a refiner's aesthetic score, FLUX.1-dev's guidance; IF stage II's low-resolution input.
+    options, low_resolution = models.conditioning_options(info, args), objectives.low_resolution(info, args)
 
     # --- The training loop: one optimiser step per iteration.
     for step in range(first_step, max_train_steps):
@@ -378,16 +378,16 @@ def train(args, hooks):
 
             # Inputs: a latent drawn from its image's cached VAE distribution, its mask (masked loss: cut with its
             # image, averaged onto the latent grid), the caption's embeddings (cached; --train_text_encoder: read now
-            # by the trained encoders) with SDXL's pooled text and size / crop / aesthetic time ids, SD3 / FLUX's
-            # pooled text, FLUX.1-dev's guidance.
-            latents, masks = sample_latents(batch, generator, shift, scaling)
+            # by the trained encoders) and, below, what models.conditioning adds (pooled text, time ids, guidance).
+            latents, masks = sample_latents(batch, generator, *models.latent_scaling(info))
             captions = batch_captions(batch, generator, args.caption_dropout_probability)
             texts, transforms = text_of(captions), [entry.transform for entry, _ in batch]
-            cond = models.conditioning(info, texts, transforms, **options, on=(device, weight_dtype))
 
             # Noise and timesteps (objectives.py: DDPM timesteps uniform over the schedule, or flow-matching noise
-            # levels by the weighting scheme and shift), and the forward process's x_t.
+            # levels by the weighting scheme and shift), x_t, and IF stage II's shrunk, enlarged, noised picture.
             noise, timesteps = objective.draw(latents, generator)
+            cond = models.conditioning(info, texts, transforms, **options, on=(device, weight_dtype),
+                                       low_resolution=low_resolution and low_resolution(latents, generator))
             latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
             masks = masks.to(device) if masks is not None else None
             noisy_latents = objective.add_noise(latents, noise, timesteps)
@@ -410,6 +410,7 @@ def train(args, hooks):
             if args.prior_loss_target == "base_model" and (is_prior or sharded and any(
                     other[0][0].is_regularisation for other in batches)):
                 base_cond = models.conditioning(info, [text_embeds[c] for c in captions], transforms, **options,
+                                                low_resolution=models.low_resolution_of(cond),
                                                 on=(device, weight_dtype)) if args.train_text_encoder else cond
                 with torch.no_grad(), adapters.adapter_disabled(unwrapped), accelerator.autocast():
                     base = models.predict(info, unwrapped, noisy_latents, timesteps, base_cond)
@@ -525,7 +526,7 @@ def plan_data(args, accelerator):
             if accelerator.is_main_process:
                 data.make_class_images(args, say)
     datasets, info, plans = data.prepare(args, print_fn=say)
-    if args.validation_prompt and (args.evaluation_type == "clip" or info.spec.refines):
+    if args.validation_prompt and (args.evaluation_type == "clip" or info.spec.draws_from_pictures):
         data.subject_dataset(datasets)  # scored against, or refined: a run without subject pictures stops here
     if accelerator.is_main_process:
         data.announce_pending_features(datasets)
@@ -547,7 +548,7 @@ def plan_data(args, accelerator):
         + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
     objectives.settle_flags(info, args)
     models.refuse_flags_of_other_families(info, args, build_parser())
-    if args.validation_prompt and not info.spec.refines:  # a size its pipeline cannot draw: refused now
+    if args.validation_prompt and not info.spec.draws_from_pictures:  # a size its pipeline cannot draw: refused now
         render.picture_sizes(info, args.validation_resolution)
     if info.spec.refines:
         say(f"SDXL refiner: text encoder 2 only, --refiner_training_strength {args.refiner_training_strength:g}, "
@@ -581,7 +582,7 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
             plans[dataset.id] = [e for e in plans[dataset.id] if os.path.isfile(e.cache_path)]
     text_embeds = caches.load_text_embeddings([c for d in train_datasets for e in plans[d.id] for c in e.captions]
                                               + empty, info, text_dir)
-    eval_examples = scores.eval_examples(eval_entries, info, text_dir, models.conditioning_options(info, args)) \
+    eval_examples = scores.eval_examples(eval_entries, info, text_dir, args) \
         if accelerator.is_main_process and eval_entries else []
     return text_embeds, eval_examples
 
@@ -681,7 +682,7 @@ def make_ema(args, accelerator, trainable, device, say):
 
 def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks):
     """validate(step, log), for the main process: a run_validation round, its scores (--evaluation_type clip) into
-    the log. Loads what it needs once: the CLIP scorer, a refiner's source images, the preview Tiny AutoEncoder."""
+    the log. Loads what it needs once: the CLIP scorer, a refiner's (IF stage II's) sources, the preview TAESD."""
     if not (args.validation_prompt and accelerator.is_main_process):
         return None
     device, scoring, sources, preview_vae = accelerator.device, None, None, None
@@ -689,12 +690,10 @@ def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, 
         scorer = scores.Scorer(args.clip_model, device=device, allow_pickle=args.allow_pickle)
         subject = data.subject_dataset(datasets)
         scoring = scorer, scorer.clip_images([images.load_image(e.path) for e in plans[subject.id]])
-    if info.spec.refines:  # a refiner cannot draw from a prompt: it refines subject images, captions as prompts
-        accelerator.print(f"warning: a refiner refines images, so --validation_prompt is ignored: validation "
-                          f"refines {args.num_validation_images} subject image(s) at strength "
-                          f"{args.refiner_training_strength:g}")
-        sources = render.refine_sources(plans[data.subject_dataset(datasets).id], args.num_validation_images,
+    if info.spec.draws_from_pictures:  # it refines (enlarges) subject images, their captions as prompts
+        sources = render.refine_sources(info, plans[data.subject_dataset(datasets).id], args.num_validation_images,
                                         args.validation_seed)
+        accelerator.print(f"warning: --validation_prompt is ignored: {render.sources_note(info, args, sources)}")
     if args.validation_preview and not info.spec.pixels:  # a Tiny AutoEncoder turns in-progress latents into pictures
         preview_vae = render.load_preview_vae(args.preview_vae or info.spec.preview_vae, args.allow_pickle, device)
 

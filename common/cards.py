@@ -18,10 +18,11 @@ SECRET_FLAGS = ("hub_token",)  # never written into args.json or a card
 # Stability's model spec (modelspec.architecture) and kohya's ss_base_model_version, per family
 ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
                  "sdxl-refiner": "stable-diffusion-xl-v1-refiner", "sd3": "stable-diffusion-3",
-                 "flux": "flux-1-dev", "if": "deepfloyd-if-i"}
+                 "flux": "flux-1-dev", "if": "deepfloyd-if-i", "if-ii": "deepfloyd-if-ii"}
 KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 HUB_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl",
-            "sdxl-refiner": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux", "if": "deepfloyd-if"}
+            "sdxl-refiner": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux", "if": "deepfloyd-if",
+            "if-ii": "deepfloyd-if"}
 
 
 def public_name(ref):
@@ -157,6 +158,10 @@ def write_model_card(args, info, datasets, folder, step, weight_name, kohya_name
                     'variance_type="fixed_small")')
     grid, grid_step = latest_grid(args.output_dir) if os.path.abspath(folder) == os.path.abspath(args.output_dir) \
         else (None, None)
+    call = f'image = pipe("{prompt}").images[0]'
+    if info.spec.draws_from_pictures:  # a refiner refines, IF stage II enlarges (stage I's output), a given picture
+        call = call.replace(").images", ", image=picture).images") + \
+            ("  # picture: the one to refine" if info.spec.refines else "  # picture: stage I's, to enlarge")
     lines = front + ["", f"# {title_of(args, info, prompts)}", "",
                      f"DreamBooth training of {what} on `{base}`, {step} steps.", "",
                      "| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
@@ -164,7 +169,7 @@ def write_model_card(args, info, datasets, folder, step, weight_name, kohya_name
         lines += ["", f"## Validation (step {grid_step})", "", f"![validation images at step {grid_step}]({grid})"]
     lines += ["", "## Use it", "", "In diffusers:", "", "```python", "import torch",
               "from diffusers import DiffusionPipeline", "", *load,
-              f'image = pipe("{prompt}").images[0]', "```"]
+              call, "```"]
     if kohya_name:
         lines += ["", f"In ComfyUI, A1111 / Forge and other kohya-format tools: `{kohya_name}` (put it in the "
                   "`loras` folder)."]

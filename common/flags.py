@@ -19,6 +19,7 @@ TRAINING_KEYS = frozenset("""
     checkpointing_steps dop_class dop_trigger dop_weight
     checkpoints_total_limit clip_model data_aesthetic_score data_sampling ema_decay ema_device ema_update_interval ema_warmup
     eval_seed eval_split eval_steps_interval eval_timesteps evaluation_type flow_shift flux_guidance_value
+    if_noise_level
     gradient_accumulation_steps gradient_checkpointing learning_rate lora_alpha
     logit_mean logit_std lora_dropout lora_format lora_init lora_layers lora_rank lora_target lora_type lr_num_cycles lr_power lr_scheduler
     lr_warmup_steps lycoris_config masked_loss_normalize max_grad_norm max_train_steps mixed_precision mode_scale
@@ -237,7 +238,7 @@ def add_eval_args(parser):
 
 def add_conditioning_args(parser):
     """What the denoiser is conditioned on besides the caption: the SDXL refiner's aesthetic score and strength,
-    a guidance-distilled FLUX.1's guidance value."""
+    a guidance-distilled FLUX.1's guidance value, IF stage II's noise level."""
     group = parser.add_argument_group("FLUX.1-dev")
     group.add_argument("--flux_guidance_value", type=float, default=1.0,
                        help="the guidance value a guidance-distilled FLUX.1 trains with. 1.0 (default) keeps the "
@@ -248,6 +249,11 @@ def add_conditioning_args(parser):
                        help="the refiner's aesthetic-score conditioning for the training images")
     group.add_argument("--refiner_training_strength", type=float, default=0.2,
                        help="the refiner trains (and is validated) on the lowest-noise share of the timesteps")
+    group = parser.add_argument_group("DeepFloyd IF stage II")
+    group.add_argument("--if_noise_level", type=int, default=250,
+                       help="the noise on the low-resolution picture stage II enlarges: training draws its level "
+                            "uniformly from 0 to this, validation and evaluate.py use it (the pipeline's noise_level; "
+                            "0-999, default 250 as the pipeline's)")
 
 
 def add_flow_args(parser):

@@ -5,7 +5,8 @@ below, so no script asks `if family == ...`:
     resolve_model     find the model (folder, hub id or single file), read its configs, detect its family
     load_component    one part (UNet / transformer, VAE, text encoder, tokenizer), no pickles; load_pipeline
     encode_prompt     prompt embeddings exactly as the family's diffusers pipeline computes them
-    conditioning      the denoiser's text (SDXL: size / aesthetic; FLUX.1-dev: guidance) conditioning for a batch
+    conditioning      the denoiser's text (SDXL: size / aesthetic; FLUX.1-dev: guidance; IF stage II: the low-resolution
+                      picture) conditioning for a batch
     predict           the denoiser's prediction for a noisy latent: the UNet, or the transformer (FLUX: packed)
 What each family is trained to predict lives in objectives.py.
 """
@@ -44,6 +45,12 @@ class Family:
     t5_max_length: int = 0  # default --t5_max_sequence_length (0: no T5)
     guidance_scale: float = 7.5  # default validation / evaluation guidance
     pixels: bool = False  # DeepFloyd IF: no VAE; the denoiser works on the picture itself, in [-1, 1]
+    upscales: int = 1  # IF stage II: enlarges the picture it is given this many times, guided by the prompt
+
+    @property
+    def draws_from_pictures(self):
+        """A refiner or an upscaler: its validation starts from the subject's own pictures, not from a prompt alone."""
+        return self.refines or self.upscales > 1
 
 
 _SD = dict(text_parts=(("tokenizer", "text_encoder", "last"),), time_ids=None,
@@ -78,6 +85,14 @@ FAMILIES = {
                  pipeline_options={"safety_checker": None, "feature_extractor": None, "watermarker": None,
                                    "requires_safety_checker": False},
                  single_file_options={}, preview_vae=None, pixels=True, bucket_step=8, guidance_scale=7.0),
+    # DeepFloyd IF stage II: enlarges a picture 4x; its UNet takes that picture, enlarged back and noised, beside
+    # the noisy one (6 channels in) and the level of that noise as its class label. Buckets: 4 x stage I's 8 px.
+    "if-ii": Family(text_parts=(("tokenizer", "text_encoder", "t5 masked"),), time_ids=None,
+                    pipeline="IFSuperResolutionPipeline",
+                    pipeline_options={"safety_checker": None, "feature_extractor": None, "watermarker": None,
+                                      "requires_safety_checker": False},
+                    single_file_options={}, preview_vae=None, pixels=True, bucket_step=32, size_multiple=32,
+                    guidance_scale=4.0, upscales=4),
 }
 IF_TEXT_LENGTH = 77  # IF's T5 reads 77 tokens: the length it was trained with, fixed in its pipeline
 # The trained transformer's class (its config's _class_name) -> its family.
@@ -152,8 +167,11 @@ def detect_family(model_index, unet_config, where):
         return family
     if "vae" not in model_index and unet_config.get("encoder_hid_dim") and unet_config.get("out_channels") == 6:
         if unet_config.get("in_channels") == 6 and unet_config.get("class_embed_type") == "timestep":
-            raise SystemExit(f"{where}: a DeepFloyd IF stage II (super-resolution) UNet; this tool trains stage I "
-                             "(DeepFloyd/IF-I-*) so far, stage II is not supported yet")
+            return "if-ii"
+        if unet_config.get("in_channels") != 3:
+            raise SystemExit(f"{where}: an IF-like UNet with {unet_config.get('in_channels')} input channels and "
+                             f"class_embed_type={unet_config.get('class_embed_type')}: neither DeepFloyd IF stage I "
+                             "(3 channels) nor stage II (6, with a timestep class embedding)")
         return "if"
     if unet_config.get("addition_embed_type") == "text_time":
         has_te1 = (model_index.get("text_encoder") or [None])[0] is not None
@@ -235,8 +253,10 @@ FAMILY_FLAGS = {
     "refiner_training_strength": ("the SDXL refiner", lambda info: info.spec.refines),
     "lora_format": ("the families ComfyUI and A1111 draw with (kohya's layout; not IF)",
                     lambda info: not info.spec.pixels),
-    "validation_resolution": ("models that draw from a prompt (an SDXL refiner refines the subject's pictures at "
-                              "their own sizes)", lambda info: not info.spec.refines),
+    "validation_resolution": ("models that draw from a prompt alone (an SDXL refiner refines, and IF stage II "
+                              "enlarges, the subject's pictures at their own sizes)",
+                              lambda info: not info.spec.draws_from_pictures),
+    "if_noise_level": ("DeepFloyd IF stage II", lambda info: info.spec.upscales > 1),
 }
 
 
@@ -342,6 +362,8 @@ def build_pipeline(info, denoiser, vae, tokenizers, text_encoders, scheduler=Non
              **info.spec.pipeline_options}
     if not info.spec.pixels:
         parts["vae"] = vae
+    if info.spec.upscales > 1:  # IF stage II noises the picture it enlarges with a scheduler of its own
+        parts["image_noising_scheduler"] = load_component(info, "image_noising_scheduler")
     for (tokenizer_name, encoder_name, _) in info.spec.text_parts:  # an optional part it lacks (SD3's T5): None
         parts[tokenizer_name], parts[encoder_name] = None, None
     for (tokenizer_name, encoder_name, _), tokenizer, encoder in zip(info.text_parts, tokenizers, text_encoders):
@@ -465,13 +487,14 @@ def conditioning_options(info, args):
     return {}
 
 
-def conditioning(info, texts, transforms, aesthetic_score=None, guidance=None, on=None):
+def conditioning(info, texts, transforms, aesthetic_score=None, guidance=None, low_resolution=None, on=None):
     """The denoiser's keyword arguments besides the noisy latents and timesteps, for a batch: each sample's
     text embeddings (`texts`: {"prompt_embeds", "pooled_prompt_embeds"} each) as encoder_hidden_states; for SDXL
     added_cond_kwargs: the pooled text and the time ids of each sample's crop (`transforms`); for SD3 / FLUX the
-    pooled text as pooled_projections, and a guidance-distilled FLUX's guidance value per sample. With `on`
-    ((device, dtype)): moved there by conditioning_on."""
-    cond = {"encoder_hidden_states": torch.stack([text["prompt_embeds"] for text in texts])}
+    pooled text as pooled_projections, and a guidance-distilled FLUX's guidance value per sample; for IF stage II
+    `low_resolution` (objectives.LowResolution's: the enlarged noisy picture as "upscaled", its noise level as
+    "class_labels"). With `on` ((device, dtype)): moved there by conditioning_on."""
+    cond = {"encoder_hidden_states": torch.stack([text["prompt_embeds"] for text in texts]), **(low_resolution or {})}
     if info.spec.time_ids:
         cond["added_cond_kwargs"] = {
             "text_embeds": torch.stack([text["pooled_prompt_embeds"] for text in texts]),
@@ -484,6 +507,12 @@ def conditioning(info, texts, transforms, aesthetic_score=None, guidance=None, o
     return cond if on is None else conditioning_on(cond, *on)
 
 
+def low_resolution_of(cond):
+    """IF stage II's low-resolution input in a batch's conditioning ({} for other families): to carry over, sliced
+    or repeated, to other rows of the same pictures."""
+    return {key: cond[key] for key in ("upscaled", "class_labels") if key in cond}
+
+
 def map_conditioning(function, cond):
     """`function` applied to every tensor of a conditioning dict (to slice, expand or move it)."""
     return {key: map_conditioning(function, value) if isinstance(value, dict) else function(value)
@@ -494,7 +523,7 @@ def conditioning_on(cond, device, dtype):
     """A batch's conditioning on `device`: the text states in the compute dtype, SDXL's pooled text and time ids
     and FLUX's guidance as they are (the denoiser embeds them itself)."""
     moved = map_conditioning(lambda tensor: tensor.to(device), cond)
-    for key in ("encoder_hidden_states", "pooled_projections"):
+    for key in ("encoder_hidden_states", "pooled_projections", "upscaled"):
         if key in cond:
             moved[key] = cond[key].to(device, dtype)
     return moved
@@ -541,7 +570,12 @@ def predict(info, model, noisy, timesteps, cond):
         # IF's UNet predicts the noise and, after it, the range of its learned variance. Only the noise half is
         # trained (as diffusers' IF DreamBooth does): the variance term of IF's own loss needs the full
         # variational bound, and a LoRA on a few images learns the subject from the noise alone; the trained model
-        # then draws with a fixed variance (drawing_scheduler).
+        # then draws with a fixed variance (drawing_scheduler). Stage II reads the enlarged low-resolution picture
+        # as channels beside the noisy one, as its pipeline gives it.
+        if "upscaled" in cond:
+            cond = dict(cond)
+            inputs = torch.cat([noisy, cond.pop("upscaled").to(noisy.dtype)], dim=1)
+            return model(inputs, timesteps, **cond).sample[:, :noisy.shape[1]]
         return model(noisy, timesteps, **cond).sample[:, :noisy.shape[1]]
     timestep = timesteps.to(noisy.dtype if noisy.is_floating_point() else torch.float32) * info.spec.timestep_scale
     if not info.spec.packed:

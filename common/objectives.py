@@ -8,9 +8,10 @@ objectives, one interface, so the training loop reads the same for every family:
                      scheme and shifted; the transformer predicts the velocity eps - x0.
 Each draws (noise, t) for a batch from the batch's own generator, noises, gives the target and per-sample loss
 weights, the noise that a given x_t implies for its clean latent (the recomputed rollout target), a k-step rollout
-with the model's own predictions, and the fixed grid of the stable eval loss. Beside them, for every family: the
-captions trained without being any image's (caption dropout's empty caption, DOP's class captions) and
-differential output preservation's rows, whose target is the base model's prediction.
+with the model's own predictions, and the fixed grid of the stable eval loss. Beside them: IF stage II's
+low-resolution input (LowResolution), and for every family the captions trained without being any image's (caption
+dropout's empty caption, DOP's class captions) and differential output preservation's rows, whose target is the base
+model's prediction.
 """
 
 import math
@@ -242,10 +243,44 @@ def settle_flags(info, args):
         raise SystemExit(f"--weighting_scheme and --flow_shift apply to flow matching (SD3, FLUX.1); {info.ref} is "
                          f"{info.family}, trained on the DDPM schedule: use --snr_gamma for loss weighting")
     args.scheduled_sampling_sampler = args.scheduled_sampling_sampler or SAMPLER[info.spec.objective]
+    if info.spec.upscales > 1:
+        low_resolution(info, args)  # IF stage II: --if_noise_level checked now, before any work
     if args.train_text_encoder and info.spec.refines:
         raise SystemExit(f"--train_text_encoder: {info.ref} is an SDXL refiner, trained on the last, low-noise part "
                          "of the schedule, where the caption barely steers the picture; train the text encoders with "
                          "the base model's LoRA instead")
+
+
+def low_resolution(info, args):
+    """IF stage II's LowResolution for the run (--if_noise_level), or None for the other families."""
+    return LowResolution(info, args.if_noise_level) if info.spec.upscales > 1 else None
+
+
+class LowResolution:
+    """IF stage II's second input, made from the picture it learns to draw: shrunk by the model's factor (each
+    factor x factor block averaged, as a smaller photo is), enlarged back as its pipeline enlarges the picture it is
+    given (bilinear, corners aligned), and noised by its image-noising scheduler at a level the UNet gets as its
+    class label. Training draws the level per sample, uniformly from 0 to `max_level` (--if_noise_level), so the
+    model serves every level up to the one it is drawn with; the eval loss, validation and evaluate.py use
+    `max_level` itself (the pipeline's noise_level)."""
+
+    def __init__(self, info, max_level):
+        self.factor, self.max_level = info.spec.upscales, max_level
+        self.scheduler = models.load_component(info, "image_noising_scheduler")
+        if not 0 <= max_level < self.scheduler.config.num_train_timesteps:
+            raise SystemExit(f"--if_noise_level {max_level}: the image-noising scheduler's levels are 0 to "
+                             f"{self.scheduler.config.num_train_timesteps - 1}; the pipeline's default is 250")
+
+    def __call__(self, pictures, generator, level=None):
+        """{"upscaled": (B, 3, H, W), "class_labels": (B,)} for `pictures` (B, 3, H, W) in [-1, 1], drawn from
+        `generator`: the level (unless given) and the noise."""
+        pictures = pictures.float()
+        small = torch.nn.functional.avg_pool2d(pictures, self.factor)
+        upscaled = torch.nn.functional.interpolate(small, pictures.shape[-2:], mode="bilinear", align_corners=True)
+        levels = torch.full((len(pictures),), level) if level is not None else \
+            torch.randint(0, self.max_level + 1, (len(pictures),), generator=generator)
+        noise = torch.randn(upscaled.shape, generator=generator)
+        return {"upscaled": self.scheduler.add_noise(upscaled, noise, levels), "class_labels": levels}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,12 +325,14 @@ def with_dop_rows(args, info, model, batch, captions, texts, options, inputs, ta
     transforms = [entry.transform for entry, _ in batch]
     index = torch.tensor([i for i, _ in rows], device=noisy_latents.device)
     on = (noisy_latents.device, noisy_latents.dtype)
+    pictures = models.low_resolution_of(cond)  # IF stage II: the same low-resolution input as each row's own
     dop_cond = models.conditioning(info, [cached[c] for _, c in rows], [transforms[i] for i, _ in rows], **options,
-                                   on=on)
+                                   low_resolution={k: v[index] for k, v in pictures.items()}, on=on)
     with torch.no_grad(), adapters.adapter_disabled(model), autocast():
         base = models.predict(info, model, noisy_latents[index], timesteps[index], dop_cond)
     rows_cond = models.conditioning(info, batch_texts + text_of([c for _, c in rows]),
-                                    transforms + [transforms[i] for i, _ in rows], **options, on=on)
+                                    transforms + [transforms[i] for i, _ in rows], **options,
+                                    low_resolution={k: torch.cat([v, v[index]]) for k, v in pictures.items()}, on=on)
     masks = torch.cat([masks, torch.ones_like(masks[index])]) if masks is not None else None
     return ((torch.cat([noisy_latents, noisy_latents[index]]), torch.cat([timesteps, timesteps[index]]), rows_cond),
             torch.cat([target, base.to(target.dtype)]), masks, len(rows))

@@ -2,7 +2,7 @@
 
 The seeds are the same at every step and for every model, so a prompt's pictures compare across checkpoints. A
 refiner cannot draw from a prompt: it refines subject images (their captions as prompts) at its img2img strength,
-and its grid rows start with the image it refines.
+and its grid rows start with the image it refines. IF stage II likewise enlarges low-resolution subject images.
 """
 
 import contextlib
@@ -34,23 +34,38 @@ def size_label(size):
 
 def drawing_options(info, args, steps, guidance_scale, negative_prompt, size):
     """The pipeline's keyword arguments shared by every picture of a round: text-to-image at `size` (width, height;
-    a number: a square), or for a refiner img2img at --refiner_training_strength with --data_aesthetic_score."""
+    a number: a square), for a refiner img2img at --refiner_training_strength with --data_aesthetic_score, for IF
+    stage II its sources enlarged with their noise at --if_noise_level."""
     options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                    **models.drawing_call_options(info))
     if info.spec.refines:
         options.update(strength=args.refiner_training_strength, aesthetic_score=args.data_aesthetic_score)
+    elif info.spec.upscales > 1:  # IF stage II: each source drawn `upscale` times its size (render), noised so
+        options.update(noise_level=args.if_noise_level, upscale=info.spec.upscales)
     else:
         width, height = (size, size) if isinstance(size, int) else size
         options.update(height=height, width=width)
     return options
 
 
-def refine_sources(entries, count, seed):
-    """What a refiner's validation and evaluation refine: `count` subject images chosen by `seed`, resized and
-    cropped to their buckets as training saw them, each with its caption as the prompt."""
+def refine_sources(info, entries, count, seed):
+    """What a refiner refines, or IF stage II enlarges, in validation and evaluation: `count` subject images chosen
+    by `seed`, resized and cropped to their buckets as training saw them (stage II: then shrunk by its factor, each
+    block of pixels averaged: the low-resolution photo it enlarges back to that size), each with its caption as the
+    prompt."""
     chosen = random.Random(seed).sample(entries, min(count, len(entries)))
-    return [(entry.captions[0], images.apply_transform(images.load_image(entry.path), entry.transform))
-            for entry in chosen]
+    pictures = [images.apply_transform(images.load_image(entry.path), entry.transform) for entry in chosen]
+    if info.spec.upscales > 1:
+        pictures = [picture.reduce(info.spec.upscales) for picture in pictures]
+    return [(entry.captions[0], picture) for entry, picture in zip(chosen, pictures)]
+
+
+def sources_note(info, args, sources):
+    """What a model that draws from pictures does with refine_sources' `sources`, for the console."""
+    done = f"refined at strength {args.refiner_training_strength:g}" if info.spec.refines else \
+        f"shrunk {info.spec.upscales}x and enlarged back, noised at level {args.if_noise_level}"
+    return (f"{info.family} does not draw from a prompt alone; {len(sources)} subject image(s) are {done}, with "
+            "their captions as prompts")
 
 
 def render(pipe, prompts, count, first_seed, options, sources=None, autocast=contextlib.nullcontext, path_for=None,
@@ -64,8 +79,11 @@ def render(pipe, prompts, count, first_seed, options, sources=None, autocast=con
     for p, i in tqdm(jobs, desc=desc, unit="img", leave=False):
         seed = first_seed + i
         call = dict(options, prompt=prompts[p], generator=torch.Generator().manual_seed(seed))
+        upscale = call.pop("upscale", None)
         if sources:
             call["image"] = sources[p][1]
+        if upscale:  # IF stage II: the source enlarged `upscale` times
+            call.update(width=sources[p][1].width * upscale, height=sources[p][1].height * upscale)
         if preview_for is not None:
             call.update(preview_for(p, seed))
         vae = getattr(pipe, "vae", None)  # IF has none
@@ -118,8 +136,10 @@ def predicting_in_fp32(pipe):
 
 def prompt_grid(rows, prompts, sources=None, column_labels=(), cell=None):
     """The pictures of a round in one image: a row per prompt, labelled with it, a column per seed (a refiner's
-    rows start with the image each refines); `column_labels` head the columns or equal groups of them."""
-    rows = [[sources[p][1], *row] if sources else row for p, row in enumerate(rows)]
+    rows start with the image each refines, or IF stage II's with the small one it enlarges, shown at the size of
+    what it drew); `column_labels` head the columns or equal groups of them."""
+    cell = cell or (rows[0][0].size if rows and rows[0] else None)
+    rows = [[images.enlarged(sources[p][1], max(cell)), *row] if sources else row for p, row in enumerate(rows)]
     return images.image_grid([image for row in rows for image in row], len(rows[0]), cell=cell,
                              column_labels=column_labels, row_labels=prompts)
 

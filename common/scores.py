@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from common import caches, files, models
+from common import caches, files, models, objectives
 
 # The DreamBench prompt templates (Ruiz et al. 2023): 25 per subject kind; {instance} is e.g. "ohwx dog".
 DREAMBENCH_SETTINGS = ["in the jungle", "in the snow", "on the beach", "on a cobblestone street",
@@ -31,16 +31,24 @@ DREAMBENCH_ATTRIBUTES = ["red", "purple", "shiny", "wet", "cube shaped"]
 # The stable eval loss
 
 
-def eval_examples(entries, info, text_dir, options=None):
+def eval_examples(entries, info, text_dir, args=None):
     """stable_eval_loss inputs from cached entries: the latent distribution's mean (no sampling, so the same every
-    time) and the denoiser's conditioning for the first caption (`options`: models.conditioning_options). Masks
-    are not used: eval loss is over the image."""
+    time) and the denoiser's conditioning for the first caption, with what the flags (`args`) add to it
+    (models.conditioning_options; IF stage II's low-resolution input at --if_noise_level, its noise fixed per
+    example). Masks are not used: eval loss is over the image."""
     texts = caches.load_text_embeddings([entry.captions[0] for entry in entries], info, text_dir)
     shift, scale = models.latent_scaling(info)
-    return [{"latents": (files.load_tensors(entry.cache_path)["mean"][None] - shift) * scale,
-             "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], **(options or {})),
-             "caption": entry.captions[0], "transform": entry.transform, "options": options or {}}
-            for entry in entries]
+    options = models.conditioning_options(info, args) if args is not None else {}
+    upscaling = objectives.low_resolution(info, args) if args is not None else None
+    examples = []
+    for i, entry in enumerate(entries):
+        latents = (files.load_tensors(entry.cache_path)["mean"][None] - shift) * scale
+        low = upscaling and upscaling(latents, torch.Generator().manual_seed(i), level=upscaling.max_level)
+        examples.append({"latents": latents, "low_resolution": low, "caption": entry.captions[0],
+                         "transform": entry.transform, "options": options,
+                         "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], **options,
+                                                     low_resolution=low)})
+    return examples
 
 
 @torch.no_grad()
@@ -67,7 +75,8 @@ def stable_eval_loss(info, model, objective, examples, count=8, seed=0, autocast
             noisy = objective.add_noise(latents, noise, timesteps)
             target = objective.target(latents, noise, timesteps)
             cond = example["cond"] if texts is None else models.conditioning(
-                info, texts([example["caption"]]), [example["transform"]], **example["options"])
+                info, texts([example["caption"]]), [example["transform"]], **example["options"],
+                low_resolution=example["low_resolution"])
             cond = models.map_conditioning(lambda t: t.expand(len(timesteps), *t.shape[1:]), cond)
             with (autocast or contextlib.nullcontext)():
                 pred = models.predict(info, model, noisy.to(device, dtype), timesteps.to(device),

@@ -171,7 +171,7 @@ def tiny_unet(family, sample_size=8, seed=0):
 
 def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_size=8, tokenizer=None):
     """Save a tiny random diffusers pipeline of the given family (sd1, sd2, sdxl, sdxl-refiner, sd3, flux,
-    flux-schnell, if; sd3-no-t5: SD3 without its optional T5) to `folder` (with `tokenizer`, e.g. the real CLIP
+    flux-schnell, if, if-ii; sd3-no-t5: SD3 without its optional T5) to `folder` (with `tokenizer`, e.g. the real CLIP
     vocabulary, instead of the tiny hand-made one)."""
     from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
@@ -181,8 +181,8 @@ def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_siz
         pipe = tiny_flow_pipeline(family, tokenizer)
         pipe.save_pretrained(folder, safe_serialization=True)
         return folder
-    if family == "if":
-        tiny_if_pipeline().save_pretrained(folder, safe_serialization=True)
+    if family in ("if", "if-ii"):
+        (tiny_if_pipeline() if family == "if" else tiny_if_upscaler()).save_pretrained(folder, safe_serialization=True)
         return folder
     vae, unet = tiny_vae(), tiny_unet(family, sample_size)
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -254,6 +254,23 @@ def tiny_if_pipeline(seed=0):
                               prediction_type="epsilon", variance_type="learned_range")
     return IFPipeline(tokenizer=tokenizer, text_encoder=tiny_t5(tokenizer), unet=unet, scheduler=scheduler,
                       safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+
+
+def tiny_if_upscaler(seed=0):
+    """DeepFloyd IF stage II: stage I's UNet with 6 channels in (the noisy picture and the enlarged low-resolution
+    one) and the low-resolution picture's noise level as a timestep class embedding; its own noising scheduler."""
+    from diffusers import DDPMScheduler, IFSuperResolutionPipeline
+
+    stage_1 = tiny_if_pipeline(seed)
+    torch.manual_seed(seed)
+    unet = type(stage_1.unet).from_config(stage_1.unet.config, sample_size=32, in_channels=6,
+                                          class_embed_type="timestep")
+    noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                            beta_end=0.02)
+    return IFSuperResolutionPipeline(tokenizer=stage_1.tokenizer, text_encoder=stage_1.text_encoder, unet=unet,
+                                     scheduler=stage_1.scheduler, image_noising_scheduler=noising,
+                                     safety_checker=None, feature_extractor=None, watermarker=None,
+                                     requires_safety_checker=False)
 
 
 def draw_subject(width, height, seed, cutout=False):

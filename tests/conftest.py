@@ -91,9 +91,12 @@ def unet_inputs(unet, family, seed=0, size=8):
     config = unet.config
     if family.startswith(("sd3", "flux")):
         return transformer_inputs(config, family, generator, size)
-    if family == "if":  # pixels (3 channels); T5's 77 positions, projected by the UNet (encoder_hid_dim)
-        return {"sample": torch.randn(1, 3, 2 * size, 2 * size, generator=generator), "timestep": torch.tensor([321]),
-                "encoder_hidden_states": torch.randn(1, 77, config.encoder_hid_dim, generator=generator)}
+    if family.startswith("if"):  # pixels (3 channels); T5's 77 positions, projected by the UNet (encoder_hid_dim);
+        # stage II: the enlarged low-resolution picture as 3 more channels, its noise level as the class label
+        inputs = {"sample": torch.randn(1, config.in_channels, 2 * size, 2 * size, generator=generator),
+                  "timestep": torch.tensor([321]),
+                  "encoder_hidden_states": torch.randn(1, 77, config.encoder_hid_dim, generator=generator)}
+        return {**inputs, "class_labels": torch.tensor([100])} if family == "if-ii" else inputs
     inputs = {"sample": torch.randn(1, 4, size, size, generator=generator), "timestep": torch.tensor([321]),
               "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator)}
     if family in ("sdxl", "sdxl-refiner"):  # the refiner's time ids: sizes, crop and an aesthetic score (5 values)
@@ -132,9 +135,10 @@ def predict(unet, inputs):
 
 
 def resolution_for(model):
-    """What the tests train a tiny model at: 64 px (8 x 8 latents); IF, in pixel space, at 32 px."""
+    """What the tests train a tiny model at: 64 px (8 x 8 latents); IF, in pixel space, at 32 px (stage II enlarges
+    8 px pictures to that)."""
     with open(os.path.join(model, "model_index.json"), encoding="utf-8") as handle:
-        return 32 if json.load(handle)["_class_name"] == "IFPipeline" else 64
+        return 32 if json.load(handle)["_class_name"].startswith("IF") else 64
 
 
 def train_argv(model, data_dir, output_dir, *extra, prompt="a photo of ohwx toy", resolution=None):

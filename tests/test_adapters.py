@@ -31,7 +31,7 @@ def fresh_pipeline(family, model):
 
 
 @pytest.mark.parametrize("family,algo", [(family, algo) for family in ("sd1", "sdxl") for algo in ALGOS]
-                         + [("flux", "lokr"), ("sd3", "lora"), ("if", "locon")])
+                         + [("flux", "lokr"), ("sd3", "lora"), ("if", "locon"), ("if-ii", "locon")])
 def test_lycoris_adapter_reloads_and_reproduces_the_trained_prediction(tiny_model, subject_dir, tmp_path, family,
                                                                         algo):
     model = tiny_model(family)

@@ -421,7 +421,7 @@ def masked_run(model, config, output_dir, steps):
                                   "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--lora_rank", "4"])
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux", "if"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "if", "if-ii"])
 def test_white_masks_train_exactly_like_no_masks(tiny_model, subject_dir, tmp_path, family):
     """FLUX: the loss is taken on unpacked latents, so a latent-grid mask weights it unchanged."""
     os.makedirs(tmp_path / "white")

@@ -20,13 +20,13 @@ def model_args(path, tmp_path, **extra):
 
 @pytest.mark.parametrize("family,prediction_type", [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction"),
                                                     ("sdxl", "epsilon"), ("sd3", "flow"), ("flux", "flow"),
-                                                    ("flux-schnell", "flow"), ("if", "epsilon")])
+                                                    ("flux-schnell", "flow"), ("if", "epsilon"), ("if-ii", "epsilon")])
 def test_family_and_prediction_type_come_from_the_configs(tiny_model, tmp_path, family, prediction_type):
     info = models.resolve_model(model_args(tiny_model(family, prediction_type), tmp_path))
-    assert (info.family, info.prediction_type) == (family.split("-")[0], prediction_type)
-    assert info.vae_scale_factor == (1 if family == "if" else 8)  # IF works on pixels
-    # FLUX: no sample_size, 1024 px; the tiny IF's UNet draws 16 px (the real stage I: 64)
-    assert info.native_resolution == {"flux": 1024, "flux-schnell": 1024, "if": 16}.get(family, 64)
+    assert (info.family, info.prediction_type) == ({"flux-schnell": "flux"}.get(family, family), prediction_type)
+    assert info.vae_scale_factor == (1 if family.startswith("if") else 8)  # IF works on pixels
+    # FLUX: no sample_size, 1024 px; the tiny IF's UNet draws 16 px (the real stage I: 64), its stage II 32 (256)
+    assert info.native_resolution == {"flux": 1024, "flux-schnell": 1024, "if": 16, "if-ii": 32}.get(family, 64)
     # FLUX.1-dev embeds its guidance and reads 512 T5 tokens, schnell neither; SD3 77 (diffusers' SD3 example)
     assert (info.guidance_embeds, info.t5_max_length) == {"flux": (True, 512), "flux-schnell": (False, 256),
                                                           "sd3": (False, 77)}.get(family, (False, 0))
@@ -50,8 +50,10 @@ def test_real_model_configs_are_detected_by_their_dimensions():
     stage_1 = {"in_channels": 3, "out_channels": 6, "encoder_hid_dim": 4096, "cross_attention_dim": 4096,
                "addition_embed_type": "text", "sample_size": 64}
     assert models.detect_family(if_index, stage_1, "m") == "if"
-    with pytest.raises(SystemExit, match="stage II"):  # the x4 upscaler: the low-res picture in, its noise level
-        models.detect_family(if_index, {**stage_1, "in_channels": 6, "class_embed_type": "timestep"}, "m")
+    # stage II, the x4 upscaler: the enlarged low-resolution picture in beside the noisy one, its noise level embedded
+    assert models.detect_family(if_index, {**stage_1, "in_channels": 6, "class_embed_type": "timestep"}, "m") == "if-ii"
+    with pytest.raises(SystemExit, match="neither DeepFloyd IF stage I"):
+        models.detect_family(if_index, {**stage_1, "in_channels": 6}, "m")
 
 
 def test_sdxl_refiner_is_told_apart_from_the_base(tiny_model, tmp_path):
@@ -126,17 +128,17 @@ def load_pipeline(family, path):
 
 
 @pytest.mark.parametrize("family, t5_length", [(family, None) for family in ("sd1", "sd2", "sdxl", "sd3", "sd3-no-t5",
-                                                                             "flux", "flux-schnell", "if")]
+                                                                             "flux", "flux-schnell", "if", "if-ii")]
                          + [("sd3-no-t5", 100)])  # without T5, the pipeline pads with max_sequence_length zeros
 def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_length):
     path = tiny_model(family)
     info = models.resolve_model(model_args(path, tmp_path, t5_max_sequence_length=t5_length))
     tokenizers, encoders = models.load_text_encoders(info)
     prompts = ["a photo of ohwx dog", "a very long prompt " * 30]  # the second one is truncated at 77 tokens
-    if family == "if":  # IF's pipeline lower-cases and strips the caption first
+    if family.startswith("if"):  # IF's pipelines lower-case and strip the caption first
         prompts.append("  A Photo of OHWX Dog ")
     ours = models.encode_prompt(info, tokenizers, encoders, prompts)
-    if family == "if":  # T5 with its padding masked, 77 tokens; the caption read as the pipeline reads it
+    if family.startswith("if"):  # T5 with its padding masked, 77 tokens; the caption read as the pipeline reads it
         pipe = stock_pipeline(path)
         with torch.no_grad():
             embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",

@@ -242,7 +242,7 @@ def log_records(output_dir):
     return [json.loads(line) for line in open(os.path.join(output_dir, "logs", "train_log.jsonl"))]
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux", "if"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "if", "if-ii"])
 def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(tiny_model, subject_dir, tmp_path,
                                                                                family):
     data = prior_data(tmp_path, subject_dir, resolution=resolution_for(tiny_model(family)))
@@ -351,7 +351,7 @@ def test_dop_keeps_the_class_caption_at_the_base_models_prediction(tiny_model, s
         train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "half", "--dop_class", "a dog"))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux", "if"])
+@pytest.mark.parametrize("family", ["sdxl", "flux", "if", "if-ii"])
 def test_dop_runs_on_the_other_families(tiny_model, subject_dir, tmp_path, family):
     """The class-caption rows ride in the same forward pass on SDXL (time ids) and FLUX (packed tokens; SD3 shares its
     transformer path): zero at step 0 up to rounding, then the adapter's departure on the class caption."""

@@ -117,7 +117,8 @@ def test_refiner_validation_refines_subject_images_and_evaluate_does_too(tiny_mo
                                      "--validation_prompt", "ignored", "--validation_steps", "2",
                                      "--num_validation_images", "2", "--validation_num_inference_steps", "10",
                                      "--eval_split", "2", "--eval_steps_interval", "1", prompt="ohwx toy"))
-    assert "a refiner refines images, so --validation_prompt is ignored" in capsys.readouterr().out
+    assert "--validation_prompt is ignored: sdxl-refiner does not draw from a prompt alone; 2 subject image(s) are " \
+        "refined at strength 0.2" in capsys.readouterr().out
     folder = out / "validation" / "step-2"
     assert Image.open(folder / "grid.png").size == (images.ROW_LABEL_WIDTH + 2 * 64, 2 * 64 + 14)  # source | refined
     assert open(folder / "prompts.txt").read().splitlines() == ["ohwx toy", "ohwx toy"]

@@ -241,7 +241,7 @@ def test_the_prior_target_is_the_base_model_on_the_students_rolled_out_input(tin
     assert torch.allclose(target, base, atol=1e-6)  # one rollout (the student's), the base model judged on it
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux", "if"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "if", "if-ii"])
 def test_rollouts_work_with_lycoris_masks_prior_ema_and_full_finetunes(tiny_model, tmp_path, family):
     from PIL import Image
 

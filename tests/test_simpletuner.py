@@ -289,3 +289,11 @@ def test_our_own_config_keeps_our_meanings_without_model_family(tmp_path, capsys
     args = train_dreambooth.parse_args(["--config", path])
     assert (args.seed, args.noise_offset, args.lr_scheduler, args.lora_rank) == (0, 0.1, "constant", 8)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("flavour,model", [("ii-large-1.2b", "DeepFloyd/IF-II-L-v1.0"),
+                                           ("i-xlarge-4.3b", "DeepFloyd/IF-I-XL-v1.0")])
+def test_a_deepfloyd_flavour_names_its_stage(tmp_path, flavour, model):
+    """SimpleTuner's DeepFloyd flavours: stage I (text to 64 px) and stage II (the x4 upscaler) by their weights."""
+    config = write_json(tmp_path / "config.json", {"model_family": "deepfloyd", "model_flavour": flavour})
+    assert train_dreambooth.parse_args(["--config", config]).pretrained_model_name_or_path == model

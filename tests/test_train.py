@@ -60,7 +60,7 @@ def test_lora_alpha_scales_the_adapter_after_reloading(tiny_model, subject_dir, 
     assert torch.allclose(predict(pipe.unet, inputs), predict(result["unet"].eval(), inputs), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux", "if"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "if", "if-ii"])
 def test_full_finetune_writes_a_pipeline_that_reproduces_our_unet(tiny_model, subject_dir, tmp_path, family):
     model = tiny_model(family)
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--model_type", "full",

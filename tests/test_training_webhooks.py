@@ -41,12 +41,13 @@ def received(server):
 
 
 @pytest.mark.parametrize("family,every,denoising_steps", [("sd1", 2, [2, 4, 5]), ("flux", None, [1, 2, 3, 4, 5]),
-                                                          ("if", 2, [2, 4, 5])])
+                                                          ("if", 2, [2, 4, 5]), ("if-ii", 2, [2, 4, 5])])
 def test_training_sends_its_events_and_validation_previews(tiny_model, subject_dir, tmp_path, serve, tiny_taesd,
                                                            capfd, monkeypatch, family, every, denoising_steps):
     """FLUX: its previews unpack the pipeline's packed tokens for the 16-channel Tiny AutoEncoder; IF's in-progress
-    image is the picture, previewed with no Tiny AutoEncoder. Previews come every --validation_preview_steps N
-    denoising steps and at the last; by default every step, as the reference sends them."""
+    image is the picture, previewed with no Tiny AutoEncoder (stage II: enlarging a subject picture, at its size).
+    Previews come every --validation_preview_steps N denoising steps and at the last; by default every step, as the
+    reference sends them."""
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)  # a hub token in the environment is never written either
     server = serve()
     config = write_json(tmp_path / "hooks.json", {"webhook_type": "raw", "callback_url": server.url + "/hook",
@@ -57,8 +58,8 @@ def test_training_sends_its_events_and_validation_previews(tiny_model, subject_d
                                      "--validation_steps", "2", "--num_validation_images", "1",
                                      "--validation_num_inference_steps", "5", "--validation_preview",
                                      *(["--validation_preview_steps", every] if every else []),
-                                     "--validation_resolution", "64",
-                                     *([] if family == "if" else  # IF: no Tiny AutoEncoder
+                                     *([] if family == "if-ii" else ["--validation_resolution", "64"]),
+                                     *([] if family.startswith("if") else  # IF: no Tiny AutoEncoder
                                        ["--preview_vae", tiny_taesd(16 if family == "flux" else 4)]),
                                      "--webhook_config", config))
     events = received(server)
@@ -70,9 +71,10 @@ def test_training_sends_its_events_and_validation_previews(tiny_model, subject_d
     previews = [e for e in events if e["type"] == "preview_image"]
     assert [p["data"]["denoising_step"] for p in previews] == denoising_steps
     pictures = [Image.open(io.BytesIO(base64.b64decode(p["images"][0]))) for p in previews]
-    assert all(picture.format == "PNG" and picture.size == (64, 64) for picture in pictures)
-    assert len({picture.tobytes() for picture in pictures}) == len(pictures)  # the latents change while denoising
     validation = Image.open(io.BytesIO(base64.b64decode(events[-2]["images"][0])))
+    assert all(picture.format == "PNG" and picture.size == validation.size for picture in pictures)
+    assert validation.size == (64, 64) or family == "if-ii"  # stage II: a subject picture's size (32 px buckets)
+    assert len({picture.tobytes() for picture in pictures}) == len(pictures)  # the latents change while denoising
     assert validation.tobytes() == Image.open(out / "validation" / "step-2" / "prompt00-seed0.png").tobytes()
     assert all(r["headers"]["Authorization"] == f"Bearer {TOKEN}" for r in server.requests)
 
