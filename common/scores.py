@@ -30,6 +30,8 @@ DREAMBENCH_ATTRIBUTES = ["red", "purple", "shiny", "wet", "cube shaped"]
 # ---------------------------------------------------------------------------------------------------------------------
 # The stable eval loss
 
+LOW_RESOLUTION_SEED = 2 ** 40  # IF stage II's eval examples: where their low-resolution inputs' noise streams start
+
 
 def eval_examples(entries, info, text_dir, args=None):
     """stable_eval_loss inputs from cached entries: the latent distribution's mean (no sampling, so the same every
@@ -43,7 +45,10 @@ def eval_examples(entries, info, text_dir, args=None):
     examples = []
     for i, entry in enumerate(entries):
         latents = (files.load_tensors(entry.cache_path)["mean"][None] - shift) * scale
-        low = upscaling and upscaling(latents, torch.Generator().manual_seed(i), level=upscaling.max_level)
+        low = None
+        if upscaling:  # its noise a stream of its own (drawn as example i's eval noise is, it would be that noise)
+            generator = torch.Generator().manual_seed(LOW_RESOLUTION_SEED + args.eval_seed * 1_000_003 + i)
+            low = upscaling(latents, generator, level=upscaling.max_level)
         examples.append({"latents": latents, "low_resolution": low, "caption": entry.captions[0],
                          "transform": entry.transform, "options": options,
                          "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], **options,
