@@ -103,11 +103,13 @@ def test_a_short_dreambooth_run_learns_the_subject(tmp_path, scorer, family):
 
 def test_the_sd3_shaped_toy_model_is_made_by_the_same_script_and_trains_like_any_sd3(tmp_path, subject_dir):
     """toy/make_toy_model.py --family sd3 (a few steps here; the real run takes an hour): an SD3 pipeline on the
-    UNet model's VAE that every script reads as SD3 (two CLIPs, no T5, flow matching at 64 px), on which a
-    DreamBooth LoRA trains; --init_from continues from it with the same weights."""
+    UNet model's VAE that every script reads as SD3 (two CLIPs, no T5, flow matching at 64 px), saved with the
+    --draw_shift it draws with, on which a DreamBooth LoRA trains; --init_from continues from it with the same
+    weights."""
     folder = str(tmp_path / "sd3")
     make_toy_model.main(["--family", "sd3", "--output_dir", folder, "--pictures", "64", "--steps", "2",
-                         "--batch_size", "4", "--held_out", "2"])
+                         "--batch_size", "4", "--held_out", "2", "--draw_shift", "3"])
+    assert files.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))["shift"] == 3.0  # as drawn
     info = models.resolve_model(SimpleNamespace(pretrained_model_name_or_path=folder, revision=None, variant=None,
                                                 cache_dir=None, output_dir=None))
     assert info.family == "sd3" and info.native_resolution == 64 and [p[1] for p in info.text_parts] == [
