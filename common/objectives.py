@@ -325,14 +325,14 @@ def with_dop_rows(args, info, model, batch, captions, texts, options, inputs, ta
     transforms = [entry.transform for entry, _ in batch]
     index = torch.tensor([i for i, _ in rows], device=noisy_latents.device)
     on = (noisy_latents.device, noisy_latents.dtype)
-    pictures = models.low_resolution_of(cond)  # IF stage II: the same low-resolution input as each row's own
+    low = models.low_resolution_of(cond)  # IF stage II: each row keeps its own sample's low-resolution input
     dop_cond = models.conditioning(info, [cached[c] for _, c in rows], [transforms[i] for i, _ in rows], **options,
-                                   low_resolution={k: v[index] for k, v in pictures.items()}, on=on)
+                                   low_resolution={k: v[index] for k, v in low.items()}, on=on)
     with torch.no_grad(), adapters.adapter_disabled(model), autocast():
         base = models.predict(info, model, noisy_latents[index], timesteps[index], dop_cond)
     rows_cond = models.conditioning(info, batch_texts + text_of([c for _, c in rows]),
                                     transforms + [transforms[i] for i, _ in rows], **options,
-                                    low_resolution={k: torch.cat([v, v[index]]) for k, v in pictures.items()}, on=on)
+                                    low_resolution={k: torch.cat([v, v[index]]) for k, v in low.items()}, on=on)
     masks = torch.cat([masks, torch.ones_like(masks[index])]) if masks is not None else None
     return ((torch.cat([noisy_latents, noisy_latents[index]]), torch.cat([timesteps, timesteps[index]]), rows_cond),
             torch.cat([target, base.to(target.dtype)]), masks, len(rows))
