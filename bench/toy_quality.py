@@ -433,6 +433,7 @@ def frontier_plot(path, rows, ceiling, as_asked=None, reseeded=None):
         axis.text(axis.get_xlim()[1], as_asked, f"{AS_ASKED} ", fontsize=8, ha="right", va="bottom", color="tab:gray")
     axis.axvline(BAR["drift"], color="tab:red", linestyle="--", linewidth=1)
     if reseeded is not None:
+        axis.set_xlim(right=max(axis.get_xlim()[1], reseeded * 1.08))  # the line stays inside the axes
         axis.axvline(reseeded, color="tab:gray", linestyle=":", linewidth=1)
         axis.text(reseeded, axis.get_ylim()[0], f" {RESEEDED}", fontsize=8, rotation=90, va="bottom",
                   color="tab:gray")
