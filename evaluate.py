@@ -12,7 +12,7 @@ Evaluates the base model (as step 0), every complete checkpoint-N in --checkpoin
     place of the instance: CLIP does not know the identifier), CLIP-I and DINO (mean pairwise cosine between the
     generated images and the real subject images);
   - with --toy_scorer (toy models): subject fidelity as DINO's, in the toy scorer's feature space;
-  - the stable eval loss (scores.stable_eval_loss, the function training logs with --eval_steps_interval) on the
+  - the stable eval loss (scores.StableEvalLoss, the measure training logs with --eval_steps_interval) on the
     data config's eval datasets and/or --eval_split held-out images: pass the training run's data, --seed and
     --eval_split, and the numbers equal the training log's.
 Also reads the training config.json (--config; its output_dir is then the run to evaluate), validation settings
@@ -31,9 +31,11 @@ Writes to --evaluation_dir (default CHECKPOINTS/evaluation):
 import argparse
 import contextlib
 import csv
+import dataclasses
 import io
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -100,7 +102,7 @@ def find_targets(folder, only, weights, output_name=None):
 def weights_of(pipe, target, info):
     """The pipeline with one evaluated model's weights; the base model's again afterwards."""
     _, _, kind, path = target
-    name = info.spec.denoiser  # "unet" or "transformer"
+    name = info.denoiser  # "unet" or "transformer"
     base = getattr(pipe, name)
     device = base.device
     if kind == "adapter":
@@ -154,7 +156,7 @@ def read_prompts(args):
 
 def fill(template, args):
     """(prompt to generate, prompt CLIP-T scores against), {instance} and {class} filled as training's validation
-    fills them (train_dreambooth.run_validation): the class falls back on the instance."""
+    fills them (train_dreambooth.Validator): the class falls back on the instance."""
     return scores.fill_prompt(template, args.validation_instance, args.validation_class or args.validation_instance)
 
 
@@ -215,37 +217,54 @@ def eval_loss_examples(args, info, datasets, eval_entries, device):
     eval_entries, _ = caches.build_vae_cache(eval_entries, info, device, args.vae_batch_size)
     text_dir = data.text_cache_dir(datasets, args)
     caches.build_text_cache([e.captions[0] for e in eval_entries], info, text_dir, device)
-    return scores.eval_examples(eval_entries, info, text_dir, args)
+    return scores.eval_examples(eval_entries, info, text_dir, args.eval_seed)
 
 
-def evaluate_model(args, target, pipe, info, prompts, sources, options, autocast, score, examples, objective, out):
+@dataclass
+class Evaluation:
+    """What every evaluated model is measured with: the pipeline (its denoiser's weights swapped per model), the
+    prompts ((drawn, scored) pairs) or a refiner's sources, how pictures are drawn (`plan`: a render.Round), the
+    image scores (`score`: image_scorer's), the stable eval loss (None without eval images), and the output folder."""
+
+    args: argparse.Namespace
+    info: object
+    pipe: object
+    prompts: list
+    sources: list
+    plan: render.Round
+    score: object
+    eval_loss: scores.StableEvalLoss
+    out: str
+
+
+def evaluate_model(job, target):
     """One model's pictures (saved, and a grid), scores and eval loss: a metrics.json entry."""
+    args, info, pipe, sources, out = job.args, job.info, job.pipe, job.sources, job.out
     name, step = target[0], target[1]
     result = {"name": name, "step": step, "source": target[3]}
-    drawn = [generate for generate, _ in prompts]
+    drawn = [generate for generate, _ in job.prompts]
     with weights_of(pipe, target, info):
-        rows = render.render(pipe, drawn, args.num_images_per_prompt, args.validation_seed, options, sources,
-                             autocast, lambda p, seed: report.image_path(out, name, p, seed), desc=f"images ({name})")
+        rows = render.render(pipe, drawn, dataclasses.replace(job.plan, desc=f"images ({name})"), sources,
+                             lambda p, seed: report.image_path(out, name, p, seed))
         # The grid: a row per prompt, a column per seed, each labelled; small pictures enlarged, big ones shrunk.
         shown = [[images.enlarged(image, GRID_SMALLEST) for image in row] for row in rows]
         shown_sources = [(c, images.enlarged(image, GRID_SMALLEST)) for c, image in sources] if sources else None
         width, height = shown[0][0].size
         scale = min(1.0, GRID_THUMB / width)
         cell = (max(1, round(width * scale)), max(1, round(height * scale)))
-        labels = [("refined" if info.spec.refines else "enlarged") + " from"] if sources else []
+        labels = [info.source_label] if sources else []
         labels += [f"seed {args.validation_seed + i}" for i in range(len(rows[0]))]
         result["grid_path"] = os.path.join(out, "grids", f"{name}.png")
         grid = render.prompt_grid(shown, drawn, shown_sources, column_labels=labels, cell=cell)
         files.save_image_atomic(grid, result["grid_path"])
-        result.update(score([image for row in rows for image in row],
-                            [prompts[p][1] for p, row in enumerate(rows) for _ in row]))
-        if examples:  # an adapter with text-encoder layers (--train_text_encoder): captions read by them, now
-            encoders = [getattr(pipe, name) for _, name, _ in info.text_parts]
+        result.update(job.score([image for row in rows for image in row],
+                                [job.prompts[p][1] for p, row in enumerate(rows) for _ in row]))
+        if job.eval_loss is not None:  # an adapter with text-encoder layers (--train_text_encoder): captions read by
+            encoders = [getattr(pipe, name) for _, name in info.text_parts]  # them, now
             trained = any(hasattr(module, "lora_A") for encoder in encoders for module in encoder.modules())
-            texts = adapters.text_reader(info, None, (None, [getattr(pipe, name) for name, _, _ in info.text_parts],
-                                                      encoders), autocast) if trained else None
-            loss = scores.stable_eval_loss(info, models.denoiser_of(pipe), objective, examples, args.eval_timesteps,
-                                           args.eval_seed, autocast, texts)
+            tokenizers = [getattr(pipe, name) for name, _ in info.text_parts]
+            embed = adapters.TextReader(info, None, (tokenizers, encoders), job.plan.autocast) if trained else None
+            loss = job.eval_loss(models.denoiser_of(pipe), embed)
             result["eval_loss"], result["eval_loss_per_timestep"] = loss["mean"], loss["per_timestep"]
     return result
 
@@ -293,14 +312,14 @@ def main(argv=None):
     # A refiner (IF stage II) cannot draw from a prompt: it refines (enlarges) subject images, their captions as
     # prompts, as in training.
     sources = None
-    if info.spec.draws_from_pictures:
+    if info.draws_from_pictures:
         sources = render.refine_sources(info, plans[subject.id], args.num_images_per_prompt, args.validation_seed)
         prompts = [fill(caption, args) for caption, _ in sources]
-        print(f"warning: the prompts are ignored: {render.sources_note(info, args, sources)}")
+        print(f"warning: the prompts are ignored: {info.sources_note(len(sources))}")
     # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     tokenizers, text_encoders = models.load_text_encoders(info, device, dtype)
-    pipe = models.build_pipeline(info, models.load_component(info, info.spec.denoiser, dtype).to(device),
+    pipe = models.build_pipeline(info, models.load_component(info, info.denoiser, dtype).to(device),
                                  models.load_vae(info, device), tokenizers, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
@@ -309,8 +328,8 @@ def main(argv=None):
         print(f"note: evaluate.py draws one size, the first of --image_resolution ({render.size_label(size)}); give "
               "--image_resolution to choose another")
     if args.guidance_scale is None:
-        args.guidance_scale = info.spec.guidance_scale
-    options = render.drawing_options(info, args, args.num_inference_steps, args.guidance_scale, args.negative_prompt,
+        args.guidance_scale = info.guidance_scale
+    options = render.drawing_options(info, args.num_inference_steps, args.guidance_scale, args.negative_prompt,
                                      size)
     os.makedirs(out, exist_ok=True)
     settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
@@ -324,10 +343,14 @@ def main(argv=None):
                 "eval_timesteps": args.eval_timesteps, "eval_seed": args.eval_seed, "real_images": len(real_paths)}
     print(f"evaluating {len(targets)} models x {len(prompts)} prompts x {1 if sources else args.num_images_per_prompt} "
           "images")
+    eval_loss = scores.StableEvalLoss(info, objective, examples, args.eval_timesteps, args.eval_seed, autocast) \
+        if examples else None
+    job = Evaluation(args, info, pipe, prompts, sources,
+                     render.Round(args.num_images_per_prompt, args.validation_seed, options, autocast), score,
+                     eval_loss, out)
     results = []
     for target in tqdm(targets, desc="models", unit="model"):
-        results.append(evaluate_model(args, target, pipe, info, prompts, sources, options, autocast, score, examples,
-                                      objective, out))
+        results.append(evaluate_model(job, target))
         write_metrics(out, settings, prompts, results)  # after every model: a crash later keeps what is done
 
     # --- The plots and the page.

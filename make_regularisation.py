@@ -148,22 +148,17 @@ def main(argv=None):
         raise SystemExit("--num_images and --batch_size must be 1 or more, --seed 0 or more")
     quantise.check_text_encoder_precisions(args)
     info = models.resolve_model(args)
-    if info.spec.refines:
-        raise SystemExit(f"{info.ref} is an SDXL refiner: it refines images and cannot draw class images from a "
-                         "prompt. Make them with the SDXL base model (the refiner trains on the same folder).")
-    if info.spec.upscales > 1:
-        raise SystemExit(f"{info.ref} is DeepFloyd IF stage II: it enlarges pictures and cannot draw class images from "
-                         "a prompt. Make them with stage I (DeepFloyd/IF-I-*) and enlarge them with stage II's "
-                         "pipeline, or use photos of the class; at the size stage II trains, they serve as they are.")
-    if args.scheduler != "default" and info.spec.objective == "flow":
+    if info.class_images_refusal:  # a refiner or an upscaler draws from pictures, not from a prompt alone
+        raise SystemExit(f"{info.ref} is {info.class_images_refusal}")
+    if args.scheduler != "default" and info.objective == "flow":
         raise SystemExit(f"--scheduler {args.scheduler}: the samplers to choose from are for SD 1.x/2.x/SDXL; "
                          f"{info.ref} ({info.family}) is a flow-matching model: leave --scheduler default (its own "
                          "flow-matching Euler sampler)")
     if args.guidance_scale is None:
-        args.guidance_scale = info.spec.guidance_scale
+        args.guidance_scale = info.guidance_scale
     width = args.width or args.resolution or info.native_resolution
     height = args.height or args.resolution or info.native_resolution
-    multiple = info.spec.size_multiple
+    multiple = info.size_multiple
     if width % multiple or height % multiple:
         raise SystemExit(f"--width/--height must be multiples of {multiple} for {info.family}, got {width}x{height}")
     wanted = settings(args, info, prompts, width, height)
@@ -189,7 +184,7 @@ def main(argv=None):
                     pictures = pipe(prompt=[prompts[i % len(prompts)] for i in indices],
                                     negative_prompt=[args.negative_prompt] * len(indices) if args.negative_prompt else None,
                                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                    width=width, height=height, **models.drawing_call_options(info),
+                                    width=width, height=height, **info.drawing_call_options(),
                                     generator=[torch.Generator().manual_seed(args.seed + i) for i in indices]).images
                 for i, image in zip(indices, pictures):
                     if i in missing:

@@ -137,7 +137,7 @@ def check_words(vocabulary, words):
         pieces = [tokens_of(t, word.lower()) for t in vocabulary.tokenizers]
         rank = vocabulary.ranks.get(word.lower())
         print(f"{word}:")
-        for (name, _, _), tokens in zip(vocabulary.info.text_parts, pieces):
+        for (name, _), tokens in zip(vocabulary.info.text_parts, pieces):
             print(f"  {name}: {len(tokens)} token{'s' if len(tokens) != 1 else ''} {tokens}")
         if rank is not None:
             common = " (a common word)" if word.lower() in vocabulary.common_set else ""

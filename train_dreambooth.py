@@ -1,5 +1,5 @@
-"""DreamBooth training: a LoRA, a LyCORIS network or a full fine-tune of an SD 1.x / 2.x / SDXL UNet or an SD3 / FLUX.1
-transformer on one subject.
+"""DreamBooth training: a LoRA, a LyCORIS network or a full fine-tune of a text-to-image model (SD 1.x / 2.x, SDXL
+and its refiner, SD3, FLUX.1, DeepFloyd IF stage I and II: common/families/) on one subject.
 
     python train_dreambooth.py --config config.json
     accelerate launch train_dreambooth.py --config config.json          # several GPUs (DDP)
@@ -18,26 +18,31 @@ text embeddings; missing or stale ones are built first, exactly as cache_latents
     logs/dreambooth/                      the same and the validation grids for TensorBoard (--report_to)
     README.md, args.json                  the model card; every flag, to repeat the run (--config args.json)
 
-Reading order: the training maths (the batch stream, the masked loss, min-SNR, rollouts, EMA), validation, then
-train(): a few named set-up steps and the loop, one optimiser step per iteration, in which every feature is one
-commented block. The set-up steps follow train(); the flags come last. Loading, caches, adapters and
-checkpoints live in common/ (common/__init__.py lists what is where).
+Reading order: the training maths (the batch stream, the masked loss, DOP's captions, rollouts, EMA); the training
+step (training_loss: the batch's loss, in which masks, prior preservation, DOP, rollouts and the weights are each one
+commented block); validation; then train(): a few named set-up steps and the loop, one optimiser step per iteration.
+The set-up steps follow train(); the flags come last. What a family does differently (its text encoders, its
+denoiser's call, its objective's defaults) lives in common/families/, what an objective does (timesteps, targets,
+min-SNR, the rollout step) in common/objectives.py; loading, caches, adapters and checkpoints in common/
+(common/__init__.py lists what is where).
 """
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from common import (adapters, caches, cards, checkpoints, data, files, flags, hub, images, models, objectives,
-                    optimisers, quantise, render, scores, webhooks)
+from common import (adapters, caches, cards, checkpoints, data, families, files, flags, hub, images, models,
+                    objectives, optimisers, quantise, render, scores, webhooks)
 
 ROLLOUT_SAMPLERS = ("unipc", "euler", "ddim", "dpm")  # models.SAMPLERS that step deterministically
 STEP_TOTALS = ("instance_loss", "instance_batches", "prior_loss", "prior_batches", "dop_loss", "dop_batches",
@@ -124,7 +129,7 @@ def batch_captions(batch, generator, dropout=0.0):
     return ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
 
 
-def sample_latents(batch, generator, shift, scaling):
+def sample_latents(batch, generator, info):
     """A batch's latents, each drawn from its image's cached VAE distribution (mean + std * N(0, 1), as
     vae.encode().latent_dist.sample() would; IF's cache holds the picture itself), in the UNet's scale; and their
     masks (B, 1, h, w), or None."""
@@ -134,7 +139,7 @@ def sample_latents(batch, generator, shift, scaling):
         noise = torch.randn(cached["mean"].shape, generator=generator)
         latents.append(cached["mean"] + cached["std"] * noise if "std" in cached else cached["mean"])  # IF: pixels
         masks.append(cached.get("mask"))
-    return (torch.stack(latents) - shift) * scaling, torch.stack(masks) if masks[0] is not None else None
+    return info.normalise(torch.stack(latents)), torch.stack(masks) if masks[0] is not None else None
 
 
 def masked_mse(pred, target, mask=None, normalize=True):
@@ -151,13 +156,28 @@ def masked_mse(pred, target, mask=None, normalize=True):
     return loss
 
 
-def count_losses(totals, kind, loss, dop_losses):
-    """Add a micro-batch's loss (before its weight) to the step's totals for the log, and DOP's term when it has one."""
-    totals[f"{kind}_loss"] += loss.item()
-    totals[f"{kind}_batches"] += 1
-    if len(dop_losses):  # before --dop_weight
-        totals["dop_loss"] += dop_losses.mean().item()
-        totals["dop_batches"] += 1
+def dop_caption(args, caption):
+    """Differential output preservation's caption: `caption` with --dop_trigger replaced by --dop_class, or None where
+    DOP is off or the caption does not name the trigger (then there is nothing to preserve for it)."""
+    if args.dop_class is None or args.dop_trigger not in caption:
+        return None
+    return caption.replace(args.dop_trigger, args.dop_class)
+
+
+def extra_captions(args, datasets, plans, say):
+    """Captions trained without being any image's: caption dropout's empty caption and DOP's class captions."""
+    extra = [""] if args.caption_dropout_probability else []
+    if args.dop_class is not None:
+        captions = {c for d in datasets if not d.is_regularisation_data for e in plans[d.id] for c in e.captions}
+        named = sorted(c for c in captions if dop_caption(args, c))
+        if not named:
+            raise SystemExit(f"--dop_trigger {args.dop_trigger!r} is in none of the instance captions (e.g. "
+                             f"{min(captions)!r}); give it as the captions write it (e.g. \"ohwx dog\")")
+        say(f"differential output preservation: {len(named)} of {len(captions)} instance caption(s) name "
+            f"{args.dop_trigger!r}; with it replaced ({dop_caption(args, named[0])!r}) they keep the base model's "
+            f"prediction (weight {args.dop_weight:g})")
+        extra += [dop_caption(args, c) for c in named]
+    return extra
 
 
 def rollout_probability(args, step):
@@ -169,34 +189,45 @@ def rollout_probability(args, step):
     return args.scheduled_sampling_probability * min(1.0, step / args.scheduled_sampling_ramp_steps)
 
 
-def rollout_batch(args, step, info, model, objective, latents, noise, noisy_latents, timesteps, cond, generator,
-                  autocast, weight_dtype):
-    """Scheduled sampling for a batch, in place: each sample chosen with rollout_probability(step) gets as its x_t
-    the model's own k-step rollout from t + k (k ~ U{1..K}; current weights, eval mode, no gradient; a diffusers
-    sampler for a UNet, the flow's Euler step for SD3 / FLUX) and, with the recomputed target, the noise that this
-    x_t implies for its true clean latent: the model learns to steer its own drift back rather than to expect
-    perfect inputs. Returns the extra forward passes spent."""
-    chosen = torch.rand(len(latents), generator=generator) < rollout_probability(args, step)
-    offsets = torch.randint(1, args.scheduled_sampling_max_step_offset + 1, (len(latents),), generator=generator)
+@dataclass
+class Noised:
+    """A batch on its way into the denoiser: the clean latents x0, the noise, the timesteps (flow: noise levels)
+    and the noisy latents x_t."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+
+
+def rollout_batch(run, step, x, cond, generator):
+    """Scheduled sampling for a batch (`x`: Noised), in place: each sample chosen with rollout_probability(step) gets
+    as its x_t the model's own k-step rollout from t + k (k ~ U{1..K}; current weights, eval mode, no gradient; a
+    diffusers sampler for a UNet, the flow's Euler step for SD3 / FLUX) and, with the recomputed target, the noise
+    that this x_t implies for its true clean latent: the model learns to steer its own drift back rather than to
+    expect perfect inputs. Returns the extra forward passes spent."""
+    args, objective, model = run.args, run.objective, run.unwrapped
+    chosen = torch.rand(len(x.latents), generator=generator) < rollout_probability(args, step)
+    offsets = torch.randint(1, args.scheduled_sampling_max_step_offset + 1, (len(x.latents),), generator=generator)
     rolled, forwards = [], 0
     model.eval()  # sampling, as at inference: no dropout
     for i in chosen.nonzero().flatten().tolist():
-        k = objective.rollout_steps(timesteps[i], int(offsets[i]))
+        k = objective.rollout_steps(x.timesteps[i], int(offsets[i]))
         if k == 0:
             continue
-        own = models.map_conditioning(lambda tensor: tensor[i:i + 1], cond)
+        own = families.map_conditioning(lambda tensor: tensor[i:i + 1], cond)
 
-        def own_prediction(x, t):
-            return models.predict(info, model, x.to(weight_dtype), t, own)
+        def own_prediction(latent, t):
+            return run.info.predict(model, latent.to(run.dtype), t, own)
 
-        with autocast():
-            noisy_latents[i] = objective.rollout(own_prediction, latents[i:i + 1], noise[i:i + 1], timesteps[i], k,
-                                                 args.scheduled_sampling_sampler)[0]
+        with run.accelerator.autocast():
+            x.noisy[i] = objective.rollout(own_prediction, x.latents[i:i + 1], x.noise[i:i + 1], x.timesteps[i], k,
+                                           args.scheduled_sampling_sampler)[0]
         rolled.append(i)
         forwards += k
     model.train()
     if rolled and args.scheduled_sampling_target == "recomputed":
-        noise[rolled] = objective.implied_noise(latents[rolled], noisy_latents[rolled], timesteps[rolled])
+        x.noise[rolled] = objective.implied_noise(x.latents[rolled], x.noisy[rolled], x.timesteps[rolled])
     return forwards
 
 
@@ -245,90 +276,280 @@ class EMA:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The training step
+
+
+@dataclass
+class Run:
+    """What the training step and the rounds around it read, set up once by train(): the run's flags, the base model
+    (`info`, its family), the trained model as prepared (`model`: DDP syncs its gradients) and itself (`unwrapped`:
+    passes without gradients, saving, the EMA) with its trainable weights, its objective (objectives.py), the
+    captions' embeddings as training reads them (`embed`) and as the frozen encoders cached them (`cached`)."""
+
+    args: argparse.Namespace
+    info: families.Family
+    accelerator: object
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    trainable: dict
+    objective: object
+    embed: adapters.TextReader  # embed(captions): their embeddings as training reads them
+    cached: dict
+    dtype: torch.dtype  # the compute dtype (--mixed_precision)
+    datasets: list
+    frozen: tuple = None  # (VAE, tokenizers, text encoders), where validation or the saved pipeline needs them
+    ema: EMA = None
+    sharded: bool = False  # FSDP: a forward pass needs every process
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+
+def training_loss(run, batches, generator, step):
+    """The loss of this process's batch of the stream (`batches`: every process's, one each), drawn from the batch's
+    own `generator`, at optimiser step `step`. Each feature is one block. Returns (the loss to backpropagate, what
+    the log counts: {"kind": "instance" | "prior", "loss": the batch's loss before its weight, "dop": the DOP rows'
+    losses, "rollout_forwards": extra forward passes})."""
+    args, info, objective, device, dtype = run.args, run.info, run.objective, run.device, run.dtype
+    batch = batches[run.accelerator.process_index]
+
+    # Inputs: a latent drawn from its image's cached VAE distribution, its mask (masked loss: cut with its image,
+    # averaged onto the latent grid), the caption's embeddings (cached; --train_text_encoder: read now by the trained
+    # encoders) and what the family's conditioning adds (pooled text, time ids, guidance).
+    latents, masks = sample_latents(batch, generator, info)
+    captions = batch_captions(batch, generator, args.caption_dropout_probability)
+    texts, transforms = run.embed(captions), [entry.transform for entry, _ in batch]
+
+    # Noise and timesteps (objectives.py: DDPM timesteps uniform over the schedule, or flow-matching noise levels by
+    # the weighting scheme and shift), x_t, and what the family makes from the clean picture (IF stage II: the
+    # picture shrunk, enlarged back and noised, which it reads beside x_t).
+    noise, timesteps = objective.draw(latents, generator)
+    picture = info.picture_conditioning(latents, generator)
+    cond = info.on_device(info.conditioning(texts, transforms, picture), device, dtype)
+    x = Noised(latents.to(device), noise.to(device), timesteps.to(device), None)
+    masks = masks.to(device) if masks is not None else None
+    x.noisy = objective.add_noise(x.latents, x.noise, x.timesteps)
+
+    # Scheduled sampling (rollouts): with the ramped probability, a sample's x_t is the model's own k-step rollout
+    # from t + k instead, and (recomputed target) its noise the one that x_t implies for x0.
+    forwards = rollout_batch(run, step, x, cond, generator) if args.scheduled_sampling_max_step_offset else 0
+    target = objective.target(x.latents, x.noise, x.timesteps)  # eps, v, or the flow's velocity eps - x0
+    noisy, timesteps = x.noisy.to(dtype), x.timesteps
+
+    # Prior preservation: a batch comes from one dataset, so it is all instance or all regularisation. A
+    # regularisation batch's loss is weighted by --prior_loss_weight (below); with the base_model target it learns
+    # the frozen base model's prediction on the same x_t, timestep and caption (adapter off, cached text).
+    is_prior = batch[0][0].is_regularisation
+    # A sharded model's forward pass needs every process: all run it when any process has a prior batch.
+    if args.prior_loss_target == "base_model" and (is_prior or run.sharded and any(
+            other[0][0].is_regularisation for other in batches)):
+        base_cond = info.on_device(info.conditioning([run.cached[c] for c in captions], transforms, picture),
+                                   device, dtype) if args.train_text_encoder else cond
+        with torch.no_grad(), adapters.adapter_disabled(run.unwrapped), run.accelerator.autocast():
+            base = info.predict(run.unwrapped, noisy, timesteps, base_cond)
+        target = base if is_prior else target
+
+    # Differential output preservation (--dop_class): for each instance caption naming --dop_trigger, a row with the
+    # same x_t and timestep and the class caption, whose target is the base model's prediction for it (adapter off,
+    # the cached text); one forward pass then serves both. Its rows count at --dop_weight, unmasked.
+    rows = [] if is_prior else [(i, dop_caption(args, c)) for i, c in enumerate(captions) if dop_caption(args, c)]
+    if rows:
+        index, class_captions = [i for i, _ in rows], [c for _, c in rows]
+        dop_cond = info.on_device(info.conditioning([run.cached[c] for c in class_captions],
+                                                    [transforms[i] for i in index],
+                                                    {k: v[index] for k, v in picture.items()}), device, dtype)
+        with torch.no_grad(), adapters.adapter_disabled(run.unwrapped), run.accelerator.autocast():
+            preserved = info.predict(run.unwrapped, noisy[index], timesteps[index], dop_cond)
+        cond = info.on_device(info.conditioning(texts + run.embed(class_captions),
+                                                transforms + [transforms[i] for i in index],
+                                                {k: torch.cat([v, v[index]]) for k, v in picture.items()}),
+                              device, dtype)
+        noisy, timesteps = torch.cat([noisy, noisy[index]]), torch.cat([timesteps, timesteps[index]])
+        target = torch.cat([target, preserved.to(target.dtype)])
+        masks = torch.cat([masks, torch.ones_like(masks[index])]) if masks is not None else None
+
+    # Forward and loss. Per sample: the mean squared error over its mask (masked loss; over the whole latent
+    # without one), times the objective's weight for its timestep (min-SNR; a flow weighting scheme); then the
+    # batch's weight (--prior_loss_weight for a regularisation batch) and DOP's.
+    with run.accelerator.autocast():
+        pred = info.predict(run.model, noisy, timesteps, cond)
+    loss_per_sample = masked_mse(pred, target, masks, args.masked_loss_normalize)
+    weights = objective.loss_weights(timesteps)
+    if weights is not None:
+        loss_per_sample = loss_per_sample * weights
+    unweighted, dop_losses = loss_per_sample[:len(batch)].mean(), loss_per_sample[len(batch):]
+    loss = unweighted * (args.prior_loss_weight if is_prior else 1.0) + (
+        args.dop_weight * dop_losses.mean() if rows else 0)
+    return loss, {"kind": "prior" if is_prior else "instance", "loss": unweighted, "dop": dop_losses,
+                  "rollout_forwards": forwards}
+
+
+def count_losses(totals, parts):
+    """Add a micro-batch's parts (training_loss) to the step's totals for the log: its loss before its weight, and
+    DOP's term (before --dop_weight) when it has one."""
+    totals[f"{parts['kind']}_loss"] += parts["loss"].item()
+    totals[f"{parts['kind']}_batches"] += 1
+    if len(parts["dop"]):
+        totals["dop_loss"] += parts["dop"].mean().item()
+        totals["dop_batches"] += 1
+    totals["rollout_forwards"] += parts["rollout_forwards"]
+
+
+def step_record(args, totals, record, ema_decay=None, skipped_nan=0, rollout_share=None):
+    """One line of train_log.jsonl (without its step): `record` (loss, lr, time, epoch) with the loss's parts, and
+    what the run's options add (rollouts, the EMA's decay, skipped batches)."""
+    if totals["instance_batches"]:
+        record["loss/instance"] = totals["instance_loss"] / totals["instance_batches"]
+    if totals["prior_batches"]:  # before --prior_loss_weight
+        record["loss/prior"] = totals["prior_loss"] / totals["prior_batches"]
+    if totals["dop_batches"]:  # before --dop_weight
+        record["loss/dop"] = totals["dop_loss"] / totals["dop_batches"]
+    if args.scheduled_sampling_max_step_offset:  # extra UNet passes (per sample) spent on rollouts
+        record["rollout_forwards"] = int(totals["rollout_forwards"])
+        record["rollout_probability"] = rollout_share
+    if ema_decay is not None:
+        record["ema_decay"] = ema_decay
+    if skipped_nan:
+        record["skipped_nan_batches"] = skipped_nan
+    return record
+
+
+def eval_loss_values(run, measure):
+    """The log's stable eval loss (`measure`: a scores.StableEvalLoss, the measure evaluate.py takes): eval_loss and
+    eval_loss_per_timestep of the raw weights, eval_loss/ema of the average. Captions are read as training reads
+    them (trained text encoders: now)."""
+    embed = run.embed if run.args.train_text_encoder else None
+    raw = measure(run.unwrapped, embed)
+    record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
+    if run.ema is not None:
+        with run.ema.applied(run.trainable):
+            record["eval_loss/ema"] = measure(run.unwrapped, embed)["mean"]
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Validation
 
 
-def validation_previews(args, info, hooks, preview_vae, step, drawn, size):
-    """preview_for(prompt index, seed) for render: --validation_preview's callbacks (None without it)."""
-    if not (args.validation_preview and hooks is not None):
-        return None
-    latent_size = size and (size[1] // info.vae_scale_factor, size[0] // info.vae_scale_factor)  # FLUX: to unpack
+class Validator:
+    """Validation rounds, for the main process: every --validation_prompt at fixed seeds (the same seeds at every
+    step, so images are comparable) into validation/step-STEP/ with a grid (a row per prompt, a column per seed).
+    With an EMA, --validation_ema picks the raw weights, the EMA weights, or both side by side;
+    --validation_lora_scales draws each of those at each adapter strength. With --evaluation_type clip the images
+    are scored against their prompts and the subject's pictures. Webhooks get each prompt's images, and with
+    --validation_preview previews while they are drawn. A model that draws from pictures (a refiner, IF stage II)
+    refines (enlarges) subject pictures instead, their captions as prompts; its rows start with each source. What
+    it needs (the CLIP scorer, the sources, the preview TAESD) is loaded once, here."""
 
-    def preview_for(p, seed):
-        return render.preview_sender(hooks, preview_vae, args.validation_preview_steps, step, drawn[p], seed,
-                                     latent_size, args.validation_num_inference_steps)
-    return preview_for
+    def __init__(self, run, hooks, datasets, plans):
+        args, info, device = run.args, run.info, run.device
+        self.run, self.hooks, self.scoring, self.sources, self.preview_vae = run, hooks, None, None, None
+        if args.evaluation_type == "clip":  # validation images scored against their prompts and the subject's photos
+            scorer = scores.Scorer(args.clip_model, device=device, allow_pickle=args.allow_pickle)
+            subject = data.subject_dataset(datasets)
+            self.scoring = scorer, scorer.clip_images([images.load_image(e.path) for e in plans[subject.id]])
+        if info.draws_from_pictures:
+            self.sources = render.refine_sources(info, plans[data.subject_dataset(datasets).id],
+                                                 args.num_validation_images, args.validation_seed)
+            run.accelerator.print(f"warning: --validation_prompt is ignored: {info.sources_note(len(self.sources))}")
+        if args.validation_preview and info.preview_vae:  # a Tiny AutoEncoder turns in-progress latents into pictures
+            self.preview_vae = render.load_preview_vae(args.preview_vae or info.preview_vae, args.allow_pickle, device)
 
+    def __call__(self, step, log):
+        """A round at `step`, its scores and grid into the log."""
+        values = self.round(step)
+        if values:
+            log.log(step, values)
+        log.log_image(step, "validation", os.path.join(self.run.args.output_dir, "validation", f"step-{step}",
+                                                       "grid.png"))
 
-def run_validation(args, info, accelerator, unet, frozen, step, ema=None, scoring=None, hooks=None, preview_vae=None,
-                   sources=None):
-    """Render every --validation_prompt at fixed seeds (the same seeds at every step, so images are comparable)
-    into validation/step-STEP/ with a grid (a row per prompt, a column per seed). With an EMA, --validation_ema
-    picks the raw weights, the EMA weights, or both side by side; --validation_lora_scales draws each of those at
-    each adapter strength. With `scoring` (--evaluation_type clip: the Scorer and the subject's CLIP embeddings) the
-    images are scored: returns {"validation/clip_t": ...} (with "/ema", "/scale0.5" variants), else {}. Webhooks
-    get each prompt's images, and with `preview_vae` previews while they are drawn. A refiner refines `sources`
-    (render.refine_sources) instead; its rows start with each source."""
-    model = accelerator.unwrap_model(unet)
-    vae, tokenizers, text_encoders = frozen
-    for part in filter(None, (vae, *text_encoders)):  # no-op unless --offload_frozen left them in system memory
-        part.to(accelerator.device)
-    pipe = models.build_pipeline(info, model, vae, tokenizers, text_encoders)
-    pipe.set_progress_bar_config(disable=True)
-    folder = os.path.join(args.output_dir, "validation", f"step-{step}")
-    sizes = [None] if sources else render.picture_sizes(info, args.validation_resolution)  # a refiner: the sources'
-    # Prompts may hold {instance} / {class}; CLIP-T scores against the class in place of the instance.
-    instance = args.validation_instance or ""
-    prompts = [scores.fill_prompt(text, instance, args.validation_class or instance)
-               for text in ([caption for caption, _ in sources] if sources else args.validation_prompt)]
-    drawn = [generate for generate, _ in prompts]
-    weights = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[args.validation_ema if ema else "raw"]
-    variants = [(w, scale) for w in weights for scale in args.validation_lora_scales or [None]]  # None: as trained
-    was_training = model.training
-    model.eval()  # no LoRA dropout while sampling
-    rows, results, labels = [[] for _ in prompts], {}, []
-    for variant, scale in variants:
-        tag = ("/ema" if variant == "ema" else "") + ("" if scale is None else f"/scale{scale:g}")
-        name, suffix = {"raw": "raw", "ema": "EMA"}[variant], tag.replace("/", "_")  # files: _ema, _scale0.5
-        label = name if scale is None else f"LoRA x{scale:g}" if weights == ["raw"] else f"{name} LoRA x{scale:g}"
-        averaged = ema.applied(adapters.trainable_parameters(model)) if variant == "ema" else contextlib.nullcontext()
-        made = [[] for _ in prompts]  # this variant's pictures, every size
-        with averaged, adapters.adapter_scaled(model, scale):
-            for size in sizes:  # several sizes: each file and grid group named by its size
-                sized = f"-{render.size_label(size)}" if len(sizes) > 1 else ""
-                made_here = render.render(
-                    pipe, drawn, args.num_validation_images, args.validation_seed,
-                    render.drawing_options(info, args, args.validation_num_inference_steps,
-                                           validation_guidance(args, info), args.validation_negative_prompt, size),
-                    sources, accelerator.autocast,
-                    lambda p, seed: os.path.join(folder, f"prompt{p:02d}-seed{seed}{suffix}{sized}.png"),
-                    validation_previews(args, info, hooks, preview_vae, step, drawn, size),
-                    f"validation images (step {step}{tag}{sized.replace('-', ' ')})")
-                for p, pictures in enumerate(made_here):
-                    rows[p] += pictures
-                    made[p] += pictures
-                    if hooks is not None:
-                        hooks.send("validation_image", drawn[p] + (" (EMA weights)" if variant == "ema" else "") +
-                                   ("" if scale is None else f" (LoRA x{scale:g})") + sized.replace("-", " at "),
-                                   step=step, images=pictures, prompt=drawn[p], weights=variant, lora_scale=scale)
-                labels.append(" ".join(part for part in (label if len(variants) > 1 or sources else "",
-                                                         render.size_label(size) if len(sizes) > 1 else "") if part))
-        if scoring is not None:
-            scorer, real_clip = scoring
-            values = scorer.scores([image for row in made for image in row],
-                                   [prompts[p][1] for p, row in enumerate(made) for _ in row], real_clip)
-            results.update({f"validation/{k}{tag}": v for k, v in values.items()})
-    labels = labels if any(labels) else []
-    cell = (max(w for w, _ in sizes), max(h for _, h in sizes)) if len(sizes) > 1 else None
-    grid = render.prompt_grid(rows, drawn, sources, ["source", *labels] if sources else labels, cell=cell)
-    files.save_image_atomic(grid, os.path.join(folder, "grid.png"))
-    files.write_text_atomic("\n".join(drawn) + "\n", os.path.join(folder, "prompts.txt"))
-    model.train(was_training)
-    if args.offload_frozen:
-        for part in filter(None, (vae, *text_encoders)):
-            if not adapters.trainable_parameters(part):  # a trained text encoder runs every step: it stays
+    def round(self, step):
+        """Draw, save and score a round. Returns {"validation/clip_t": ...} (with "/ema", "/scale0.5" variants)
+        with --evaluation_type clip, else {}."""
+        args, run, sources = self.run.args, self.run, self.sources
+        model, (vae, tokenizers, text_encoders) = run.unwrapped, run.frozen
+        for part in filter(None, (vae, *text_encoders)):  # no-op unless --offload_frozen left them in system memory
+            part.to(run.device)
+        pipe = models.build_pipeline(run.info, model, vae, tokenizers, text_encoders)
+        pipe.set_progress_bar_config(disable=True)
+        sizes = [None] if sources else render.picture_sizes(run.info, args.validation_resolution)  # sources': theirs
+        # Prompts may hold {instance} / {class}; CLIP-T scores against the class in place of the instance.
+        instance = args.validation_instance or ""
+        prompts = [scores.fill_prompt(text, instance, args.validation_class or instance)
+                   for text in ([caption for caption, _ in sources] if sources else args.validation_prompt)]
+        weights = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[args.validation_ema if run.ema else "raw"]
+        variants = [(w, scale) for w in weights for scale in args.validation_lora_scales or [None]]  # None: as trained
+        was_training = model.training
+        model.eval()  # no LoRA dropout while sampling
+        rows, results, labels = [[] for _ in prompts], {}, []
+        for variant, scale in variants:
+            tag = ("/ema" if variant == "ema" else "") + ("" if scale is None else f"/scale{scale:g}")
+            name = {"raw": "raw", "ema": "EMA"}[variant]
+            label = name if scale is None else f"LoRA x{scale:g}" if weights == ["raw"] else f"{name} LoRA x{scale:g}"
+            averaged = run.ema.applied(run.trainable) if variant == "ema" else contextlib.nullcontext()
+            made = [[] for _ in prompts]  # this variant's pictures, every size
+            with averaged, adapters.adapter_scaled(model, scale):
+                for size in sizes:  # several sizes: each file and grid group named by its size
+                    for p, pictures in enumerate(self.draw(pipe, step, [g for g, _ in prompts], (variant, scale),
+                                                           size if len(sizes) > 1 else None, size)):
+                        rows[p] += pictures
+                        made[p] += pictures
+                    shown = (label if len(variants) > 1 or sources else "",
+                             render.size_label(size) if len(sizes) > 1 else "")
+                    labels.append(" ".join(part for part in shown if part))
+            if self.scoring is not None:
+                scorer, real_clip = self.scoring
+                values = scorer.scores([image for row in made for image in row],
+                                       [prompts[p][1] for p, row in enumerate(made) for _ in row], real_clip)
+                results.update({f"validation/{k}{tag}": v for k, v in values.items()})
+        labels = labels if any(labels) else []
+        cell = (max(w for w, _ in sizes), max(h for _, h in sizes)) if len(sizes) > 1 else None
+        drawn = [generate for generate, _ in prompts]
+        grid = render.prompt_grid(rows, drawn, sources, ["source", *labels] if sources else labels, cell=cell)
+        folder = os.path.join(args.output_dir, "validation", f"step-{step}")
+        files.save_image_atomic(grid, os.path.join(folder, "grid.png"))
+        files.write_text_atomic("\n".join(drawn) + "\n", os.path.join(folder, "prompts.txt"))
+        model.train(was_training)
+        if args.offload_frozen:  # text encoders read every step (--train_text_encoder) stay
+            for part in filter(None, (vae, *([] if args.train_text_encoder else text_encoders))):
                 part.to("cpu")
-    return results
+        return results
+
+    def draw(self, pipe, step, drawn, variant, named_size, size):
+        """Every prompt's pictures of one variant ((weights, adapter scale)) at one size, each saved
+        (prompt00-seed0_ema_scale0.5-64x64.png: `named_size` names the size where a round draws several) and sent
+        to the webhooks."""
+        args, info, (weights, scale) = self.run.args, self.run.info, variant
+        tag = ("/ema" if weights == "ema" else "") + ("" if scale is None else f"/scale{scale:g}")
+        suffix, sized = tag.replace("/", "_"), f"-{render.size_label(named_size)}" if named_size else ""
+        folder = os.path.join(args.output_dir, "validation", f"step-{step}")
+        plan = render.Round(args.num_validation_images, args.validation_seed,
+                            render.drawing_options(info, args.validation_num_inference_steps,
+                                                   validation_guidance(args, info), args.validation_negative_prompt,
+                                                   size),
+                            self.run.accelerator.autocast,
+                            f"validation images (step {step}{tag}{sized.replace('-', ' ')})")
+        made = render.render(pipe, drawn, plan, self.sources,
+                             lambda p, seed: os.path.join(folder, f"prompt{p:02d}-seed{seed}{suffix}{sized}.png"),
+                             self.previews(step, drawn, size))
+        for p, pictures in enumerate(made):
+            if self.hooks is not None:
+                self.hooks.send("validation_image", drawn[p] + (" (EMA weights)" if weights == "ema" else "") +
+                                ("" if scale is None else f" (LoRA x{scale:g})") + sized.replace("-", " at "),
+                                step=step, images=pictures, prompt=drawn[p], weights=weights, lora_scale=scale)
+        return made
+
+    def previews(self, step, drawn, size):
+        """preview_for(prompt index, seed) for render: --validation_preview's callbacks (None without it)."""
+        args, info = self.run.args, self.run.info
+        if not (args.validation_preview and self.hooks is not None):
+            return None
+        latent_size = size and (size[1] // info.vae_scale_factor, size[0] // info.vae_scale_factor)  # FLUX: unpack
+        previews = render.Previews(self.hooks, self.preview_vae, args.validation_preview_steps,
+                                   lambda latents: info.preview_latents(latents, latent_size),
+                                   args.validation_num_inference_steps)
+        return lambda p, seed: previews.callback(step, drawn[p], seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,104 +560,49 @@ def train(args, hooks):
     """Set-up in named steps (each defined below), the training loop, the final save."""
     accelerator = start_accelerator(args)
     say, device = accelerator.print, accelerator.device
-    rank, world, sharded = accelerator.process_index, accelerator.num_processes, checkpoints.is_sharded(accelerator)
+    rank, world = accelerator.process_index, accelerator.num_processes
     datasets, info, plans, eval_entries, seed, resume_path = plan_data(args, accelerator)
     text_embeds, eval_examples = build_caches(args, accelerator, info, datasets, plans, eval_entries)
-    unet, objective, weight_dtype, lora_config = load_model(args, info, device, say)
-    frozen, text_of = load_frozen_parts(args, info, accelerator, weight_dtype, unet, text_embeds)  # + text_of(captions)
-    optimizer = optimisers.make(args, adapters.trainable_parameters(unet))
-    sampler, batches_per_epoch, max_train_steps, lr_scheduler = plan_steps(args, datasets, plans, seed, world,
-                                                                           optimizer, say)
-    unet, optimizer = accelerator.prepare(unet, optimizer)  # unet: the trained forward (DDP syncs its gradients)
-    unwrapped = accelerator.unwrap_model(unet)  # the model itself: passes without gradients, saving, the EMA
+    denoiser, objective, weight_dtype = load_model(args, info, device, say)
+    frozen, embed = load_frozen_parts(args, info, accelerator, weight_dtype, denoiser, text_embeds)
+    optimizer = optimisers.make(args, adapters.trainable_parameters(denoiser))
+    sampler, batches_per_epoch, max_train_steps, lr_scheduler = plan_steps(args, datasets, plans, seed, accelerator,
+                                                                           optimizer)
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)  # the trained forward (DDP syncs its gradients)
+    unwrapped = accelerator.unwrap_model(denoiser)  # the model itself: passes without gradients, saving, the EMA
     trainable = adapters.trainable_parameters(unwrapped)
     ema = make_ema(args, accelerator, trainable, device, say)
-    validate = make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks)
-    save_outputs = adapters.output_writer(args, info, datasets, unwrapped, lora_config, ema, trainable)
-    first_step, skipped_nan = checkpoints.resume(args, accelerator, resume_path, unet, optimizer, lr_scheduler,
-                                                 ema, sampler)
+    run = Run(args, info, accelerator, denoiser, unwrapped, trainable, objective, embed, text_embeds, weight_dtype,
+              datasets, frozen, ema, checkpoints.is_sharded(accelerator))
+    state = checkpoints.TrainingState(denoiser, optimizer, lr_scheduler, sampler, seed, run_shape(args), run.ema)
+    validate = Validator(run, hooks, datasets, plans) if args.validation_prompt and accelerator.is_main_process \
+        else None
+    first_step = checkpoints.resume(accelerator, state, resume_path)
     log = open_log(args, accelerator, first_step if resume_path else None, seed)
-    eval_loss = scores.eval_loss_function(args, info, accelerator, unwrapped, objective, eval_examples, ema, trainable,
-                                          max_train_steps, log if first_step == 0 else None,  # the start, for the curve
-                                          text_of if args.train_text_encoder else None)
+    eval_loss = scores.StableEvalLoss(info, objective, eval_examples, args.eval_timesteps, args.eval_seed,
+                                      accelerator.autocast) if eval_examples else None
+    if eval_loss is not None and first_step == 0:  # the start of the curve
+        log.log(0, eval_loss_values(run, eval_loss))
     webhooks.notify(hooks, "training_started", f"training {describe(args)} on {info.ref}: steps {first_step} to "
                     f"{max_train_steps}", step=first_step, max_train_steps=max_train_steps)
     bar = tqdm(total=max_train_steps, initial=first_step, desc="training", unit="step", disable=rank > 0)
-    # Besides the text: a refiner's aesthetic score, FLUX.1-dev's guidance; IF stage II's low-resolution input.
-    options, low_resolution = models.conditioning_options(info, args), objectives.low_resolution(info, args)
 
     # --- The training loop: one optimiser step per iteration.
     for step in range(first_step, max_train_steps):
         started = time.perf_counter()
         loss_sum, totals = 0.0, dict.fromkeys(STEP_TOTALS, 0.0)
         for micro in range(args.gradient_accumulation_steps):
-            # Every process replays the whole batch stream and takes its own share of it.
+            # Every process replays the whole batch stream and takes its own share of it. The batch's loss:
+            # training_loss, where masks, prior preservation, DOP, rollouts and the weights each have their block.
+            # Gradients are synchronised across processes on the last micro-step only.
             batch_index = (step * args.gradient_accumulation_steps + micro) * world + rank
             batches = [sampler.next() for _ in range(world)]
-            batch = batches[rank]
-            generator = batch_generator(seed, batch_index)
-
-            # Inputs: a latent drawn from its image's cached VAE distribution, its mask (masked loss: cut with its
-            # image, averaged onto the latent grid), the caption's embeddings (cached; --train_text_encoder: read now
-            # by the trained encoders) and, below, what models.conditioning adds (pooled text, time ids, guidance).
-            latents, masks = sample_latents(batch, generator, *models.latent_scaling(info))
-            captions = batch_captions(batch, generator, args.caption_dropout_probability)
-            texts, transforms = text_of(captions), [entry.transform for entry, _ in batch]
-
-            # Noise and timesteps (objectives.py: DDPM timesteps uniform over the schedule, or flow-matching noise
-            # levels by the weighting scheme and shift), x_t, and IF stage II's shrunk, enlarged, noised picture.
-            noise, timesteps = objective.draw(latents, generator)
-            cond = models.conditioning(info, texts, transforms, **options, on=(device, weight_dtype),
-                                       low_resolution=low_resolution and low_resolution(latents, generator))
-            latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-            masks = masks.to(device) if masks is not None else None
-            noisy_latents = objective.add_noise(latents, noise, timesteps)
-
-            # Scheduled sampling (rollouts): with the ramped probability, a sample's x_t is the model's own k-step
-            # rollout from t + k instead, and (recomputed target) its noise the one that x_t implies for x0.
-            if args.scheduled_sampling_max_step_offset:
-                totals["rollout_forwards"] += rollout_batch(args, step, info, unwrapped, objective, latents, noise,
-                                                            noisy_latents, timesteps, cond, generator,
-                                                            accelerator.autocast, weight_dtype)
-            target = objective.target(latents, noise, timesteps)  # eps, v, or the flow's velocity eps - x0
-            noisy_latents = noisy_latents.to(weight_dtype)
-
-            # Prior preservation: a batch comes from one dataset, so it is all instance or all regularisation. A
-            # regularisation batch's loss is weighted by --prior_loss_weight; with the base_model target it learns
-            # the frozen base model's prediction on the same x_t, timestep and caption (adapter off, cached text).
-            is_prior = batch[0][0].is_regularisation
-            loss_weight = args.prior_loss_weight if is_prior else 1.0
-            # A sharded model's forward pass needs every process: all run it when any process has a prior batch.
-            if args.prior_loss_target == "base_model" and (is_prior or sharded and any(
-                    other[0][0].is_regularisation for other in batches)):
-                base_cond = models.conditioning(info, [text_embeds[c] for c in captions], transforms, **options,
-                                                low_resolution=models.low_resolution_of(cond),
-                                                on=(device, weight_dtype)) if args.train_text_encoder else cond
-                with torch.no_grad(), adapters.adapter_disabled(unwrapped), accelerator.autocast():
-                    base = models.predict(info, unwrapped, noisy_latents, timesteps, base_cond)
-                target = base if is_prior else target
-
-            # Differential output preservation (--dop_class): class-caption rows keeping the base model's prediction.
-            inputs, target, masks, dop = objectives.with_dop_rows(
-                args, info, unwrapped, batch, captions, (texts, text_of, text_embeds), options,
-                (noisy_latents, timesteps, cond), target, masks, accelerator.autocast)
-
-            # Forward and loss. Gradients are synchronised across processes on the last micro-step only. Per
-            # sample: the mean squared error over its mask (masked loss; over the whole latent without one), times
-            # the objective's weight for its timestep (min-SNR; a flow weighting scheme); then the prior weight.
             last_micro = micro == args.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
-                with accelerator.autocast():
-                    pred = models.predict(info, unet, *inputs)
-                loss_per_sample = masked_mse(pred, target, masks, args.masked_loss_normalize)
-                weights = objective.loss_weights(inputs[1])
-                if weights is not None:
-                    loss_per_sample = loss_per_sample * weights
-                unweighted = loss_per_sample[:len(batch)].mean()
-                loss = unweighted * loss_weight + (args.dop_weight * loss_per_sample[len(batch):].mean() if dop else 0)
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(denoiser):
+                loss, parts = training_loss(run, batches, batch_generator(seed, batch_index), step)
                 accelerator.backward(loss / args.gradient_accumulation_steps)
             loss_sum += loss.detach() / args.gradient_accumulation_steps
-            count_losses(totals, "prior" if is_prior else "instance", unweighted, loss_per_sample[len(batch):])
+            count_losses(totals, parts)
         files.fault_point("backward")
 
         # The update, unless a loss (any process's) is NaN or infinite: then this batch's gradients are poisoned
@@ -450,28 +616,30 @@ def train(args, hooks):
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
         else:
-            skipped_nan = checkpoints.drop_poisoned_batch(args, optimizer, lr_scheduler, mean_loss, done, skipped_nan,
-                                                          say)
+            checkpoints.drop_poisoned_batch(state, mean_loss, done, args.skip_nan_steps, args.output_dir, say)
 
         # EMA: fold the new weights into the moving average every --ema_update_interval steps.
-        ema_decay = ema.update(trainable) if ema is not None and done % args.ema_update_interval == 0 else None
+        ema_decay = run.ema.update(trainable) if run.ema is not None and done % args.ema_update_interval == 0 \
+            else None
 
         # Log, with the stable eval loss every --eval_steps_interval steps and at the end.
-        evaluation = eval_loss(done) if eval_loss is not None else {}  # every --eval_steps_interval and at the end
+        evaluation = eval_loss_values(run, eval_loss) if eval_loss is not None and (
+            done % args.eval_steps_interval == 0 or done == max_train_steps) else {}
         totals = dict(zip(STEP_TOTALS, accelerator.reduce(torch.tensor(list(totals.values()), device=device)).tolist()))
         if log is not None:
-            record = checkpoints.step_record(args, mean_loss, lr_scheduler.get_last_lr()[0],
-                                             time.perf_counter() - started, sampler.drawn / batches_per_epoch, totals,
-                                             ema_decay, skipped_nan, rollout_probability(args, step))
-            log.log(done, {**record, **evaluation})
+            record = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
+                      "step_time": time.perf_counter() - started, "epoch": sampler.drawn / batches_per_epoch}
+            log.log(done, {**step_record(args, totals, record, ema_decay, state.skipped_nan,
+                                         rollout_probability(args, step)), **evaluation})
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         bar.update(1)
         files.fault_point("step")
 
         # Checkpoint every --checkpointing_steps (not at the very end: the final save follows).
         if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < max_train_steps:
-            path = checkpoints.save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, done, sampler, seed,
-                                               ema, save_outputs if args.model_type == "lora" else None, skipped_nan)
+            path = checkpoints.save_checkpoint(accelerator, state, done, args.output_dir, args.checkpoints_total_limit,
+                                               functools.partial(save_outputs, run)
+                                               if args.model_type == "lora" else None)
             say(f"\nsaved {path}")
             webhooks.notify(hooks, "checkpoint_saved", f"checkpoint at step {done}: {path}", step=done, path=path)
 
@@ -482,9 +650,9 @@ def train(args, hooks):
             accelerator.wait_for_everyone()
     bar.close()
 
-    save_final(args, info, accelerator, unwrapped, frozen, ema, trainable, save_outputs, validate, log, hooks,
-               max_train_steps)
-    return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed, "ema": ema}
+    save_final(run, validate, log, hooks, max_train_steps)
+    # "unet": the trained UNet or transformer (its diffusers name in pipelines that have a UNet)
+    return {"output_dir": args.output_dir, "unet": unwrapped, "steps": max_train_steps, "seed": seed, "ema": run.ema}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -526,7 +694,7 @@ def plan_data(args, accelerator):
             if accelerator.is_main_process:
                 data.make_class_images(args, say)
     datasets, info, plans = data.prepare(args, print_fn=say)
-    if args.validation_prompt and (args.evaluation_type == "clip" or info.spec.draws_from_pictures):
+    if args.validation_prompt and (args.evaluation_type == "clip" or info.draws_from_pictures):
         data.subject_dataset(datasets)  # scored against, or refined: a run without subject pictures stops here
     if accelerator.is_main_process:
         data.announce_pending_features(datasets)
@@ -547,15 +715,11 @@ def plan_data(args, accelerator):
     say(f"model: {info.ref} ({info.family}, {info.prediction_type}); datasets: "
         + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
     objectives.settle_flags(info, args)
-    models.refuse_flags_of_other_families(info, args, build_parser())
-    if args.validation_prompt and not info.spec.draws_from_pictures:  # a size its pipeline cannot draw: refused now
+    info.refuse_flags(args, build_parser().get_default)
+    if args.validation_prompt and not info.draws_from_pictures:  # a size its pipeline cannot draw: refused now
         render.picture_sizes(info, args.validation_resolution)
-    if info.spec.refines:
-        say(f"SDXL refiner: text encoder 2 only, --refiner_training_strength {args.refiner_training_strength:g}, "
-            f"aesthetic score {args.data_aesthetic_score:g}")
-    if info.guidance_embeds:
-        say(f"guidance-distilled model: trained with guidance {args.flux_guidance_value:g} (--flux_guidance_value); "
-            f"validation draws with {validation_guidance(args, info):g}")
+    for note in info.notes(validation_guidance(args, info)):  # a refiner's strength, FLUX.1-dev's guidance
+        say(note)
     if accelerator.is_main_process:  # every flag checked: the run as settled, to repeat it
         cards.write_run_args(args, args.output_dir, seed, flags.option_names(build_parser()))
     return datasets, info, plans, eval_entries, seed, resume_path
@@ -566,7 +730,7 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
     dropped from the plans); then every caption's embeddings, and the eval loss's examples (main process)."""
     train_datasets = [d for d in datasets if d.trains]
     text_dir = data.text_cache_dir(datasets, args)
-    empty = objectives.extra_captions(args, train_datasets, plans, say=accelerator.print)
+    empty = extra_captions(args, train_datasets, plans, say=accelerator.print)
     if accelerator.is_main_process:
         for dataset in train_datasets:
             plans[dataset.id], _ = caches.build_vae_cache(plans[dataset.id], info, accelerator.device,
@@ -582,7 +746,7 @@ def build_caches(args, accelerator, info, datasets, plans, eval_entries):
             plans[dataset.id] = [e for e in plans[dataset.id] if os.path.isfile(e.cache_path)]
     text_embeds = caches.load_text_embeddings([c for d in train_datasets for e in plans[d.id] for c in e.captions]
                                               + empty, info, text_dir)
-    eval_examples = scores.eval_examples(eval_entries, info, text_dir, args) \
+    eval_examples = scores.eval_examples(eval_entries, info, text_dir, args.eval_seed) \
         if accelerator.is_main_process and eval_entries else []
     return text_embeds, eval_examples
 
@@ -593,29 +757,30 @@ def load_model(args, info, device, say):
     from diffusers.training_utils import cast_training_params
 
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    unet = models.load_component(info, info.spec.denoiser, weight_dtype if args.model_type == "lora" else torch.float32)
-    quantise.quantize_model(unet, args.base_model_precision, weight_dtype)  # load -> quantise -> freeze -> adapter
-    unet.to(device).requires_grad_(args.model_type == "full")
-    lora_config = None
+    denoiser = models.load_component(info, info.denoiser, weight_dtype if args.model_type == "lora" else torch.float32)
+    quantise.quantize_model(denoiser, args.base_model_precision, weight_dtype)  # load -> quantise -> freeze -> adapter
+    denoiser.to(device).requires_grad_(args.model_type == "full")
     if args.model_type == "lora":
         if args.lora_type == "lycoris":
-            adapters.add_lycoris(unet, args.lycoris, args.lycoris_config).to(device)
+            adapters.add_lycoris(denoiser, args.lycoris, args.lycoris_config).to(device)
         else:
-            lora_config = adapters.add_lora(unet, args, info.spec.denoiser)
-        cast_training_params(unet, torch.float32)
+            adapters.add_lora(denoiser, adapters.LoraSettings.from_args(args), adapters.lora_targets(
+                info, denoiser, args.lora_target, args.lora_layers),
+                f"--lora_layers {args.lora_layers}" if args.lora_layers else f"--lora_target {args.lora_target}")
+        cast_training_params(denoiser, torch.float32)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    count = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     objective = objectives.for_model(info, args)
     say(f"training {count:,} parameters ({describe(args)}; base weights: {args.base_model_precision}); "
         f"{objective.describe()}")
-    return unet, objective, weight_dtype, lora_config
+    return denoiser, objective, weight_dtype
 
 
 def validation_guidance(args, info):
     """--validation_guidance_scale, or the family's usual value (FLUX.1-dev: 3.5, its embedded guidance)."""
-    return info.spec.guidance_scale if args.validation_guidance_scale is None else args.validation_guidance_scale
+    return info.guidance_scale if args.validation_guidance_scale is None else args.validation_guidance_scale
 
 
 def describe(args):
@@ -624,30 +789,35 @@ def describe(args):
     return "the whole UNet" if args.model_type == "full" else adapter
 
 
-def load_frozen_parts(args, info, accelerator, weight_dtype, unet, text_embeds):
-    """(VAE, tokenizers, text encoders) when validation renders images, a full fine-tune saves a whole pipeline or
+def load_frozen_parts(args, info, accelerator, weight_dtype, denoiser, text_embeds):
+    """(VAE, tokenizers, text encoders) where validation renders images, a full fine-tune saves a whole pipeline or
     --train_text_encoder puts a LoRA on the encoders (then held by the UNet too, in fp32); else None. With
-    --offload_frozen they wait in system memory and visit the GPU only to render (trained encoders stay). And
-    texts(captions), the captions' embeddings as training reads them (adapters.text_reader)."""
+    --offload_frozen they wait in system memory and visit the GPU only to render (trained encoders stay). And the
+    adapters.TextReader that reads captions as training reads them (from the cache, or through the trained encoders)."""
     from diffusers.training_utils import cast_training_params
 
     if not (args.validation_prompt or args.model_type == "full" or args.train_text_encoder):
-        return None, adapters.text_reader(info, text_embeds)
+        return None, adapters.TextReader(info, text_embeds)
+    # A trained text encoder runs every step, and so do the frozen ones beside it (SD3's T5): they never wait in
+    # system memory.
     frozen_device = "cpu" if args.offload_frozen else accelerator.device
+    encoder_device = accelerator.device if args.train_text_encoder else frozen_device
     vae = models.load_vae(info, frozen_device)
-    tokenizers, text_encoders = models.load_text_encoders(info, frozen_device, weight_dtype)
+    tokenizers, text_encoders = models.load_text_encoders(info, encoder_device, weight_dtype)
     frozen = vae, tokenizers, text_encoders
     if not args.train_text_encoder:
-        return frozen, adapters.text_reader(info, text_embeds)
-    adapters.add_text_encoder_lora(unet, info, text_encoders, args, accelerator.device)
-    cast_training_params(unet, torch.float32)
-    return frozen, adapters.text_reader(info, text_embeds, frozen, accelerator.autocast)
+        return frozen, adapters.TextReader(info, text_embeds)
+    adapters.add_text_encoder_lora(denoiser, info, text_encoders, adapters.LoraSettings.from_args(args),
+                                   accelerator.device, args.gradient_checkpointing)
+    cast_training_params(denoiser, torch.float32)
+    return frozen, adapters.TextReader(info, text_embeds, (tokenizers, text_encoders), accelerator.autocast)
 
 
-def plan_steps(args, datasets, plans, seed, world, optimizer, say):
+def plan_steps(args, datasets, plans, seed, accelerator, optimizer):
     """The batch stream, the length of the run and its lr schedule, each said."""
     from diffusers.optimization import get_scheduler
 
+    say, world = accelerator.print, accelerator.num_processes
     sampler = BatchSampler(datasets, plans, args.train_batch_size, seed, args.data_sampling)
     for note in sampler.oversubscribed():
         say(note)
@@ -680,46 +850,70 @@ def make_ema(args, accelerator, trainable, device, say):
     return EMA(trainable, args.ema_decay, args.ema_warmup, "cpu" if args.ema_device == "cpu" else device)
 
 
-def make_validator(args, info, accelerator, datasets, plans, unet, frozen, ema, hooks):
-    """validate(step, log), for the main process: a run_validation round, its scores (--evaluation_type clip) into
-    the log. Loads what it needs once: the CLIP scorer, a refiner's (IF stage II's) sources, the preview TAESD."""
-    if not (args.validation_prompt and accelerator.is_main_process):
-        return None
-    device, scoring, sources, preview_vae = accelerator.device, None, None, None
-    if args.evaluation_type == "clip":  # validation images scored against their prompts and the subject's photos
-        scorer = scores.Scorer(args.clip_model, device=device, allow_pickle=args.allow_pickle)
-        subject = data.subject_dataset(datasets)
-        scoring = scorer, scorer.clip_images([images.load_image(e.path) for e in plans[subject.id]])
-    if info.spec.draws_from_pictures:  # it refines (enlarges) subject images, their captions as prompts
-        sources = render.refine_sources(info, plans[data.subject_dataset(datasets).id], args.num_validation_images,
-                                        args.validation_seed)
-        accelerator.print(f"warning: --validation_prompt is ignored: {render.sources_note(info, args, sources)}")
-    if args.validation_preview and not info.spec.pixels:  # a Tiny AutoEncoder turns in-progress latents into pictures
-        preview_vae = render.load_preview_vae(args.preview_vae or info.spec.preview_vae, args.allow_pickle, device)
-
-    def validate(step, log):
-        values = run_validation(args, info, accelerator, unet, frozen, step, ema, scoring, hooks, preview_vae, sources)
-        if values:
-            log.log(step, values)
-        log.log_image(step, "validation", os.path.join(args.output_dir, "validation", f"step-{step}", "grid.png"))
-
-    return validate
+def run_shape(args):
+    """What a checkpoint records of the run's shape, so a resume with another one is noticed."""
+    return {"train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "model_type": args.model_type, "ema_warmup": args.ema_warmup}
 
 
-def save_final(args, info, accelerator, model, frozen, ema, trainable, save_outputs, validate, log, hooks, steps):
+def save_outputs(run, folder, step, card_only=False):
+    """The adapter file(s) in `folder` (a checkpoint or the output): the raw weights and, with --use_ema, the average
+    beside them (with how much of the untrained start it still holds); a checkpoint's model card. The output
+    folder's card follows the last validation round, so the run's end writes it alone (card_only, for a full
+    fine-tune's pipeline too). Returns the adapter's path."""
+    args = run.args
+    if card_only:
+        return write_card(run, folder, step)
+    path = write_adapter(run, folder, step)
+    if folder != args.output_dir:
+        write_card(run, folder, step)
+    if run.ema is not None:
+        metadata = {"weights": "ema", "ema_decay": str(args.ema_decay), "ema_updates": str(run.ema.updates),
+                    "ema_start_share": f"{run.ema.start_share():.6f}"}
+        with run.ema.applied(run.trainable):
+            write_adapter(run, folder, step, adapters.EMA_SUFFIX, metadata)
+    return path
+
+
+def write_adapter(run, folder, step, suffix="", metadata=None):
+    """One adapter file in `folder` with what its metadata says of the run (cards.run_metadata), and its kohya layout
+    where asked (--lora_format comfyui; LyCORIS: always, where one exists). `suffix` names a variant ("_ema")."""
+    args, info = run.args, run.info
+    name, kohya_name = adapters.weight_names(args.output_name, suffix)
+    path = os.path.join(folder, name)
+    metadata = {**cards.run_metadata(args, info, run.datasets, step, name[:-len(".safetensors")]), **(metadata or {})}
+    lora = {"lora_rank": str(args.lora_rank), "lora_alpha": str(args.lora_alpha or args.lora_rank),
+            "lora_target": args.lora_layers or args.lora_target}  # the LoRA's own file says how it was made
+    kohya = args.lora_format == "comfyui" or args.lora_type == "lycoris"
+    written = adapters.save_adapter(run.unwrapped, info, (path, os.path.join(folder, kohya_name) if kohya else None),
+                                    metadata, lora, args.lycoris)
+    if args.lora_type == "lycoris" and not written and info.kohya_layout and not suffix and folder == args.output_dir:
+        print(f"note: no {kohya_name}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads them)")
+    return path
+
+
+def write_card(run, folder, step):
+    """The model card (cards.write_model_card) of the adapter or pipeline in `folder`, naming its kohya file if any."""
+    name, kohya = adapters.weight_names(run.args.output_name)
+    cards.write_model_card(run.args, run.info, run.datasets, folder, step,
+                           (name, kohya if os.path.isfile(os.path.join(folder, kohya)) else None))
+
+
+def save_final(run, validate, log, hooks, steps):
     """The trained adapter (or a full fine-tune's whole pipeline, and its EMA as ema/), a last validation round if
     the last step had none, and the end of the log."""
+    args, accelerator, model, ema = run.args, run.accelerator, run.unwrapped, run.ema
     accelerator.wait_for_everyone()
-    with checkpoints.whole_weights(accelerator, model, trainable):  # under FSDP, gathered from the shards
+    with checkpoints.whole_weights(accelerator, model, run.trainable):  # under FSDP, gathered from the shards
         if accelerator.is_main_process and args.model_type == "lora":
-            path = save_outputs(args.output_dir, steps)
+            path = save_outputs(run, args.output_dir, steps)
         elif accelerator.is_main_process:
             path = args.output_dir
-            checkpoints.save_full_model(info, model, frozen, path, ema, trainable)
+            checkpoints.save_full_model(run.info, model, run.frozen, path, ema, run.trainable)
     if accelerator.is_main_process:
         if args.validation_prompt and steps % args.validation_steps != 0:
             validate(steps, log)
-        save_outputs(args.output_dir, steps, card_only=True)  # the model card, with the last validation grid
+        save_outputs(run, args.output_dir, steps, card_only=True)  # the model card, with the last validation grid
         log.close()
         accelerator.print(f"saved {path}")
         if ema is not None:  # what is left of the untrained start in the exported average
@@ -823,7 +1017,8 @@ def check_args(args):
 
 
 def check_output_args(args):
-    """The output's names, the trackers, the hub, and diffusers' names for our settings."""
+    """The output's name (--output_name), --lora_format (and diffusers' --output_kohya_format for it), the trackers
+(--report_to), the hub (--push_to_hub), and diffusers' prior-preservation flags (--with_prior_preservation)."""
     if args.output_kohya_format:
         args.lora_format = "comfyui"
     if args.output_name is not None and (not args.output_name.strip() or os.path.basename(args.output_name) !=
@@ -870,8 +1065,8 @@ def build_parser():
     group.add_argument("--lora_rank", "--rank", type=int, default=16, help="the LoRA's rank (its size)")
     group.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1.0)")
     group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA's input while training")
-    group.add_argument("--lora_target", default="attention", choices=list(adapters.LORA_TARGETS),
-                       help="which layers get the LoRA (common/adapters.py LORA_TARGETS lists each set's modules)")
+    group.add_argument("--lora_target", default="attention", choices=adapters.LORA_PRESETS,
+                       help="which layers get the LoRA (each family's file in common/families/ lists its modules)")
     group.add_argument("--lora_layers", default=None,
                        help="explicit module names for the LoRA, comma-separated (e.g. \"attn.to_q,attn.to_k\"; "
                             "peft matches them as name suffixes); replaces --lora_target")

@@ -275,14 +275,14 @@ def bare_child(args):
     from peft import LoraConfig
 
     from bench_train import flux_step, model_info
-    from common import adapters, models
+    from common import models
 
     family, paths = args._bare, paths_of(args, args._bare)
     info = model_info(paths["model"])
     name = "unet" if family == "sdxl" else "transformer"
     model = models.load_component(info, name, torch.bfloat16).to(args.device)
     model.requires_grad_(False)
-    targets = adapters.lora_target_modules(model, argparse.Namespace(lora_target="attention"), name)
+    targets = info.lora_targets(model, "attention")
     model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
                                  target_modules=targets))
     cast_training_params(model, torch.float32)

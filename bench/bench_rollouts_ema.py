@@ -7,7 +7,7 @@ Builds bench_train's small SD-shaped random model (6.9 M-parameter UNet) and syn
 the same LoRA twice with train_dreambooth.main, identical except for the rollout flags: once plain, once with
 --scheduled_sampling_max_step_offset K (probability ramped from 0 over --ramp steps). Both runs keep an EMA
 (--ema_decay with warm-up) and write a checkpoint every --every steps. Each checkpoint's raw and EMA weights are
-scored with scores.stable_eval_loss (8 fixed timesteps, fixed noise) on the training images and on held-out
+scored with scores.StableEvalLoss (8 fixed timesteps, fixed noise) on the training images and on held-out
 images of the same subject, and the table prints all four columns per step with the wall time of each run.
 
 A random model cannot draw anything, so these numbers say how the options move the denoising loss, not whether
@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 
 def cached_examples(model, folder, output_dir, resolution):
-    """stable_eval_loss inputs for a folder of images (cached exactly as training caches them)."""
+    """scores.StableEvalLoss's examples for a folder of images (cached exactly as training caches them)."""
     from common import caches, data, models, scores
     import train_dreambooth
 
@@ -121,10 +121,10 @@ def main(argv=None):
                 for set_name, examples in sets.items():
                     if state is None:
                         with adapters.adapter_disabled(unet):
-                            loss = scores.stable_eval_loss(info, unet, objective, examples)["mean"]
+                            loss = scores.StableEvalLoss(info, objective, examples)(unet)["mean"]
                     else:
                         unet.load_state_dict(state, strict=False)
-                        loss = scores.stable_eval_loss(info, unet, objective, examples)["mean"]
+                        loss = scores.StableEvalLoss(info, objective, examples)(unet)["mean"]
                     losses[name, kind, set_name, step] = loss
 
     columns = [(n, k) for n in variants for k in ("raw", "ema")]

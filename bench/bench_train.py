@@ -67,7 +67,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # adapters.LORA_TARGETS["attention"], the default
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # common/families/unet.py LORA_TARGETS["attention"] (SD)
 PROMPT = "a photo of ohwx toy"
 SEED = 0
 
@@ -344,10 +344,9 @@ def flux_lora(transformer, rank):
     """The LoRA all three FLUX sides train: the trainer's default preset (both streams' attention), gaussian init."""
     from peft import LoraConfig
 
-    from common import adapters
+    from common import families
 
-    targets = adapters.lora_target_modules(transformer, argparse.Namespace(lora_layers=None, lora_target="attention"),
-                                           "transformer")
+    targets = families.Flux.lora_targets(transformer, "attention")
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights="gaussian",
                                        target_modules=targets))
@@ -359,14 +358,14 @@ def flux_step(transformer, latents, noise, sigmas, embeds, pooled, text_ids):
     """One flow-matching forward and loss on FLUX's packed tokens (as its pipeline packs them), guidance 1."""
     import torch.nn.functional as F
 
-    from common import models
+    from common.families import flux
 
     b, _, h, w = latents.shape
     noisy = (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
-    tokens = transformer(hidden_states=models.pack(noisy), timestep=sigmas, guidance=latents.new_ones(b),
+    tokens = transformer(hidden_states=flux.pack(noisy), timestep=sigmas, guidance=latents.new_ones(b),
                          pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                         img_ids=models.image_ids(h, w, latents.device), return_dict=False)[0]
-    return F.mse_loss(models.unpack(tokens, h, w).float(), (noise - latents).float())
+                         img_ids=flux.image_ids(h, w, latents.device), return_dict=False)[0]
+    return F.mse_loss(flux.unpack(tokens, h, w).float(), (noise - latents).float())
 
 
 def flux_bare_child(args):

@@ -120,14 +120,13 @@ def saved_bytes(double, single, tokens, args):
     import torch.nn.functional as F
     from diffusers import FluxTransformer2DModel
 
-    from common import adapters
+    from common import adapters, families
 
     model = on_meta(lambda: FluxTransformer2DModel(**{**FLUX_DEV, "num_layers": double,
                                                       "num_single_layers": single})).to(torch.bfloat16)
     model.requires_grad_(False)
-    adapters.add_lora(model, argparse.Namespace(lora_rank=args.lora_rank, lora_alpha=None, lora_dropout=0.0,
-                                                lora_init="default", lora_target=args.lora_target, lora_layers=None),
-                      "transformer")
+    adapters.add_lora(model, adapters.LoraSettings(rank=args.lora_rank, init="default"),
+                      families.Flux.lora_targets(model, args.lora_target))
     parameters = {p.untyped_storage()._cdata for p in model.parameters()}
     saved = {}
 
@@ -169,13 +168,12 @@ def lora_parameters(args):
     """Trainable parameters of our LoRA (--lora_rank, --lora_target) on FLUX.1-dev's transformer."""
     from diffusers import FluxTransformer2DModel
 
-    from common import adapters
+    from common import adapters, families
 
     model = on_meta(lambda: FluxTransformer2DModel(**FLUX_DEV))
     model.requires_grad_(False)
-    adapters.add_lora(model, argparse.Namespace(lora_rank=args.lora_rank, lora_alpha=None, lora_dropout=0.0,
-                                                lora_init="default", lora_target=args.lora_target, lora_layers=None),
-                      "transformer")
+    adapters.add_lora(model, adapters.LoraSettings(rank=args.lora_rank, init="default"),
+                      families.Flux.lora_targets(model, args.lora_target))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

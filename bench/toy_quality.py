@@ -515,14 +515,13 @@ def main(argv=None):
 
     import make_regularisation
     import toy_scorer
-    from common import models
 
     args = parse_args(argv)
     work = os.path.abspath(args.out)
     os.makedirs(work, exist_ok=True)
     started = time.monotonic()
     scorer = toy_scorer.load_scorer()
-    args.drawing = models.drawing_call_options(model_info(args.model))
+    args.drawing = model_info(args.model).drawing_call_options()
     class_dir = os.path.join(work, "class")
     if any(RECIPES[v].class_pictures for v in args.variants):
         make_regularisation.main(["--pretrained_model_name_or_path", args.model, "--class_prompt", CLASS_PROMPT,

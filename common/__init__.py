@@ -4,13 +4,20 @@
                    used by train, evaluate, masks, regularisation (and every module)
     flags        --config FILE.json, the shared flag groups, true/false flags
                    used by every script
+    simpletuner  a SimpleTuner config.json given to --config: its keys in our terms, refused or passed over
+                   used by every script (through flags)
     data         the data config, discovery, captions, mask pairing, each image's plan
                    used by cache, train, evaluate, masks, rare tokens
     images       reading pictures safely, aspect buckets and crops, grids and contact sheets
                    used by train, evaluate, masks, regularisation, rare tokens
-    models       the family table, loading, text encoding, conditioning, calling the UNet / transformer
+    models       find a base model, detect its family, load its parts, build its pipeline
                    used by train, evaluate, regularisation, rare tokens (cache through caches)
-    objectives   noise prediction (DDPM) or flow matching: timesteps, targets, weights, rollout steps; DOP's rows
+    families/    one file per model family: detection, text encoding, conditioning, the denoiser call, drawing,
+                 LoRA presets and layouts, single files, what the card says (its __init__ lists the interface)
+                   used by every script (through models)
+    single_file  a single .safetensors checkpoint, converted once to a diffusers folder
+                   used by every script that loads a model (through models)
+    objectives   noise prediction (DDPM) or flow matching: timesteps, targets, weights, rollout steps
                    used by train, evaluate
     quantise     quantised frozen weights (--base_model_precision, --text_encoder_N_precision)
                    used by cache, train, evaluate, regularisation
@@ -28,6 +35,8 @@
                    used by train, evaluate, rare tokens
     render       every prompt at fixed seeds, its grid, validation previews
                    used by train, evaluate
+    report       evaluate.py's report.html: scores, plots, pictures
+                   used by evaluate
     webhooks     notices to your own endpoint or Discord
                    used by train
     hub          the Hugging Face hub: a base model or VAE fetched by its id; --push_to_hub: the output folder as a

@@ -12,31 +12,14 @@ import contextlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 
-from common import cards, files, models
+from common import files, models
 
-# --lora_target presets: module-name suffixes peft adapts, for a UNet and for an SD3 / FLUX transformer.
-# IF's attention also projects the text into keys and values of its own (add_k_proj, add_v_proj; SD's UNets have none)
-_UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
-LORA_TARGETS = {
-    "attention": _UNET_ATTENTION,
-    "attention_ff": _UNET_ATTENTION + ["ff.net.0.proj", "ff.net.2"],
-    "all": _UNET_ATTENTION + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
-                              "time_emb_proj"],
-}
-# The joint attention of SD3 and FLUX has a text (context) stream beside the image stream: add_*_proj, to_add_out.
-_JOINT_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                    "attn.add_v_proj", "attn.to_add_out"]
-TRANSFORMER_LORA_TARGETS = {
-    "attention": _JOINT_ATTENTION,
-    # + both streams' feed-forward, and FLUX's single-stream blocks' MLP and output projections
-    "attention_ff": _JOINT_ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-                                        "proj_mlp", "single_transformer_blocks.*.proj_out"],
-    "all": None,  # every linear layer of the transformer
-}
+LORA_PRESETS = ("attention", "attention_ff", "all")  # --lora_target: each family's file lists its modules
 # --train_text_encoder: CLIP's attention projections, as diffusers' examples adapt them; the model's child holding them.
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TRAINED_TEXT_ENCODERS = "text_encoders"
@@ -56,35 +39,50 @@ def trainable_parameters(model):
 # Adding, and switching off
 
 
-def lora_target_modules(model, args, denoiser="unet"):
-    """What peft adapts: --lora_layers' names, or the --lora_target preset of the model's kind (a list of name
-    suffixes, or a regular expression over full module names where a preset needs a wildcard)."""
-    if getattr(args, "lora_layers", None):
-        return [name.strip() for name in args.lora_layers.split(",") if name.strip()]
-    if denoiser == "unet":
-        return LORA_TARGETS[args.lora_target]
-    preset = TRANSFORMER_LORA_TARGETS[args.lora_target]
-    if preset is None:
-        return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    return r"(.*\.)?(" + "|".join(name.replace(".", r"\.").replace("*", r"\d+") for name in preset) + ")"
+@dataclass
+class LoraSettings:
+    """A LoRA's shape (--lora_rank, --lora_alpha: None is the rank, --lora_dropout, --lora_init, --use_dora)."""
+
+    rank: int = 16
+    alpha: float = None
+    dropout: float = 0.0
+    init: str = "gaussian"
+    dora: bool = False
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_init,
+                   bool(getattr(args, "use_dora", False)))
+
+    @property
+    def scale_alpha(self):
+        return self.alpha or self.rank
+
+    def peft_config(self, targets):
+        """peft's LoraConfig for the `targets` modules."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.scale_alpha, lora_dropout=self.dropout,
+                          init_lora_weights=True if self.init == "default" else self.init, target_modules=targets,
+                          use_dora=self.dora)
 
 
-def lora_config(args, targets):
-    """peft's LoraConfig from the --lora_* flags (and --use_dora) for the `targets` modules."""
-    from peft import LoraConfig
+def lora_targets(info, model, preset="attention", layers=None):
+    """What peft adapts: --lora_layers' names (comma-separated), or the family's --lora_target preset (a list of
+    name suffixes, or a regular expression over full module names where a preset needs a wildcard)."""
+    if layers:
+        return [name.strip() for name in layers.split(",") if name.strip()]
+    return info.lora_targets(model, preset)
 
-    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
-                      init_lora_weights=True if args.lora_init == "default" else args.lora_init,
-                      target_modules=targets, use_dora=bool(getattr(args, "use_dora", False)))
 
-
-def add_lora(model, args, denoiser="unet"):
-    """A peft LoRA on the model (a UNet, or with denoiser="transformer" an SD3 / FLUX transformer)."""
-    config = lora_config(args, lora_target_modules(model, args, denoiser))
+def add_lora(model, settings, targets, flag="--lora_layers"):
+    """A peft LoRA of `settings` (LoraSettings) on the `targets` modules of the model (lora_targets); `flag` names
+    what chose them, for the message when none matches."""
+    config = settings.peft_config(targets)
     try:
         model.add_adapter(config)
     except ValueError as err:  # peft: none of the names matched
-        raise SystemExit(f"--lora_layers {args.lora_layers}: {err}") from None
+        raise SystemExit(f"{flag}: {err}") from None
     return config
 
 
@@ -131,33 +129,36 @@ def add_lycoris(unet, config, source):
     return network
 
 
-def add_text_encoder_lora(model, info, text_encoders, args, device):
+def add_text_encoder_lora(model, info, text_encoders, settings, device, checkpointing=False):
     """--train_text_encoder: a peft LoRA (the --lora_* settings) on the attention of each CLIP text encoder (T5
     stays frozen). The encoders become a child of the trained model (`model.text_encoders`), so everything that
     follows its trained weights (the optimiser, DDP's gradient sync, checkpoints, the EMA, switching the adapter
     off or scaling it, the saved files) follows theirs too."""
     held = torch.nn.ModuleDict()
-    for (_, name, reading), encoder in zip(info.text_parts, text_encoders):
-        if reading != "t5":
-            encoder.add_adapter(lora_config(args, TEXT_ENCODER_LORA_TARGETS))
-            if args.gradient_checkpointing:  # non-reentrant: the frozen embeddings' output needs no gradient
+    for (_, name), encoder in zip(info.text_parts, text_encoders):
+        if name in info.trainable_text_encoders:
+            encoder.add_adapter(settings.peft_config(TEXT_ENCODER_LORA_TARGETS))
+            if checkpointing:  # non-reentrant: the frozen embeddings' output needs no gradient
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             held[name] = encoder.to(device).train()
     model.add_module(TRAINED_TEXT_ENCODERS, held)
 
 
-def text_reader(info, cached, frozen=None, autocast=contextlib.nullcontext):
-    """texts(captions) -> each caption's {"prompt_embeds", "pooled_prompt_embeds"}: from the text cache, or, given
-    the trained text encoders (`frozen`: (vae, tokenizers, text encoders)), encoded now, with gradients into their
-    LoRA (a trained encoder's output changes every step, so it cannot come from a cache)."""
-    if frozen is None:
-        return lambda captions: [cached[caption] for caption in captions]
+class TextReader:
+    """Each caption's embeddings as training reads them ({"prompt_embeds", ...} per caption): from the text cache
+    (`cached`: {caption: embeddings}), or, given the trained text encoders (`encoders`: (tokenizers, text encoders)),
+    encoded now, with gradients into their LoRA (a trained encoder's output changes every step, so it cannot come
+    from a cache)."""
 
-    def texts(captions):
-        with autocast():
-            encoded = models.encode_text(info, frozen[1], frozen[2], captions)
+    def __init__(self, info, cached, encoders=None, autocast=contextlib.nullcontext):
+        self.info, self.cached, self.encoders, self.autocast = info, cached, encoders, autocast
+
+    def __call__(self, captions):
+        if self.encoders is None:
+            return [self.cached[caption] for caption in captions]
+        with self.autocast():
+            encoded = self.info.encode_text(*self.encoders, captions)
         return [{key: value[i] for key, value in encoded.items()} for i in range(len(captions))]
-    return texts
 
 
 @contextlib.contextmanager
@@ -288,10 +289,10 @@ def kohya_lora(unet, alpha):
     return state
 
 
-def kohya_text_encoder_lora(model, family, alpha):
-    """The trained text encoders' LoRA in the kohya layout: lora_te_<module> for SD 1.x / 2.x's one encoder,
-    lora_te1_ / lora_te2_ for the first and second CLIP of SDXL, SD3 and FLUX.1 (as kohya's sd-scripts write them)."""
-    prefixes = {"text_encoder": "lora_te_" if family in ("sd1", "sd2") else "lora_te1_", "text_encoder_2": "lora_te2_"}
+def kohya_text_encoder_lora(model, prefixes, alpha):
+    """The trained text encoders' LoRA in the kohya layout, each encoder's modules under its family's prefix
+    (`prefixes`: lora_te_ for SD 1.x / 2.x's one encoder, lora_te1_ / lora_te2_ for the first and second CLIP of
+    SDXL, SD3 and FLUX.1, as kohya's sd-scripts write them)."""
     state = {}
     for encoder, module, kind, value in text_encoder_matrices(model):
         name = prefixes[encoder] + module.replace(".", "_")
@@ -300,65 +301,14 @@ def kohya_text_encoder_lora(model, family, alpha):
     return state
 
 
-# kohya's layout for SD3 and FLUX names the modules of the original (Stability MMDiT / Black Forest Labs) checkpoints,
-# where q, k and v (and in a FLUX single block, the MLP's input too) are one fused Linear. Per block kind: the original
-# block prefix, and each original Linear with the diffusers modules it holds, in the order their rows are stacked.
-_JOINT_PARTS = {"qkv": ["to_q", "to_k", "to_v"], "context_qkv": ["add_q_proj", "add_k_proj", "add_v_proj"]}
-ORIGINAL_LAYOUTS = {
-    "flux": {
-        "transformer_blocks.{}.": ("double_blocks.{}.", {
-            "img_attn.qkv": ["attn." + p for p in _JOINT_PARTS["qkv"]],
-            "txt_attn.qkv": ["attn." + p for p in _JOINT_PARTS["context_qkv"]],
-            "img_attn.proj": ["attn.to_out.0"], "txt_attn.proj": ["attn.to_add_out"],
-            "img_mlp.0": ["ff.net.0.proj"], "img_mlp.2": ["ff.net.2"],
-            "txt_mlp.0": ["ff_context.net.0.proj"], "txt_mlp.2": ["ff_context.net.2"],
-            "img_mod.lin": ["norm1.linear"], "txt_mod.lin": ["norm1_context.linear"]}),
-        "single_transformer_blocks.{}.": ("single_blocks.{}.", {
-            "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
-            "modulation.lin": ["norm.linear"]}),
-        "": ("", {
-            "img_in": ["x_embedder"], "txt_in": ["context_embedder"],
-            "time_in.in_layer": ["time_text_embed.timestep_embedder.linear_1"],
-            "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
-            "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
-            "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
-            "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
-            "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
-            "final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"]}),
-    },
-    "sd3": {
-        "transformer_blocks.{}.": ("joint_blocks.{}.", {
-            "x_block.attn.qkv": ["attn." + p for p in _JOINT_PARTS["qkv"]],
-            "context_block.attn.qkv": ["attn." + p for p in _JOINT_PARTS["context_qkv"]],
-            "x_block.attn.proj": ["attn.to_out.0"], "context_block.attn.proj": ["attn.to_add_out"],
-            "x_block.attn2.qkv": ["attn2." + p for p in _JOINT_PARTS["qkv"]], "x_block.attn2.proj": ["attn2.to_out.0"],
-            "x_block.mlp.fc1": ["ff.net.0.proj"], "x_block.mlp.fc2": ["ff.net.2"],
-            "context_block.mlp.fc1": ["ff_context.net.0.proj"], "context_block.mlp.fc2": ["ff_context.net.2"],
-            "x_block.adaLN_modulation.1": ["norm1.linear"],
-            "context_block.adaLN_modulation.1": ["norm1_context.linear"]}),
-        "": ("", {
-            "context_embedder": ["context_embedder"],
-            "t_embedder.mlp.0": ["time_text_embed.timestep_embedder.linear_1"],
-            "t_embedder.mlp.2": ["time_text_embed.timestep_embedder.linear_2"],
-            "y_embedder.mlp.0": ["time_text_embed.text_embedder.linear_1"],
-            "y_embedder.mlp.2": ["time_text_embed.text_embedder.linear_2"],
-            "final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"]}),
-    },
-}
+def kohya_denoiser_lora(model, info, alpha):
+    """The denoiser's LoRA in kohya's layout for its family: its diffusers module names (UNets), or the original
+    checkpoint's fused modules (SD3, FLUX.1: kohya_transformer_lora)."""
+    return kohya_lora(model, alpha) if info.kohya_layout == "modules" else kohya_transformer_lora(model, info)
 
 
-def original_layout(model, family):
-    """[(original module name, [the diffusers modules it fuses, in row order])] for the model's transformer."""
-    layout = []
-    for blocks, (original_blocks, table) in ORIGINAL_LAYOUTS[family].items():
-        for i in range(len(getattr(model, blocks.split(".")[0])) if blocks else 1):
-            layout += [(original_blocks.format(i) + original, [blocks.format(i) + part for part in parts])
-                       for original, parts in table.items()]
-    return layout
-
-
-def kohya_transformer_lora(model, family):
-    """The peft LoRA on an SD3 / FLUX transformer in kohya's layout of the original checkpoint
+def kohya_transformer_lora(model, info):
+    """The peft LoRA on an SD3 / FLUX transformer in kohya's layout of the original checkpoint (info.original_layout)
     (lora_unet_double_blocks_0_img_attn_qkv.lora_down/lora_up/alpha), which ComfyUI, Forge and diffusers' kohya
     converter read. A fused module's LoRA stacks its parts: down = [A_q; A_k; A_v], up = diag(B_q, B_k, B_v)
     (zeros for a part that was not trained), which is exactly the sum of the parts' updates. Each part's
@@ -371,7 +321,7 @@ def kohya_transformer_lora(model, family):
     adapted = {name for name, module in modules.items() if hasattr(module, "lora_A") and "default" in module.lora_A
                and not name.startswith(TRAINED_TEXT_ENCODERS + ".")}
     state, written = {}, set()
-    for original, parts in original_layout(model, family):
+    for original, parts in info.original_layout(model):
         if not adapted.intersection(parts):
             continue
         rank = next(modules[part].lora_A["default"].out_features for part in parts if part in adapted)
@@ -394,7 +344,7 @@ def kohya_transformer_lora(model, family):
         written.update(parts)
     if adapted - written:
         raise SystemExit(f"--lora_format comfyui: {sorted(adapted - written)[0]} has no place in the original "
-                         f"{family} checkpoint's layout; train without it, or write the diffusers layout only")
+                         f"{info.family} checkpoint's layout; train without it, or write the diffusers layout only")
     return state
 
 
@@ -406,75 +356,37 @@ def weight_names(output_name=None, suffix=""):
     return f"{stem}.safetensors", f"{stem}_comfyui.safetensors"
 
 
-def save_adapter(args, info, datasets, unet, lora_config, lycoris_config, step, folder, suffix="",
-                 extra_metadata=None):
-    """Write the trained adapter into `folder`: diffusers-format LoRA (and --lora_format comfyui: the kohya layout
-    too), or the LyCORIS file with its config (and, for lora/locon, the kohya layout diffusers and ComfyUI load).
-    `suffix` names a variant: "_ema" writes pytorch_lora_weights_ema.safetensors (and ..._ema_comfyui)."""
-    name, kohya_name = weight_names(args.output_name, suffix)
-    path = os.path.join(folder, name)
-    metadata = {**cards.run_metadata(args, info, datasets, step, os.path.basename(path)[:-len(".safetensors")]),
-                **(extra_metadata or {})}
-    kohya_path = os.path.join(folder, kohya_name)
-    network = getattr(unet, "lycoris", None)
+def save_adapter(model, info, paths, metadata, lora_metadata=None, lycoris_config=None):
+    """Write the model's trained adapter to paths[0] with `metadata`: a peft LoRA in diffusers' format (with
+    `lora_metadata` too; and, given paths[1], the kohya layout there), or a LyCORIS network in its own format with
+    its config beside it (`lycoris_config`; and, for lora/locon, the kohya layout diffusers and ComfyUI load, at
+    paths[1]). Returns whether a kohya file was written."""
+    path, kohya_path = paths
+    network = getattr(model, "lycoris", None)
     if network is None:
-        configs = {info.spec.denoiser: lora_config, **{name: encoder.peft_config["default"]
-                                                       for name, encoder in trained_text_encoders(unet).items()}}
-        save_lora(unet, path, {
-            **metadata, **peft_metadata(configs), "lora_rank": str(args.lora_rank),
-            "lora_alpha": str(args.lora_alpha or args.lora_rank), "lora_target": args.lora_layers or args.lora_target},
-            info.spec.denoiser)
-        if args.lora_format == "comfyui":
-            state = (kohya_lora(unet, args.lora_alpha or args.lora_rank) if info.spec.denoiser == "unet"
-                     else kohya_transformer_lora(unet, info.family))
-            state.update(kohya_text_encoder_lora(unet, info.family, args.lora_alpha or args.lora_rank))
+        configs = {info.denoiser: model.peft_config["default"],
+                   **{name: encoder.peft_config["default"] for name, encoder in trained_text_encoders(model).items()}}
+        save_lora(model, path, {**metadata, **peft_metadata(configs), **(lora_metadata or {})}, info.denoiser)
+        if kohya_path is not None:
+            alpha = configs[info.denoiser].lora_alpha
+            state = kohya_denoiser_lora(model, info, alpha)
+            state.update(kohya_text_encoder_lora(model, info.kohya_text_encoder_prefixes, alpha))
             files.save_safetensors_atomic(state, kohya_path, metadata)
-        return path
+        return kohya_path is not None
     state = {key: value.float() for key, value in network.state_dict().items()}
     files.save_safetensors_atomic(state, path, {**metadata, "lycoris_config": json.dumps(lycoris_config)})
-    files.write_json_atomic(lycoris_config, os.path.join(folder, "lycoris_config.json"))
+    files.write_json_atomic(lycoris_config, os.path.join(os.path.dirname(path), "lycoris_config.json"))
     # lora/locon tensors are kohya's own under another prefix; anything else (loha, lokr, DoRA, scalars, a
     # module_algo_map that mixes algorithms) has no kohya form, and only LyCORIS's loader reads it. (IF: no tool
     # reads kohya's layout for it.)
-    if info.spec.pixels:
-        return path
-    if info.spec.denoiser == "unet" and all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
-                                            for key in state):
-        multiplier = lycoris_config.get("multiplier", 1.0)  # kohya has no multiplier: it goes into alpha
-        files.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value * multiplier
-                                       if key.endswith(".alpha") else value for key, value in state.items()},
-                                      kohya_path, metadata)
-    elif not suffix and folder == args.output_dir:
-        print(f"note: no {kohya_name}: these LyCORIS modules have no kohya form (only LyCORIS's loader reads "
-              "them)")
-    return path
-
-
-def output_writer(args, info, datasets, model, lora_config, ema, trainable):
-    """save_outputs(folder, step) for training: the adapter file(s) in `folder` (a checkpoint or the output), the raw
-    weights and with --use_ema the average beside them (with how much of the untrained start it still holds); a
-    checkpoint's model card. The output folder's card follows the last validation round, so the run's end writes
-    it alone (card_only, for a full fine-tune's pipeline too)."""
-    def save_outputs(folder, step, card_only=False):
-        if card_only:
-            return write_card(args, info, datasets, folder, step)
-        path = save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder)
-        if folder != args.output_dir:
-            write_card(args, info, datasets, folder, step)
-        if ema is not None:
-            metadata = {"weights": "ema", "ema_decay": str(args.ema_decay), "ema_updates": str(ema.updates),
-                        "ema_start_share": f"{ema.start_share():.6f}"}
-            with ema.applied(trainable):
-                save_adapter(args, info, datasets, model, lora_config, args.lycoris, step, folder, EMA_SUFFIX, metadata)
-        return path
-    return save_outputs
-
-
-def write_card(args, info, datasets, folder, step):
-    """The model card (cards.write_model_card) of the adapter or pipeline in `folder`, naming its kohya file if any."""
-    name, kohya = weight_names(args.output_name)
-    cards.write_model_card(args, info, datasets, folder, step, name,
-                           kohya if os.path.isfile(os.path.join(folder, kohya)) else None)
+    if kohya_path is None or info.kohya_layout != "modules" or not all(
+            key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in state):
+        return False
+    multiplier = lycoris_config.get("multiplier", 1.0)  # kohya has no multiplier: it goes into alpha
+    files.save_safetensors_atomic({key.replace("lycoris_", "lora_unet_", 1): value * multiplier
+                                   if key.endswith(".alpha") else value for key, value in state.items()},
+                                  kohya_path, metadata)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from common import files, images, models
+from common import families, files, images, models
 
 CACHE_FORMAT_VERSION = "1"
 # Bump when encode_prompt changes what it computes, so old text caches are recomputed rather than trusted.
@@ -110,8 +110,8 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
     at full resolution: the cache still does the decoding, resizing and checks once, so every training step
     reads a small tensor (as fast as a latent) instead of decoding a photo.
     Returns (usable entries, number of latents written)."""
-    vae_identity = "pixels" if info.spec.pixels else models.component_identity(info, "vae")
-    kind = "pictures (no VAE: the model works on pixels)" if info.spec.pixels else "latents"
+    vae_identity = "pixels" if info.pixels else models.component_identity(info, "vae")
+    kind = "pictures (no VAE: the model works on pixels)" if info.pixels else "latents"
     for folder in {os.path.dirname(e.cache_path) for e in entries}:
         files.remove_stale_temporaries(folder)
     stale = set()
@@ -124,7 +124,7 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
         print_fn(f"VAE cache: all {len(entries)} {kind} are up to date; nothing to encode")
         return entries, 0
 
-    print_fn(f"VAE cache: {'caching' if info.spec.pixels else 'encoding'} {len(stale)} of {len(entries)} images")
+    print_fn(f"VAE cache: {'caching' if info.pixels else 'encoding'} {len(stale)} of {len(entries)} images")
     vae, failed, written = None, set(), 0
     batches = [batch for batch in fixed_batches(entries, batch_size) if any(e.path in stale for e in batch)]
     with tqdm(total=len(stale), desc="caching latents", unit="img") as bar:
@@ -136,7 +136,7 @@ def build_vae_cache(entries, info, device="cpu", batch_size=4, print_fn=print):
                 if os.path.exists(entry.cache_path):  # a stale latent of an image that no longer decodes
                     os.remove(entry.cache_path)
             if any(e.path in stale for e in decoded):
-                if info.spec.pixels:
+                if info.pixels:
                     encoded = [{"mean": picture} for picture in pixels]
                 else:
                     if vae is None:
@@ -170,7 +170,7 @@ def text_encoder_identity(info):
         parts.append(f"t5 {info.t5_max_length}")
     if info.text_dtype != torch.float32:
         parts.append(str(info.text_dtype))
-    for tokenizer_name, encoder_name, _ in info.text_parts:
+    for tokenizer_name, encoder_name in info.text_parts:
         parts += [models.component_identity(info, tokenizer_name), models.component_identity(info, encoder_name),
                   info.text_encoder_precisions.get(encoder_name) or "no_change"]  # a quantised encoder embeds otherwise
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
@@ -181,18 +181,18 @@ def text_cache_path(cache_dir, caption, identity):
     return os.path.join(cache_dir, hashlib.sha256(f"{identity}\n{caption}".encode()).hexdigest()[:32] + ".safetensors")
 
 
-def refuse_mixed_sdxl_text_cache(cache_dir, info):
-    """The SDXL base embeds prompts with both text encoders, the refiner with the second alone: one text cache
-    folder for both invites mixing them up, so a folder holding the other one's embeddings is refused."""
-    other = {"sdxl": "sdxl-refiner", "sdxl-refiner": "sdxl"}.get(info.family)
-    if other is None or not os.path.isdir(cache_dir):
+def refuse_foreign_text_cache(cache_dir, info):
+    """A folder holding the text embeddings of a family that encodes prompts otherwise invites mixing them up (the
+    SDXL base embeds prompts with both text encoders, the refiner with the second alone): it is refused."""
+    if not info.foreign_text_caches or not os.path.isdir(cache_dir):
         return
     for name in sorted(os.listdir(cache_dir)):
-        if name.endswith(".safetensors") and (cache_metadata(os.path.join(cache_dir, name)) or {}).get("family") == other:
-            kind = "refiner" if other == "sdxl-refiner" else "base-model"
-            raise SystemExit(f"{cache_dir} holds SDXL {kind} text embeddings ({name}); the SDXL base and refiner encode "
-                             "prompts differently, so each needs its own text cache: give this run another "
-                             "text_embeds cache_dir (or --cache_dir). VAE caches can be shared.")
+        other = (cache_metadata(os.path.join(cache_dir, name)) or {}).get("family") if name.endswith(".safetensors") \
+            else None
+        if other in info.foreign_text_caches:
+            raise SystemExit(f"{cache_dir} holds {families.BY_NAME[other].title} text embeddings ({name}); the "
+                             f"{info.title} encodes prompts otherwise, so each needs its own text cache: give this run "
+                             "another text_embeds cache_dir (or --cache_dir). VAE caches can be shared.")
 
 
 def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, print_fn=print):
@@ -201,7 +201,7 @@ def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, pri
     identity = text_encoder_identity(info)
     dtype = info.text_dtype
     files.remove_stale_temporaries(cache_dir)
-    refuse_mixed_sdxl_text_cache(cache_dir, info)
+    refuse_foreign_text_cache(cache_dir, info)
     paths = {caption: text_cache_path(cache_dir, caption, identity) for caption in sorted(set(captions))}
     expected = {"format_version": CACHE_FORMAT_VERSION, "text_encoder": identity, "family": info.family}
     todo = [c for c, p in paths.items() if not cache_metadata_matches(p, {**expected, "caption": c})]
@@ -212,7 +212,7 @@ def build_text_cache(captions, info, cache_dir, device="cpu", batch_size=16, pri
     tokenizers, encoders = models.load_text_encoders(info, device)
     for start in tqdm(range(0, len(todo), batch_size), desc="caching text embeddings", unit="batch"):
         chunk = todo[start:start + batch_size]
-        embeds = models.encode_prompt(info, tokenizers, encoders, chunk)
+        embeds = info.encode_prompt(tokenizers, encoders, chunk)
         if start == 0:
             size = sum(value[0].numel() for value in embeds.values()) * torch.finfo(dtype).bits // 8
             shape = "x".join(map(str, embeds["prompt_embeds"].shape[1:]))

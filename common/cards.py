@@ -6,7 +6,7 @@
     write_model_card  README.md: what was trained on what, how to load it (diffusers, ComfyUI / A1111), the last
                       validation grid, and the YAML front matter the Hugging Face hub reads
 
-Used by train_dreambooth.py and common/adapters.py (which writes the metadata into every adapter file).
+Used by train_dreambooth.py (which writes the metadata into every adapter file).
 """
 
 import json
@@ -15,16 +15,6 @@ import os
 from common import data, files
 
 SECRET_FLAGS = ("hub_token",)  # never written into args.json or a card
-# Stability's model spec (modelspec.architecture) and kohya's ss_base_model_version, per family
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-                 "sdxl-refiner": "stable-diffusion-xl-v1-refiner", "sd3": "stable-diffusion-3",
-                 "flux": "flux-1-dev", "if": "deepfloyd-if-i", "if-ii": "deepfloyd-if-ii"}
-KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
-HUB_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl",
-            "sdxl-refiner": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux", "if": "deepfloyd-if",
-            "if-ii": "deepfloyd-if"}
-
-
 def public_name(ref):
     """The base model as a file may name it: a hub id as it is; a local folder or file by its name alone (an
     absolute path says where someone keeps their files, and means nothing on another machine)."""
@@ -35,15 +25,6 @@ def public_name(ref):
 def instance_prompts(datasets):
     return sorted({p for d in datasets if d.trains and not d.is_regularisation_data and d.instance_prompt
                    for p in data.as_list(d.instance_prompt)})
-
-
-def architecture(info):
-    """modelspec.architecture of the base model (SD 2.x: 768-v for v-prediction; FLUX.1: dev or schnell)."""
-    if info.family == "sd2" and info.prediction_type == "v_prediction":
-        return "stable-diffusion-v2-768-v"
-    if info.family == "flux" and not info.guidance_embeds:
-        return "flux-1-schnell"
-    return ARCHITECTURES[info.family]
 
 
 def title_of(args, info, prompts):
@@ -79,13 +60,13 @@ def run_metadata(args, info, datasets, step, title):
                                        args.learning_rate if args.train_text_encoder else 0),
              "ss_seed": str(args.seed), "ss_tag_frequency": json.dumps({"instance": captions}),
              "ss_training_comment": f"trigger: {', '.join(prompts)}" if prompts else ""}
-    if info.family in KOHYA_VERSIONS:
-        kohya["ss_base_model_version"] = KOHYA_VERSIONS[info.family]
-    spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture(info) + "/lora",
+    if info.kohya_version:
+        kohya["ss_base_model_version"] = info.kohya_version
+    spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": info.modelspec_architecture + "/lora",
             "modelspec.implementation": "diffusers", "modelspec.title": title_of(args, info, prompts),
             "modelspec.resolution": f"{width}x{height}",
             "modelspec.trigger_phrase": ", ".join(prompts)}
-    if info.spec.objective == "noise":
+    if info.objective == "noise":
         spec["modelspec.prediction_type"] = "v" if info.prediction_type == "v_prediction" else "epsilon"
     return {**ours, **kohya, **spec}
 
@@ -115,16 +96,18 @@ def latest_grid(output_dir):
     return None, None
 
 
-def write_model_card(args, info, datasets, folder, step, weight_name, kohya_name=None):
+def write_model_card(args, info, datasets, folder, step, names):
     """README.md in `folder`: a model card with YAML front matter for the hub (base_model, tags, instance_prompt),
-    the run's settings, the last validation grid (when the output folder has one), and how to load the result."""
+    the run's settings, the last validation grid (when the output folder has one), and how to load the result
+    (`names`: the adapter's file and its kohya-layout file, or None where there is none)."""
+    weight_name, kohya_name = names
     prompts, base = instance_prompts(datasets), public_name(info.ref)
     adapter = "full" if args.model_type == "full" else "lycoris" if args.lora_type == "lycoris" else "lora"
-    tags = ["text-to-image", "diffusers", "dreambooth", HUB_TAGS[info.family]] + ([] if adapter == "full" else [adapter])
+    tags = ["text-to-image", "diffusers", "dreambooth", info.hub_tag] + ([] if adapter == "full" else [adapter])
     front = ["---", f"base_model: {json.dumps(base)}", "library_name: diffusers", "tags:"] + \
         [f"- {tag}" for tag in tags] + ([f"instance_prompt: {json.dumps(prompts[0])}"] if prompts else []) + ["---"]
     width, height = resolution(args, info)
-    what = {"full": "a full fine-tune of the " + info.spec.denoiser,
+    what = {"full": "a full fine-tune of the " + info.denoiser,
             "lycoris": f"a LyCORIS {(args.lycoris or {}).get('algo', '')} network",
             "lora": f"a {'DoRA' if args.use_dora else 'LoRA'} of rank {args.lora_rank} (alpha "
                     f"{args.lora_alpha or args.lora_rank}, {args.lora_layers or args.lora_target})"}[adapter]
@@ -148,20 +131,15 @@ def write_model_card(args, info, datasets, folder, step, weight_name, kohya_name
     elif adapter == "lycoris":
         load = [f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
                 "from lycoris import create_lycoris_from_weights",
-                f'network, _ = create_lycoris_from_weights(1.0, "{output}/{weight_name}", pipe.{info.spec.denoiser})',
+                f'network, _ = create_lycoris_from_weights(1.0, "{output}/{weight_name}", pipe.{info.denoiser})',
                 "network.to(pipe.device, pipe.dtype); network.apply_to()"]
     else:
         load = [f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
                 f'pipe.load_lora_weights("{output}", weight_name="{weight_name}")']
-    if info.spec.pixels and adapter != "full":  # IF: only the noise half trained (a full fine-tune is saved so)
-        load.append('pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, '
-                    'variance_type="fixed_small")')
     grid, grid_step = latest_grid(args.output_dir) if os.path.abspath(folder) == os.path.abspath(args.output_dir) \
         else (None, None)
-    call = f'image = pipe("{prompt}").images[0]'
-    if info.spec.draws_from_pictures:  # a refiner refines, IF stage II enlarges (stage I's output), a given picture
-        call = call.replace(").images", ", image=picture).images") + \
-            ("  # picture: the one to refine" if info.spec.refines else "  # picture: stage I's, to enlarge")
+    extra, call = info.card_loading(f'image = pipe("{prompt}").images[0]', adapter)  # IF's variance, a picture
+    load += extra
     lines = front + ["", f"# {title_of(args, info, prompts)}", "",
                      f"DreamBooth training of {what} on `{base}`, {step} steps.", "",
                      "| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
@@ -173,7 +151,7 @@ def write_model_card(args, info, datasets, folder, step, weight_name, kohya_name
     if kohya_name:
         lines += ["", f"In ComfyUI, A1111 / Forge and other kohya-format tools: `{kohya_name}` (put it in the "
                   "`loras` folder)."]
-    elif adapter != "full" and not info.spec.pixels:
+    elif adapter != "full" and info.kohya_layout is not None:
         lines += ["", "This file is in diffusers' layout; train with `--lora_format comfyui` for a kohya-format file "
                   "that ComfyUI and A1111 read."]
     lines += ["", "Trained with `train_dreambooth.py`; every flag of the run is in `args.json`."]

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -49,6 +50,23 @@ SHARDED_REFUSALS = {
     "--optimizer adafactor": (lambda a: a.optimizer == "adafactor", "its factored moments are plain tensors beside "
                               "sharded parameters"),
 }
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds and a resume restores: the trained model (as prepared: DDP / FSDP), its optimiser and
+    lr schedule, the batch stream, the EMA, the seed, the NaN batches skipped so far, and the run's shape
+    (`shape`: train_batch_size, gradient_accumulation_steps, model_type, ema_warmup), recorded so a resume with
+    another shape is noticed."""
+
+    model: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    sampler: object
+    seed: int
+    shape: dict
+    ema: object = None
+    skipped_nan: int = 0
 
 
 def check_sharding(accelerator, args):
@@ -184,13 +202,13 @@ def resume_checkpoint_path(args):
     return path
 
 
-def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, sampler, seed, ema=None,
-                    save_outputs=None, skipped_nan=0):
-    """Write checkpoint-STEP atomically: everything goes into a hidden temporary folder, the state file last,
-    then one rename. A run killed at any moment leaves either the whole checkpoint or none. `save_outputs(folder)`
-    adds the adapter files, so a checkpoint loads (and evaluates) exactly like a final output."""
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(args.output_dir, f".checkpoint-{step}.tmp")
+def save_checkpoint(accelerator, state, step, output_dir, keep=None, save_outputs=None):
+    """Write output_dir/checkpoint-STEP atomically: everything goes into a hidden temporary folder, the state file
+    last, then one rename. A run killed at any moment leaves either the whole checkpoint or none. `save_outputs(folder,
+    step)` adds the adapter files, so a checkpoint loads (and evaluates) exactly like a final output; `keep` (the
+    newest N) rotates the older ones out."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -202,17 +220,17 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, os.path.join(tmp, f"rng_{accelerator.process_index}.pt"))
         if is_sharded(accelerator) or accelerator.is_main_process:  # sharded: each process its shard of the state
-            torch.save(optimizer_state(optimizer), os.path.join(tmp, optimizer_file(accelerator)))
-        model = accelerator.unwrap_model(unet)
+            torch.save(optimizer_state(state.optimizer), os.path.join(tmp, optimizer_file(accelerator)))
+        model = accelerator.unwrap_model(state.model)
         with whole_weights(accelerator, model, adapters.trainable_parameters(model)):
             if accelerator.is_main_process:
                 weights = adapters.trainable_parameters(model)
                 files.save_safetensors_atomic(weights, os.path.join(tmp, "trainable.safetensors"))
-                torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+                torch.save(state.lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
                 if accelerator.scaler is not None:
                     torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-                if ema is not None:
-                    files.save_safetensors_atomic(ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
+                if state.ema is not None:
+                    files.save_safetensors_atomic(state.ema.shadow, os.path.join(tmp, EMA_CHECKPOINT_FILE))
                 if save_outputs is not None:
                     save_outputs(tmp, step)
         accelerator.wait_for_everyone()
@@ -221,14 +239,15 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
                 if os.path.isfile(os.path.join(tmp, name)):
                     with open(os.path.join(tmp, name), "rb") as handle:
                         os.fsync(handle.fileno())
+            ema = state.ema
             files.write_json_atomic({
-                "step": step, "batches_drawn": sampler.drawn, "seed": seed,
-                "train_batch_size": args.train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "num_processes": accelerator.num_processes, "model_type": args.model_type,
+                "step": step, "batches_drawn": state.sampler.drawn, "seed": state.seed,
+                "train_batch_size": state.shape["train_batch_size"],
+                "gradient_accumulation_steps": state.shape["gradient_accumulation_steps"],
+                "num_processes": accelerator.num_processes, "model_type": state.shape["model_type"],
                 "ema_updates": ema.updates if ema is not None else None,
-                "ema_warmup": args.ema_warmup if ema is not None else None,
-                "skipped_nan_batches": skipped_nan,  # --skip_nan_steps counts over the whole run, resumes included
+                "ema_warmup": state.shape["ema_warmup"] if ema is not None else None,
+                "skipped_nan_batches": state.skipped_nan,  # --skip_nan_steps counts over the whole run, resumes too
             }, os.path.join(tmp, STATE_FILE))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -242,32 +261,30 @@ def save_checkpoint(accelerator, args, unet, optimizer, lr_scheduler, step, samp
         raise SystemExit(f"could not write checkpoint {final} ({reason}); nothing of it was kept and the earlier "
                          "checkpoints are intact. Free some disk space and rerun with --resume_from_checkpoint "
                          "latest.") from None
-    # Rotation: keep the newest --checkpoints_total_limit checkpoints.
-    if accelerator.is_main_process and args.checkpoints_total_limit:
-        for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+    if accelerator.is_main_process and keep:  # rotation: keep the newest --checkpoints_total_limit checkpoints
+        for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def drop_poisoned_batch(args, optimizer, lr_scheduler, loss, step, skipped, say):
+def drop_poisoned_batch(state, loss, step, limit, output_dir, say):
     """A NaN or infinite loss: its gradients are dropped and the step still counts (so the data order and the
-    schedule stay the run's); past --skip_nan_steps such batches the run stops, naming the last good checkpoint.
-    Returns the new count of skipped batches."""
-    optimizer.zero_grad(set_to_none=True)
-    skipped += 1
-    if skipped > args.skip_nan_steps:
-        latest = list_checkpoints(args.output_dir)
+    schedule stay the run's); past `limit` (--skip_nan_steps) such batches the run stops, naming the last good
+    checkpoint in `output_dir`. Counts the batch in state.skipped_nan."""
+    state.optimizer.zero_grad(set_to_none=True)
+    state.skipped_nan += 1
+    if state.skipped_nan > limit:
+        latest = list_checkpoints(output_dir)
         raise SystemExit(
             f"loss became {loss} at step {step}; stopping"
-            + (f" ({skipped - 1} bad batches skipped before)" if args.skip_nan_steps else "")
+            + (f" ({state.skipped_nan - 1} bad batches skipped before)" if limit else "")
             + f". Last good checkpoint: {latest[-1] if latest else 'none'}. Try a lower --learning_rate, "
             "--mixed_precision no, or --skip_nan_steps N to drop up to N bad batches.")
-    say(f"\nloss became {loss} at step {step}: batch skipped ({skipped} of at most {args.skip_nan_steps})")
+    say(f"\nloss became {loss} at step {step}: batch skipped ({state.skipped_nan} of at most {limit})")
     with warnings.catch_warnings():  # a scheduler step with no optimiser step yet is what we mean here
         warnings.simplefilter("ignore", UserWarning)
-        lr_scheduler.step()
-    return skipped
+        state.lr_scheduler.step()
 
 
 def load_state(path):
@@ -281,28 +298,29 @@ def load_state(path):
                          "checkpoint, or delete this one.") from None
 
 
-def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
-    """Restore weights, optimizer, lr schedule, RNG and the EMA; returns the checkpoint's training_state.json."""
+def load_checkpoint(path, accelerator, state):
+    """Restore weights, optimizer, lr schedule, RNG and the EMA into `state` (a TrainingState); returns the
+    checkpoint's training_state.json."""
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
-        state = json.load(handle)
-    model = accelerator.unwrap_model(unet)
+        saved = json.load(handle)
+    model, ema = accelerator.unwrap_model(state.model), state.ema
     weights_path = os.path.join(path, "trainable.safetensors")
     with safe_open(weights_path, framework="pt") as handle:
         missing = set(adapters.trainable_parameters(model)) - set(handle.keys())
     if missing:
         raise SystemExit(f"{path} does not match this run's trainable weights (missing e.g. {sorted(missing)[0]}); "
                          "was it written with other --model_type / --lora_* settings?")
-    if is_sharded(accelerator) and state["num_processes"] != accelerator.num_processes:
-        raise SystemExit(f"{path} holds the optimiser state of {state['num_processes']} sharded processes; resume it "
-                         f"with {state['num_processes']} (this run has {accelerator.num_processes})")
+    if is_sharded(accelerator) and saved["num_processes"] != accelerator.num_processes:
+        raise SystemExit(f"{path} holds the optimiser state of {saved['num_processes']} sharded processes; resume it "
+                         f"with {saved['num_processes']} (this run has {accelerator.num_processes})")
     load_whole_weights(accelerator, model, weights_path)
     optimizer_path = os.path.join(path, optimizer_file(accelerator))
     if not os.path.isfile(optimizer_path):
         written = "an unsharded" if os.path.isfile(os.path.join(path, "optimizer.pt")) else "a sharded (FSDP)"
-        raise SystemExit(f"{path} has no {os.path.basename(optimizer_path)}: {written} run of {state['num_processes']} "
+        raise SystemExit(f"{path} has no {os.path.basename(optimizer_path)}: {written} run of {saved['num_processes']} "
                          "process(es) wrote it; resume it with the same accelerate config and number of processes")
-    restore_optimizer(optimizer, load_state(optimizer_path))
-    lr_scheduler.load_state_dict(load_state(os.path.join(path, "scheduler.pt")))
+    restore_optimizer(state.optimizer, load_state(optimizer_path))
+    state.lr_scheduler.load_state_dict(load_state(os.path.join(path, "scheduler.pt")))
     if accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
         accelerator.scaler.load_state_dict(load_state(os.path.join(path, "scaler.pt")))
     rng_file = os.path.join(path, f"rng_{accelerator.process_index}.pt")
@@ -312,37 +330,39 @@ def load_checkpoint(path, accelerator, unet, optimizer, lr_scheduler, ema=None):
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     ema_file = os.path.join(path, EMA_CHECKPOINT_FILE)
-    if ema is not None and state.get("ema_warmup", ema.warmup) != ema.warmup:  # its decays would differ from here on
-        print(f"warning: {path} was written with --ema_warmup {state['ema_warmup']}, this run has {ema.warmup}: "
+    if ema is not None and saved.get("ema_warmup", ema.warmup) != ema.warmup:  # its decays would differ from here on
+        print(f"warning: {path} was written with --ema_warmup {saved['ema_warmup']}, this run has {ema.warmup}: "
               "the average will differ from an uninterrupted run's")
     if ema is not None and os.path.isfile(ema_file):
         for name, value in files.load_tensors(ema_file).items():
             ema.shadow[name].copy_(value)
-        ema.updates = state["ema_updates"]
+        ema.updates = saved["ema_updates"]
     elif ema is not None:
         print(f"warning: {path} holds no EMA (the run had no --use_ema); the average starts from the resumed weights")
         with torch.no_grad():
             for name, param in adapters.trainable_parameters(model).items():
                 ema.shadow[name].copy_(param)
         ema.updates = 0
-    return state
+    return saved
 
 
-def resume(args, accelerator, resume_path, unet, optimizer, lr_scheduler, ema, sampler):
-    """Resume from `resume_path` (or start afresh when None): weights, optimiser, schedule, RNG and EMA restored,
-    the batch stream replayed up to the checkpoint. Returns (first step, NaN batches skipped so far)."""
+def resume(accelerator, state, resume_path):
+    """Resume `state` (a TrainingState) from `resume_path` (or start afresh when None): weights, optimiser,
+    schedule, RNG and EMA restored, the batch stream replayed up to the checkpoint, the NaN batches skipped so far
+    counted. Returns the first step."""
     if not resume_path:
-        return 0, 0
-    state = load_checkpoint(resume_path, accelerator, unet, optimizer, lr_scheduler, ema)
+        return 0
+    saved = load_checkpoint(resume_path, accelerator, state)
     for key in ("train_batch_size", "gradient_accumulation_steps", "num_processes"):
-        current = accelerator.num_processes if key == "num_processes" else getattr(args, key)
-        if state.get(key) != current:
-            accelerator.print(f"warning: {key} was {state.get(key)} in {resume_path}, now {current}: the data order "
+        current = accelerator.num_processes if key == "num_processes" else state.shape[key]
+        if saved.get(key) != current:
+            accelerator.print(f"warning: {key} was {saved.get(key)} in {resume_path}, now {current}: the data order "
                               "will differ from an uninterrupted run")
-    for _ in range(state["batches_drawn"]):  # replay the batch stream up to the checkpoint
-        sampler.next()
-    accelerator.print(f"resumed from {resume_path} at step {state['step']}")
-    return state["step"], state.get("skipped_nan_batches", 0)
+    for _ in range(saved["batches_drawn"]):  # replay the batch stream up to the checkpoint
+        state.sampler.next()
+    state.skipped_nan = saved.get("skipped_nan_batches", 0)
+    accelerator.print(f"resumed from {resume_path} at step {saved['step']}")
+    return saved["step"]
 
 
 def save_full_model(info, model, frozen, output_dir, ema=None, trainable=None):
@@ -394,26 +414,6 @@ def read_log(path, until_step=None):
                 if until_step is None or record["step"] <= until_step:
                     records.append(record)
     return records
-
-
-def step_record(args, loss, lr, step_time, epoch, totals, ema_decay, skipped_nan, rollout_probability):
-    """One line of train_log.jsonl (without its step): the loss and its parts, lr, time, epoch, and what the run's
-    options add (rollouts, the EMA's decay, skipped batches)."""
-    record = {"loss": loss, "lr": lr, "step_time": step_time, "epoch": epoch}
-    if totals["instance_batches"]:
-        record["loss/instance"] = totals["instance_loss"] / totals["instance_batches"]
-    if totals["prior_batches"]:  # before --prior_loss_weight
-        record["loss/prior"] = totals["prior_loss"] / totals["prior_batches"]
-    if totals["dop_batches"]:  # before --dop_weight
-        record["loss/dop"] = totals["dop_loss"] / totals["dop_batches"]
-    if args.scheduled_sampling_max_step_offset:  # extra UNet passes (per sample) spent on rollouts
-        record["rollout_forwards"] = int(totals["rollout_forwards"])
-        record["rollout_probability"] = rollout_probability
-    if ema_decay is not None:
-        record["ema_decay"] = ema_decay
-    if skipped_nan:
-        record["skipped_nan_batches"] = skipped_nan
-    return record
 
 
 class JsonlLog:

@@ -463,7 +463,7 @@ def prepare(args, print_fn=print):
     info = models.resolve_model(args)
     for dataset in datasets:
         dataset.resolution = dataset.resolution or info.native_resolution
-    return datasets, info, plan_datasets(datasets, crop_seed(args), print_fn, info.spec.bucket_step)
+    return datasets, info, plan_datasets(datasets, crop_seed(args), print_fn, info.bucket_step)
 
 
 def subject_dataset(datasets):

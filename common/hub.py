@@ -144,8 +144,10 @@ def refusal(err, repo_id, folder, ignore_patterns, endpoint):
     return f"the hub refused the push to {repo_id} ({status}).{said} {hint}"
 
 
-def push_folder(folder, repo_id, token=None, private=False, commit_message="Upload DreamBooth training output",
-                say=print, ignore_patterns=LEFT_OUT):
+COMMIT_MESSAGE = "Upload DreamBooth training output"
+
+
+def push_folder(folder, repo_id, token=None, private=False, say=print, ignore_patterns=LEFT_OUT):
     """Create the model repo `repo_id` (kept if it exists) and upload `folder` to it, less `ignore_patterns`, in one
     push. private=True makes a new repo private, and refuses to fill an existing public one. Returns the repo's
     URL; raises SystemExit with a message a person can act on when the hub refuses or cannot be reached."""
@@ -166,7 +168,7 @@ def push_folder(folder, repo_id, token=None, private=False, commit_message="Uplo
                              f"an existing repo: make it private on the hub, or choose another --hub_model_id")
         # url.repo_id has the namespace the hub chose when repo_id was a bare NAME; a list, because upload_folder
         # appends its own patterns to the one it is given
-        api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=commit_message,
+        api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=COMMIT_MESSAGE,
                           ignore_patterns=list(ignore_patterns))
     except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.HTTPError) as err:
         raise SystemExit(refusal(err, repo_id, folder, ignore_patterns, api.endpoint)) from None

@@ -1,39 +1,37 @@
 """Objectives: what the model is trained to predict, at which noise levels, and how a rollout steps.
 
 Used by train_dreambooth.py (the loss, rollouts), scores.py (the stable eval loss) and evaluate.py. Two
-objectives, one interface, so the training loop reads the same for every family:
-    NoisePrediction  SD 1.x / 2.x / SDXL: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps on the DDPM schedule, integer
-                     timesteps; the UNet predicts eps or (v-prediction) v. Min-SNR weights and noise offset apply.
+objectives, one interface, so the training loop reads the same for every family (each family names its own:
+`info.objective`):
+    NoisePrediction  SD 1.x / 2.x / SDXL / IF: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps on the DDPM schedule,
+                     integer timesteps; the UNet predicts eps or (v-prediction) v. Min-SNR weights and noise offset
+                     apply.
     FlowMatching     SD3 / FLUX.1: x_s = (1 - s) x0 + s eps for a noise level s in (0, 1) drawn by a weighting
                      scheme and shifted; the transformer predicts the velocity eps - x0.
 Each draws (noise, t) for a batch from the batch's own generator, noises, gives the target and per-sample loss
 weights, the noise that a given x_t implies for its clean latent (the recomputed rollout target), a k-step rollout
-with the model's own predictions, and the fixed grid of the stable eval loss. Beside them: IF stage II's
-low-resolution input (LowResolution), and for every family the captions trained without being any image's (caption
-dropout's empty caption, DOP's class captions) and differential output preservation's rows, whose target is the base
-model's prediction.
+with the model's own predictions, and the fixed grid of the stable eval loss. How the loss is composed from them
+(masks, prior preservation, DOP, weights) is train_dreambooth.py's.
 """
 
 import math
 
 import torch
 
-from common import adapters, models
+from common import models
 
 
-def for_model(info, args, device="cpu"):
+def for_model(info, args):
     """The objective of `info`'s family, configured by the training flags (`args`)."""
-    if info.spec.objective == "flow":
+    if info.objective == "flow":
         return FlowMatching(info, getattr(args, "weighting_scheme", "logit_normal"), getattr(args, "logit_mean", 0.0),
                             getattr(args, "logit_std", 1.0), getattr(args, "mode_scale", 1.29),
                             getattr(args, "flow_shift", None))
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_pretrained(info.folder, subfolder="scheduler")
-    high = info.num_train_timesteps  # the refiner trains on the low-noise end it serves (its img2img strength)
-    if info.spec.refines:
-        high = max(2, round(info.num_train_timesteps * args.refiner_training_strength))
-    return NoisePrediction(scheduler, info.prediction_type, high, getattr(args, "snr_gamma", None),
+    # info.training_timesteps: all of them, or a refiner's low-noise end (the img2img strength it serves)
+    return NoisePrediction(scheduler, info.prediction_type, info.training_timesteps, getattr(args, "snr_gamma", None),
                            getattr(args, "noise_offset", 0.0))
 
 
@@ -141,7 +139,7 @@ class FlowMatching:
             flow_shift = "auto" if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0))
         self.shift = flow_shift if flow_shift == "auto" else float(flow_shift)
         self.config = config
-        self.tokens_per_latent = 4 if info.spec.packed else info.model_config.get("patch_size", 2) ** 2
+        self.tokens_per_latent = info.tokens_per_latent
         self.num_train_timesteps = config.get("num_train_timesteps", 1000)
 
     def describe(self):
@@ -228,7 +226,7 @@ SAMPLER = {"noise": "unipc", "flow": "euler"}  # of a rollout (--scheduled_sampl
 def settle_flags(info, args):
     """Flags of one objective given for a model of the other are refused, never silently ignored; the rollout
     sampler left out becomes the objective's own."""
-    if info.spec.objective == "flow":
+    if info.objective == "flow":
         if args.scheduled_sampling_sampler not in (None, "euler"):
             raise SystemExit(f"--scheduled_sampling_sampler {args.scheduled_sampling_sampler}: {info.ref} is "
                              f"{info.family}, trained by flow matching, whose rollouts step with Euler (the sampler "
@@ -242,97 +240,4 @@ def settle_flags(info, args):
     elif args.weighting_scheme != "logit_normal" or args.flow_shift is not None:
         raise SystemExit(f"--weighting_scheme and --flow_shift apply to flow matching (SD3, FLUX.1); {info.ref} is "
                          f"{info.family}, trained on the DDPM schedule: use --snr_gamma for loss weighting")
-    args.scheduled_sampling_sampler = args.scheduled_sampling_sampler or SAMPLER[info.spec.objective]
-    if info.spec.upscales > 1:
-        low_resolution(info, args)  # IF stage II: --if_noise_level checked now, before any work
-    if args.train_text_encoder and info.spec.refines:
-        raise SystemExit(f"--train_text_encoder: {info.ref} is an SDXL refiner, trained on the last, low-noise part "
-                         "of the schedule, where the caption barely steers the picture; train the text encoders with "
-                         "the base model's LoRA instead")
-
-
-def low_resolution(info, args):
-    """IF stage II's LowResolution for the run (--if_noise_level), or None for the other families."""
-    return LowResolution(info, args.if_noise_level) if info.spec.upscales > 1 else None
-
-
-class LowResolution:
-    """IF stage II's second input, made from the picture it learns to draw: shrunk by the model's factor (each
-    factor x factor block averaged, as a smaller photo is), enlarged back as its pipeline enlarges the picture it is
-    given (bilinear, corners aligned), and noised by its image-noising scheduler at a level the UNet gets as its
-    class label. Training draws the level per sample, uniformly from 0 to `max_level` (--if_noise_level), so the
-    model serves every level up to the one it is drawn with; the eval loss, validation and evaluate.py use
-    `max_level` itself (the pipeline's noise_level)."""
-
-    def __init__(self, info, max_level):
-        self.factor, self.max_level = info.spec.upscales, max_level
-        self.scheduler = models.load_component(info, "image_noising_scheduler")
-        if not 0 <= max_level < self.scheduler.config.num_train_timesteps:
-            raise SystemExit(f"--if_noise_level {max_level}: the image-noising scheduler's levels are 0 to "
-                             f"{self.scheduler.config.num_train_timesteps - 1}; the pipeline's default is 250")
-
-    def __call__(self, pictures, generator, level=None):
-        """{"upscaled": (B, 3, H, W), "class_labels": (B,)} for `pictures` (B, 3, H, W) in [-1, 1], drawn from
-        `generator`: the level (unless given) and the noise."""
-        pictures = pictures.float()
-        small = torch.nn.functional.avg_pool2d(pictures, self.factor)
-        upscaled = torch.nn.functional.interpolate(small, pictures.shape[-2:], mode="bilinear", align_corners=True)
-        levels = torch.full((len(pictures),), level) if level is not None else \
-            torch.randint(0, self.max_level + 1, (len(pictures),), generator=generator)
-        noise = torch.randn(upscaled.shape, generator=generator)
-        return {"upscaled": self.scheduler.add_noise(upscaled, noise, levels), "class_labels": levels}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Captions no image has, and differential output preservation's rows
-
-
-def extra_captions(args, datasets, plans, say):
-    """Captions trained without being any image's: caption dropout's empty caption and DOP's class captions."""
-    extra = [""] if args.caption_dropout_probability else []
-    if args.dop_class is not None:
-        captions = {c for d in datasets if not d.is_regularisation_data for e in plans[d.id] for c in e.captions}
-        named = sorted(c for c in captions if dop_caption(args, c))
-        if not named:
-            raise SystemExit(f"--dop_trigger {args.dop_trigger!r} is in none of the instance captions (e.g. "
-                             f"{min(captions)!r}); give it as the captions write it (e.g. \"ohwx dog\")")
-        say(f"differential output preservation: {len(named)} of {len(captions)} instance caption(s) name "
-            f"{args.dop_trigger!r}; with it replaced ({dop_caption(args, named[0])!r}) they keep the base model's "
-            f"prediction (weight {args.dop_weight:g})")
-        extra += [dop_caption(args, c) for c in named]
-    return extra
-
-
-def dop_caption(args, caption):
-    """Differential output preservation's caption: `caption` with --dop_trigger replaced by --dop_class, or None where
-    DOP is off or the caption does not name the trigger (then there is nothing to preserve for it)."""
-    if args.dop_class is None or args.dop_trigger not in caption:
-        return None
-    return caption.replace(args.dop_trigger, args.dop_class)
-
-
-def with_dop_rows(args, info, model, batch, captions, texts, options, inputs, target, masks, autocast):
-    """An instance batch's inputs with DOP's rows appended: for each caption naming the trigger, the same x_t and
-    timestep with the class caption, its target the base model's prediction for it (adapter off, no gradient; the
-    base text encoders' embeddings from the cache). One forward pass then serves both. `texts`: (the batch's text
-    embeddings, texts(captions) for more as training reads them, the cached ones). Returns (inputs, target, masks,
-    number of DOP rows: 0 without DOP)."""
-    noisy_latents, timesteps, cond = inputs
-    batch_texts, text_of, cached = texts
-    rows = [(i, dop_caption(args, caption)) for i, caption in enumerate(captions) if dop_caption(args, caption)]
-    if not rows or batch[0][0].is_regularisation:
-        return inputs, target, masks, 0
-    transforms = [entry.transform for entry, _ in batch]
-    index = torch.tensor([i for i, _ in rows], device=noisy_latents.device)
-    on = (noisy_latents.device, noisy_latents.dtype)
-    low = models.low_resolution_of(cond)  # IF stage II: each row keeps its own sample's low-resolution input
-    dop_cond = models.conditioning(info, [cached[c] for _, c in rows], [transforms[i] for i, _ in rows], **options,
-                                   low_resolution={k: v[index] for k, v in low.items()}, on=on)
-    with torch.no_grad(), adapters.adapter_disabled(model), autocast():
-        base = models.predict(info, model, noisy_latents[index], timesteps[index], dop_cond)
-    rows_cond = models.conditioning(info, batch_texts + text_of([c for _, c in rows]),
-                                    transforms + [transforms[i] for i, _ in rows], **options,
-                                    low_resolution={k: torch.cat([v, v[index]]) for k, v in low.items()}, on=on)
-    masks = torch.cat([masks, torch.ones_like(masks[index])]) if masks is not None else None
-    return ((torch.cat([noisy_latents, noisy_latents[index]]), torch.cat([timesteps, timesteps[index]]), rows_cond),
-            torch.cat([target, base.to(target.dtype)]), masks, len(rows))
+    args.scheduled_sampling_sampler = args.scheduled_sampling_sampler or SAMPLER[info.objective]

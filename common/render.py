@@ -7,6 +7,7 @@ and its grid rows start with the image it refines. IF stage II likewise enlarges
 
 import contextlib
 import random
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -18,9 +19,9 @@ def picture_sizes(info, requested, flag="--validation_resolution"):
     """The (width, height) of the pictures to draw: `requested` (the flag's list), or the model's native square.
     Each side must be a multiple of what the family's pipeline draws (8 px; SD3 and FLUX.1: 16)."""
     if not requested:
-        side = images.round_to(info.native_resolution, info.spec.bucket_step)
+        side = images.round_to(info.native_resolution, info.bucket_step)
         return [(side, side)]
-    step = info.spec.size_multiple
+    step = info.size_multiple
     bad = [f"{width}x{height}" for width, height in requested if width % step or height % step]
     if bad:
         raise SystemExit(f"{flag}: {', '.join(bad)}: {info.family}'s pipeline draws sizes whose sides are multiples "
@@ -32,53 +33,46 @@ def size_label(size):
     return f"{size[0]}x{size[1]}"
 
 
-def drawing_options(info, args, steps, guidance_scale, negative_prompt, size):
+def drawing_options(info, steps, guidance_scale, negative_prompt, size):
     """The pipeline's keyword arguments shared by every picture of a round: text-to-image at `size` (width, height;
-    a number: a square), for a refiner img2img at --refiner_training_strength with --data_aesthetic_score, for IF
-    stage II its sources enlarged with their noise at --if_noise_level."""
-    options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                   **models.drawing_call_options(info))
-    if info.spec.refines:
-        options.update(strength=args.refiner_training_strength, aesthetic_score=args.data_aesthetic_score)
-    elif info.spec.upscales > 1:  # IF stage II: each source drawn `upscale` times its size (render), noised so
-        options.update(noise_level=args.if_noise_level, upscale=info.spec.upscales)
-    else:
-        width, height = (size, size) if isinstance(size, int) else size
-        options.update(height=height, width=width)
-    return options
+    a number: a square), or what the family draws from a picture with (a refiner: img2img at its training strength;
+    IF stage II: its sources enlarged, noised at --if_noise_level)."""
+    return dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                **info.drawing_options(size))
 
 
 def refine_sources(info, entries, count, seed):
     """What a refiner refines, or IF stage II enlarges, in validation and evaluation: `count` subject images chosen
-    by `seed`, resized and cropped to their buckets as training saw them (stage II: then shrunk by its factor, each
-    block of pixels averaged: the low-resolution photo it enlarges back to that size), each with its caption as the
-    prompt."""
+    by `seed`, resized and cropped to their buckets as training saw them (info.source_picture: stage II then shrinks
+    each to the low-resolution photo it enlarges back to that size), each with its caption as the prompt."""
     chosen = random.Random(seed).sample(entries, min(count, len(entries)))
-    pictures = [images.apply_transform(images.load_image(entry.path), entry.transform) for entry in chosen]
-    if info.spec.upscales > 1:
-        pictures = [picture.reduce(info.spec.upscales) for picture in pictures]
+    pictures = [info.source_picture(images.apply_transform(images.load_image(entry.path), entry.transform))
+                for entry in chosen]
     return [(entry.captions[0], picture) for entry, picture in zip(chosen, pictures)]
 
 
-def sources_note(info, args, sources):
-    """What a model that draws from pictures does with refine_sources' `sources`, for the console."""
-    done = f"refined at strength {args.refiner_training_strength:g}" if info.spec.refines else \
-        f"shrunk {info.spec.upscales}x and enlarged back, noised at level {args.if_noise_level}"
-    return (f"{info.family} does not draw from a prompt alone; {len(sources)} subject image(s) are {done}, with "
-            "their captions as prompts")
+@dataclass
+class Round:
+    """How a round of pictures is drawn: each prompt at `count` seeds from `seed` on (with sources, each source once
+    at `seed`), with `options` (drawing_options), under `autocast`; `desc` names its progress bar."""
+
+    count: int
+    seed: int
+    options: dict
+    autocast: object = contextlib.nullcontext
+    desc: str = "images"
 
 
-def render(pipe, prompts, count, first_seed, options, sources=None, autocast=contextlib.nullcontext, path_for=None,
-           preview_for=None, desc="images"):
-    """Each prompt drawn at seeds first_seed, first_seed + 1, ... (`count` of them); with `sources` (a refiner),
-    each prompt's source image refined once at first_seed. `options`: drawing_options.
-    path_for(prompt index, seed) names the file each picture is saved to; preview_for(prompt index, seed) gives the
-    call's preview callback (validation previews: preview_sender). Returns a list of pictures per prompt."""
+def render(pipe, prompts, plan, sources=None, path_for=None, preview_for=None):
+    """Each prompt drawn as `plan` (a Round) says: at seeds plan.seed, plan.seed + 1, ... (plan.count of them); with
+    `sources` (a refiner), each prompt's source image refined once at plan.seed. path_for(prompt index, seed) names
+    the file each picture is saved to; preview_for(prompt index, seed) gives the call's preview callback
+    (validation previews: Previews.callback). Returns a list of pictures per prompt."""
     rows = [[] for _ in prompts]
-    jobs = [(p, i) for p in range(len(prompts)) for i in range(1 if sources else count)]
-    for p, i in tqdm(jobs, desc=desc, unit="img", leave=False):
-        seed = first_seed + i
-        call = dict(options, prompt=prompts[p], generator=torch.Generator().manual_seed(seed))
+    jobs = [(p, i) for p in range(len(prompts)) for i in range(1 if sources else plan.count)]
+    for p, i in tqdm(jobs, desc=plan.desc, unit="img", leave=False):
+        seed = plan.seed + i
+        call = dict(plan.options, prompt=prompts[p], generator=torch.Generator().manual_seed(seed))
         upscale = call.pop("upscale", None)
         if sources:
             call["image"] = sources[p][1]
@@ -87,7 +81,7 @@ def render(pipe, prompts, count, first_seed, options, sources=None, autocast=con
         if preview_for is not None:
             call.update(preview_for(p, seed))
         vae = getattr(pipe, "vae", None)  # IF has none
-        with torch.no_grad(), autocast(), decoding_outside_autocast(vae), predicting_in_fp32(pipe):
+        with torch.no_grad(), plan.autocast(), decoding_outside_autocast(vae), predicting_in_fp32(pipe):
             image = pipe(**call).images[0]
         if path_for is not None:
             files.save_image_atomic(image, path_for(p, seed))
@@ -157,16 +151,16 @@ def load_preview_vae(reference, allow_pickle=False, device="cpu"):
 
 
 @torch.no_grad()
-def decode_preview(preview_vae, latents, latent_size=None):
+def decode_preview(preview_vae, latents, to_latent=None):
     """A quick picture of in-progress latents: the Tiny AutoEncoder decodes the pipeline's latents, in
-    milliseconds, where the full VAE would take seconds. FLUX's packed tokens are unpacked first (`latent_size`:
-    the latent's height and width); the latents are unscaled as the pipeline would for this decoder (a Tiny
-    AutoEncoder's own scale is 1 and shift 0: it reads the pipeline's latents as they are). Without a preview VAE
-    (IF, in pixel space) the in-progress image is the picture."""
+    milliseconds, where the full VAE would take seconds. `to_latent` (the family's preview_latents) makes the
+    pipeline's latents a (B, C, H, W) latent first (FLUX's packed tokens are unpacked); the latents are unscaled as
+    the pipeline would for this decoder (a Tiny AutoEncoder's own scale is 1 and shift 0: it reads the pipeline's
+    latents as they are). Without a preview VAE (IF, in pixel space) the in-progress image is the picture."""
     from PIL import Image
 
-    if latents.ndim == 3:
-        latents = models.unpack(latents, *latent_size)
+    if to_latent is not None:
+        latents = to_latent(latents)
     if preview_vae is None:
         image = latents[0]
     else:
@@ -176,21 +170,34 @@ def decode_preview(preview_vae, latents, latent_size=None):
     return Image.fromarray(((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
-def preview_sender(hooks, preview_vae, every, step, prompt, seed, latent_size=None, steps=None):
-    """The pipeline-call keywords that send a preview every `every` denoising steps and at the last one: a
-    callback_on_step_end (`latent_size`: for FLUX, the latent's height and width, to unpack its tokens), or for IF,
-    whose pipeline has the older per-step `callback` and no Tiny AutoEncoder (`preview_vae` None), a callback over
-    its `steps` denoising steps."""
-    def send(done, total, latents):
-        if done % every == 0 or done == total:
-            hooks.send("preview_image", f"{prompt} (denoising step {done}/{total})", step=step,
-                       images=[decode_preview(preview_vae, latents, latent_size)], prompt=prompt, seed=seed,
-                       denoising_step=done)
+@dataclass
+class Previews:
+    """--validation_preview: pictures of a validation image while it is drawn, sent to the webhooks (`hooks`) every
+    `every` denoising steps and at the last one. `preview_vae`: the Tiny AutoEncoder (None: the latents are the
+    picture, IF); `to_latent`: see decode_preview; `steps`: the denoising steps of a call (IF's older callback does
+    not say)."""
 
-    if preview_vae is None:
-        return {"callback": lambda index, timestep, latents: send(index + 1, steps, latents), "callback_steps": 1}
+    hooks: object
+    preview_vae: object
+    every: int
+    to_latent: object = None
+    steps: int = None
 
-    def callback(pipe, index, timestep, tensors):
-        send(index + 1, pipe.num_timesteps, tensors["latents"])  # the steps this call runs (img2img: the last ones)
-        return tensors
-    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
+    def callback(self, step, prompt, seed):
+        """The pipeline-call keywords that send this picture's previews (`step`: the training step): a
+        callback_on_step_end, or for IF, whose pipeline has the older per-step `callback`, a callback over its
+        steps."""
+        def send(done, total, latents):
+            if done % self.every == 0 or done == total:
+                self.hooks.send("preview_image", f"{prompt} (denoising step {done}/{total})", step=step,
+                                images=[decode_preview(self.preview_vae, latents, self.to_latent)], prompt=prompt,
+                                seed=seed, denoising_step=done)
+
+        if self.preview_vae is None:
+            return {"callback": lambda index, timestep, latents: send(index + 1, self.steps, latents),
+                    "callback_steps": 1}
+
+        def callback(pipe, index, timestep, tensors):
+            send(index + 1, pipe.num_timesteps, tensors["latents"])  # the steps this call runs (img2img: the last)
+            return tensors
+        return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}

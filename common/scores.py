@@ -2,14 +2,15 @@
 
 Used by train_dreambooth.py (the eval loss every --eval_steps_interval steps; --evaluation_type clip on
 validation images), evaluate.py (both, for every checkpoint) and rare_tokens.py (CLIP, for look-alike names).
-Training and evaluate.py call the same stable_eval_loss on the same examples, so their numbers agree exactly.
+Training and evaluate.py measure with the same StableEvalLoss on the same examples, so their numbers agree exactly.
 """
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
-from common import caches, files, models, objectives
+from common import caches, families, files
 
 # The DreamBench prompt templates (Ruiz et al. 2023): 25 per subject kind; {instance} is e.g. "ohwx dog".
 DREAMBENCH_SETTINGS = ["in the jungle", "in the snow", "on the beach", "on a cobblestone street",
@@ -30,95 +31,73 @@ DREAMBENCH_ATTRIBUTES = ["red", "purple", "shiny", "wet", "cube shaped"]
 # ---------------------------------------------------------------------------------------------------------------------
 # The stable eval loss
 
-LOW_RESOLUTION_SEED = 2 ** 40  # IF stage II's eval examples: where their low-resolution inputs' noise streams start
+PICTURE_SEED = 2 ** 40  # where the noise streams of conditioning made from the eval pictures start (IF stage II)
 
 
-def eval_examples(entries, info, text_dir, args=None):
-    """stable_eval_loss inputs from cached entries: the latent distribution's mean (no sampling, so the same every
-    time) and the denoiser's conditioning for the first caption, with what the flags (`args`) add to it
-    (models.conditioning_options; IF stage II's low-resolution input at --if_noise_level, its noise fixed per
-    example). Masks are not used: eval loss is over the image."""
+def eval_examples(entries, info, text_dir, eval_seed=0):
+    """StableEvalLoss's examples from cached entries: the latent distribution's mean (no sampling, so the same every
+    time) and the denoiser's conditioning for the first caption, with what the family makes from the picture
+    itself (IF stage II's low-resolution input at --if_noise_level, its noise fixed per example). Masks are not
+    used: eval loss is over the image."""
     texts = caches.load_text_embeddings([entry.captions[0] for entry in entries], info, text_dir)
-    shift, scale = models.latent_scaling(info)
-    options = models.conditioning_options(info, args) if args is not None else {}
-    upscaling = objectives.low_resolution(info, args) if args is not None else None
     examples = []
     for i, entry in enumerate(entries):
-        latents = (files.load_tensors(entry.cache_path)["mean"][None] - shift) * scale
-        low = None
-        if upscaling:  # its noise a stream of its own (drawn as example i's eval noise is, it would be that noise)
-            generator = torch.Generator().manual_seed(LOW_RESOLUTION_SEED + args.eval_seed * 1_000_003 + i)
-            low = upscaling(latents, generator, level=upscaling.max_level)
-        examples.append({"latents": latents, "low_resolution": low, "caption": entry.captions[0],
-                         "transform": entry.transform, "options": options,
-                         "cond": models.conditioning(info, [texts[entry.captions[0]]], [entry.transform], **options,
-                                                     low_resolution=low)})
+        latents = info.normalise(files.load_tensors(entry.cache_path)["mean"][None])
+        # its noise a stream of its own (drawn as example i's eval noise is, it would be that noise)
+        generator = torch.Generator().manual_seed(PICTURE_SEED + eval_seed * 1_000_003 + i)
+        picture = info.picture_conditioning(latents, generator, fixed=True)
+        examples.append({"latents": latents, "picture": picture, "caption": entry.captions[0],
+                         "transform": entry.transform,
+                         "cond": info.conditioning([texts[entry.captions[0]]], [entry.transform], picture)})
     return examples
 
 
-@torch.no_grad()
-def stable_eval_loss(info, model, objective, examples, count=8, seed=0, autocast=None, texts=None):
+@dataclass
+class StableEvalLoss:
     """A loss that can be compared across steps, checkpoints and runs: every example is noised at the same
-    `count` fixed timesteps (objective.eval_timesteps: DDPM timesteps, or flow noise levels) with the same fixed
+    `timesteps` fixed timesteps (objective.eval_timesteps: DDPM timesteps, or flow noise levels) with the same fixed
     noise (from `seed`), in eval mode, and the global RNG is left exactly as it was (a training run that evaluates
-    draws what one that does not would draw).
+    draws what one that does not would draw). Training (every --eval_steps_interval steps) and evaluate.py measure
+    with it on the same examples, so their numbers agree exactly.
 
-    `examples`: [{"latents": (1, C, h, w), "cond": the denoiser's conditioning for it (models.conditioning)}].
-    `autocast`: a context manager for mixed precision (training passes accelerator.autocast).
-    `texts`: with trained text encoders, adapters.text_reader's texts(captions): each caption is encoded by them now.
-    Returns {"mean": float, "per_timestep": {t: float}}."""
-    timesteps = objective.eval_timesteps(count)
-    device, dtype = model.device, model.dtype
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(len(timesteps))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i, example in enumerate(examples):
-            latents = example["latents"].float().expand(len(timesteps), -1, -1, -1)
-            noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-            noise = noise.expand_as(latents)
-            noisy = objective.add_noise(latents, noise, timesteps)
-            target = objective.target(latents, noise, timesteps)
-            cond = example["cond"] if texts is None else models.conditioning(
-                info, texts([example["caption"]]), [example["transform"]], **example["options"],
-                low_resolution=example["low_resolution"])
-            cond = models.map_conditioning(lambda t: t.expand(len(timesteps), *t.shape[1:]), cond)
-            with (autocast or contextlib.nullcontext)():
-                pred = models.predict(info, model, noisy.to(device, dtype), timesteps.to(device),
-                                      models.conditioning_on(cond, device, dtype))
-            totals += ((pred.float().cpu() - target) ** 2).mean(dim=(1, 2, 3))
-    model.train(was_training)
-    per_timestep = totals / max(1, len(examples))
-    return {"mean": per_timestep.mean().item(),
-            "per_timestep": {objective.label(t): value.item() for t, value in zip(timesteps, per_timestep)}}
+    `examples`: eval_examples'. `autocast`: a context manager for mixed precision (training passes
+    accelerator.autocast)."""
 
+    info: object
+    objective: object
+    examples: list
+    timesteps: int = 8
+    seed: int = 0
+    autocast: object = contextlib.nullcontext
 
-def eval_loss_function(args, info, accelerator, model, objective, examples, ema, trainable, last_step,
-                       start_log=None, texts=None):
-    """Training's eval_loss(step) -> the log's eval_loss, eval_loss_per_timestep (and eval_loss/ema) at every
-    --eval_steps_interval and the last step, else {}: stable_eval_loss, the function evaluate.py runs, so the
-    numbers agree. None without eval images (and on other processes). With `start_log` (a run at step 0), the
-    starting point goes into it first. `texts`: the trained text encoders' reader (stable_eval_loss)."""
-    if not examples:
-        return None
-
-    def loss():
-        return stable_eval_loss(info, model, objective, examples, args.eval_timesteps, args.eval_seed,
-                                accelerator.autocast, texts)
-
-    def eval_loss(step=None):
-        if step is not None and step % args.eval_steps_interval and step != last_step:
-            return {}
-        raw = loss()
-        record = {"eval_loss": raw["mean"], "eval_loss_per_timestep": raw["per_timestep"]}
-        if ema is not None:
-            with ema.applied(trainable):
-                record["eval_loss/ema"] = loss()["mean"]
-        return record
-
-    if start_log is not None:
-        start_log.log(0, eval_loss())
-    return eval_loss
+    @torch.no_grad()
+    def __call__(self, model, embed=None):
+        """{"mean": float, "per_timestep": {t: float}} of `model`. `embed`: with trained text encoders, an
+        adapters.TextReader: each caption is encoded by them now."""
+        info, timesteps = self.info, self.objective.eval_timesteps(self.timesteps)
+        device, dtype = model.device, model.dtype
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(len(timesteps))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for i, example in enumerate(self.examples):
+                latents = example["latents"].float().expand(len(timesteps), -1, -1, -1)
+                noise = torch.randn(latents.shape[1:],
+                                    generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i))
+                noise = noise.expand_as(latents)
+                noisy = self.objective.add_noise(latents, noise, timesteps)
+                target = self.objective.target(latents, noise, timesteps)
+                cond = example["cond"] if embed is None else info.conditioning(
+                    embed([example["caption"]]), [example["transform"]], example["picture"])
+                cond = families.map_conditioning(lambda t: t.expand(len(timesteps), *t.shape[1:]), cond)
+                with self.autocast():
+                    pred = info.predict(model, noisy.to(device, dtype), timesteps.to(device),
+                                        info.on_device(cond, device, dtype))
+                totals += ((pred.float().cpu() - target) ** 2).mean(dim=(1, 2, 3))
+        model.train(was_training)
+        per_timestep = totals / max(1, len(self.examples))
+        return {"mean": per_timestep.mean().item(),
+                "per_timestep": {self.objective.label(t): value.item() for t, value in zip(timesteps, per_timestep)}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from dataclasses import dataclass
 
 EVENTS = {  # event -> the title a person reads
     "training_started": "Training started",
@@ -96,9 +97,10 @@ def parse_hook(entry, where):
             "shown": f"{kind} {parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."}
 
 
-def raw_request(hook, event, text, step, data, pngs, timestamp):
-    body = {"type": event, "title": EVENTS[event], "message": text, "data": {"step": step, **data},
-            "images": [base64.b64encode(png).decode("ascii") for png in pngs], "timestamp": timestamp}
+def raw_request(hook, note, text, pngs):
+    """A JSON POST of one note (`text`: its message with the hook's prefix), its pictures as base64 PNGs."""
+    body = {"type": note.event, "title": EVENTS[note.event], "message": text, "data": {"step": note.step, **note.data},
+            "images": [base64.b64encode(png).decode("ascii") for png in pngs], "timestamp": note.timestamp}
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
     if hook["token"]:
         headers["Authorization"] = f"Bearer {hook['token']}"
@@ -117,6 +119,18 @@ def discord_request(hook, text, pngs):
     body += b"--%s--\r\n" % boundary.encode()
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "User-Agent": USER_AGENT}
     return urllib.request.Request(hook["url"], body, headers, method="POST")
+
+
+@dataclass
+class Note:
+    """One event on its way to the webhooks."""
+
+    event: str
+    message: str
+    step: int
+    data: dict
+    images: list
+    timestamp: str
 
 
 class Webhooks:
@@ -169,7 +183,7 @@ class Webhooks:
         self.total += len(hooks)
         timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         # Copies, so the caller may reuse its images; the slow PNG encoding happens on the worker thread.
-        job = (hooks, event, message, step, data, [image.copy() for image in images], timestamp)
+        job = (hooks, Note(event, message, step, data, [image.copy() for image in images], timestamp))
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -185,23 +199,23 @@ class Webhooks:
                 self.deliver(*job)
             self.queue.task_done()
 
-    def deliver(self, hooks, event, message, step, data, images, timestamp):
+    def deliver(self, hooks, note):
         problem = None
         try:
-            pngs = [png_bytes(image) for image in images]
+            pngs = [png_bytes(image) for image in note.images]
         except Exception as err:  # a broken image loses this message, not the thread
             problem = f"cannot encode an image as PNG: {err}"
         for hook in hooks:
             if self.stop.is_set():
                 return
-            text = hook["prefix"] + str(message)
+            text = hook["prefix"] + str(note.message)
             if problem:
                 error = problem
             else:
                 # A webhook that just failed every retry is taken to be down: one attempt per message until it
                 # answers again, so a dead server does not pile up back-off waits.
                 retries = 0 if hook.get("down") else self.retries
-                request = raw_request(hook, event, text, step, data, pngs, timestamp) if hook["type"] == "raw" \
+                request = raw_request(hook, note, text, pngs) if hook["type"] == "raw" \
                     else discord_request(hook, text, pngs)
                 error = self.post(request, retries)
                 hook["down"] = error is not None

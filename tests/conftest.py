@@ -111,7 +111,7 @@ def transformer_inputs(config, family, generator, size):
     """SD3: a latent, a timestep of 0-1000; FLUX: packed tokens with their ids, a noise level, dev's guidance."""
     import torch
 
-    from common import models
+    from common.families import flux
 
     text = torch.randn(1, 10, config.joint_attention_dim, generator=generator)
     pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
@@ -119,8 +119,8 @@ def transformer_inputs(config, family, generator, size):
     if family.startswith("sd3"):
         return {"hidden_states": latent, "timestep": torch.tensor([321.0]), "encoder_hidden_states": text,
                 "pooled_projections": pooled}
-    inputs = {"hidden_states": models.pack(latent), "timestep": torch.tensor([0.321]), "encoder_hidden_states": text,
-              "pooled_projections": pooled, "img_ids": models.image_ids(size, size), "txt_ids": torch.zeros(10, 3)}
+    inputs = {"hidden_states": flux.pack(latent), "timestep": torch.tensor([0.321]), "encoder_hidden_states": text,
+              "pooled_projections": pooled, "img_ids": flux.image_ids(size, size), "txt_ids": torch.zeros(10, 3)}
     if config.guidance_embeds:
         inputs["guidance"] = torch.tensor([1.0])
     return inputs
@@ -179,6 +179,148 @@ def resumed_weights(argv, whole, resumed, checkpoint):
     train_dreambooth.main([*argv[:argv.index("--output_dir")], "--output_dir", str(resumed),
                            *argv[argv.index("--output_dir") + 2:], "--resume_from_checkpoint", "latest"])
     return [load_file(os.path.join(folder, "pytorch_lora_weights.safetensors")) for folder in (whole, resumed)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared by several test files
+
+# The two data backend examples of the reference document (shared/reference/000_64cdcace096bbce0.txt), verbatim.
+# Only their "/training/..." paths are moved under tmp_path by `relocate`.
+
+REFERENCE_MASKED_LOSS = r"""
+[
+    {
+        "id": "dreambooth-data",
+        "type": "local",
+        "dataset_type": "image",
+        "conditioning_data": "dreambooth-conditioning",
+        "instance_data_dir": "/training/datasets/test_datasets/dreambooth",
+        "cache_dir_vae": "/training/cache/vae/sdxl/dreambooth-data",
+        "caption_strategy": "instanceprompt",
+        "instance_prompt": "an dreambooth",
+        "metadata_backend": "discovery",
+        "resolution": 1024,
+        "minimum_image_size": 1024,
+        "maximum_image_size": 1024,
+        "target_downsample_size": 1024,
+        "crop": true,
+        "crop_aspect": "square",
+        "crop_style": "center",
+        "resolution_type": "pixel_area"
+    },
+    {
+        "id": "dreambooth-conditioning",
+        "type": "local",
+        "dataset_type": "conditioning",
+        "instance_data_dir": "/training/datasets/test_datasets/dreambooth_mask",
+        "resolution": 1024,
+        "minimum_image_size": 1024,
+        "maximum_image_size": 1024,
+        "target_downsample_size": 1024,
+        "crop": true,
+        "crop_aspect": "square",
+        "crop_style": "center",
+        "resolution_type": "pixel_area",
+        "conditioning_type": "mask"
+    },
+    {
+        "id": "an example backend for text embeds.",
+        "dataset_type": "text_embeds",
+        "default": true,
+        "type": "local",
+        "cache_dir": "/training/cache/text/sdxl-base/masked_loss"
+    }
+]
+"""
+
+REFERENCE_MIXED_RESOLUTION = r"""
+[
+    {
+        "id": "subjectname-data-512px",
+        "type": "local",
+        "instance_data_dir": "/training/datasets/subjectname",
+        "caption_strategy": "instanceprompt",
+        "instance_prompt": "subjectname",
+        "cache_dir_vae": "/training/vae_cache/subjectname",
+        "repeats": 100,
+        "crop": false,
+        "resolution": 512,
+        "resolution_type": "pixel_area",
+        "minimum_image_size": 192
+    },
+    {
+        "id": "subjectname-data-1024px",
+        "type": "local",
+        "instance_data_dir": "/training/datasets/subjectname",
+        "caption_strategy": "instanceprompt",
+        "instance_prompt": "subjectname",
+        "cache_dir_vae": "/training/vae_cache/subjectname-1024px",
+        "repeats": 100,
+        "crop": false,
+        "resolution": 1024,
+        "resolution_type": "pixel_area",
+        "minimum_image_size": 768
+    },
+    {
+        "id": "regularisation-data",
+        "type": "local",
+        "instance_data_dir": "/training/datasets/regularisation",
+        "caption_strategy": "instanceprompt",
+        "instance_prompt": "a picture of a man",
+        "cache_dir_vae": "/training/vae_cache/regularisation",
+        "repeats": 0,
+        "resolution": 512,
+        "resolution_type": "pixel_area",
+        "minimum_image_size": 192,
+        "is_regularisation_data": true
+    },
+    {
+        "id": "regularisation-data-1024px",
+        "type": "local",
+        "instance_data_dir": "/training/datasets/regularisation",
+        "caption_strategy": "instanceprompt",
+        "instance_prompt": "a picture of a man",
+        "cache_dir_vae": "/training/vae_cache/regularisation-1024px",
+        "repeats": 0,
+        "resolution": 1024,
+        "resolution_type": "pixel_area",
+        "minimum_image_size": 768,
+        "is_regularisation_data": true
+    },
+    {
+        "id": "textembeds",
+        "type": "local",
+        "dataset_type": "text_embeds",
+        "default": true,
+        "cache_dir": "/training/text_cache/sdxl_base"
+    }
+]
+"""
+
+
+def relocate(text, root):
+    """The reference JSON with every '/training/...' path moved under `root`; instance folders created."""
+    moved = text.replace('"/training/', json.dumps(str(root) + "/training/")[:-1])
+    for entry in json.loads(moved):
+        if "instance_data_dir" in entry:
+            os.makedirs(entry["instance_data_dir"], exist_ok=True)
+    return moved
+
+
+def prior_data(tmp_path, subject_dir, class_images=4, repeats=1, resolution=64):
+    reg = make_demo.make_subject_images(str(tmp_path / "class"), sizes=((64, 64),) * class_images)
+    return write_json(tmp_path / "data.json", [
+        {"id": "subject", "instance_data_dir": subject_dir, "instance_prompt": "a photo of ohwx toy",
+         "resolution": resolution, "repeats": repeats},
+        {"id": "class", "instance_data_dir": reg, "instance_prompt": "a photo of a toy", "resolution": resolution,
+         "is_regularization_data": True},
+    ])
+
+
+def prior_argv(model, data, output_dir, seed, *extra):
+    return ["--pretrained_model_name_or_path", model, "--data_backend_config", data, "--output_dir", str(output_dir),
+            "--seed", str(seed), "--train_batch_size", "1", "--learning_rate", "5e-3", "--lora_rank", "4",
+            *map(str, extra)]
 
 
 @pytest.fixture(scope="session")

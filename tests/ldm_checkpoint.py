@@ -210,16 +210,16 @@ def open_clip_to_ldm(state_dict):
 
 def mmdit_to_original(model, weights):
     """SD3Transformer2DModel tensors -> the original (Stability MMDiT) names, without model.diffusion_model.: the
-    Linear layers fused and named by adapters.original_layout (which the tests prove against diffusers' converter
+    Linear layers fused and named by the family's original_layout (which the tests prove against diffusers' converter
     convert_sd3_transformer_checkpoint_to_diffusers), the patch embedding and SD3.5's query / key norms here."""
     from diffusers.models.normalization import AdaLayerNormContinuous
 
-    from common import adapters
+    from common import families
 
     modules = dict(model.named_modules())
     original = {"pos_embed": weights["pos_embed.pos_embed"], "x_embedder.proj.weight": weights["pos_embed.proj.weight"],
                 "x_embedder.proj.bias": weights["pos_embed.proj.bias"]}
-    for name, parts in adapters.original_layout(model, "sd3"):
+    for name, parts in families.SD3.original_layout(model):
         if parts[0] in modules:  # the last block's text stream has no output projection or MLP
             for kind in ("weight", "bias"):
                 tensor = torch.cat([weights[f"{part}.{kind}"] for part in parts])
@@ -291,13 +291,13 @@ def save_ldm_checkpoint(diffusers_folder, path, family):
 
 def flux_to_original(model, weights):
     """FluxTransformer2DModel tensors -> Black Forest Labs' names: the Linear layers fused and named by
-    adapters.original_layout (proved against diffusers' kohya LoRA converter), the query / key norms here."""
+    original_layout (proved against diffusers' kohya LoRA converter), the query / key norms here."""
     from diffusers.models.normalization import AdaLayerNormContinuous
 
-    from common import adapters
+    from common import families
 
     modules, original = dict(model.named_modules()), {}
-    for name, parts in adapters.original_layout(model, "flux"):
+    for name, parts in families.Flux.original_layout(model):
         if parts[0] in modules:  # a model without guidance embedding has no guidance_in
             for kind in ("weight", "bias"):
                 tensor = torch.cat([weights[f"{part}.{kind}"] for part in parts])

@@ -179,13 +179,10 @@ QUANTISED = ["int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb
 @pytest.mark.parametrize("precision", QUANTISED)
 def test_lora_on_a_quantised_unet_learns_a_fixed_batch(tiny_model, precision):
     """On one fixed batch, the LoRA's loss goes down step after step: the quantised layers pass gradients through."""
-    import argparse
-
     info = model_info(tiny_model("sd1"))
     unet = quantise.quantize_model(models.load_component(info, "unet"), precision)
     assert not any(p.requires_grad for p in unet.parameters())
-    adapters.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
-                                               lora_init="default", lora_target="attention_ff"))
+    adapters.add_lora(unet, adapters.LoraSettings(rank=4, init="default"), info.lora_targets(unet, "attention_ff"))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     inputs = unet_inputs(unet, "sd1")
@@ -274,11 +271,11 @@ def test_validation_renders_each_lora_strength_and_strength_zero_is_the_base_mod
     folder = tmp_path / "out" / "validation" / "step-2"
     drawn = {scale: np.asarray(Image.open(folder / f"prompt00-seed0_scale{scale}.png")) for scale in ("0", "0.5", "1")}
     args, info = train_dreambooth.parse_args(argv), model_info(model)
-    options = render.drawing_options(info, args, 2, train_dreambooth.validation_guidance(args, info), None, 64)
+    options = render.drawing_options(info, 2, train_dreambooth.validation_guidance(args, info), None, 64)
     base = stock_pipeline(model)
     trained = models.build_pipeline(info, result["unet"].eval(), base.vae, [base.tokenizer], [base.text_encoder])
     for pipe, scale in ((base, "0"), (trained, "1")):
-        [[picture]] = render.render(pipe, ["a photo of ohwx toy"], 1, args.validation_seed, options)
+        [[picture]] = render.render(pipe, ["a photo of ohwx toy"], render.Round(1, args.validation_seed, options))
         assert np.array_equal(np.asarray(picture), drawn[scale]), scale
     assert not np.array_equal(drawn["0.5"], drawn["0"]) and not np.array_equal(drawn["0.5"], drawn["1"])
     grid = Image.open(folder / "grid.png")

@@ -181,7 +181,7 @@ def test_text_cache_encodes_only_new_captions(tiny_model, tmp_path, capsys):
     assert "encoding 1 of 3 captions" in capsys.readouterr().out
     assert {k: more[k] for k in paths} == paths
     tokenizers, encoders = models.load_text_encoders(info)
-    expected = models.encode_prompt(info, tokenizers, encoders, ["a red toy"])["prompt_embeds"][0]
+    expected = info.encode_prompt(tokenizers, encoders, ["a red toy"])["prompt_embeds"][0]
     assert torch.allclose(files.load_tensors(more["a red toy"])["prompt_embeds"], expected)
 
 

@@ -12,8 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, train_argv
-from test_prior import prior_argv, prior_data
+from conftest import ROOT, prior_argv, prior_data, train_argv
 from safetensors.torch import load_file
 
 from common import adapters, checkpoints, data

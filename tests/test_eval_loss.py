@@ -30,11 +30,11 @@ def test_stable_eval_loss_is_repeatable_side_effect_free_and_the_plain_mse(tiny_
                 for i in inputs]
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = scores.stable_eval_loss(info, unet, objective, examples, count=4, seed=5)
+    first = scores.StableEvalLoss(info, objective, examples, timesteps=4, seed=5)(unet)
     assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
     assert unet.training  # and the mode is given back
-    assert scores.stable_eval_loss(info, unet, objective, examples, count=4, seed=5) == first
-    assert scores.stable_eval_loss(info, unet, objective, examples, count=4, seed=6) != first
+    assert scores.StableEvalLoss(info, objective, examples, timesteps=4, seed=5)(unet) == first
+    assert scores.StableEvalLoss(info, objective, examples, timesteps=4, seed=6)(unet) != first
     assert list(first["per_timestep"]) == [200, 400, 599, 799]
     assert first["mean"] == pytest.approx(sum(first["per_timestep"].values()) / 4)
 
@@ -47,5 +47,5 @@ def test_stable_eval_loss_is_repeatable_side_effect_free_and_the_plain_mse(tiny_
         if prediction == "v_prediction" else noise
     with torch.no_grad():
         pred = unet.eval()(noisy, torch.tensor([t]), **example["cond"]).sample
-    other = scores.stable_eval_loss(info, unet, objective, examples[:1], count=4, seed=5)["per_timestep"][t]
+    other = scores.StableEvalLoss(info, objective, examples[:1], timesteps=4, seed=5)(unet)["per_timestep"][t]
     assert first["per_timestep"][t] == pytest.approx(((pred - target) ** 2).mean().item() / 2 + other / 2, rel=1e-5)

@@ -442,9 +442,9 @@ def test_the_vae_decodes_outside_autocast_in_its_own_precision(tiny_model):
 
     pipe.unet.register_forward_pre_hook(record("unet"))
     pipe.vae.decoder.conv_in.register_forward_pre_hook(record("vae"))
-    options = render.drawing_options(info, None, 2, 1.0, None, 64)
-    [[image]] = render.render(pipe, ["a photo of ohwx toy"], 1, 0, options,
-                              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    options = render.drawing_options(info, 2, 1.0, None, 64)
+    [[image]] = render.render(pipe, ["a photo of ohwx toy"],
+                              render.Round(1, 0, options, lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
     assert seen["unet"][0] is True  # the denoiser under autocast
     assert seen["vae"] == (False, torch.float32)  # the decode outside it, in the VAE's fp32
     assert "decode" not in vars(pipe.vae)  # the pipeline's VAE is its own again

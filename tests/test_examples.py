@@ -3,16 +3,16 @@
 import json
 import os
 
-from conftest import ROOT, model_info, write_json
+from conftest import REFERENCE_MASKED_LOSS, REFERENCE_MIXED_RESOLUTION, ROOT, model_info, write_json
+from conftest import relocate as relocate_reference
 
 from common import adapters, data, files, flags, models
-import test_config
 import train_dreambooth
 
 
 def reference_example(text, root):
-    """A reference data config (verbatim in test_config.py) with its '/training/...' folders moved under `root`."""
-    return json.loads(test_config.relocate(text, root))
+    """A reference data config (verbatim in conftest.py) with its '/training/...' folders moved under `root`."""
+    return json.loads(relocate_reference(text, root))
 
 
 def relocate(datasets, root):
@@ -37,7 +37,7 @@ def run_tiny_sdxl(tiny_model, data_config, tmp_path):
 
 
 def test_reference_four_dataset_example_runs(tiny_model, tmp_path, capsys):
-    datasets = reference_example(test_config.REFERENCE_MIXED_RESOLUTION, tmp_path)
+    datasets = reference_example(REFERENCE_MIXED_RESOLUTION, tmp_path)
     square_images(datasets[0]["instance_data_dir"], 1, 1024)
     square_images(datasets[2]["instance_data_dir"], 1, 896)
     run_tiny_sdxl(tiny_model, write_json(tmp_path / "multidatabackend.json", datasets), tmp_path)
@@ -52,7 +52,7 @@ def test_reference_four_dataset_example_runs(tiny_model, tmp_path, capsys):
 
 
 def test_reference_masked_loss_example_runs(tiny_model, tmp_path):
-    datasets = reference_example(test_config.REFERENCE_MASKED_LOSS, tmp_path)
+    datasets = reference_example(REFERENCE_MASKED_LOSS, tmp_path)
     square_images(datasets[0]["instance_data_dir"], 2, 1024)
     square_images(datasets[1]["instance_data_dir"], 2, 1024)
     run_tiny_sdxl(tiny_model, write_json(tmp_path / "multidatabackend.json", datasets), tmp_path)

@@ -14,7 +14,8 @@ import torch
 from conftest import first_step, model_info, predict, train_argv, unet_inputs
 from ldm_checkpoint import mmdit_to_original
 
-from common import data, files, models, objectives
+from common import data, families, files, models, objectives
+from common.families import flux
 import train_dreambooth
 
 
@@ -28,11 +29,11 @@ def test_packed_tokens_and_their_ids_are_the_flux_pipelines():
 
     latents = torch.randn(2, 16, 6, 10)
     packed = FluxPipeline._pack_latents(latents, 2, 16, 6, 10)
-    assert torch.equal(models.pack(latents), packed)
-    assert torch.equal(models.unpack(packed, 6, 10), latents)
+    assert torch.equal(flux.pack(latents), packed)
+    assert torch.equal(flux.unpack(packed, 6, 10), latents)
     # The pipeline's unpack takes pixel sizes (8 px per latent cell)
     assert torch.equal(FluxPipeline._unpack_latents(packed, 48, 80, 8), latents)
-    assert torch.equal(models.image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32))
+    assert torch.equal(flux.image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32))
 
 
 def test_noise_levels_are_diffusers_density_then_the_schedulers_shift(tiny_model):
@@ -120,7 +121,7 @@ def test_first_step_loss_equals_the_flow_matching_objective_computed_by_hand(tin
         sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
     noisy = (1 - sigma) * latents + sigma * noise
     tokenizers, encoders = models.load_text_encoders(info)
-    text = models.encode_prompt(info, tokenizers, encoders, [caption])
+    text = info.encode_prompt(tokenizers, encoders, [caption])
     transformer = models.load_component(info, "transformer").eval()
     with torch.no_grad():
         if family == "sd3":
@@ -232,14 +233,14 @@ def random_lora(model, family, seed=1):
     """A rank-2 LoRA on every Linear, alpha 3 (so alpha / rank is not 1), with random up and down matrices."""
     from common import adapters
 
-    adapters.add_lora(model, argparse.Namespace(lora_rank=2, lora_alpha=3, lora_target="all", lora_layers=None,
-                                                lora_dropout=0.0, lora_init="default"), "transformer")
+    info = families.BY_NAME[family]
+    adapters.add_lora(model, adapters.LoraSettings(rank=2, alpha=3, init="default"), info.lora_targets(model, "all"))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return adapters.kohya_transformer_lora(model, family)
+    return adapters.kohya_transformer_lora(model, info)
 
 
 def flux_transformer(double, single, width, fill=True):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common import models, single_file
+from common import families, models
 from conftest import stock_pipeline
 
 
@@ -28,7 +28,7 @@ def test_family_and_prediction_type_come_from_the_configs(tiny_model, tmp_path, 
     # FLUX: no sample_size, 1024 px; the tiny IF's UNet draws 16 px (the real stage I: 64), its stage II 32 (256)
     assert info.native_resolution == {"flux": 1024, "flux-schnell": 1024, "if": 16, "if-ii": 32}.get(family, 64)
     # FLUX.1-dev embeds its guidance and reads 512 T5 tokens, schnell neither; SD3 77 (diffusers' SD3 example)
-    assert (info.guidance_embeds, info.t5_max_length) == {"flux": (True, 512), "flux-schnell": (False, 256),
+    assert (getattr(info, "guidance_embeds", False), info.t5_max_length) == {"flux": (True, 512), "flux-schnell": (False, 256),
                                                           "sd3": (False, 77)}.get(family, (False, 0))
 
 
@@ -38,27 +38,28 @@ def test_real_model_configs_are_detected_by_their_dimensions():
     sd21 = {"cross_attention_dim": 1024, "in_channels": 4, "use_linear_projection": True}
     sdxl = {"cross_attention_dim": 2048, "addition_embed_type": "text_time", "in_channels": 4}
     index = {"text_encoder": ["transformers", "CLIPTextModel"]}
-    assert models.detect_family(index, sd15, "m") == "sd1"
-    assert models.detect_family(index, sd21, "m") == "sd2"
-    assert models.detect_family(index, sdxl, "m") == "sdxl"
-    assert models.detect_family({"text_encoder": [None, None], "requires_aesthetics_score": True},
-                                {**sdxl, "cross_attention_dim": 1280}, "m") == "sdxl-refiner"
+    assert families.detect(index, sd15, "m").family == "sd1"
+    assert families.detect(index, sd21, "m").family == "sd2"
+    assert families.detect(index, sdxl, "m").family == "sdxl"
+    assert families.detect({"text_encoder": [None, None], "requires_aesthetics_score": True},
+                           {**sdxl, "cross_attention_dim": 1280}, "m").family == "sdxl-refiner"
     with pytest.raises(SystemExit, match="inpainting"):
-        models.detect_family(index, {**sd15, "in_channels": 9}, "m")
+        families.detect(index, {**sd15, "in_channels": 9}, "m")
     # DeepFloyd IF: no VAE in the folder; T5 projected by encoder_hid_dim; noise + variance out (IF-I-XL's values)
     if_index = {"text_encoder": ["transformers", "T5EncoderModel"], "unet": ["diffusers", "UNet2DConditionModel"]}
     stage_1 = {"in_channels": 3, "out_channels": 6, "encoder_hid_dim": 4096, "cross_attention_dim": 4096,
                "addition_embed_type": "text", "sample_size": 64}
-    assert models.detect_family(if_index, stage_1, "m") == "if"
+    assert families.detect(if_index, stage_1, "m").family == "if"
     # stage II, the x4 upscaler: the enlarged low-resolution picture in beside the noisy one, its noise level embedded
-    assert models.detect_family(if_index, {**stage_1, "in_channels": 6, "class_embed_type": "timestep"}, "m") == "if-ii"
+    stage_2 = {**stage_1, "in_channels": 6, "class_embed_type": "timestep"}
+    assert families.detect(if_index, stage_2, "m").family == "if-ii"
     with pytest.raises(SystemExit, match="neither DeepFloyd IF stage I"):
-        models.detect_family(if_index, {**stage_1, "in_channels": 6}, "m")
+        families.detect(if_index, {**stage_1, "in_channels": 6}, "m")
 
 
 def test_sdxl_refiner_is_told_apart_from_the_base(tiny_model, tmp_path):
     info = models.resolve_model(model_args(tiny_model("sdxl-refiner"), tmp_path))
-    assert info.family == "sdxl-refiner" and info.text_parts == [("tokenizer_2", "text_encoder_2", "penultimate")]
+    assert info.family == "sdxl-refiner" and info.text_parts == [("tokenizer_2", "text_encoder_2")]
     assert models.resolve_model(model_args(tiny_model("sdxl"), tmp_path)).family == "sdxl"
 
 
@@ -101,16 +102,16 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
     for family, key in cases.items():
         path = str(tmp_path / f"{family}.safetensors")
         save_file({key: torch.zeros(1), "model.diffusion_model.out.2.bias": torch.zeros(1)}, path)
-        assert single_file.single_file_family(path) == family
+        assert families.detect_single_file(path).family == family
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)},
               str(tmp_path / "sd3.safetensors"))
-    assert single_file.single_file_family(str(tmp_path / "sd3.safetensors")) == "sd3"
+    assert families.detect_single_file(str(tmp_path / "sd3.safetensors")).family == "sd3"
     for prefix in ("", "model.diffusion_model."):  # Black Forest Labs' file; ComfyUI's, with the prefix
         save_file({prefix + "double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "flux.safetensors"))
-        assert single_file.single_file_family(str(tmp_path / "flux.safetensors")) == "flux"
+        assert families.detect_single_file(str(tmp_path / "flux.safetensors")).family == "flux"
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="not a Stable Diffusion checkpoint"):
-        single_file.single_file_family(str(tmp_path / "other.safetensors"))
+        families.detect_single_file(str(tmp_path / "other.safetensors"))
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
@@ -137,7 +138,7 @@ def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_leng
     prompts = ["a photo of ohwx dog", "a very long prompt " * 30]  # the second one is truncated at 77 tokens
     if family.startswith("if"):  # IF's pipelines lower-case and strip the caption first
         prompts.append("  A Photo of OHWX Dog ")
-    ours = models.encode_prompt(info, tokenizers, encoders, prompts)
+    ours = info.encode_prompt(tokenizers, encoders, prompts)
     if family.startswith("if"):  # T5 with its padding masked, 77 tokens; the caption read as the pipeline reads it
         pipe = stock_pipeline(path)
         with torch.no_grad():
@@ -146,7 +147,7 @@ def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_leng
         assert torch.equal(ours["prompt_embeds"], embeds) and embeds.shape[1] == 77
         assert torch.equal(embeds[2], embeds[0]) and "pooled_prompt_embeds" not in ours
         return
-    if info.spec.denoiser == "transformer":  # SD3 / FLUX: the stock pipeline, T5 at the length we train with
+    if info.denoiser == "transformer":  # SD3 / FLUX: the stock pipeline, T5 at the length we train with
         pipe = stock_pipeline(path)
         with torch.no_grad():  # as the pipeline's __call__ runs it (T5's attention kernel differs under grad)
             if info.family == "sd3":
@@ -172,11 +173,12 @@ def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_leng
 
 def test_sdxl_time_ids_equal_the_pipeline(tiny_model, tmp_path):
     pipe = load_pipeline("sdxl", tiny_model("sdxl"))
+    info = models.resolve_model(model_args(tiny_model("sdxl"), tmp_path))
     transform = {"original_size": [640, 480], "crop_box": [32, 16, 544, 528], "target_size": [512, 512],
                  "resized_size": [683, 512], "downsampled_size": [640, 480]}
     expected = pipe._get_add_time_ids((480, 640), (16, 32), (512, 512), dtype=torch.float32,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    assert torch.equal(models.sdxl_time_ids(transform)[None], expected)
+    assert torch.equal(info.time_ids(transform)[None], expected)
 
 
 def test_a_hub_id_loads_from_the_local_hub_cache_offline(tiny_model, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 import evaluate
 import make_regularisation
 import train_dreambooth
-from common import data, files, images, models, render
+from common import data, files, images, render
 
 
 @pytest.mark.parametrize("family", ["if", "if-ii"])
@@ -44,7 +44,7 @@ def test_the_cache_holds_each_picture_as_training_sees_it_and_its_mask_at_full_r
     train_dreambooth.main(argv)
     args = train_dreambooth.parse_args(argv)
     datasets, info, plans = data.prepare(args, print_fn=lambda *a: None)
-    assert info.family == family and info.vae_scale_factor == 1 and models.latent_scaling(info) == (0.0, 1.0)
+    assert info.family == family and info.vae_scale_factor == 1 and info.latent_scaling() == (0.0, 1.0)
     shapes = set()
     for entry in plans["subject"]:
         cached = files.load_tensors(entry.cache_path)

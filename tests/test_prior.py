@@ -1,6 +1,5 @@
 """Regularisation data and prior preservation: make_regularisation.py and the prior loss in training."""
 
-import argparse
 import json
 import os
 import signal
@@ -10,7 +9,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, first_batches_are_prior_then_mixed, model_info, resolution_for, write_json, train_argv
+from conftest import (ROOT, first_batches_are_prior_then_mixed, model_info, prior_argv, prior_data, resolution_for,
+                      train_argv, write_json)
 
 from common import adapters, data, files, models
 import make_demo
@@ -132,11 +132,9 @@ def test_a_folder_of_other_images_or_settings_is_refused(tiny_model, tmp_path):
 def lora_file(model, folder):
     """A LoRA with random (non-zero) weights, saved as training saves one."""
     info = model_info(model)
-    denoiser = info.spec.denoiser  # "unet", or an SD3 / FLUX "transformer"
+    denoiser = info.denoiser  # "unet", or an SD3 / FLUX "transformer"
     unet = models.load_component(info, denoiser)
-    options = argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0, lora_init="default",
-                                 lora_target="attention", lora_layers=None)
-    config = adapters.add_lora(unet, options, denoiser)
+    config = adapters.add_lora(unet, adapters.LoraSettings(rank=4, init="default"), info.lora_targets(unet, "attention"))
     torch.manual_seed(0)
     for name, param in unet.named_parameters():
         if "lora_B" in name:
@@ -163,8 +161,7 @@ def test_lora_is_applied_when_generating(tiny_model, tmp_path, family):
 def unet_with_lora(model):
     info = model_info(model)
     unet = models.load_component(info, "unet")
-    adapters.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
-                                               lora_init="gaussian", lora_target="attention"))
+    adapters.add_lora(unet, adapters.LoraSettings(rank=4), info.lora_targets(unet, "attention"))
     return unet
 
 
@@ -222,27 +219,11 @@ def test_the_adapter_is_switched_back_on_even_when_the_prior_pass_raises(tiny_mo
     assert torch.equal(predict_random_input(unet), adapted)
 
 
-def prior_data(tmp_path, subject_dir, class_images=4, repeats=1, resolution=64):
-    reg = make_demo.make_subject_images(str(tmp_path / "class"), sizes=((64, 64),) * class_images)
-    return write_json(tmp_path / "data.json", [
-        {"id": "subject", "instance_data_dir": subject_dir, "instance_prompt": "a photo of ohwx toy",
-         "resolution": resolution, "repeats": repeats},
-        {"id": "class", "instance_data_dir": reg, "instance_prompt": "a photo of a toy", "resolution": resolution,
-         "is_regularization_data": True},
-    ])
-
-
-def prior_argv(model, data, output_dir, seed, *extra):
-    return ["--pretrained_model_name_or_path", model, "--data_backend_config", data, "--output_dir", str(output_dir),
-            "--seed", str(seed), "--train_batch_size", "1", "--learning_rate", "5e-3", "--lora_rank", "4",
-            *map(str, extra)]
-
-
 def log_records(output_dir):
     return [json.loads(line) for line in open(os.path.join(output_dir, "logs", "train_log.jsonl"))]
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux", "if", "if-ii"])
+@pytest.mark.parametrize("family", ["sd1", "flux"])  # min-SNR; a flow weighting scheme (every family: test_families)
 def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(tiny_model, subject_dir, tmp_path,
                                                                                family):
     data = prior_data(tmp_path, subject_dir, resolution=resolution_for(tiny_model(family)))
@@ -265,7 +246,7 @@ def test_prior_loss_is_zero_at_step_zero_and_positive_once_the_adapter_learned(t
 def class_prediction_drift(model, unet):
     """How far the trained UNet's predictions for the class prompt lie from the base model's."""
     info = model_info(model)
-    embeds = models.encode_prompt(info, *models.load_text_encoders(info), ["a photo of a toy"])["prompt_embeds"]
+    embeds = info.encode_prompt(*models.load_text_encoders(info), ["a photo of a toy"])["prompt_embeds"]
     base = models.load_component(info, "unet").eval()
     generator = torch.Generator().manual_seed(1)
     drift = 0.0
@@ -351,10 +332,11 @@ def test_dop_keeps_the_class_caption_at_the_base_models_prediction(tiny_model, s
         train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "half", "--dop_class", "a dog"))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux", "if", "if-ii"])
+@pytest.mark.parametrize("family", ["sdxl", "if-ii"])  # time ids; the low-resolution input per row
 def test_dop_runs_on_the_other_families(tiny_model, subject_dir, tmp_path, family):
-    """The class-caption rows ride in the same forward pass on SDXL (time ids) and FLUX (packed tokens; SD3 shares its
-    transformer path): zero at step 0 up to rounding, then the adapter's departure on the class caption."""
+    """The class-caption rows ride in the same forward pass on SDXL (time ids) and IF stage II (each row keeps its
+    sample's low-resolution input): zero at step 0 up to rounding, then the adapter's departure on the class caption.
+    Every family's step 0: tests/test_families.py."""
     train_dreambooth.main(train_argv(tiny_model(family), subject_dir, tmp_path / "out", "--max_train_steps", "3",
                                      "--learning_rate", "5e-3", "--dop_class", "a toy", "--dop_trigger", "ohwx toy"))
     records = log_records(tmp_path / "out")

@@ -22,9 +22,9 @@ def refiner_pipeline(model):
 
 def test_prompt_embeddings_and_time_ids_equal_the_refiner_pipeline(tiny_model):
     model = tiny_model("sdxl-refiner")
-    info = model_info(model)
+    info = model_info(model, data_aesthetic_score=6.5)
     prompts = ["a photo of ohwx toy", "a toy"]
-    ours = models.encode_prompt(info, *models.load_text_encoders(info), prompts)
+    ours = info.encode_prompt(*models.load_text_encoders(info), prompts)
     pipe = refiner_pipeline(model)
     embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
     assert torch.equal(ours["prompt_embeds"], embeds) and torch.equal(ours["pooled_prompt_embeds"], pooled)
@@ -33,7 +33,7 @@ def test_prompt_embeddings_and_time_ids_equal_the_refiner_pipeline(tiny_model):
     expected, _ = pipe._get_add_time_ids((480, 640), (16, 32), (512, 512), 6.5, 2.5, (480, 640), (0, 0), (512, 512),
                                          dtype=torch.float32,
                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    assert torch.equal(models.sdxl_time_ids(transform, 6.5)[None], expected)
+    assert torch.equal(info.time_ids(transform)[None], expected)
 
 
 def capture_training_calls(monkeypatch):
@@ -100,7 +100,7 @@ def test_base_and_refiner_share_vae_caches_but_not_text_caches(tiny_model, subje
 
     run(tiny_model("sdxl"), data(tmp_path / "text"), "base")
     capsys.readouterr()
-    with pytest.raises(SystemExit, match="holds SDXL base-model text embeddings .* each needs its own text cache"):
+    with pytest.raises(SystemExit, match="holds SDXL base model text embeddings .* each needs its own text cache"):
         run(tiny_model("sdxl-refiner"), data(tmp_path / "text"), "refiner")
     run(tiny_model("sdxl-refiner"), data(tmp_path / "text-refiner"), "refiner")
     out = capsys.readouterr().out

@@ -19,9 +19,9 @@ MODELS = [("sd1", "epsilon"), ("sd2", "v_prediction")]
 
 def unet_with_fresh_lora(model):
     """The student as training builds it: a LoRA whose B matrices start at zero (no effect yet)."""
-    unet = models.load_component(model_info(model), "unet")
-    adapters.add_lora(unet, argparse.Namespace(lora_rank=4, lora_alpha=None, lora_dropout=0.0,
-                                               lora_init="gaussian", lora_target="attention"))
+    info = model_info(model)
+    unet = models.load_component(info, "unet")
+    adapters.add_lora(unet, adapters.LoraSettings(rank=4), info.lora_targets(unet, "attention"))
     return unet.eval()
 
 
@@ -47,7 +47,7 @@ def our_rollout(model, family, sampler, t, k):
     info = model_info(model)
 
     def predict(x, timestep):
-        return models.predict(info, student, x, timestep, conditioning)
+        return info.predict(student, x, timestep, conditioning)
 
     return objective_of(model).rollout(predict, clean, noise, torch.tensor(t), k, sampler)
 
@@ -235,13 +235,13 @@ def test_the_prior_target_is_the_base_model_on_the_students_rolled_out_input(tin
     [(x, t)], [target] = seen["inputs"], seen["targets"]
     assert log_records(tmp_path / "out")[0]["rollout_forwards"] > 0  # the regularisation sample was rolled out
     info = model_info(model)
-    embeds = models.encode_prompt(info, *models.load_text_encoders(info), ["a toy"])["prompt_embeds"]
+    embeds = info.encode_prompt(*models.load_text_encoders(info), ["a toy"])["prompt_embeds"]
     with torch.no_grad():
         base = models.load_component(info, "unet").eval()(x, t, embeds).sample
     assert torch.allclose(target, base, atol=1e-6)  # one rollout (the student's), the base model judged on it
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux", "if", "if-ii"])
+@pytest.mark.parametrize("family", ["sd1", "if-ii"])
 def test_rollouts_work_with_lycoris_masks_prior_ema_and_full_finetunes(tiny_model, tmp_path, family):
     from PIL import Image
 

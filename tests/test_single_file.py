@@ -17,7 +17,7 @@ from ldm_checkpoint import (SD1_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PR
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common import models, single_file
+from common import families, models
 
 PROMPTS = ["a photo of ohwx dog", "a red robot on the beach"]
 
@@ -59,7 +59,7 @@ def assert_same_weights(original_folder, converted_folder, family):
 
 def assert_same_outputs(original, converted):
     """What training computes from the model: prompt embeddings, a UNet prediction and a VAE latent."""
-    ours = [models.encode_prompt(info, *models.load_text_encoders(info), PROMPTS) for info in (original, converted)]
+    ours = [info.encode_prompt(*models.load_text_encoders(info), PROMPTS) for info in (original, converted)]
     assert sorted(ours[0]) == sorted(ours[1])
     for key in ours[0]:
         assert torch.equal(ours[0][key], ours[1][key]), key
@@ -84,7 +84,7 @@ def assert_same_outputs(original, converted):
 
 def check_single_file_round_trip(folder, family, tmp_path, monkeypatch):
     checkpoint = save_ldm_checkpoint(folder, str(tmp_path / f"tiny-{family}.safetensors"), family)
-    assert single_file.single_file_family(checkpoint) == family
+    assert families.detect_single_file(checkpoint).family == family
     args = model_args(checkpoint, tmp_path, single_file_config=folder)
 
     info = models.resolve_model(args)
@@ -162,18 +162,18 @@ def test_an_sd3_file_without_text_encoders_takes_them_from_the_config_folder(tin
     --single_file_config (none for T5 where that model has none), and the result is the same model."""
     folder = tiny_model(family)
     checkpoint = save_sd3_checkpoint(folder, str(tmp_path / "sd3.safetensors"))
-    assert single_file.single_file_family(checkpoint) == "sd3"
+    assert families.detect_single_file(checkpoint).family == "sd3"
     with pytest.raises(SystemExit, match="holds no text_encoder, text_encoder_2, text_encoder_3: give "
                                          "--single_file_config"):
         models.resolve_model(model_args(checkpoint, tmp_path))
     info = models.resolve_model(model_args(checkpoint, tmp_path, single_file_config=folder))
     original = models.resolve_model(model_args(folder, tmp_path))
     assert (info.family, info.prediction_type) == ("sd3", "flow") and info.model_config == original.model_config
-    assert [part for part, _, _ in info.text_parts] == [part for part, _, _ in original.text_parts]
-    for part in ["transformer", "vae"] + [encoder for _, encoder, _ in original.text_parts]:
+    assert info.text_parts == original.text_parts
+    for part in ["transformer", "vae"] + [encoder for _, encoder in original.text_parts]:
         a, b = (models.load_component(i, part).state_dict() for i in (original, info))
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), part
-    ours = [models.encode_prompt(i, *models.load_text_encoders(i), PROMPTS) for i in (original, info)]
+    ours = [i.encode_prompt(*models.load_text_encoders(i), PROMPTS) for i in (original, info)]
     assert all(torch.equal(ours[0][key], ours[1][key]) for key in ours[0])
 
 
@@ -208,7 +208,7 @@ def test_a_flux_file_in_black_forest_labs_layout_loads_with_its_parts_from_the_c
     checkpoint = str(tmp_path / "flux1-ohwx.safetensors")
     save_file({key: value.contiguous() for key, value in flux_to_original(wide, expected).items()}, checkpoint)
     del wide
-    assert single_file.single_file_family(checkpoint) == "flux"
+    assert families.detect_single_file(checkpoint).family == "flux"
     with pytest.raises(SystemExit, match="holds the FLUX transformer alone: give --single_file_config"):
         models.resolve_model(model_args(checkpoint, tmp_path))
 

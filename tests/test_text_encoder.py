@@ -19,8 +19,7 @@ KOHYA_TEXT = {"sd1": ["lora_te_"], "sdxl": ["lora_te1_", "lora_te2_"], "sd3": ["
 def pipeline_texts(pipe, info):
     """encode_prompt's output through a pipeline's own text encoders."""
     parts = info.text_parts
-    return models.encode_prompt(info, [getattr(pipe, t) for t, _, _ in parts], [getattr(pipe, e) for _, e, _ in parts],
-                                [CAPTION])
+    return info.encode_prompt([getattr(pipe, t) for t, _ in parts], [getattr(pipe, e) for _, e in parts], [CAPTION])
 
 
 def denoiser_inputs(unet, family, texts):
@@ -49,11 +48,11 @@ def test_trained_text_encoders_reload_in_a_fresh_pipeline_and_reproduce_our_outp
     unet = result["unet"].eval()
     info = models.resolve_model(train_dreambooth.parse_args(train_argv(model, subject_dir, tmp_path / "out")))
     trained = adapters.trained_text_encoders(unet)
-    assert sorted(trained) == [e for _, e, reading in info.text_parts if reading != "t5"]  # CLIPs, never T5
+    assert sorted(trained) == sorted(info.trainable_text_encoders)  # CLIPs, never T5
     base_pipe = stock_pipeline(model)
     base = pipeline_texts(base_pipe, info)
-    ours = models.encode_prompt(info, [getattr(base_pipe, t) for t, _, _ in info.text_parts],
-                                [trained.get(e) or getattr(base_pipe, e) for _, e, _ in info.text_parts], [CAPTION])
+    ours = info.encode_prompt([getattr(base_pipe, t) for t, _ in info.text_parts],
+                              [trained.get(e) or getattr(base_pipe, e) for _, e in info.text_parts], [CAPTION])
     moved = {key: (ours[key] - base[key]).abs().max().item() for key in ours}
     assert moved["pooled_prompt_embeds" if family == "flux" else "prompt_embeds"] > 1e-3, moved  # FLUX: CLIP's pooled
     with torch.no_grad():
@@ -96,16 +95,16 @@ def test_base_passes_read_the_base_encoders_and_training_reads_the_trained_ones(
     model = tiny_model("sd1")
     info = models.resolve_model(train_dreambooth.parse_args(train_argv(model, subject_dir, tmp_path / "out")))
     base_pipe = stock_pipeline(model)
-    base = {c: models.encode_prompt(info, [base_pipe.tokenizer], [base_pipe.text_encoder], [c])["prompt_embeds"][0]
+    base = {c: info.encode_prompt([base_pipe.tokenizer], [base_pipe.text_encoder], [c])["prompt_embeds"][0]
             for c in (CAPTION, "a photo of toy")}
-    seen, original = [], models.predict
+    seen, original = [], type(info).predict
 
     def recording(info_, model_, noisy, timesteps, cond):
         layers = [m for m in model_.modules() if isinstance(m, BaseTunerLayer)]
         seen.append((any(layer.disable_adapters for layer in layers), cond["encoder_hidden_states"].detach().clone()))
         return original(info_, model_, noisy, timesteps, cond)
 
-    monkeypatch.setattr(models, "predict", recording)
+    monkeypatch.setattr(type(info), "predict", recording)
     train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--train_text_encoder", "--learning_rate",
                                      "1e-2", "--dop_class", "toy", "--dop_trigger", "ohwx toy",
                                      "--max_train_steps", "3"))

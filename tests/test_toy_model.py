@@ -39,7 +39,7 @@ def toy_pipeline(family, lora=None):
     if lora:
         adapters.load_adapter(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, models.drawing_call_options(info)
+    return pipe, info.drawing_call_options()
 
 
 def draw(toy, prompts, seed=0):
@@ -59,6 +59,21 @@ def test_the_toy_model_is_a_normal_small_folder_of_its_family(family):
     weights = [name for _, _, names in os.walk(TOY_MODELS[family]) for name in names
                if name.endswith((".bin", ".pt", ".ckpt"))]
     assert not weights  # safetensors only
+
+
+def test_the_sd3_toy_model_loads_with_the_line_the_readme_shows():
+    """diffusers 0.42.1 wants an SD3 pipeline's missing T5 named: the README's line does, and draws what ours does."""
+    from diffusers import StableDiffusion3Pipeline
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        assert 'StableDiffusion3Pipeline.from_pretrained("toy/model_sd3", text_encoder_3=None, tokenizer_3=None)' \
+            in handle.read()
+    stock = StableDiffusion3Pipeline.from_pretrained(TOY_MODELS["sd3"], text_encoder_3=None, tokenizer_3=None)
+    stock.set_progress_bar_config(disable=True)
+    ours, options = toy_pipeline("sd3")
+    call = dict(prompt="a red circle", height=64, width=64, num_inference_steps=3, guidance_scale=2, output_type="np")
+    pictures = [pipe(**call, **options, generator=torch.Generator().manual_seed(0)).images for pipe in (stock, ours)]
+    assert pictures[0].std() > 0.01 and (pictures[0] == pictures[1]).all()
 
 
 @FAMILIES

@@ -18,7 +18,7 @@ from common import adapters, checkpoints, data, files, images, models, objective
 import train_dreambooth
 
 
-@pytest.mark.parametrize("target", list(adapters.LORA_TARGETS))
+@pytest.mark.parametrize("target", list(adapters.LORA_PRESETS))
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "if"])
 def test_saved_lora_reloads_in_diffusers_and_reproduces_our_prediction(tiny_model, subject_dir, tmp_path, family,
                                                                        target):
@@ -238,15 +238,15 @@ def test_caption_dropout_trains_a_drawn_share_of_samples_on_the_empty_caption(ti
     same seed drops the same samples (and a resume or another process count would too); p = 0 drops none."""
     model = tiny_model("sdxl")
     info = model_info(model)
-    empty = models.encode_prompt(info, *models.load_text_encoders(info), [""])
+    empty = info.encode_prompt(*models.load_text_encoders(info), [""])
     seen = []
-    conditioning = models.conditioning
+    conditioning = type(info).conditioning
 
     def recording(info, embeds, *args, **kwargs):
         seen.append([all(torch.allclose(e[k], empty[k][0], atol=1e-6) for k in empty) for e in embeds])
         return conditioning(info, embeds, *args, **kwargs)
 
-    monkeypatch.setattr(models, "conditioning", recording)
+    monkeypatch.setattr(type(info), "conditioning", recording)
     dropped = {}
     for name, p in (("first", 0.5), ("again", 0.5), ("never", 0.0)):
         seen.clear()
@@ -331,7 +331,7 @@ def test_first_step_loss_equals_the_v_prediction_objective_computed_by_hand(tiny
     timesteps = torch.randint(0, 1000, (1,), generator=generator)
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     tokenizers, encoders = models.load_text_encoders(info)
-    embeds = models.encode_prompt(info, tokenizers, encoders, [caption])["prompt_embeds"]
+    embeds = info.encode_prompt(tokenizers, encoders, [caption])["prompt_embeds"]
     unet = models.load_component(info, "unet")
     with torch.no_grad():
         pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds).sample

@@ -361,11 +361,11 @@ def make_sd3_model(args, pixels, captions, masks, seconds):
     options it draws with."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from common import models
+    from common import families
 
     # Without a T5 the pipeline pads the context with max_sequence_length zeros: as long as the training scripts
     # use by default for SD3, so the model is trained on the context it will be given.
-    drawing = {"max_sequence_length": models.FAMILIES["sd3"].t5_max_length}
+    drawing = {"max_sequence_length": families.SD3.t5_default_length}
 
     tokenizer, encoders, vae, transformer = build_sd3_components(args.vae_from)
     if args.init_from:  # the saved weights into freshly built parts (the VAE is --vae_from's either way)
