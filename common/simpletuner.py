@@ -238,7 +238,8 @@ LAUNCH = "processes here come from `accelerate launch` (--num_processes N for N 
 QUANTISE = "quantisation here happens as the model loads (--base_model_precision)"
 
 PASSED_OVER = {
-    "model_family": "the family (SD 1.x/2.x, SDXL, SD3, FLUX.1, DeepFloyd IF) is read from the model's own config files",
+    "model_family": "the family (SD 1.x/2.x, SDXL, SD3, FLUX.1, Chroma, DeepFloyd IF) is read from the model's own "
+                    "config files",
     "model_flavour": "the weights are the ones --pretrained_model_name_or_path names",
     "attention_mechanism": ATTENTION,
     "fuse_qkv_projections": ATTENTION,
@@ -360,12 +361,13 @@ DEFAULT_MODELS = {
     "sd3": {"medium": "stabilityai/stable-diffusion-3.5-medium", "large": "stabilityai/stable-diffusion-3.5-large"},
     "flux": {"krea": "black-forest-labs/flux.1-krea-dev", "dev": "black-forest-labs/flux.1-dev",
              "schnell": "black-forest-labs/flux.1-schnell"},
+    "chroma": {"base": "lodestones/Chroma1-Base", "hd": "lodestones/Chroma1-HD"},
     "deepfloyd": {"i-medium-400m": "DeepFloyd/IF-I-M-v1.0", "i-large-900m": "DeepFloyd/IF-I-L-v1.0",
                   "i-xlarge-4.3b": "DeepFloyd/IF-I-XL-v1.0", "ii-medium-450m": "DeepFloyd/IF-II-M-v1.0",
                   "ii-large-1.2b": "DeepFloyd/IF-II-L-v1.0"},
 }
 
-FLOW_FAMILIES = ("sd3", "flux")  # of DEFAULT_MODELS, those trained by flow matching (--flow_shift applies)
+FLOW_FAMILIES = ("sd3", "flux", "chroma")  # of DEFAULT_MODELS, those trained by flow matching (--flow_shift applies)
 
 # Our flag: (SimpleTuner's key, its default) where the defaults differ in what is trained or kept.
 DEFAULTS_DIFFER = {
@@ -451,8 +453,8 @@ def refusal(name, value):
         off, reason = OFF_ONLY[name]
         return None if plain(value) in [plain(o) for o in off] else reason
     if family_of(name):
-        return f"an option of SimpleTuner's {family_of(name)} models; this trainer trains SD 1.x/2.x, SDXL, SD3 and " \
-               "FLUX.1"
+        return f"an option of SimpleTuner's {family_of(name)} models; this trainer trains SD 1.x/2.x, SDXL, SD3, " \
+               "FLUX.1, Chroma and DeepFloyd IF"
     return None
 
 

@@ -147,6 +147,18 @@ def tiny_flux_transformer(guidance_embeds, seed=0):
                                   pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
 
 
+def tiny_chroma_transformer(seed=0):
+    """FLUX.1's shape in small (one double-stream, one single-stream block) with Chroma's guidance-free modulation
+    network; no pooled projection."""
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    axes_dims_rope=(4, 4, 8), approximator_hidden_dim=32, approximator_layers=1,
+                                    approximator_num_channels=16)
+
+
 def tiny_unet(family, sample_size=8, seed=0):
     from diffusers import UNet2DConditionModel
 
@@ -171,13 +183,13 @@ def tiny_unet(family, sample_size=8, seed=0):
 
 def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_size=8, tokenizer=None):
     """Save a tiny random diffusers pipeline of the given family (sd1, sd2, sdxl, sdxl-refiner, sd3, flux,
-    flux-schnell, if, if-ii; sd3-no-t5: SD3 without its optional T5) to `folder` (with `tokenizer`, e.g. the real CLIP
-    vocabulary, instead of the tiny hand-made one)."""
+    flux-schnell, chroma, if, if-ii; sd3-no-t5: SD3 without its optional T5) to `folder` (with `tokenizer`, e.g. the
+    real CLIP vocabulary, instead of the tiny hand-made one)."""
     from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 
     tokenizer = tokenizer or tiny_tokenizer()
-    if family.startswith(("sd3", "flux")):
+    if family.startswith(("sd3", "flux", "chroma")):
         pipe = tiny_flow_pipeline(family, tokenizer)
         pipe.save_pretrained(folder, safe_serialization=True)
         return folder
@@ -213,7 +225,7 @@ def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_siz
 def tiny_flow_pipeline(family, tokenizer):
     """SD3 (CLIP-L + CLIP-G + T5; shift 3.0) or FLUX.1 (CLIP-L pooled + T5): dev with its guidance embedding and
     resolution-dependent shift, schnell with neither."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
     t5_tokenizer = tiny_t5_tokenizer()
     if family.startswith("sd3"):
@@ -225,10 +237,13 @@ def tiny_flow_pipeline(family, tokenizer):
             text_encoder_2=tiny_text_encoder(tokenizer, projection=True, hidden_act="gelu", seed=2),
             text_encoder_3=tiny_t5(t5_tokenizer) if t5 else None, tokenizer=tokenizer, tokenizer_2=tokenizer,
             tokenizer_3=t5)
-    dev = family == "flux"
+    dev = family in ("flux", "chroma")  # a resolution-dependent shift
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
                                                 max_image_seq_len=4096, base_shift=0.5, max_shift=1.15) if dev \
         else FlowMatchEulerDiscreteScheduler(shift=1.0)
+    if family == "chroma":  # T5 alone (its mask reaches the transformer), FLUX.1's VAE
+        return ChromaPipeline(transformer=tiny_chroma_transformer(), vae=tiny_flow_vae(0.1159, 0.3611),
+                              scheduler=scheduler, text_encoder=tiny_t5(t5_tokenizer), tokenizer=t5_tokenizer)
     return FluxPipeline(transformer=tiny_flux_transformer(guidance_embeds=dev), vae=tiny_flow_vae(0.1159, 0.3611),
                         scheduler=scheduler, text_encoder=tiny_text_encoder(tokenizer, hidden_act="quick_gelu"),
                         text_encoder_2=tiny_t5(t5_tokenizer), tokenizer=tokenizer, tokenizer_2=t5_tokenizer)

@@ -20,13 +20,16 @@ import pytest  # noqa: E402
 import make_demo  # noqa: E402
 
 
+FLOW = ("sd3", "flux", "chroma")  # tiny models (by name prefix) trained by flow matching
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(family, prediction_type="epsilon") -> path of a saved tiny pipeline (cached per session)."""
     built = {}
 
     def get(family="sd1", prediction_type="epsilon"):
-        if family.startswith(("sd3", "flux")):  # flow matching: there is no other prediction type
+        if family.startswith(FLOW):  # flow matching: there is no other prediction type
             prediction_type = "flow"
         key = (family, prediction_type)
         if key not in built:
@@ -89,7 +92,7 @@ def unet_inputs(unet, family, seed=0, size=8):
 
     generator = torch.Generator().manual_seed(seed)
     config = unet.config
-    if family.startswith(("sd3", "flux")):
+    if family.startswith(FLOW):
         return transformer_inputs(config, family, generator, size)
     if family.startswith("if"):  # pixels (3 channels); T5's 77 positions, projected by the UNet (encoder_hid_dim);
         # stage II: the enlarged low-resolution picture as 3 more channels, its noise level as the class label
@@ -108,14 +111,19 @@ def unet_inputs(unet, family, seed=0, size=8):
 
 
 def transformer_inputs(config, family, generator, size):
-    """SD3: a latent, a timestep of 0-1000; FLUX: packed tokens with their ids, a noise level, dev's guidance."""
+    """SD3: a latent, a timestep of 0-1000; FLUX: packed tokens with their ids, a noise level, dev's guidance;
+    Chroma: FLUX's without a pooled vector, with the text's attention mask (the image tokens' appended)."""
     import torch
 
     from common.families import flux
 
     text = torch.randn(1, 10, config.joint_attention_dim, generator=generator)
-    pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
+    pooled = None if family == "chroma" else torch.randn(1, config.pooled_projection_dim, generator=generator)
     latent = torch.randn(1, 16, size, size, generator=generator)
+    if family == "chroma":
+        mask = torch.cat([torch.tensor([[1.0] * 6 + [0.0] * 4]), torch.ones(1, size * size // 4)], dim=1)
+        return {"hidden_states": flux.pack(latent), "timestep": torch.tensor([0.321]), "encoder_hidden_states": text,
+                "img_ids": flux.image_ids(size, size), "txt_ids": torch.zeros(10, 3), "attention_mask": mask}
     if family.startswith("sd3"):
         return {"hidden_states": latent, "timestep": torch.tensor([321.0]), "encoder_hidden_states": text,
                 "pooled_projections": pooled}

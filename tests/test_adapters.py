@@ -22,7 +22,8 @@ PRESET = {"target_module": ["Attention", "FeedForward", "ResnetBlock2D"], "modul
 
 
 # SD3 / FLUX: the transformer blocks (LyCORIS adapts the linear layers inside the modules it is pointed at)
-TRANSFORMER_PRESET = {"target_module": ["JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock"],
+TRANSFORMER_PRESET = {"target_module": ["JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                                        "ChromaTransformerBlock", "ChromaSingleTransformerBlock"],
                       "module_algo_map": {}}
 
 
@@ -31,11 +32,12 @@ def fresh_pipeline(family, model):
 
 
 @pytest.mark.parametrize("family,algo", [(family, algo) for family in ("sd1", "sdxl") for algo in ALGOS]
-                         + [("flux", "lokr"), ("sd3", "lora"), ("if", "locon"), ("if-ii", "locon")])
+                         + [("flux", "lokr"), ("sd3", "lora"), ("chroma", "lokr"), ("if", "locon"),
+                            ("if-ii", "locon")])
 def test_lycoris_adapter_reloads_and_reproduces_the_trained_prediction(tiny_model, subject_dir, tmp_path, family,
                                                                         algo):
     model = tiny_model(family)
-    preset = TRANSFORMER_PRESET if family in ("flux", "sd3") else PRESET
+    preset = TRANSFORMER_PRESET if family in ("flux", "sd3", "chroma") else PRESET
     config = write_json(tmp_path / "lycoris.json", {**ALGOS[algo], "apply_preset": preset})
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_type", "lycoris",
                                               "--lycoris_config", config, "--learning_rate", "5e-3"))
@@ -198,7 +200,7 @@ def test_lora_on_a_quantised_unet_learns_a_fixed_batch(tiny_model, precision):
 
 
 @pytest.mark.parametrize("family,precision", [("sd1", precision) for precision in QUANTISED]
-                         + [("flux", "int8-quanto"), ("sd3", "nf4-bnb")])
+                         + [("flux", "int8-quanto"), ("sd3", "nf4-bnb"), ("chroma", "int8-quanto")])
 def test_adapter_trained_on_a_quantised_base_loads_unquantised_and_resumes_exactly(tiny_model, subject_dir, tmp_path,
                                                                                   family, precision):
     model = tiny_model(family)

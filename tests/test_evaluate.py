@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from conftest import model_info, resolution_for, train_argv
+from conftest import FLOW, model_info, resolution_for, train_argv
 from PIL import Image
 
 from common import adapters, images, models, render, scores
@@ -88,7 +88,7 @@ def log_records(output_dir):
 
 
 @pytest.mark.parametrize("family,model_type", [("sd1", "lora"), ("sd1", "full"), ("flux", "lora+text"),
-                                               ("sd3", "full"), ("if", "lora")])
+                                               ("sd3", "full"), ("chroma", "lora"), ("if", "lora")])
 def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model, subject_dir, tmp_path, family,
                                                                       model_type):
     model = tiny_model(family)
@@ -106,7 +106,7 @@ def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model
         assert [(r["name"], r["step"]) for r in results] == [("base", 0), ("checkpoint-2", 2), ("final", 4)]
         for r in results:
             assert r["eval_loss"] == logged[r["step"]][key if r["step"] else "eval_loss"], (weights, r["name"])
-            key_type = float if family in ("flux", "sd3") else int  # flow noise levels, or DDPM timesteps
+            key_type = float if family.startswith(FLOW) else int  # flow noise levels, or DDPM timesteps
             assert r["eval_loss_per_timestep"] == {key_type(t): v for t, v in
                                                    logged[r["step"]]["eval_loss_per_timestep"].items()} or weights == "ema"
     assert logged[4]["eval_loss"] != logged[0]["eval_loss"] != logged[4]["eval_loss/ema"]

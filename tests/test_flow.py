@@ -98,11 +98,12 @@ def test_flow_rollout_is_the_flow_match_euler_sampler_and_the_recomputed_target_
     assert torch.allclose(rolled - sigma * target, clean, atol=1e-5)  # x_s - s v = x0: the true clean latent
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
 def test_first_step_loss_equals_the_flow_matching_objective_computed_by_hand(tiny_model, subject_dir, tmp_path, family):
     """The logged loss of step 1 is MSE(v_pred, eps - x0) at x_s = (1 - s) x0 + s eps, with s drawn as diffusers'
     compute_density_for_timestep_sampling and shifted as the scheduler does, the latent normalised by the VAE's
-    shift and scale, and the transformer called as its pipeline calls it (FLUX: packed tokens, ids, guidance)."""
+    shift and scale, and the transformer called as its pipeline calls it (FLUX: packed tokens, ids, guidance;
+    Chroma: packed tokens, ids and the pipeline's attention mask, text and image tokens)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     guidance = ["--flux_guidance_value", "2.5"] if family == "flux" else []
@@ -124,7 +125,21 @@ def test_first_step_loss_equals_the_flow_matching_objective_computed_by_hand(tin
     text = info.encode_prompt(tokenizers, encoders, [caption])
     transformer = models.load_component(info, "transformer").eval()
     with torch.no_grad():
-        if family == "sd3":
+        if family == "chroma":
+            from diffusers import ChromaPipeline
+
+            pipe = ChromaPipeline.from_pretrained(info.folder, local_files_only=True)
+            embeds, text_ids, mask, *_ = pipe.encode_prompt([caption], do_classifier_free_guidance=False,
+                                                            device="cpu", max_sequence_length=512)
+            height, width = latents.shape[2:]
+            tokens = ChromaPipeline._pack_latents(noisy, 1, 16, height, width)
+            out = transformer(hidden_states=tokens, timestep=sigma, encoder_hidden_states=embeds, txt_ids=text_ids,
+                              img_ids=ChromaPipeline._prepare_latent_image_ids(1, height // 2, width // 2, "cpu",
+                                                                              torch.float32),
+                              attention_mask=pipe._prepare_attention_mask(1, tokens.shape[1], torch.float32, mask),
+                              ).sample
+            pred = ChromaPipeline._unpack_latents(out, height * 8, width * 8, 8)
+        elif family == "sd3":
             pred = transformer(hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=text["prompt_embeds"],
                                pooled_projections=text["pooled_prompt_embeds"]).sample
         else:
@@ -158,12 +173,12 @@ for family, (model, out, case) in {cases!r}.items():
                         "moved": (reloaded - base).abs().max().item()}}
 print(json.dumps(numbers))
 """
-TARGETS = {"sd3": "attention_ff", "flux": "all", "flux-schnell": "attention"}
+TARGETS = {"sd3": "attention_ff", "flux": "all", "flux-schnell": "attention", "chroma": "attention_ff"}
 
 
 def test_flow_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(tiny_model, subject_dir, tmp_path):
-    """The saved LoRA loads with StableDiffusion3Pipeline / FluxPipeline.load_lora_weights in another process (one
-    for all three) and gives the trained transformer's prediction, for each --lora_target preset."""
+    """The saved LoRA loads with StableDiffusion3Pipeline / FluxPipeline / ChromaPipeline.load_lora_weights in another
+    process (one for all four) and gives the trained transformer's prediction, for each --lora_target preset."""
     cases = {}
     for family, target in TARGETS.items():
         model, out = tiny_model(family), tmp_path / family

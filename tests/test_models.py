@@ -20,16 +20,20 @@ def model_args(path, tmp_path, **extra):
 
 @pytest.mark.parametrize("family,prediction_type", [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction"),
                                                     ("sdxl", "epsilon"), ("sd3", "flow"), ("flux", "flow"),
-                                                    ("flux-schnell", "flow"), ("if", "epsilon"), ("if-ii", "epsilon")])
+                                                    ("flux-schnell", "flow"), ("chroma", "flow"), ("if", "epsilon"),
+                                                    ("if-ii", "epsilon")])
 def test_family_and_prediction_type_come_from_the_configs(tiny_model, tmp_path, family, prediction_type):
     info = models.resolve_model(model_args(tiny_model(family, prediction_type), tmp_path))
     assert (info.family, info.prediction_type) == ({"flux-schnell": "flux"}.get(family, family), prediction_type)
     assert info.vae_scale_factor == (1 if family.startswith("if") else 8)  # IF works on pixels
     # FLUX: no sample_size, 1024 px; the tiny IF's UNet draws 16 px (the real stage I: 64), its stage II 32 (256)
-    assert info.native_resolution == {"flux": 1024, "flux-schnell": 1024, "if": 16, "if-ii": 32}.get(family, 64)
-    # FLUX.1-dev embeds its guidance and reads 512 T5 tokens, schnell neither; SD3 77 (diffusers' SD3 example)
-    assert (getattr(info, "guidance_embeds", False), info.t5_max_length) == {"flux": (True, 512), "flux-schnell": (False, 256),
-                                                          "sd3": (False, 77)}.get(family, (False, 0))
+    assert info.native_resolution == {"flux": 1024, "flux-schnell": 1024, "chroma": 1024, "if": 16,
+                                      "if-ii": 32}.get(family, 64)
+    # FLUX.1-dev embeds its guidance and reads 512 T5 tokens, schnell neither; SD3 77 (diffusers' SD3 example);
+    # Chroma 512 (its pipeline's), no guidance input
+    assert (getattr(info, "guidance_embeds", False), info.t5_max_length) == {
+        "flux": (True, 512), "flux-schnell": (False, 256), "sd3": (False, 77), "chroma": (False, 512)}.get(family,
+                                                                                                      (False, 0))
 
 
 def test_real_model_configs_are_detected_by_their_dimensions():
@@ -55,6 +59,12 @@ def test_real_model_configs_are_detected_by_their_dimensions():
     assert families.detect(if_index, stage_2, "m").family == "if-ii"
     with pytest.raises(SystemExit, match="neither DeepFloyd IF stage I"):
         families.detect(if_index, {**stage_1, "in_channels": 6}, "m")
+    # The transformers by their class: lodestones/Chroma1-HD's, and one this tool does not train
+    transformer_index = {"transformer": ["diffusers", "ChromaTransformer2DModel"]}
+    assert families.detect(transformer_index, {"_class_name": "ChromaTransformer2DModel", "in_channels": 64,
+                                               "approximator_layers": 5}, "m").family == "chroma"
+    with pytest.raises(SystemExit, match="SanaTransformer2DModel transformer is not a model this tool trains"):
+        families.detect(transformer_index, {"_class_name": "SanaTransformer2DModel"}, "m")
 
 
 def test_sdxl_refiner_is_told_apart_from_the_base(tiny_model, tmp_path):
@@ -109,6 +119,12 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
     for prefix in ("", "model.diffusion_model."):  # Black Forest Labs' file; ComfyUI's, with the prefix
         save_file({prefix + "double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "flux.safetensors"))
         assert families.detect_single_file(str(tmp_path / "flux.safetensors")).family == "flux"
+    # Chroma's original file has FLUX's double blocks and its distilled guidance network; it is not converted yet
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1),
+               "distilled_guidance_layer.in_proj.weight": torch.zeros(1)}, str(tmp_path / "chroma.safetensors"))
+    assert families.detect_single_file(str(tmp_path / "chroma.safetensors")).family == "chroma"
+    with pytest.raises(SystemExit, match="Pass the diffusers folder or hub id instead"):
+        models.resolve_model(model_args(str(tmp_path / "chroma.safetensors"), tmp_path))
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="not a Stable Diffusion checkpoint"):
         families.detect_single_file(str(tmp_path / "other.safetensors"))
@@ -129,7 +145,8 @@ def load_pipeline(family, path):
 
 
 @pytest.mark.parametrize("family, t5_length", [(family, None) for family in ("sd1", "sd2", "sdxl", "sd3", "sd3-no-t5",
-                                                                             "flux", "flux-schnell", "if", "if-ii")]
+                                                                             "flux", "flux-schnell", "chroma", "if",
+                                                                             "if-ii")]
                          + [("sd3-no-t5", 100)])  # without T5, the pipeline pads with max_sequence_length zeros
 def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_length):
     path = tiny_model(family)
@@ -146,6 +163,15 @@ def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_leng
                                            clean_caption=False)
         assert torch.equal(ours["prompt_embeds"], embeds) and embeds.shape[1] == 77
         assert torch.equal(embeds[2], embeds[0]) and "pooled_prompt_embeds" not in ours
+        return
+    if family == "chroma":  # T5 read with its mask; the transformer's mask: every real token and the first pad
+        pipe = stock_pipeline(path)
+        with torch.no_grad():
+            embeds, _, mask, *_ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                                     max_sequence_length=info.t5_max_length)
+        assert torch.equal(ours["prompt_embeds"], embeds) and torch.equal(ours["attention_mask"], mask)
+        real = pipe.tokenizer(prompts[:1]).attention_mask[0]
+        assert embeds.shape[1] == 512 and mask[0].sum() == len(real) + 1 and "pooled_prompt_embeds" not in ours
         return
     if info.denoiser == "transformer":  # SD3 / FLUX: the stock pipeline, T5 at the length we train with
         pipe = stock_pipeline(path)

@@ -73,7 +73,8 @@ def test_sd1x_example_is_read_whole_and_passes_the_checks(capsys):
                  "'validation_guidance' 7.0 -> --validation_guidance_scale 7.0",
                  "'optimizer' 'adamw_bf16' read as 'adamw'",
                  "'disable_bucket_pruning' passed over: buckets are never pruned here",
-                 "'model_family' passed over: the family (SD 1.x/2.x, SDXL, SD3, FLUX.1, DeepFloyd IF) is read from the model's own",
+                 "'model_family' passed over: the family (SD 1.x/2.x, SDXL, SD3, FLUX.1, Chroma, DeepFloyd IF) is "
+                 "read from the model's own",
                  "'push_checkpoints_to_hub' False passed over", "'validation_prompt_library' False passed over",
                  "lora_dropout 0.0 (SimpleTuner: 0.1)", "resume_from_checkpoint unset (SimpleTuner: latest)"]:
         assert note in out, note

@@ -1,8 +1,9 @@
 """Model families: one file per family, everything that sets it apart behind one interface (base.Family).
 
     sd.py  SD 1.x / 2.x    sdxl.py  SDXL base, refiner    sd3.py  SD3 / SD3.5    flux.py  FLUX.1 dev / schnell
-    deepfloyd.py  IF stage I / II;  shared: unet.py (UNet call, presets), mmdit.py (SD3 / FLUX.1 transformers),
-    encoders.py (CLIP and T5 as the pipelines read them)
+    chroma.py  Chroma    deepfloyd.py  IF stage I / II
+    shared: unet.py (the UNet call, presets), mmdit.py (SD3 / FLUX.1-like transformers), encoders.py (CLIP and T5 as
+    the pipelines read them)
 
 An object of a family's class is one base model (`info` in the scripts; models.resolve_model makes it). Code outside
 this folder asks it, and never compares its name. Plain data (class attributes, read by name):
@@ -31,6 +32,7 @@ the family-parametrised tests then cover it.
 from safetensors import safe_open
 
 from common.families.base import FAMILY_FLAGS, Family, map_conditioning  # noqa: F401 (the interface)
+from common.families.chroma import Chroma
 from common.families.deepfloyd import IF, IFStageII
 from common.families.flux import Flux
 from common.families.sd import SD1, SD2
@@ -38,7 +40,7 @@ from common.families.sd3 import SD3
 from common.families.sdxl import SDXL, SDXLRefiner
 
 # Every family, asked in this order; SD 1.x last: it takes any plain CLIP text-to-image UNet the others do not.
-REGISTRY = [SD3, Flux, IFStageII, IF, SDXLRefiner, SDXL, SD2, SD1]
+REGISTRY = [SD3, Flux, Chroma, IFStageII, IF, SDXLRefiner, SDXL, SD2, SD1]
 BY_NAME = {family.family: family for family in REGISTRY}
 
 

@@ -72,7 +72,9 @@ class Flux(MMDiTFamily):
 
     @staticmethod
     def detects_single_file(keys):
-        return any(k.split("model.diffusion_model.")[-1].startswith("double_blocks.") for k in keys)
+        """Black Forest Labs' double blocks (Chroma's files have them too, beside its distilled guidance layer)."""
+        return any(k.split("model.diffusion_model.")[-1].startswith("double_blocks.") for k in keys) and not any(
+            "distilled_guidance_layer." in k for k in keys)
 
     @property
     def guidance_embeds(self):
