@@ -20,7 +20,7 @@ FAMILY_FLAGS = {
     "flux_guidance_value": "a guidance-distilled FLUX.1 (dev)",
     "data_aesthetic_score": "the SDXL refiner",
     "refiner_training_strength": "the SDXL refiner",
-    "lora_format": "the families ComfyUI and A1111 draw with (kohya's layout; not IF)",
+    "lora_format": "the families with a kohya / ComfyUI layout that diffusers reads back (not IF, not Chroma)",
     "validation_resolution": "models that draw from a prompt alone (an SDXL refiner refines, and IF stage II "
                              "enlarges, the subject's pictures at their own sizes)",
     "if_noise_level": "DeepFloyd IF stage II",
