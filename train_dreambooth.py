@@ -716,8 +716,9 @@ def plan_data(args, accelerator):
         + ", ".join(f"{d.id} ({len(plans[d.id])} images)" for d in datasets if d.id in plans))
     objectives.settle_flags(info, args)
     info.refuse_flags(args, build_parser().get_default)
-    if args.validation_prompt and not info.draws_from_pictures:  # a size its pipeline cannot draw: refused now
-        render.picture_sizes(info, args.validation_resolution)
+    if args.validation_prompt:  # a size or step count its pipeline cannot draw: refused now, not at validation
+        sizes = [None] if info.draws_from_pictures else render.picture_sizes(info, args.validation_resolution)
+        render.drawing_options(info, args.validation_num_inference_steps, 1.0, None, sizes[0])
     for note in info.notes(validation_guidance(args, info)):  # a refiner's strength, FLUX.1-dev's guidance
         say(note)
     if accelerator.is_main_process:  # every flag checked: the run as settled, to repeat it

@@ -6,6 +6,7 @@ and its grid rows start with the image it refines. IF stage II likewise enlarges
 """
 
 import contextlib
+import math
 import random
 from dataclasses import dataclass
 
@@ -36,9 +37,16 @@ def size_label(size):
 def drawing_options(info, steps, guidance_scale, negative_prompt, size):
     """The pipeline's keyword arguments shared by every picture of a round: text-to-image at `size` (width, height;
     a number: a square), or what the family draws from a picture with (a refiner: img2img at its training strength;
-    IF stage II: its sources enlarged, noised at --if_noise_level)."""
-    return dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                **info.drawing_options(size))
+    IF stage II: its sources enlarged, noised at --if_noise_level). An img2img pipeline runs int(steps x strength)
+    of the steps: fewer steps than make one are refused (diffusers would draw an empty batch and fail)."""
+    options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                   **info.drawing_options(size))
+    if "strength" in options and int(steps * options["strength"]) < 1:
+        raise SystemExit(f"{steps} sampler steps at strength {options['strength']:g} run none: {info.family} refines "
+                         f"with the last {options['strength']:g} of them; give at least "
+                         f"{math.ceil(1 / options['strength'])} (--validation_num_inference_steps in training, "
+                         "--num_inference_steps in evaluate.py)")
+    return options
 
 
 def refine_sources(info, entries, count, seed):

@@ -136,6 +136,19 @@ def test_refiner_validation_refines_subject_images_and_evaluate_does_too(tiny_mo
     assert grid.size == (images.ROW_LABEL_WIDTH + 2 * 128, images.COLUMN_LABEL_HEIGHT + 2 * 128)
 
 
+def test_too_few_validation_steps_for_the_refiners_strength_are_refused_before_training(tiny_model, subject_dir,
+                                                                                        tmp_path):
+    """img2img at strength 0.2 runs int(steps x 0.2) steps: 4 run none (diffusers would fail on an empty batch at the
+    first validation), 5 run one."""
+    argv = train_argv(tiny_model("sdxl-refiner"), subject_dir, tmp_path / "out", "--max_train_steps", "1",
+                      "--validation_prompt", "ignored", "--validation_steps", "1", "--num_validation_images", "1")
+    with pytest.raises(SystemExit, match="4 sampler steps at strength 0.2 run none: .* give at least 5"):
+        train_dreambooth.main(argv + ["--validation_num_inference_steps", "4"])
+    assert not os.path.exists(tmp_path / "out" / "logs")  # refused before training
+    train_dreambooth.main(argv + ["--validation_num_inference_steps", "5"])
+    assert os.path.isfile(tmp_path / "out" / "validation" / "step-1" / "grid.png")
+
+
 def test_a_full_refiner_fine_tune_saves_an_img2img_pipeline(tiny_model, subject_dir, tmp_path):
     model = tiny_model("sdxl-refiner")
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--model_type", "full",
