@@ -150,6 +150,9 @@ def main(argv=None):
     info = models.resolve_model(args)
     if info.class_images_refusal:  # a refiner or an upscaler draws from pictures, not from a prompt alone
         raise SystemExit(f"{info.ref} is {info.class_images_refusal}")
+    if args.negative_prompt and not info.negative_prompt:
+        raise SystemExit(f"--negative_prompt: {info.ref} is {info.family}, whose pipeline takes none (it guides "
+                         "against the empty caption); leave it out")
     if args.scheduler != "default" and info.objective == "flow":
         raise SystemExit(f"--scheduler {args.scheduler}: the samplers to choose from are for SD 1.x/2.x/SDXL; "
                          f"{info.ref} ({info.family}) is a flow-matching model: leave --scheduler default (its own "
@@ -182,7 +185,8 @@ def main(argv=None):
                 indices = list(range(start, min(start + args.batch_size, args.num_images)))
                 with torch.no_grad():
                     pictures = pipe(prompt=[prompts[i % len(prompts)] for i in indices],
-                                    negative_prompt=[args.negative_prompt] * len(indices) if args.negative_prompt else None,
+                                    **({"negative_prompt": [args.negative_prompt] * len(indices)}
+                                       if args.negative_prompt else {}),
                                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                     width=width, height=height, **info.drawing_call_options(),
                                     generator=[torch.Generator().manual_seed(args.seed + i) for i in indices]).images

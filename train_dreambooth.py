@@ -718,7 +718,8 @@ def plan_data(args, accelerator):
     info.refuse_flags(args, build_parser().get_default)
     if args.validation_prompt:  # a size or step count its pipeline cannot draw: refused now, not at validation
         sizes = [None] if info.draws_from_pictures else render.picture_sizes(info, args.validation_resolution)
-        render.drawing_options(info, args.validation_num_inference_steps, 1.0, None, sizes[0])
+        render.drawing_options(info, args.validation_num_inference_steps, 1.0, args.validation_negative_prompt,
+                               sizes[0])
     for note in info.notes(validation_guidance(args, info)):  # a refiner's strength, FLUX.1-dev's guidance
         say(note)
     if accelerator.is_main_process:  # every flag checked: the run as settled, to repeat it

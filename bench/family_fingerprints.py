@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-FAMILIES = ["sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux", "flux-schnell", "chroma", "if", "if-ii"]
+FAMILIES = ["sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux", "flux-schnell", "chroma", "flux2-klein", "if",
+            "if-ii"]
 SKIPPED = ("logs/dreambooth", "run/logs/dreambooth")  # TensorBoard's event files carry wall-clock times
 
 
@@ -148,7 +149,7 @@ def runs(work):
                     "--num_validation_images", "1", "--validation_num_inference_steps",
                     "5" if family == "sdxl-refiner" else "2",  # the refiner runs strength 0.2 of them
                     "--checkpointing_steps", "2"]
-            if not family.startswith(("if", "chroma")):  # no kohya layout diffusers reads back
+            if not family.startswith(("if", "chroma", "flux2")):  # no kohya layout written
                 argv += ["--lora_format", "comfyui"]
             quiet(train_dreambooth.main, argv)
         return run

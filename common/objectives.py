@@ -139,7 +139,7 @@ class FlowMatching:
             flow_shift = "auto" if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0))
         self.shift = flow_shift if flow_shift == "auto" else float(flow_shift)
         self.config = config
-        self.tokens_per_latent = info.tokens_per_latent
+        self.tokens_per_latent, self.flow_mu = info.tokens_per_latent, info.flow_mu
         self.num_train_timesteps = config.get("num_train_timesteps", 1000)
 
     def describe(self):
@@ -149,13 +149,8 @@ class FlowMatching:
         return f"flow matching (velocity), noise levels {scheme}, shift {shift}"
 
     def mu(self, height, width):
-        """The resolution-dependent shift's mu for a latent of this size, as the FLUX pipeline computes it."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        tokens = height * width // self.tokens_per_latent
-        return calculate_shift(tokens, self.config.get("base_image_seq_len", 256),
-                               self.config.get("max_image_seq_len", 4096), self.config.get("base_shift", 0.5),
-                               self.config.get("max_shift", 1.15))
+        """The resolution-dependent shift's mu for a latent of this size, as the family's pipeline computes it."""
+        return self.flow_mu(height * width // self.tokens_per_latent)
 
     def shifted(self, u, shape):
         if self.shift == "auto":

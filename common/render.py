@@ -39,8 +39,13 @@ def drawing_options(info, steps, guidance_scale, negative_prompt, size):
     a number: a square), or what the family draws from a picture with (a refiner: img2img at its training strength;
     IF stage II: its sources enlarged, noised at --if_noise_level). An img2img pipeline runs int(steps x strength)
     of the steps: fewer steps than make one are refused (diffusers would draw an empty batch and fail)."""
-    options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                   **info.drawing_options(size))
+    if negative_prompt is not None and not info.negative_prompt:
+        raise SystemExit(f"a negative prompt ({negative_prompt!r}): {info.family}'s pipeline ({info.pipeline}) takes "
+                         "none (it guides against the empty caption); leave --validation_negative_prompt / "
+                         "--negative_prompt out")
+    options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, **info.drawing_options(size))
+    if negative_prompt is not None:
+        options["negative_prompt"] = negative_prompt
     if "strength" in options and int(steps * options["strength"]) < 1:
         raise SystemExit(f"{steps} sampler steps at strength {options['strength']:g} run none: {info.family} refines "
                          f"with the last {options['strength']:g} of them; give at least "

@@ -74,6 +74,59 @@ def tiny_tokenizer(words=TINY_WORDS):
     return tokenizer
 
 
+# Qwen3's chat template, reduced to what the pipelines ask of it (user messages, the generation prompt, thinking off)
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def byte_bpe_pieces(word, ranks):
+    """How a byte-level BPE (GPT-2's, Qwen's) splits `word` under merges ranked by `ranks`."""
+    parts = list(word)
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
+def tiny_qwen_tokenizer(words=TINY_WORDS):
+    """A real Qwen2 byte-level BPE tokenizer over a hand-made vocabulary: every byte, and merges that make each of
+    `words` one token (with and without the leading space, Ġ) and the chat roles; Qwen's special tokens and a chat
+    template that writes Qwen3's format."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab, ranks = byte_alphabet(), {}
+    for word in ["Ġ" + w for w in words] + list(words) + ["user", "assistant", "system"]:
+        parts = byte_bpe_pieces(word, ranks)
+        while len(parts) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            if parts[0] + parts[1] not in vocab:
+                vocab.append(parts[0] + parts[1])
+            parts = byte_bpe_pieces(word, ranks)
+    tokenizer = Qwen2TokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, merges=list(ranks),
+                                   errors="replace")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tokenizer.chat_template, tokenizer.model_max_length = QWEN_CHAT_TEMPLATE, 512
+    return tokenizer
+
+
+def tiny_qwen3(tokenizer, layers=28, seed=0):
+    """Qwen3 in small: as many layers as the pipelines tap (FLUX.2 klein reads 9, 18 and 27), 16 wide."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
+                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                        head_dim=8, max_position_embeddings=1024,
+                                        pad_token_id=tokenizer.pad_token_id)).eval()
+
+
 def tiny_text_encoder(tokenizer, projection=False, hidden_act="quick_gelu", seed=0, hidden_size=32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -159,6 +212,29 @@ def tiny_chroma_transformer(seed=0):
                                     approximator_num_channels=16)
 
 
+def tiny_flux2_pipeline(seed=0):
+    """FLUX.2 klein in small: Qwen3 (hidden states of layers 9, 18 and 27 stacked: 3 x 16 wide), the FLUX.2 VAE's
+    shape (8x down, 4 latent channels, patchified 2x2 into 16 and batch-norm normalised: its running statistics set
+    away from 0 / 1 so they matter), a transformer of one block of each kind on 16-channel tokens."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 16))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_qwen3(tokenizer), tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)
+
+
 def tiny_unet(family, sample_size=8, seed=0):
     from diffusers import UNet2DConditionModel
 
@@ -189,6 +265,9 @@ def build_tiny_model(folder, family="sd1", prediction_type="epsilon", sample_siz
                            StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 
     tokenizer = tokenizer or tiny_tokenizer()
+    if family == "flux2-klein":
+        tiny_flux2_pipeline().save_pretrained(folder, safe_serialization=True)
+        return folder
     if family.startswith(("sd3", "flux", "chroma")):
         pipe = tiny_flow_pipeline(family, tokenizer)
         pipe.save_pretrained(folder, safe_serialization=True)

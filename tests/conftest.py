@@ -112,12 +112,19 @@ def unet_inputs(unet, family, seed=0, size=8):
 
 def transformer_inputs(config, family, generator, size):
     """SD3: a latent, a timestep of 0-1000; FLUX: packed tokens with their ids, a noise level, dev's guidance;
-    Chroma: FLUX's without a pooled vector, with the text's attention mask (the image tokens' appended)."""
+    Chroma: FLUX's without a pooled vector, with the text's attention mask (the image tokens' appended); FLUX.2 klein:
+    patchified tokens with 4-D ids."""
     import torch
 
     from common.families import flux
 
     text = torch.randn(1, 10, config.joint_attention_dim, generator=generator)
+    if family == "flux2-klein":  # patchified latents as 16-channel tokens; 4-D ids, the text's along the layer axis
+        from common.families.flux2 import position_ids
+
+        tokens = torch.randn(1, size * size // 4, config.in_channels, generator=generator)
+        return {"hidden_states": tokens, "timestep": torch.tensor([0.321]), "encoder_hidden_states": text,
+                "txt_ids": position_ids(1, layers=10), "img_ids": position_ids(1, size // 2, size // 2)}
     pooled = None if family == "chroma" else torch.randn(1, config.pooled_projection_dim, generator=generator)
     latent = torch.randn(1, 16, size, size, generator=generator)
     if family == "chroma":

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import (model_info, predict, stock_pipeline, unet_inputs, first_batches_are_prior_then_mixed, train_argv,
-                      write_json)
+from conftest import (FLOW, model_info, predict, stock_pipeline, unet_inputs, first_batches_are_prior_then_mixed,
+                      train_argv, write_json)
 from safetensors import safe_open
 
 from common import adapters, files, models, quantise
@@ -23,7 +23,8 @@ PRESET = {"target_module": ["Attention", "FeedForward", "ResnetBlock2D"], "modul
 
 # SD3 / FLUX: the transformer blocks (LyCORIS adapts the linear layers inside the modules it is pointed at)
 TRANSFORMER_PRESET = {"target_module": ["JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
-                                        "ChromaTransformerBlock", "ChromaSingleTransformerBlock"],
+                                        "ChromaTransformerBlock", "ChromaSingleTransformerBlock",
+                                        "Flux2TransformerBlock", "Flux2SingleTransformerBlock"],
                       "module_algo_map": {}}
 
 
@@ -32,12 +33,12 @@ def fresh_pipeline(family, model):
 
 
 @pytest.mark.parametrize("family,algo", [(family, algo) for family in ("sd1", "sdxl") for algo in ALGOS]
-                         + [("flux", "lokr"), ("sd3", "lora"), ("chroma", "lokr"), ("if", "locon"),
-                            ("if-ii", "locon")])
+                         + [("flux", "lokr"), ("sd3", "lora"), ("chroma", "lokr"), ("flux2-klein", "lokr"),
+                            ("if", "locon"), ("if-ii", "locon")])
 def test_lycoris_adapter_reloads_and_reproduces_the_trained_prediction(tiny_model, subject_dir, tmp_path, family,
                                                                         algo):
     model = tiny_model(family)
-    preset = TRANSFORMER_PRESET if family in ("flux", "sd3", "chroma") else PRESET
+    preset = TRANSFORMER_PRESET if family.startswith(FLOW) else PRESET
     config = write_json(tmp_path / "lycoris.json", {**ALGOS[algo], "apply_preset": preset})
     result = train_dreambooth.main(train_argv(model, subject_dir, tmp_path / "out", "--lora_type", "lycoris",
                                               "--lycoris_config", config, "--learning_rate", "5e-3"))

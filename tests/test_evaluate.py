@@ -88,7 +88,8 @@ def log_records(output_dir):
 
 
 @pytest.mark.parametrize("family,model_type", [("sd1", "lora"), ("sd1", "full"), ("flux", "lora+text"),
-                                               ("sd3", "full"), ("chroma", "lora"), ("if", "lora")])
+                                               ("sd3", "full"), ("chroma", "lora"), ("flux2-klein", "lora"),
+                                               ("if", "lora")])
 def test_eval_loss_in_training_equals_evaluate_on_the_same_checkpoint(tiny_model, subject_dir, tmp_path, family,
                                                                       model_type):
     model = tiny_model(family)

@@ -98,22 +98,37 @@ def test_flow_rollout_is_the_flow_match_euler_sampler_and_the_recomputed_target_
     assert torch.allclose(rolled - sigma * target, clean, atol=1e-5)  # x_s - s v = x0: the true clean latent
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2-klein"])
 def test_first_step_loss_equals_the_flow_matching_objective_computed_by_hand(tiny_model, subject_dir, tmp_path, family):
     """The logged loss of step 1 is MSE(v_pred, eps - x0) at x_s = (1 - s) x0 + s eps, with s drawn as diffusers'
     compute_density_for_timestep_sampling and shifted as the scheduler does, the latent normalised by the VAE's
     shift and scale, and the transformer called as its pipeline calls it (FLUX: packed tokens, ids, guidance;
-    Chroma: packed tokens, ids and the pipeline's attention mask, text and image tokens)."""
+    Chroma: packed tokens, ids and the pipeline's attention mask, text and image tokens; FLUX.2 klein: the latent
+    patchified and normalised by the VAE's batch norm, its pipeline's empirical shift, 4-D ids)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     guidance = ["--flux_guidance_value", "2.5"] if family == "flux" else []
     logged, info, entry, caption, generator = first_step(tiny_model(family), subject_dir, tmp_path / "out", *guidance)
     cached = files.load_tensors(entry.cache_path)
     latents = (cached["mean"] + cached["std"] * torch.randn(cached["mean"].shape, generator=generator))[None]
-    latents = (latents - info.vae_config["shift_factor"]) * info.vae_config["scaling_factor"]
-    noise = torch.randn(latents.shape, generator=generator)
+    shape = latents.shape  # the VAE's grid, in which training draws the noise
+    if family == "flux2-klein":  # the pipeline's own patchify and batch-norm statistics, in its (B, 4C, h, w) grid
+        from diffusers import Flux2KleinPipeline
+
+        pipe = Flux2KleinPipeline.from_pretrained(info.folder, local_files_only=True)
+        bn_std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+        latents = (Flux2KleinPipeline._patchify_latents(latents) - pipe.vae.bn.running_mean.view(1, -1, 1, 1)) / bn_std
+    else:
+        latents = (latents - info.vae_config["shift_factor"]) * info.vae_config["scaling_factor"]
+    noise = torch.randn(shape, generator=generator)
     u = compute_density_for_timestep_sampling("logit_normal", 1, 0.0, 1.0, generator=generator)
-    if family == "sd3":
+    if family == "flux2-klein":
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        mu = compute_empirical_mu(latents.shape[2] * latents.shape[3], 50)  # its pipeline's, at its 50 steps
+        sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        noise = Flux2KleinPipeline._patchify_latents(noise)  # the same numbers, in the patchified grid
+    elif family == "sd3":
         sigma = 3.0 * u / (1 + 2.0 * u)
     else:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -125,7 +140,13 @@ def test_first_step_loss_equals_the_flow_matching_objective_computed_by_hand(tin
     text = info.encode_prompt(tokenizers, encoders, [caption])
     transformer = models.load_component(info, "transformer").eval()
     with torch.no_grad():
-        if family == "chroma":
+        if family == "flux2-klein":
+            embeds, text_ids = pipe.encode_prompt([caption], device="cpu")
+            ids = Flux2KleinPipeline._prepare_latent_ids(noisy)
+            tokens = transformer(hidden_states=Flux2KleinPipeline._pack_latents(noisy), timestep=sigma, guidance=None,
+                                 encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids).sample
+            pred = Flux2KleinPipeline._unpack_latents_with_ids(tokens, ids)
+        elif family == "chroma":
             from diffusers import ChromaPipeline
 
             pipe = ChromaPipeline.from_pretrained(info.folder, local_files_only=True)
@@ -173,12 +194,14 @@ for family, (model, out, case) in {cases!r}.items():
                         "moved": (reloaded - base).abs().max().item()}}
 print(json.dumps(numbers))
 """
-TARGETS = {"sd3": "attention_ff", "flux": "all", "flux-schnell": "attention", "chroma": "attention_ff"}
+TARGETS = {"sd3": "attention_ff", "flux": "all", "flux-schnell": "attention", "chroma": "attention_ff",
+           "flux2-klein": "attention"}
 
 
 def test_flow_lora_reloads_in_the_stock_pipeline_in_a_fresh_process(tiny_model, subject_dir, tmp_path):
-    """The saved LoRA loads with StableDiffusion3Pipeline / FluxPipeline / ChromaPipeline.load_lora_weights in another
-    process (one for all four) and gives the trained transformer's prediction, for each --lora_target preset."""
+    """The saved LoRA loads with StableDiffusion3Pipeline / FluxPipeline / ChromaPipeline / Flux2KleinPipeline
+    .load_lora_weights in another process (one for all five) and gives the trained transformer's prediction, for each
+    --lora_target preset."""
     cases = {}
     for family, target in TARGETS.items():
         model, out = tiny_model(family), tmp_path / family
@@ -221,9 +244,20 @@ def test_lora_layers_names_the_modules_and_a_wrong_name_is_refused(tiny_model, s
     ("sd1", ["--flow_shift", "auto"], "apply to flow matching"),
     ("flux", ["--scheduled_sampling_max_step_offset", "2", "--scheduled_sampling_sampler", "unipc"],
      "rollouts step with Euler"),
+    # what FLUX.2 klein and Chroma do not take, each with its reason
+    ("flux2-klein", ["--validation_preview", "--validation_prompt", "x", "--webhook_config", "hooks.json"],
+     "--validation_preview applies to families with a Tiny AutoEncoder"),
+    ("flux2-klein", ["--lora_format", "comfyui"], "--lora_format applies to the families with a kohya"),
+    ("flux2-klein", ["--train_text_encoder"], "--train_text_encoder trains a LoRA on CLIP text encoders"),
+    ("flux2-klein", ["--validation_prompt", "x", "--validation_negative_prompt", "blurry"],
+     "takes none \\(it guides against the empty caption\\)"),
+    ("chroma", ["--lora_format", "comfyui"], "not IF, not Chroma"),
+    ("chroma", ["--flux_guidance_value", "2"], "--flux_guidance_value applies to a guidance-distilled FLUX.1"),
 ])
 def test_flags_of_the_other_objective_are_refused_before_any_weights_load(tiny_model, subject_dir, tmp_path, family,
                                                                           flags, message):
+    (tmp_path / "hooks.json").write_text('{"webhook_type": "raw", "callback_url": "http://127.0.0.1:9/"}')
+    flags = [str(tmp_path / flag) if flag == "hooks.json" else flag for flag in flags]
     with pytest.raises(SystemExit, match=message):
         train_dreambooth.main(train_argv(tiny_model(family), subject_dir, tmp_path / "out", *flags))
     assert not os.path.exists(tmp_path / "out" / "cache")  # nothing was encoded

@@ -20,15 +20,15 @@ def model_args(path, tmp_path, **extra):
 
 @pytest.mark.parametrize("family,prediction_type", [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction"),
                                                     ("sdxl", "epsilon"), ("sd3", "flow"), ("flux", "flow"),
-                                                    ("flux-schnell", "flow"), ("chroma", "flow"), ("if", "epsilon"),
-                                                    ("if-ii", "epsilon")])
+                                                    ("flux-schnell", "flow"), ("chroma", "flow"),
+                                                    ("flux2-klein", "flow"), ("if", "epsilon"), ("if-ii", "epsilon")])
 def test_family_and_prediction_type_come_from_the_configs(tiny_model, tmp_path, family, prediction_type):
     info = models.resolve_model(model_args(tiny_model(family, prediction_type), tmp_path))
     assert (info.family, info.prediction_type) == ({"flux-schnell": "flux"}.get(family, family), prediction_type)
     assert info.vae_scale_factor == (1 if family.startswith("if") else 8)  # IF works on pixels
     # FLUX: no sample_size, 1024 px; the tiny IF's UNet draws 16 px (the real stage I: 64), its stage II 32 (256)
-    assert info.native_resolution == {"flux": 1024, "flux-schnell": 1024, "chroma": 1024, "if": 16,
-                                      "if-ii": 32}.get(family, 64)
+    assert info.native_resolution == {"flux": 1024, "flux-schnell": 1024, "chroma": 1024, "flux2-klein": 1024,
+                                      "if": 16, "if-ii": 32}.get(family, 64)
     # FLUX.1-dev embeds its guidance and reads 512 T5 tokens, schnell neither; SD3 77 (diffusers' SD3 example);
     # Chroma 512 (its pipeline's), no guidance input
     assert (getattr(info, "guidance_embeds", False), info.t5_max_length) == {
@@ -63,6 +63,12 @@ def test_real_model_configs_are_detected_by_their_dimensions():
     transformer_index = {"transformer": ["diffusers", "ChromaTransformer2DModel"]}
     assert families.detect(transformer_index, {"_class_name": "ChromaTransformer2DModel", "in_channels": 64,
                                                "approximator_layers": 5}, "m").family == "chroma"
+    klein = {"transformer": ["diffusers", "Flux2Transformer2DModel"], "text_encoder": ["transformers",
+                                                                                         "Qwen3ForCausalLM"]}
+    flux2 = {"_class_name": "Flux2Transformer2DModel", "in_channels": 128}
+    assert families.detect(klein, flux2, "m").family == "flux2-klein"
+    with pytest.raises(SystemExit, match="FLUX.2 dev, which this tool does not train yet"):
+        families.detect({**klein, "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"]}, flux2, "m")
     with pytest.raises(SystemExit, match="SanaTransformer2DModel transformer is not a model this tool trains"):
         families.detect(transformer_index, {"_class_name": "SanaTransformer2DModel"}, "m")
 
@@ -145,8 +151,8 @@ def load_pipeline(family, path):
 
 
 @pytest.mark.parametrize("family, t5_length", [(family, None) for family in ("sd1", "sd2", "sdxl", "sd3", "sd3-no-t5",
-                                                                             "flux", "flux-schnell", "chroma", "if",
-                                                                             "if-ii")]
+                                                                             "flux", "flux-schnell", "chroma",
+                                                                             "flux2-klein", "if", "if-ii")]
                          + [("sd3-no-t5", 100)])  # without T5, the pipeline pads with max_sequence_length zeros
 def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_length):
     path = tiny_model(family)
@@ -163,6 +169,13 @@ def test_encode_prompt_equals_the_pipeline(tiny_model, tmp_path, family, t5_leng
                                            clean_caption=False)
         assert torch.equal(ours["prompt_embeds"], embeds) and embeds.shape[1] == 77
         assert torch.equal(embeds[2], embeds[0]) and "pooled_prompt_embeds" not in ours
+        return
+    if family == "flux2-klein":  # Qwen3 through its chat template, layers 9, 18 and 27 side by side, 512 tokens
+        pipe = stock_pipeline(path)
+        with torch.no_grad():
+            embeds, text_ids = pipe.encode_prompt(prompts, device="cpu")
+        assert torch.equal(ours["prompt_embeds"], embeds) and embeds.shape[1:] == (512, 3 * 16)
+        assert text_ids[0, :3].tolist() == [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2]]  # the layer axis counts
         return
     if family == "chroma":  # T5 read with its mask; the transformer's mask: every real token and the first pad
         pipe = stock_pipeline(path)
@@ -225,3 +238,22 @@ def test_a_hub_id_loads_from_the_local_hub_cache_offline(tiny_model, tmp_path, m
     assert os.path.realpath(info.folder) == os.path.realpath(repo / "snapshots" / commit)
     unet = models.load_component(info, "unet")
     assert unet.config.cross_attention_dim == 32
+
+
+def test_a_step_distilled_flux2_klein_is_told_apart_and_warned_about(tiny_model, tmp_path):
+    """The pipeline's is_distilled (model_index.json) marks a step-distilled klein: its pipeline draws without
+    classifier-free guidance, and training on it is warned about, naming the base models to train on instead."""
+    import json
+    import shutil
+
+    folder = str(tmp_path / "distilled")
+    shutil.copytree(tiny_model("flux2-klein"), folder)
+    index = json.load(open(os.path.join(folder, "model_index.json")))
+    json.dump({**index, "is_distilled": True}, open(os.path.join(folder, "model_index.json"), "w"))
+    base, distilled = (models.resolve_model(model_args(path, tmp_path)) for path in (tiny_model("flux2-klein"), folder))
+    assert (base.distilled, base.notes(4.0)) == (False, [])
+    assert distilled.distilled and "FLUX.2-klein-base-4B" in distilled.notes(4.0)[0]
+    assert models.load_pipeline(distilled).config.is_distilled  # so validation draws as the model is meant to
+    assert not models.load_pipeline(base).config.is_distilled
+    # the model card's example names the prompt: the pipeline's first argument is an image to edit
+    assert base.card_loading('image = pipe("a photo").images[0]', "lora")[1] == 'image = pipe(prompt="a photo").images[0]'

@@ -1,7 +1,7 @@
 """Model families: one file per family, everything that sets it apart behind one interface (base.Family).
 
     sd.py  SD 1.x / 2.x    sdxl.py  SDXL base, refiner    sd3.py  SD3 / SD3.5    flux.py  FLUX.1 dev / schnell
-    chroma.py  Chroma    deepfloyd.py  IF stage I / II
+    chroma.py  Chroma    flux2.py  FLUX.2 klein    deepfloyd.py  IF stage I / II
     shared: unet.py (the UNet call, presets), mmdit.py (SD3 / FLUX.1-like transformers), encoders.py (CLIP and T5 as
     the pipelines read them)
 
@@ -18,7 +18,7 @@ What it computes (methods):
     normalise(latents)                                                      cached VAE latents -> denoiser space
     conditioning(texts, transforms, picture), picture_conditioning(...), on_device(cond, device, dtype)
     predict(model, noisy, timesteps, cond)                                  the denoiser call (packing inside)
-    training_timesteps, tokens_per_latent                                   what objectives.py needs
+    training_timesteps, tokens_per_latent, flow_mu(tokens)                  what objectives.py needs
     drawing_options(size), drawing_call_options(), pipeline_components()    drawing with its pipeline
     source_picture, sources_note, source_label                              (draws_from_pictures) what it starts from
     lora_targets(model, preset), original_layout(model)                     LoRA presets, kohya's fused layout
@@ -35,12 +35,13 @@ from common.families.base import FAMILY_FLAGS, Family, map_conditioning  # noqa:
 from common.families.chroma import Chroma
 from common.families.deepfloyd import IF, IFStageII
 from common.families.flux import Flux
+from common.families.flux2 import Flux2Klein
 from common.families.sd import SD1, SD2
 from common.families.sd3 import SD3
 from common.families.sdxl import SDXL, SDXLRefiner
 
 # Every family, asked in this order; SD 1.x last: it takes any plain CLIP text-to-image UNet the others do not.
-REGISTRY = [SD3, Flux, Chroma, IFStageII, IF, SDXLRefiner, SDXL, SD2, SD1]
+REGISTRY = [SD3, Flux, Chroma, Flux2Klein, IFStageII, IF, SDXLRefiner, SDXL, SD2, SD1]
 BY_NAME = {family.family: family for family in REGISTRY}
 
 

@@ -16,6 +16,8 @@ import torch
 # rather than silently ignored.
 FAMILY_FLAGS = {
     "preview_vae": "families with a VAE (IF's in-progress image is the picture; its previews need none)",
+    "validation_preview": "families with a Tiny AutoEncoder for their latents (not FLUX.2: none is known for its VAE), "
+                          "or in pixel space (IF)",
     "t5_max_sequence_length": "SD3 and FLUX.1 (IF's T5 reads 77 tokens, fixed by its pipeline)",
     "flux_guidance_value": "a guidance-distilled FLUX.1 (dev)",
     "data_aesthetic_score": "the SDXL refiner",
@@ -25,7 +27,7 @@ FAMILY_FLAGS = {
                              "enlarges, the subject's pictures at their own sizes)",
     "if_noise_level": "DeepFloyd IF stage II",
 }
-DRAWS_FROM_A_PROMPT = frozenset({"preview_vae", "lora_format", "validation_resolution"})  # most families' flags
+DRAWS_FROM_A_PROMPT = frozenset({"preview_vae", "validation_preview", "lora_format", "validation_resolution"})
 
 
 def map_conditioning(function, cond):
@@ -63,6 +65,7 @@ class Family:
     bucket_step: ClassVar[int] = 64  # bucket sides are multiples of this: VAE factor x the denoiser's downsampling
     size_multiple: ClassVar[int] = 8  # what its pipeline draws: width and height multiples of this
     guidance_scale: ClassVar[float] = 7.5  # default validation / evaluation guidance
+    negative_prompt: ClassVar[bool] = True  # its pipeline takes a negative prompt
     t5_default_length: ClassVar[int] = 0  # default --t5_max_sequence_length (0: no T5)
     # (tokenizer, text encoder) in pipeline order; those a LoRA may train (--train_text_encoder: CLIP's)
     text_encoders: ClassVar[tuple] = (("tokenizer", "text_encoder"),)
@@ -216,6 +219,15 @@ class Family:
     def tokens_per_latent(self):
         """Latent cells per denoiser token (the flow shift's mu counts tokens)."""
         return self.model_config.get("patch_size", 2) ** 2
+
+    def flow_mu(self, tokens):
+        """A resolution-dependent shift's mu for an image of `tokens` tokens, as FLUX.1's pipeline computes it from
+        the scheduler's config."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.scheduler_config
+        return calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                               config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
     # --- Drawing
 

@@ -24,7 +24,7 @@ class IF(UNetFamily):
     pipeline = "IFPipeline"
     pipeline_options = {"safety_checker": None, "feature_extractor": None, "watermarker": None,
                         "requires_safety_checker": False}
-    flags = frozenset({"validation_resolution"})
+    flags = frozenset({"validation_resolution", "validation_preview"})
     kohya_layout = None  # no tool reads kohya's layout for IF
     modelspec = "deepfloyd-if-i"
     hub_tag = "deepfloyd-if"
@@ -71,7 +71,7 @@ class IFStageII(IF):
     guidance_scale = 4.0
     pipeline = "IFSuperResolutionPipeline"
     draws_from_pictures = True
-    flags = frozenset({"if_noise_level"})
+    flags = frozenset({"if_noise_level", "validation_preview"})
     dtype_keys = ("encoder_hidden_states", "upscaled")
     class_images_refusal = ("DeepFloyd IF stage II: it enlarges pictures and cannot draw class images from a prompt. "
                             "Make them with stage I (DeepFloyd/IF-I-*) and enlarge them with stage II's pipeline, or "
