@@ -304,11 +304,6 @@ def main(argv=None):
     subject = data.subject_dataset(datasets)
     real_paths = [e.path for e in plans[subject.id]]
     eval_entries = data.eval_sets(datasets, plans, args.eval_split)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    score = image_scorer(args, real_paths, device)
-    examples = eval_loss_examples(args, info, datasets, eval_entries, device)
-    objective = objectives.for_model(info, args)
-
     # A refiner (IF stage II) cannot draw from a prompt: it refines (enlarges) subject images, their captions as
     # prompts, as in training.
     sources = None
@@ -316,13 +311,8 @@ def main(argv=None):
         sources = render.refine_sources(info, plans[subject.id], args.num_images_per_prompt, args.validation_seed)
         prompts = [fill(caption, args) for caption, _ in sources]
         print(f"warning: the prompts are ignored: {info.sources_note(len(sources))}")
-    # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    tokenizers, text_encoders = models.load_text_encoders(info, device, dtype)
-    pipe = models.build_pipeline(info, models.load_component(info, info.denoiser, dtype).to(device),
-                                 models.load_vae(info, device), tokenizers, text_encoders)
-    pipe.set_progress_bar_config(disable=True)
-    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    # What the pipeline cannot draw (sizes, too few img2img steps, a negative prompt it takes none of) is refused
+    # before any model work.
     size, *more = render.picture_sizes(info, args.image_resolution, "--image_resolution")
     if more and not sources:
         print(f"note: evaluate.py draws one size, the first of --image_resolution ({render.size_label(size)}); give "
@@ -331,6 +321,18 @@ def main(argv=None):
         args.guidance_scale = info.guidance_scale
     options = render.drawing_options(info, args.num_inference_steps, args.guidance_scale, args.negative_prompt,
                                      size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    score = image_scorer(args, real_paths, device)
+    examples = eval_loss_examples(args, info, datasets, eval_entries, device)
+    objective = objectives.for_model(info, args)
+
+    # The pipeline as training's validation builds it: UNet and text encoders in the compute dtype, the VAE in fp32.
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    tokenizers, text_encoders = models.load_text_encoders(info, device, dtype)
+    pipe = models.build_pipeline(info, models.load_component(info, info.denoiser, dtype).to(device),
+                                 models.load_vae(info, device), tokenizers, text_encoders)
+    pipe.set_progress_bar_config(disable=True)
+    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     os.makedirs(out, exist_ok=True)
     settings = {"model": str(info.ref), "checkpoints": args.checkpoints, "weights": args.weights,
                 "instance": args.validation_instance, "class": args.validation_class,

@@ -185,7 +185,7 @@ def add_model_args(parser):
         group.add_argument(f"--text_encoder_{i}_precision", *(["--text_encoder_precision"] if i == 1 else []),
                            default="no_change", choices=PRECISIONS,
                            help=f"quantise text encoder {i} (for caching and validation images; SD3's T5 is 3, "
-                                "FLUX's 2, IF's 1)")
+                                "FLUX.1's 2, IF's, Chroma's T5 and FLUX.2 klein's Qwen3 1)")
     group.add_argument("--t5_max_sequence_length", type=int, default=None,
                        help="T5 tokens per caption (SD3, FLUX.1). Default: 77 for SD3 (as diffusers' SD3 "
                             "example), 512 for FLUX.1-dev, 256 for schnell; at most 512")

@@ -72,6 +72,13 @@ def resolve_model(args):
                                  for i, name in enumerate(("text_encoder", "text_encoder_2", "text_encoder_3"), 1)},
         allow_pickle=allow_pickle,
     )
+    present = {encoder for _, encoder in info.text_parts}
+    for name, precision in info.text_encoder_precisions.items():
+        if precision != "no_change" and name not in present:
+            number = name[len("text_encoder"):].lstrip("_") or "1"
+            raise SystemExit(f"--text_encoder_{number}_precision {precision}: {ref} ({family.family}) has no {name}; "
+                             f"its text encoders are {', '.join(sorted(present))} (--text_encoder_1_precision is "
+                             "text_encoder, 2 text_encoder_2, 3 text_encoder_3)")
     info.configure(args)
     return info
 

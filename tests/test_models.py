@@ -131,6 +131,12 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
     assert families.detect_single_file(str(tmp_path / "chroma.safetensors")).family == "chroma"
     with pytest.raises(SystemExit, match="Pass the diffusers folder or hub id instead"):
         models.resolve_model(model_args(str(tmp_path / "chroma.safetensors"), tmp_path))
+    # FLUX.2's has double blocks too, modulated by shared stream modulations: recognised, refused for now
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1),
+               "double_stream_modulation_img.lin.weight": torch.zeros(1)}, str(tmp_path / "flux2.safetensors"))
+    assert families.detect_single_file(str(tmp_path / "flux2.safetensors")).family == "flux2-klein"
+    with pytest.raises(SystemExit, match="a FLUX.2 checkpoint in Black Forest Labs' layout"):
+        models.resolve_model(model_args(str(tmp_path / "flux2.safetensors"), tmp_path))
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="not a Stable Diffusion checkpoint"):
         families.detect_single_file(str(tmp_path / "other.safetensors"))

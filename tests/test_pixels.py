@@ -249,12 +249,12 @@ def test_what_does_not_apply_to_a_stage_is_refused_before_any_work(tiny_model, s
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--preview_vae", "madebyollin/taesd"], "--preview_vae applies to families with a VAE"),
-    (["--t5_max_sequence_length", "128"], "--t5_max_sequence_length applies to SD3 and FLUX.1"),
+    (["--preview_vae", "madebyollin/taesd"], "--preview_vae applies to families with a Tiny AutoEncoder for their VAE"),
+    (["--t5_max_sequence_length", "128"], "--t5_max_sequence_length applies to SD3, FLUX.1 and Chroma"),
     (["--lora_format", "comfyui"], "--lora_format applies to the families with a kohya / ComfyUI layout"),
     (["--data_aesthetic_score", "6"], "--data_aesthetic_score applies to the SDXL refiner"),
     (["--flux_guidance_value", "3.5"], "--flux_guidance_value applies to a guidance-distilled FLUX.1"),
-    (["--train_text_encoder"], "reads its captions with T5 alone"),
+    (["--train_text_encoder"], "reads its captions with T5EncoderModel alone"),
     (["--pretrained_vae_model_name_or_path", "madebyollin/sdxl-vae-fp16-fix"], "works on pixels and has no VAE"),
 ])
 def test_what_does_not_apply_to_if_is_refused_before_any_work(tiny_model, subject_dir, tmp_path, flags, message):

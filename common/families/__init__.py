@@ -8,9 +8,9 @@
 An object of a family's class is one base model (`info` in the scripts; models.resolve_model makes it). Code outside
 this folder asks it, and never compares its name. Plain data (class attributes, read by name):
     family, title, denoiser ("unet" | "transformer"), transformer_class, objective ("noise" | "flow"), pixels,
-    draws_from_pictures,
-    bucket_step, size_multiple, guidance_scale, t5_default_length, text_encoders, trainable_text_encoders,
-    pipeline, pipeline_options, preview_vae, flags (which of FAMILY_FLAGS it takes), kohya_layout, card fields
+    draws_from_pictures, bucket_step, size_multiple, guidance_scale, negative_prompt, t5_default_length,
+    text_encoders, trainable_text_encoders, pipeline, pipeline_options, preview_vae, flags (which of FAMILY_FLAGS
+    it takes), kohya_layout, card fields
 What it computes (methods):
     detects(model_index, config), detects_single_file(keys), from_single_file(path, args)    which models are its
     configure(args), refuse_flags(args, default), notes(guidance)           the run's flags it reads or refuses

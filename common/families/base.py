@@ -15,14 +15,16 @@ import torch
 # those its `flags` names; given for a model of another family (set to other than their default), they are refused
 # rather than silently ignored.
 FAMILY_FLAGS = {
-    "preview_vae": "families with a VAE (IF's in-progress image is the picture; its previews need none)",
+    "preview_vae": "families with a Tiny AutoEncoder for their VAE (IF's in-progress image is the picture; none is "
+                   "known for FLUX.2's VAE)",
     "validation_preview": "families with a Tiny AutoEncoder for their latents (not FLUX.2: none is known for its VAE), "
                           "or in pixel space (IF)",
-    "t5_max_sequence_length": "SD3 and FLUX.1 (IF's T5 reads 77 tokens, fixed by its pipeline)",
+    "t5_max_sequence_length": "SD3, FLUX.1 and Chroma (IF's T5 reads 77 tokens, fixed by its pipeline)",
     "flux_guidance_value": "a guidance-distilled FLUX.1 (dev)",
     "data_aesthetic_score": "the SDXL refiner",
     "refiner_training_strength": "the SDXL refiner",
-    "lora_format": "the families with a kohya / ComfyUI layout that diffusers reads back (not IF, not Chroma)",
+    "lora_format": "the families with a kohya / ComfyUI layout written here that diffusers reads back (not IF, Chroma "
+                   "or FLUX.2 klein)",
     "validation_resolution": "models that draw from a prompt alone (an SDXL refiner refines, and IF stage II "
                              "enlarges, the subject's pictures at their own sizes)",
     "if_noise_level": "DeepFloyd IF stage II",
@@ -124,8 +126,10 @@ class Family:
             if getattr(args, name, None) != default(name) and name not in self.flags:
                 raise SystemExit(f"--{name} applies to {applies_to}; {self.ref} is {self.family}: leave it out")
         if getattr(args, "train_text_encoder", False) and not self.trainable_text_encoders:
+            readers = ", ".join(self.model_index[encoder][1] for _, encoder in self.text_parts)
             raise SystemExit(f"--train_text_encoder trains a LoRA on CLIP text encoders; {self.ref} ({self.family}) "
-                             "reads its captions with T5 alone, which stays frozen (and cached): leave the flag out")
+                             f"reads its captions with {readers} alone, which stays frozen (and cached): leave the "
+                             "flag out")
 
     def notes(self, guidance_scale):
         """What the run's console says about this model's settings (`guidance_scale`: validation's)."""

@@ -34,6 +34,14 @@ class Chroma(MMDiTFamily):
     def detects_single_file(keys):
         return any("distilled_guidance_layer." in k for k in keys)
 
+    def refuse_flags(self, args, default):
+        if getattr(args, "gradient_checkpointing", False):
+            raise SystemExit(f"--gradient_checkpointing: {self.ref} is Chroma, and diffusers 0.42.1's checkpointed "
+                             "single-stream blocks are called without the text's attention mask, so the trained "
+                             "forward pass would differ from the one its pipeline draws with; train without it (a "
+                             "quantised base, --base_model_precision int8-quanto, saves more memory)")
+        super().refuse_flags(args, default)
+
     @classmethod
     def from_single_file(cls, path, args):
         raise SystemExit(f"{path}: a Chroma checkpoint in its original layout; this tool does not convert those yet. "

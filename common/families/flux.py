@@ -74,7 +74,7 @@ class Flux(MMDiTFamily):
     def detects_single_file(keys):
         """Black Forest Labs' double blocks (Chroma's files have them too, beside its distilled guidance layer)."""
         return any(k.split("model.diffusion_model.")[-1].startswith("double_blocks.") for k in keys) and not any(
-            "distilled_guidance_layer." in k for k in keys)
+            "distilled_guidance_layer." in k or "stream_modulation" in k for k in keys)  # Chroma's, FLUX.2's
 
     @property
     def guidance_embeds(self):

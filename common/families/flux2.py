@@ -71,6 +71,17 @@ class Flux2Klein(Family):
                              "train yet (FLUX.2 klein, with Qwen3, it does)")
         return True
 
+    @staticmethod
+    def detects_single_file(keys):
+        """Black Forest Labs' FLUX.2 layout: double blocks modulated by shared stream modulations."""
+        return any("double_stream_modulation_img." in k or "single_stream_modulation." in k for k in keys)
+
+    @classmethod
+    def from_single_file(cls, path, args):
+        raise SystemExit(f"{path}: a FLUX.2 checkpoint in Black Forest Labs' layout; this tool does not convert those "
+                         "yet. Pass the diffusers folder or hub id instead (black-forest-labs/FLUX.2-klein-base-4B, "
+                         "...-9B)")
+
     def configure(self, args):
         """The VAE's batch-norm statistics, read from its weights (a few numbers; the VAE itself is not loaded)."""
         super().configure(args)
@@ -121,7 +132,9 @@ class Flux2Klein(Family):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True, enable_thinking=False) for prompt in prompts]
         ids, mask = encoders.token_ids(tokenizer, texts, TEXT_LENGTH, encoder.device)
-        output = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        # logits_to_keep=1: the hidden states are all that is read; the vocabulary's logits for 512 positions are not
+        output = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                         logits_to_keep=1)
         stacked = torch.stack([output.hidden_states[k] for k in OUT_LAYERS], dim=1)  # (B, 3, L, D)
         b, layers, length, width = stacked.shape
         return {"prompt_embeds": stacked.permute(0, 2, 1, 3).reshape(b, length, layers * width).float()}
